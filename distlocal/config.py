@@ -1,0 +1,266 @@
+"""
+Typed configuration: dataclasses loaded from YAML, overridable with ``--set key=value``.
+
+Every default lives here, once, with a comment saying what it does. Loading is strict: an unknown
+key, a wrong type or an impossible value fails at once with a message naming the key and the fix.
+
+Example::
+
+    cfg = load_config("configs/demo.yaml", ["model.k=8", "model.rfr.enabled=false"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = ["Config", "ConfigError", "load_config", "config_from_dict", "config_to_dict", "save_config"]
+
+# Residual blocks per backbone: the finest split possible is one block per stage.
+BACKBONE_BLOCKS = {"resnet18": 8, "resnet34": 16, "resnet50": 16}
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key and how to fix it."""
+
+
+@dataclass
+class RFRConfig:
+    enabled: bool = True  # random feature reconstruction on stages 1..K-1; false for the ablation
+    alpha: float = 1.0  # weight of the L1 reconstruction loss: loss = CE + alpha * L1
+    patches: int = 10  # random locations sampled per slide
+    patch_size: int = 128  # patch side on stage-1 output; deeper stages shrink it with their stride
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "resnet34"  # resnet18 | resnet34 | resnet50
+    k: int = 4  # number of gradient-isolated stages, 1 .. residual blocks of the backbone
+    split: str = "reference"  # reference (paper's K=4/K=8 units) | balanced (equal block counts)
+    mode: str = "local"  # local (locally supervised stages) | e2e (ordinary backprop baseline)
+    pretrained: str = "none"  # imagenet (torchvision weights, downloaded once) | none (random init)
+    weights: str = ""  # path to a local backbone state dict; overrides `pretrained`
+    first_conv_stride: int = 3  # the paper widens the receptive field with stride 3 (torchvision: 2)
+    rfr: RFRConfig = field(default_factory=RFRConfig)
+
+
+@dataclass
+class TrainConfig:
+    executor: str = "local"  # local (one process) | ray (one actor per stage)
+    epochs: int = 50
+    accumulate: int = 8  # slides per optimizer step (batch size is 1: slides differ in size)
+    max_inflight: int = 0  # ray executor: slides in the pipeline at once; 0 means K + 1
+    precision: str = "fp32"  # fp32 | bf16 (autocast)
+    lr_backbone: float = 1e-5  # backbone stages F_i
+    lr_aux: float = 2e-5  # auxiliary classifiers A_i, RFR units U_i and head H
+    weight_decay: float = 1e-6
+    plateau_patience: int = 5  # epochs without improvement before lr x plateau_factor
+    plateau_factor: float = 0.1
+    monitor: str = "auroc"  # validation metric for the best checkpoint and the plateau: acc | balanced_acc | auroc
+    seed: int = 0  # init, data order, augmentation and RFR locations all derive from it
+    checkpoint_every: int = 0  # also checkpoint every N optimizer steps; 0: at epoch ends only
+    max_slides: int = 0  # stop (and checkpoint) after this many training slides; 0: no limit
+    device: str = "auto"  # auto (cuda if present) | cpu | cuda | cuda:N
+    activation_dtype: str = "auto"  # ray executor: dtype of activations between stages: auto | fp32 | bf16
+    transport: str = "object_store"  # ray executor: object_store | nccl
+
+
+@dataclass
+class DataConfig:
+    manifest: str = ""  # CSV with slide_id,path,label,split[,patient_id]
+    magnification: float = 5.0  # slides are read at this magnification
+    level: int | None = None  # force a pyramid level instead of choosing by magnification
+    base_magnification: float | None = None  # for slides whose files carry no magnification
+    classes: list[str] = field(default_factory=list)  # class order; empty: sorted labels of the manifest
+    mean: list[float] = field(default_factory=lambda: [0.6909, 0.4654, 0.6119])  # NSCLC, per channel
+    std: list[float] = field(default_factory=lambda: [0.1786, 0.2102, 0.1795])
+    augment: bool = True  # edge crop, flips, 90-degree rotations, colour jitter (train split only)
+    cache_dir: str = ""  # prepared 5X crops (distlocal prepare); read from here when present
+    on_error: str = "fail"  # fail | skip: what a bad slide does to training (skips are reported)
+    prefetch: int = 2  # slides loaded ahead of compute, bounding memory
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True  # false: no MLflow at all
+    uri: str = ""  # empty: MLFLOW_TRACKING_URI, else a local SQLite store under run.dir
+    experiment: str = "distlocal"
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs"  # every run gets RUN_DIR = dir/name (checkpoints, config, metrics)
+    name: str = ""  # empty: a timestamp
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+_CHOICES = {
+    "model.backbone": tuple(BACKBONE_BLOCKS),
+    "model.split": ("reference", "balanced"),
+    "model.mode": ("local", "e2e"),
+    "model.pretrained": ("imagenet", "none"),
+    "train.executor": ("local", "ray"),
+    "train.precision": ("fp32", "bf16"),
+    "train.monitor": ("acc", "balanced_acc", "auroc"),
+    "train.activation_dtype": ("auto", "fp32", "bf16"),
+    "train.transport": ("object_store", "nccl"),
+    "data.on_error": ("fail", "skip"),
+}
+
+
+def _check_type(key: str, value: Any, hint: Any) -> Any:
+    """Return `value` as `hint` (ints pass as floats), or raise naming the key."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _check_type(key, value, inner)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{key}' must be a list, got {value!r}; write e.g. {key}=[1,2,3]")
+        (inner,) = typing.get_args(hint)
+        return [_check_type(f"{key}[{i}]", v, inner) for i, v in enumerate(value)]
+    if hint is float and isinstance(value, str):
+        try:  # YAML 1.1 reads 1e-5 (no dot) as a string; users mean the number
+            value = float(value)
+        except ValueError:
+            pass
+    ok = {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        str: isinstance(value, str),
+    }[hint]
+    if not ok:
+        raise ConfigError(f"config key '{key}' must be {hint.__name__}, got {value!r} ({type(value).__name__})")
+    return float(value) if hint is float else value
+
+
+def _build(cls: type, data: dict, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"config section '{prefix.rstrip('.')}' must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            fix = f"did you mean '{prefix}{close[0]}'?" if close else f"valid keys: {', '.join(names)}"
+            raise ConfigError(f"unknown config key '{prefix}{key}': {fix}")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _build(hint, value or {}, f"{prefix}{key}.")
+        else:
+            kwargs[key] = _check_type(prefix + key, value, hint)
+    return cls(**kwargs)
+
+
+def _validate(cfg: Config) -> None:
+    for key, choices in _CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in choices:
+            raise ConfigError(f"config key '{key}' is {value!r}; choose one of: {', '.join(choices)}")
+    m, t, d = cfg.model, cfg.train, cfg.data
+    blocks = BACKBONE_BLOCKS[m.backbone]
+    if not 1 <= m.k <= blocks:
+        raise ConfigError(
+            f"model.k={m.k} is impossible for {m.backbone}: K must be between 1 and its {blocks} residual "
+            f"blocks; set model.k to a value in 1..{blocks}"
+        )
+    if m.split == "reference" and (m.backbone != "resnet34" or m.k not in (4, 8)):
+        raise ConfigError(
+            f"model.split=reference is the paper's split, defined for resnet34 at K=4 or K=8 only "
+            f"(got {m.backbone}, K={m.k}); set model.split=balanced"
+        )
+    if m.mode == "e2e" and m.k != 1:
+        raise ConfigError(f"model.mode=e2e trains one network end to end (got model.k={m.k}); set model.k=1")
+    positive = {
+        "model.rfr.patches": m.rfr.patches, "model.rfr.patch_size": m.rfr.patch_size,
+        "model.first_conv_stride": m.first_conv_stride, "train.accumulate": t.accumulate,
+        "train.lr_backbone": t.lr_backbone, "train.lr_aux": t.lr_aux, "data.magnification": d.magnification,
+        "data.prefetch": d.prefetch,
+    }
+    non_negative = {
+        "model.rfr.alpha": m.rfr.alpha, "train.epochs": t.epochs, "train.max_inflight": t.max_inflight,
+        "train.weight_decay": t.weight_decay, "train.plateau_patience": t.plateau_patience,
+        "train.checkpoint_every": t.checkpoint_every, "train.max_slides": t.max_slides,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"config key '{key}' must be > 0, got {value}")
+    for key, value in non_negative.items():
+        if value < 0:
+            raise ConfigError(f"config key '{key}' must be >= 0, got {value}")
+    if not 0 < t.plateau_factor < 1:
+        raise ConfigError(f"train.plateau_factor must be in (0, 1), got {t.plateau_factor}")
+    if len(d.mean) != 3 or len(d.std) != 3 or min(d.std) <= 0:
+        raise ConfigError(f"data.mean and data.std need 3 values (RGB), std > 0; got {d.mean} / {d.std}")
+    if not (t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:")):
+        raise ConfigError(f"train.device={t.device!r}; choose auto, cpu, cuda or cuda:N")
+
+
+def config_from_dict(data: dict) -> Config:
+    """Build and validate a Config from nested dicts (as read from YAML)."""
+    cfg = _build(Config, data or {}, "")
+    _validate(cfg)
+    return cfg
+
+
+def config_to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def _apply_override(data: dict, item: str) -> None:
+    if "=" not in item:
+        raise ConfigError(f"--set expects key=value (e.g. model.k=8), got {item!r}")
+    key, raw = item.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    node = data
+    *parents, last = key.strip().split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {item}: '{part}' is not a section")
+    node[last] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple = ()) -> Config:
+    """Load a YAML config (or the defaults when `path` is None) and apply `--set` overrides."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist; pass a YAML file such as configs/demo.yaml")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    for item in overrides:
+        _apply_override(data, item)
+    try:
+        return config_from_dict(data)
+    except ConfigError as exc:
+        where = f" (in {path})" if path is not None else ""
+        raise ConfigError(f"{exc}{where}") from None
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

@@ -1,0 +1,139 @@
+"""
+The ResNet backbone of the paper, cut into K gradient-isolated stages.
+
+The stem (conv1, bn1, relu, maxpool) is frozen and the first conv uses stride 3, so the stem
+downsamples 6x. The remaining residual blocks are grouped into K contiguous stages: the paper's
+("reference") grouping for ResNet34 at K=4 and K=8, or equal block counts for any K.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import operator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+from distlocal.config import ConfigError, ModelConfig
+
+__all__ = ["Backbone", "StageSpec", "build_backbone", "split_backbone", "freeze_batchnorm"]
+
+log = logging.getLogger(__name__)
+
+# Units of the reference implementation over ResNet34's 16 residual blocks
+# (layer1: 0-2, layer2: 3-6, layer3: 7-12, layer4: 13-15); module k of K runs units (k-1)g+1..kg, g = 8/K.
+REFERENCE_UNITS = [[0], [1], [2], [3, 4], [5, 6], [7, 8, 9], [10, 11, 12], [13, 14, 15]]
+
+
+@dataclass
+class Backbone:
+    stem: nn.Sequential  # frozen: conv1, bn1, relu, maxpool
+    blocks: list[nn.Module]  # every residual block, in order
+    stem_stride: int
+    stem_channels: int
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """Which blocks a stage runs and the shapes around it (strides relative to the slide)."""
+
+    index: int  # 0-based stage number
+    blocks: tuple[int, ...]
+    in_channels: int
+    out_channels: int
+    in_stride: int
+    out_stride: int
+
+    @property
+    def factor(self) -> int:
+        """Downsampling of the stage itself (u in the paper's RFR)."""
+        return self.out_stride // self.in_stride
+
+
+def freeze_batchnorm(module: nn.Module) -> None:
+    """Keep every BatchNorm in eval mode: slide batches of one never update running stats."""
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
+def _load_weights(net: nn.Module, cfg: ModelConfig) -> None:
+    if cfg.weights:
+        path = Path(cfg.weights)
+        if not path.is_file():
+            raise ConfigError(f"model.weights={path} does not exist; give the path of a backbone state dict")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = state.get("state_dict", state) if isinstance(state, dict) else state
+        state = {k.removeprefix("module."): v for k, v in state.items() if not k.startswith("fc.")}
+        missing, unexpected = net.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.startswith("fc.")]
+        if missing or unexpected:
+            raise ConfigError(
+                f"model.weights={path} does not fit {cfg.backbone}: missing {missing[:5]}, unexpected "
+                f"{unexpected[:5]}; give a torchvision {cfg.backbone} state dict"
+            )
+        log.info("loaded backbone weights from %s", path)
+    elif cfg.pretrained == "imagenet":
+        enum = torchvision.models.get_model_weights(cfg.backbone).IMAGENET1K_V1
+        try:
+            net.load_state_dict(enum.get_state_dict(progress=True))
+        except Exception as exc:
+            raise ConfigError(
+                f"could not get ImageNet weights for {cfg.backbone} ({exc}); without network access, "
+                f"download {enum.url} elsewhere and set model.weights=PATH, or set model.pretrained=none"
+            ) from None
+    else:
+        log.warning("%s starts from random init (model.pretrained=none): expect much lower accuracy", cfg.backbone)
+
+
+def build_backbone(cfg: ModelConfig) -> Backbone:
+    """Build the torchvision ResNet with the paper's changes and the requested weights."""
+    net = torchvision.models.get_model(cfg.backbone, weights=None)
+    _load_weights(net, cfg)
+    net.conv1.stride = (cfg.first_conv_stride, cfg.first_conv_stride)
+    stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
+    stem.requires_grad_(False)
+    stem.eval()
+    blocks = [b for layer in (net.layer1, net.layer2, net.layer3, net.layer4) for b in layer]
+    return Backbone(stem, blocks, cfg.first_conv_stride * 2, net.conv1.out_channels)
+
+
+def _block_stride(block: nn.Module) -> int:
+    return block.downsample[0].stride[0] if block.downsample is not None else 1
+
+
+def _block_channels(block: nn.Module) -> int:
+    return (block.conv3 if hasattr(block, "conv3") else block.conv2).out_channels
+
+
+def _groups(n_blocks: int, k: int, split: str) -> list[list[int]]:
+    if split == "reference":
+        g = len(REFERENCE_UNITS) // k
+        return [functools.reduce(operator.iadd, REFERENCE_UNITS[i * g:(i + 1) * g], []) for i in range(k)]
+    # Equal block counts; the extra blocks go to the last stages, whose activations are smallest.
+    sizes = [n_blocks // k + (1 if i >= k - n_blocks % k else 0) for i in range(k)]
+    starts = [sum(sizes[:i]) for i in range(k)]
+    return [list(range(s, s + n)) for s, n in zip(starts, sizes, strict=True)]
+
+
+def split_backbone(backbone: Backbone, k: int, split: str) -> list[StageSpec]:
+    """Group the residual blocks into K contiguous stages and describe each one."""
+    n = len(backbone.blocks)
+    if not 1 <= k <= n:
+        raise ConfigError(f"model.k={k} must be between 1 and the backbone's {n} residual blocks")
+    groups = _groups(n, k, split)
+    if any(not g for g in groups):
+        raise ConfigError(f"model.split={split} with K={k} would give empty stages; lower model.k")
+    specs, channels, stride = [], backbone.stem_channels, backbone.stem_stride
+    for i, group in enumerate(groups):
+        out_stride = stride
+        for b in group:
+            out_stride *= _block_stride(backbone.blocks[b])
+        out_channels = _block_channels(backbone.blocks[group[-1]])
+        specs.append(StageSpec(i, tuple(group), channels, out_channels, stride, out_stride))
+        channels, stride = out_channels, out_stride
+    return specs

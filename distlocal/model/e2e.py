@@ -1,0 +1,89 @@
+"""
+End-to-end baseline: the same backbone and head H, trained by ordinary backpropagation.
+
+Written as a plain network (not as a one-stage split) so that "K=1 local training equals end-to-end
+training" is a real check of the Stage machinery, and so memory benchmarks measure what users would
+otherwise run. It has the Stage interface, so the executors drive it unchanged.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from distlocal.config import Config
+from distlocal.model.backbone import Backbone, StageSpec, freeze_batchnorm
+from distlocal.model.mil import AuxClassifier
+from distlocal.model.optim import LocalOptimizer
+from distlocal.model.stage import peak_memory_mb
+
+__all__ = ["EndToEnd", "WholeSlideNet"]
+
+
+class WholeSlideNet(nn.Module):
+    """stem -> all residual blocks -> H, one graph."""
+
+    def __init__(self, backbone: Backbone, head: AuxClassifier):
+        super().__init__()
+        self.stem = backbone.stem
+        self.blocks = nn.Sequential(*backbone.blocks)
+        self.head = head
+
+    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None):
+        return self.head(self.blocks(self.stem(x)), generator)
+
+
+class EndToEnd:
+    """Trains WholeSlideNet end to end with the same optimizer settings as a Stage."""
+
+    def __init__(self, spec: StageSpec, net: WholeSlideNet, cfg: Config, device: torch.device, generator_seed: int):
+        self.spec, self.device, self.is_last = spec, torch.device(device), True
+        self.net = net.to(self.device)
+        self.optim = LocalOptimizer(nn.ModuleList([net.stem, net.blocks]), net.head, cfg.train)
+        self.bf16 = cfg.train.precision == "bf16"
+        self.generator = torch.Generator().manual_seed(generator_seed)
+        self.rfr_clamped = 0
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+
+    def train_step(self, x: torch.Tensor, y: int) -> tuple[torch.Tensor, dict]:
+        start = time.perf_counter()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self.net.train()
+        freeze_batchnorm(self.net)
+        with self._autocast():
+            logits, _ = self.net(x.to(self.device, torch.float32), self.generator)
+            loss = F.cross_entropy(logits.float(), torch.tensor([y], device=self.device))
+        stepped = self.optim.backward(loss)
+        lrs = self.optim.lrs
+        metrics = {
+            "loss_cls": loss.item(), "loss_rec": 0.0, "loss": loss.item(),
+            "correct": float(logits.argmax(1).item() == y), "lr": lrs["backbone"], "lr_aux": lrs["auxiliary"],
+            "step_s": time.perf_counter() - start, "stepped": float(stepped), "rfr_patch": 0.0,
+            "peak_mem_mb": peak_memory_mb(self.device),
+        }
+        return logits.detach(), metrics
+
+    @torch.no_grad()
+    def eval_step(self, x: torch.Tensor):
+        self.net.eval()
+        with self._autocast():
+            logits, attention = self.net(x.to(self.device, torch.float32))
+        return logits, torch.softmax(logits.float(), 1)[0].cpu(), attention.float().cpu()
+
+    def end_epoch(self, metric: float) -> None:
+        self.optim.end_epoch(metric)
+
+    def state_dict(self) -> dict:
+        return {"index": 0, "modules": self.net.state_dict(), "optim": self.optim.state_dict(),
+                "generator": self.generator.get_state(), "rfr_clamped": 0}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.net.load_state_dict(state["modules"])
+        self.optim.load_state_dict(state["optim"])
+        self.generator.set_state(state["generator"])

@@ -1,0 +1,82 @@
+"""
+Gated-attention MIL classifiers: the auxiliary classifiers A_i and the head H.
+
+Every spatial position of a strided-conv summary of the feature map is one instance; gated attention
+(Ilse et al. 2018) pools them into one slide vector, which a small MLP classifies.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["AuxClassifier", "GatedAttentionPool", "classifier_kernel"]
+
+# The reference's downsampling kernel by the map's stride relative to the stem (1/6 -> 1, 1/12 -> 2, ...).
+_KERNEL_BY_LEVEL = {1: 9, 2: 9, 4: 7, 8: 5}
+
+
+def classifier_kernel(level: int) -> int:
+    """Strided-conv kernel for a map `level` times coarser than the stem output."""
+    return _KERNEL_BY_LEVEL.get(level, 5 if level > 8 else 9)
+
+
+class GatedAttentionPool(nn.Module):
+    """a = softmax(w^T (tanh(V h) * sigmoid(U h))) over instances; pooled = sum_l a_l h_l."""
+
+    def __init__(self, dim: int, mid: int, dropout: float = 0.2):
+        super().__init__()
+        self.v = nn.Linear(dim, mid)
+        self.u = nn.Linear(dim, mid)
+        self.w = nn.Linear(mid, 1)
+        self.dropout = dropout
+
+    def forward(self, h: torch.Tensor, generator: torch.Generator | None = None):
+        a = torch.softmax(self.w(torch.tanh(self.v(h)) * torch.sigmoid(self.u(h))).squeeze(-1), dim=0)
+        pooled_a = a
+        if self.training and self.dropout > 0:
+            # Our own mask from the stage's generator, so a stage's randomness does not depend on
+            # what else ran in the process (local and Ray executors then agree bit for bit).
+            keep = torch.rand(a.shape, generator=generator) >= self.dropout
+            pooled_a = a * keep.to(a.device, a.dtype) / (1 - self.dropout)
+        return pooled_a @ h, a
+
+
+class AuxClassifier(nn.Module):
+    """Strided conv + GroupNorm + ReLU, gated-attention pooling, then Linear-ReLU-Linear."""
+
+    def __init__(self, channels: int, num_classes: int, kernel: int, mid: int, feature_dim: int):
+        super().__init__()
+        self.kernel = kernel
+        self.reduce = nn.Sequential(
+            nn.Conv2d(channels, channels, kernel, stride=kernel, bias=False),
+            nn.GroupNorm(channels, channels),
+            nn.ReLU(inplace=True),
+        )
+        self.pool = GatedAttentionPool(channels, mid)
+        self.classify = nn.Sequential(
+            nn.Linear(channels, feature_dim), nn.ReLU(inplace=True), nn.Linear(feature_dim, num_classes)
+        )
+
+    @classmethod
+    def auxiliary(cls, channels: int, num_classes: int, kernel: int) -> AuxClassifier:
+        """A_i of the paper: attention width C/2, 128 features."""
+        return cls(channels, num_classes, kernel, mid=channels // 2, feature_dim=128)
+
+    @classmethod
+    def head(cls, channels: int, num_classes: int, kernel: int = 5) -> AuxClassifier:
+        """H of the paper: attention width 128, 512 features."""
+        return cls(channels, num_classes, kernel, mid=128, feature_dim=512)
+
+    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None):
+        """Return (logits 1 x classes, attention map h' x w') for a 1 x C x H x W feature map."""
+        k, (h, w) = self.kernel, x.shape[-2:]
+        if (h // k) * (w // k) < 2:
+            # A small slide still gets two instances: GroupNorm with one channel per group needs more
+            # than one position, and the reference crashed here.
+            x = F.pad(x, (0, max(0, 2 * k - w), 0, max(0, k - h)))
+        z = self.reduce(x)
+        instances = z.flatten(2)[0].transpose(0, 1)
+        pooled, attention = self.pool(instances, generator)
+        return self.classify(pooled)[None], attention.view(z.shape[-2:])

@@ -1,0 +1,125 @@
+"""
+A Stage: one gradient-isolated module F_i with its auxiliary model and its optimizer.
+
+The executors (local, Ray) only move tensors between stages; everything that learns lives here.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from distlocal.config import Config
+from distlocal.model.backbone import StageSpec, freeze_batchnorm
+from distlocal.model.mil import AuxClassifier
+from distlocal.model.optim import LocalOptimizer
+from distlocal.model.rfr import FeatureReconstruction
+
+__all__ = ["Stage", "peak_memory_mb"]
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak CUDA memory since the last reset, in MiB (0 on CPU, where PyTorch does not track it)."""
+    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else 0.0
+
+
+class Stage:
+    """
+    F_i + A_i (+ U_i), or F_K + H on the last stage; trains on one slide at a time.
+
+    Example::
+
+        x1, metrics = stages[0].train_step(slide, label)   # x1 is detached: no gradient flows back
+        x2, metrics = stages[1].train_step(x1, label)
+    """
+
+    def __init__(self, spec: StageSpec, blocks: list[nn.Module], classifier: AuxClassifier,
+                 rfr: FeatureReconstruction | None, stem: nn.Module | None, cfg: Config,
+                 device: torch.device, generator_seed: int, is_last: bool):
+        self.spec, self.device, self.is_last = spec, torch.device(device), is_last
+        self.modules = nn.ModuleDict({"backbone": nn.Sequential(*blocks), "classifier": classifier})
+        if stem is not None:  # stage 1 runs the frozen stem; the RFR target of stage 1 is its output
+            self.modules["stem"] = stem
+        if rfr is not None:
+            self.modules["rfr"] = rfr
+        self.modules.to(self.device)
+        auxiliary = nn.ModuleList([m for k, m in self.modules.items() if k in ("classifier", "rfr")])
+        self.optim = LocalOptimizer(self.modules["backbone"], auxiliary, cfg.train)
+        self.alpha = cfg.model.rfr.alpha
+        self.bf16 = cfg.train.precision == "bf16"
+        self.generator = torch.Generator().manual_seed(generator_seed)  # RFR locations, attention dropout
+        self.rfr_clamped = 0  # slides whose maps were smaller than the RFR patch
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+
+    def _input(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.device, torch.float32, non_blocking=True)
+        if "stem" in self.modules:
+            with torch.no_grad(), self._autocast():
+                x = self.modules["stem"].eval()(x).float()
+        return x
+
+    def train_step(self, x: torch.Tensor, y: int) -> tuple[torch.Tensor, dict]:
+        """Forward, local loss, backward; step every `accumulate` slides. Returns (detached output, metrics)."""
+        start = time.perf_counter()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self.modules.train()
+        freeze_batchnorm(self.modules["backbone"])
+        x = self._input(x)
+        target = torch.tensor([y], device=self.device)
+        with self._autocast():
+            out = self.modules["backbone"](x)
+            logits, _ = self.modules["classifier"](out, self.generator)
+            loss_cls = F.cross_entropy(logits.float(), target)
+            loss_rec, patch = torch.zeros((), device=self.device), 0
+            if "rfr" in self.modules:
+                loss_rec, patch = self.modules["rfr"](out, x, self.generator)
+                self.rfr_clamped += patch < self.modules["rfr"].patch
+            loss = loss_cls + self.alpha * loss_rec.float()
+        stepped = self.optim.backward(loss)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        lrs = self.optim.lrs
+        metrics = {
+            "loss_cls": loss_cls.item(), "loss_rec": loss_rec.item(), "loss": loss.item(),
+            "correct": float(logits.argmax(1).item() == y), "lr": lrs["backbone"], "lr_aux": lrs["auxiliary"],
+            "step_s": time.perf_counter() - start, "stepped": float(stepped), "rfr_patch": float(patch),
+            "peak_mem_mb": peak_memory_mb(self.device),
+        }
+        return out.detach(), metrics
+
+    @torch.no_grad()
+    def eval_step(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Forward only. Returns (output, class probabilities, attention map on the CPU)."""
+        self.modules.eval()
+        x = self._input(x)
+        with self._autocast():
+            out = self.modules["backbone"](x)
+            logits, attention = self.modules["classifier"](out)
+        return out, torch.softmax(logits.float(), 1)[0].cpu(), attention.float().cpu()
+
+    def end_epoch(self, metric: float) -> None:
+        """Feed this stage's own validation metric to its lr-on-plateau schedule."""
+        self.optim.end_epoch(metric)
+
+    def state_dict(self) -> dict:
+        return {
+            "index": self.spec.index,
+            "modules": self.modules.state_dict(),
+            "optim": self.optim.state_dict(),
+            "generator": self.generator.get_state(),
+            "rfr_clamped": self.rfr_clamped,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["index"] != self.spec.index:
+            raise ValueError(f"checkpoint is for stage {state['index'] + 1}, not stage {self.spec.index + 1}")
+        self.modules.load_state_dict(state["modules"])
+        self.optim.load_state_dict(state["optim"])
+        self.generator.set_state(state["generator"])
+        self.rfr_clamped = state["rfr_clamped"]

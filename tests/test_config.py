@@ -1,0 +1,78 @@
+"""Config loading: strict keys and types, impossible values, overrides, round trip."""
+
+import pytest
+
+from distlocal.config import ConfigError, config_to_dict, load_config, save_config
+
+
+def test_defaults_hold_the_contract_keys():
+    """Every key named in the design contract exists in the defaults."""
+    d = config_to_dict(load_config())
+    for key in ["model.k", "model.backbone", "model.split", "model.mode", "model.rfr.enabled", "model.rfr.alpha",
+                "train.executor", "train.epochs", "train.accumulate", "train.max_inflight", "train.precision",
+                "data.manifest", "data.magnification", "tracking.uri", "tracking.experiment", "run.dir"]:
+        section, *rest = key.split(".")
+        node = d[section]
+        for part in rest:
+            node = node[part]
+
+
+def test_unknown_key_names_key_and_suggests_fix():
+    """A misspelt key fails with the key and the closest valid one."""
+    with pytest.raises(ConfigError, match=r"unknown config key 'model\.kk'.*did you mean 'model\.k'"):
+        load_config(None, ["model.kk=4"])
+
+
+def test_wrong_type_names_key():
+    """A string where an int belongs fails naming the key."""
+    with pytest.raises(ConfigError, match=r"'train\.epochs' must be int"):
+        load_config(None, ["train.epochs=many"])
+
+
+@pytest.mark.parametrize(("override", "pattern"), [
+    ("model.k=0", r"model\.k=0 is impossible.*1\.\.16"),
+    ("model.k=17", r"model\.k=17 is impossible"),
+    ("model.rfr.alpha=-1", r"model\.rfr\.alpha' must be >= 0"),
+    ("train.accumulate=0", r"train\.accumulate' must be > 0"),
+    ("model.split=diagonal", r"model\.split.*choose one of"),
+])
+def test_impossible_values_fail(override, pattern):
+    """Impossible values fail at once with the key in the message."""
+    with pytest.raises(ConfigError, match=pattern):
+        load_config(None, ["model.split=balanced", override])
+
+
+def test_reference_split_outside_k4_k8_points_to_balanced():
+    """The paper's split exists for K=4 and K=8; other K are told to use the balanced split."""
+    with pytest.raises(ConfigError, match=r"set model\.split=balanced"):
+        load_config(None, ["model.k=3"])
+    assert load_config(None, ["model.k=3", "model.split=balanced"]).model.k == 3
+
+
+def test_resnet18_bounds_k_by_its_blocks():
+    """K is bounded by the chosen backbone's residual blocks (8 for resnet18)."""
+    with pytest.raises(ConfigError, match="between 1 and its 8 residual blocks"):
+        load_config(None, ["model.backbone=resnet18", "model.split=balanced", "model.k=9"])
+
+
+def test_yaml_file_and_overrides(tmp_path):
+    """A YAML file loads, and --set overrides win over it with YAML-typed values."""
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  k: 8\n  rfr:\n    enabled: true\ntrain:\n  epochs: 3\n")
+    cfg = load_config(path, ["model.rfr.enabled=false", "data.mean=[0.5,0.5,0.5]"])
+    assert (cfg.model.k, cfg.model.rfr.enabled, cfg.train.epochs, cfg.data.mean) == (8, False, 3, [0.5, 0.5, 0.5])
+
+
+def test_error_names_the_file(tmp_path):
+    """Errors from a file name that file."""
+    path = tmp_path / "bad.yaml"
+    path.write_text("train:\n  epoch: 3\n")
+    with pytest.raises(ConfigError, match=r"train\.epoch.*bad\.yaml"):
+        load_config(path)
+
+
+def test_saved_config_round_trips(tmp_path):
+    """A saved resolved config loads back to the same values."""
+    cfg = load_config(None, ["model.k=8", "train.seed=7"])
+    save_config(cfg, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == cfg

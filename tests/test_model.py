@@ -1,0 +1,224 @@
+"""The paper's model: reference split, RFR crops, gradient isolation, frozen stem and BatchNorm."""
+
+import pytest
+import torch
+
+from distlocal.model import FeatureReconstruction, build_backbone, build_stages, split_backbone
+
+# reference.md: units 1..8 = layer1[0], layer1[1], layer1[2], layer2[0:2], layer2[2:4], layer3[0:3],
+# layer3[3:6], layer4 over the 16 blocks (layer1 0-2, layer2 3-6, layer3 7-12, layer4 13-15).
+UNITS = [(0,), (1,), (2,), (3, 4), (5, 6), (7, 8, 9), (10, 11, 12), (13, 14, 15)]
+
+
+def _blocks(stages):
+    return [s.spec.blocks for s in stages]
+
+
+def test_reference_split_k4_matches_units(make_cfg):
+    """K=4: M1 = units 1-2 (64 ch, 1/6), M2 = 3-4 (128, 1/12), M3 = 5-6 (256, 1/24), M4 = 7-8 (512, 1/48)."""
+    stages = build_stages(make_cfg("model.k=4"), 2)
+    assert _blocks(stages) == [UNITS[0] + UNITS[1], UNITS[2] + UNITS[3], UNITS[4] + UNITS[5], UNITS[6] + UNITS[7]]
+    assert [(s.spec.out_channels, s.spec.out_stride) for s in stages] == [(64, 6), (128, 12), (256, 24), (512, 48)]
+
+
+def test_reference_split_k8_is_one_unit_per_stage(make_cfg):
+    """K=8: module k runs unit k."""
+    assert _blocks(build_stages(make_cfg("model.k=8"), 2)) == UNITS
+
+
+def test_reference_rfr_patches_and_kernels(make_cfg):
+    """RFR patch/factor and classifier kernels per reference.md for K=4 and K=8."""
+    cfg4 = make_cfg("model.k=4", "model.rfr.patch_size=128")
+    cfg8 = make_cfg("model.k=8", "model.rfr.patch_size=128")
+    s4, s8 = build_stages(cfg4, 2), build_stages(cfg8, 2)
+    assert [(s.modules["rfr"].patch, s.modules["rfr"].factor) for s in s4[:-1]] == [(128, 1), (64, 2), (32, 2)]
+    assert [(s.modules["rfr"].patch, s.modules["rfr"].factor) for s in s8[:-1]] == [
+        (128, 1), (128, 1), (128, 1), (64, 2), (64, 1), (32, 2), (32, 1)]
+    assert [s.modules["classifier"].kernel for s in s4] == [9, 9, 7, 5]
+    assert [s.modules["classifier"].kernel for s in s8] == [9, 9, 9, 9, 9, 7, 7, 5]
+    assert "rfr" not in s4[-1].modules
+    assert "rfr" not in s8[-1].modules
+
+
+@pytest.mark.parametrize("k", range(1, 17))
+def test_balanced_split_covers_all_blocks(make_cfg, k):
+    """Any K in 1..16 gives K non-empty contiguous stages covering every block once."""
+    cfg = make_cfg(f"model.k={k}", "model.split=balanced")
+    specs = split_backbone(build_backbone(cfg.model), k, "balanced")
+    assert [b for s in specs for b in s.blocks] == list(range(16))
+    assert all(s.blocks for s in specs)
+    assert max(len(s.blocks) for s in specs) - min(len(s.blocks) for s in specs) <= 1
+
+
+def test_first_conv_stride_three_and_stem_frozen(make_cfg):
+    """conv1 has stride 3 and no stem parameter trains."""
+    stem = build_stages(make_cfg(), 2)[0].modules["stem"]
+    assert stem[0].stride == (3, 3)
+    assert not any(p.requires_grad for p in stem.parameters())
+
+
+def test_rfr_crop_shapes():
+    """Crops are p x p from x_i and (p*u) x (p*u) from x_{i-1}, 10 of them."""
+    rfr = FeatureReconstruction(in_channels=64, out_channels=128, factor=2, patch=16)
+    x_in, x_out = torch.randn(1, 64, 80, 70), torch.randn(1, 128, 40, 35)
+    src, tgt = rfr.sample(x_out, x_in, torch.Generator().manual_seed(0))
+    assert src.shape == (10, 128, 16, 16)
+    assert tgt.shape == (10, 64, 32, 32)
+
+
+def test_rfr_crops_are_aligned():
+    """The target crop is the input window under the source crop (checked with a coordinate map)."""
+    rfr = FeatureReconstruction(in_channels=1, out_channels=1, factor=2, patch=4)
+    ys = torch.arange(40.0)[:, None].expand(40, 30)
+    x_in, x_out = ys[None, None], ys[::2, ::2][None, None] / 2
+    src, tgt = rfr.sample(x_out, x_in, torch.Generator().manual_seed(3))
+    assert torch.equal(tgt[:, :, ::2, ::2] / 2, src)
+
+
+def test_rfr_clamps_patch_on_small_maps():
+    """A map smaller than the patch gives a clamped patch instead of a crash."""
+    rfr = FeatureReconstruction(in_channels=8, out_channels=8, factor=1, patch=128)
+    loss, patch = rfr(torch.randn(1, 8, 9, 30), torch.randn(1, 8, 9, 30), torch.Generator().manual_seed(0))
+    assert patch == 9
+    assert torch.isfinite(loss)
+
+
+def test_stage_loss_is_ce_plus_alpha_l1(make_cfg, slide):
+    """Stage loss = CE(A_i) + alpha * L1(RFR), recomputed from the parts with the same randomness."""
+    stage = build_stages(make_cfg("model.k=4", "model.rfr.alpha=2.5"), 2)[0]
+    _, m = stage.train_step(slide, 1)
+    assert m["loss"] == pytest.approx(m["loss_cls"] + 2.5 * m["loss_rec"], rel=1e-5)
+    assert m["loss_rec"] > 0
+
+
+def test_rfr_disabled_has_no_reconstruction(make_cfg, slide):
+    """model.rfr.enabled=false removes U_i: the loss is the classification loss alone."""
+    stage = build_stages(make_cfg("model.k=4", "model.rfr.enabled=false"), 2)[0]
+    _, m = stage.train_step(slide, 0)
+    assert "rfr" not in stage.modules
+    assert m["loss"] == m["loss_cls"]
+
+
+def test_gradient_isolation(make_cfg, slide):
+    """Stage 2's loss leaves every parameter (and gradient) of stage 1 untouched."""
+    s1, s2 = build_stages(make_cfg("model.k=4", "train.accumulate=2"), 2)[:2]
+    x1, _ = s1.train_step(slide, 1)
+    before = {k: v.clone() for k, v in s1.modules.state_dict().items()}
+    grads = [None if p.grad is None else p.grad.clone() for p in s1.modules.parameters()]
+    assert not x1.requires_grad
+    for _ in range(2):  # second call steps stage 2's optimizer
+        s2.train_step(x1, 1)
+    assert all(torch.equal(v, s1.modules.state_dict()[k]) for k, v in before.items())
+    for g, p in zip(grads, s1.modules.parameters(), strict=True):
+        assert (g is None and p.grad is None) or torch.equal(g, p.grad)
+
+
+def test_stem_and_batchnorm_statistics_do_not_change(make_cfg, slide):
+    """Training steps change weights but never the stem nor any BatchNorm running statistic."""
+    stages = build_stages(make_cfg("model.k=4"), 2)
+    frozen = {f"{i}.{k}": v.clone() for i, s in enumerate(stages) for k, v in s.modules.state_dict().items()
+              if "running" in k or k.startswith("stem.")}
+    first = stages[0].modules["backbone"][0].conv1.weight.clone()
+    for y in (0, 1, 1):
+        x = slide
+        for s in stages:
+            x, _ = s.train_step(x, y)
+    now = {f"{i}.{k}": v for i, s in enumerate(stages) for k, v in s.modules.state_dict().items()}
+    assert all(torch.equal(v, now[k]) for k, v in frozen.items() if "rfr" not in k)
+    assert not torch.equal(first, stages[0].modules["backbone"][0].conv1.weight)
+
+
+def test_optimizer_groups_and_learning_rates(make_cfg):
+    """AdamW has the backbone group at lr_backbone and the auxiliary group at lr_aux, wd 1e-6."""
+    stage = build_stages(make_cfg("model.k=4", "train.lr_backbone=1e-5", "train.lr_aux=2e-5"), 2)[1]
+    groups = {g["name"]: g for g in stage.optim.optimizer.param_groups}
+    assert (groups["backbone"]["lr"], groups["auxiliary"]["lr"]) == (1e-5, 2e-5)
+    assert {g["weight_decay"] for g in groups.values()} == {1e-6}
+    backbone_ids = {id(p) for p in stage.modules["backbone"].parameters()}
+    assert {id(p) for p in groups["backbone"]["params"]} == backbone_ids
+    aux = list(stage.modules["classifier"].parameters()) + list(stage.modules["rfr"].parameters())
+    assert {id(p) for p in groups["auxiliary"]["params"]} == {id(p) for p in aux}
+
+
+def test_step_every_accumulate_slides(make_cfg, slide):
+    """With accumulate=3 the weights change on slides 3 and 6 only."""
+    stage = build_stages(make_cfg("model.k=4", "train.accumulate=3"), 2)[3]
+    x = torch.randn(1, 256, 12, 10)
+    w = stage.modules["backbone"][0].conv1.weight
+    changed = []
+    for n in range(6):
+        before = w.clone()
+        _, m = stage.train_step(x, n % 2)
+        changed.append((not torch.equal(before, w), bool(m["stepped"])))
+    assert changed == [(False, False), (False, False), (True, True)] * 2
+    assert stage.optim.steps == 2
+
+
+def test_small_slide_trains_and_counts_clamping(make_cfg):
+    """A slide smaller than the RFR patch and the classifier kernel still trains through all stages."""
+    stages = build_stages(make_cfg("model.k=4", "model.rfr.patch_size=128"), 3)
+    x = torch.randn(1, 3, 50, 40)
+    for s in stages:
+        x, m = s.train_step(x, 2)
+        assert torch.isfinite(torch.tensor(m["loss"]))
+    assert [s.rfr_clamped for s in stages] == [1, 1, 1, 0]
+
+
+def test_bf16_autocast_runs(make_cfg, slide):
+    """train.precision=bf16 trains with autocast and keeps the fp32 interface."""
+    stage = build_stages(make_cfg("model.k=4", "train.precision=bf16"), 2)[0]
+    x, m = stage.train_step(slide, 0)
+    assert x.dtype == torch.bfloat16
+    assert m["loss"] > 0
+    _, probs, _ = stage.eval_step(slide)
+    assert probs.dtype == torch.float32
+    assert probs.sum().item() == pytest.approx(1, abs=1e-3)
+
+
+def test_eval_step_gives_probabilities_and_attention(make_cfg, slide):
+    """eval_step returns softmax probabilities and an attention map over positions that sums to 1."""
+    stage = build_stages(make_cfg("model.k=4"), 3)[0]
+    _, probs, attention = stage.eval_step(slide)
+    assert probs.shape == (3,)
+    assert probs.sum().item() == pytest.approx(1, abs=1e-5)
+    assert attention.sum().item() == pytest.approx(1, abs=1e-5)
+
+
+def test_local_weights_load(make_cfg, tmp_path):
+    """model.weights loads a local torchvision state dict into the backbone."""
+    import torchvision
+
+    net = torchvision.models.resnet34()
+    torch.nn.init.constant_(net.layer4[2].conv2.weight, 0.125)
+    torch.save(net.state_dict(), tmp_path / "r34.pt")
+    stages = build_stages(make_cfg("model.k=4", f"model.weights={tmp_path / 'r34.pt'}"), 2)
+    assert torch.all(stages[-1].modules["backbone"][-1].conv2.weight == 0.125)
+
+
+def test_missing_weights_file_names_the_fix(make_cfg, tmp_path):
+    """A missing model.weights file fails with the path and the fix."""
+    from distlocal.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"model\.weights=.*nope\.pt does not exist"):
+        build_stages(make_cfg(f"model.weights={tmp_path / 'nope.pt'}"), 2)
+
+
+def test_k1_local_equals_end_to_end(make_cfg):
+    """Local training with K=1 gives the same parameters as end-to-end training (same seed, slides)."""
+    gen = torch.Generator().manual_seed(5)
+    slides = [(torch.randn(1, 3, 96 + 8 * i, 80, generator=gen), i % 2) for i in range(4)]
+    local = build_stages(make_cfg("model.k=1", "model.split=balanced", "train.accumulate=2"), 2)[0]
+    e2e = build_stages(make_cfg("model.k=1", "model.split=balanced", "model.mode=e2e", "train.accumulate=2"), 2)[0]
+    for x, y in slides:
+        local.train_step(x, y)
+        e2e.train_step(x, y)
+    ours = dict(local.modules["stem"].named_parameters(prefix="stem")) | {
+        n: p for n, p in local.modules["backbone"].named_parameters(prefix="blocks")} | {
+        n: p for n, p in local.modules["classifier"].named_parameters(prefix="head")}
+    theirs = dict(e2e.net.named_parameters())
+    assert ours.keys() == theirs.keys()
+    assert e2e.optim.steps == 2
+    for name, p in theirs.items():
+        torch.testing.assert_close(ours[name], p, rtol=1e-5, atol=1e-6, msg=name)
+    assert not torch.equal(theirs["head.classify.2.weight"], build_stages(make_cfg(
+        "model.k=1", "model.split=balanced", "model.mode=e2e"), 2)[0].net.head.classify[2].weight)
