@@ -48,6 +48,9 @@ class ModelConfig:
     pretrained: str = "none"  # imagenet (torchvision weights, downloaded once) | none (random init)
     weights: str = ""  # path to a local backbone state dict; overrides `pretrained`
     first_conv_stride: int = 3  # the paper widens the receptive field with stride 3 (torchvision: 2)
+    # Strided-conv kernel of A_1..A_{K-1} and H; empty: the reference's 9/9/7/5 by depth, made for
+    # 5X slides of thousands of pixels. Small slides (demo, tests) need smaller ones to keep instances.
+    aux_kernels: list[int] = field(default_factory=list)
     rfr: RFRConfig = field(default_factory=RFRConfig)
 
 
@@ -190,6 +193,9 @@ def _validate(cfg: Config) -> None:
             f"model.split=reference is the paper's split, defined for resnet34 at K=4 or K=8 only "
             f"(got {m.backbone}, K={m.k}); set model.split=balanced"
         )
+    if m.aux_kernels and (len(m.aux_kernels) != m.k or min(m.aux_kernels) < 1):
+        raise ConfigError(f"model.aux_kernels={m.aux_kernels} needs K={m.k} positive kernels (A_1..A_{m.k - 1}, H); "
+                          f"or leave it empty for the reference kernels")
     if m.mode == "e2e" and m.k != 1:
         raise ConfigError(f"model.mode=e2e trains one network end to end (got model.k={m.k}); set model.k=1")
     positive = {

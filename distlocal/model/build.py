@@ -30,10 +30,11 @@ def stage_seed(seed: int, index: int) -> int:
 
 def _aux_models(cfg: Config, backbone: Backbone, spec: StageSpec, num_classes: int, is_last: bool):
     torch.manual_seed(stage_seed(cfg.train.seed, spec.index))
-    level = spec.out_stride // backbone.stem_stride
+    kernels = cfg.model.aux_kernels
+    kernel = kernels[spec.index] if kernels else classifier_kernel(spec.out_stride // backbone.stem_stride)
     if is_last:
-        return AuxClassifier.head(spec.out_channels, num_classes, classifier_kernel(level)), None
-    classifier = AuxClassifier.auxiliary(spec.out_channels, num_classes, classifier_kernel(level))
+        return AuxClassifier.head(spec.out_channels, num_classes, kernel), None
+    classifier = AuxClassifier.auxiliary(spec.out_channels, num_classes, kernel)
     rfr = None
     if cfg.model.rfr.enabled:
         # Every stage's patch covers the same slide area: 128 px on the stem's 1/6 map, 64 at 1/12, ...

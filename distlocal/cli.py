@@ -1,0 +1,48 @@
+"""
+distlocal command line. Each command lives in distlocal/commands/ and imports its heavy parts lazily.
+
+uv run distlocal train configs/demo.yaml --set model.k=8
+uv run distlocal train --resume runs/NAME
+uv run distlocal eval configs/demo.yaml --checkpoint runs/NAME/checkpoints/best
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+__all__ = ["main"]
+
+# command -> (module in distlocal.commands, one-line help)
+COMMANDS = {
+    "synth": ("synth", "write synthetic pyramidal TIFF slides and their manifest"),
+    "train": ("train", "train the stages (or the end-to-end baseline) on a manifest"),
+    "eval": ("evaluate", "evaluate a checkpoint's classifiers H and A_i on a split"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="distlocal", description="Whole-slide classification by locally "
+                                     "supervised learning, pipelined over GPUs with Ray.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    modules = {}
+    for name, (module, help_text) in COMMANDS.items():
+        modules[name] = importlib.import_module(f"distlocal.commands.{module}")
+        modules[name].add_arguments(sub.add_parser(name, help=help_text, description=help_text))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    from distlocal.errors import USER_ERRORS
+
+    try:
+        return modules[args.command].run(args) or 0
+    except USER_ERRORS as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,22 @@
+"""distlocal eval CONFIG --checkpoint PATH [--split test]"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="YAML config whose data settings (manifest, magnification) to use")
+    p.add_argument("--checkpoint", required=True, help="a run's checkpoints/best (or /last) folder")
+    p.add_argument("--split", default="test", choices=("train", "valid", "test"))
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
+
+def run(args: argparse.Namespace) -> int:
+    from distlocal.config import load_config
+    from distlocal.engine.evaluate import evaluate_checkpoint, format_metrics
+
+    report = evaluate_checkpoint(args.checkpoint, load_config(args.config, args.overrides), args.split)
+    print(f"{args.split}: {report['slides']} slides, checkpoint {report['checkpoint']}")
+    print(format_metrics(report["stages"]))
+    return 0

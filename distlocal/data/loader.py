@@ -1,0 +1,88 @@
+"""
+Turn manifest records into normalised slide tensors, loading ahead of compute in threads.
+
+Slide decoding (tifffile / imagecodecs) releases the GIL, so a few threads keep the trainer fed;
+`data.prefetch` bounds how many decoded slides wait in memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from distlocal.config import DataConfig
+from distlocal.data.augment import augment, normalise, to_tensor
+from distlocal.data.manifest import SlideRecord
+from distlocal.slides import SlideError, read_slide
+
+__all__ = ["SlideLoader", "SkippedSlide"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SkippedSlide:
+    slide_id: str
+    path: str
+    reason: str
+
+
+class SlideLoader:
+    """Loads slides for one purpose (train with augmentation, or evaluation without)."""
+
+    def __init__(self, cfg: DataConfig, train: bool, seed: int = 0):
+        self.cfg, self.train, self.seed = cfg, train, seed
+        self.skipped: list[SkippedSlide] = []  # with data.on_error=skip; reported at the end, never dropped silently
+
+    def load(self, record: SlideRecord, epoch: int = 0) -> torch.Tensor:
+        """Read one slide at the target magnification: a 1 x 3 x H x W normalised float tensor."""
+        try:
+            image = read_slide(record.path, magnification=self.cfg.magnification, level=self.cfg.level,
+                               base_magnification=self.cfg.base_magnification).image
+        except SlideError:
+            raise
+        except Exception as exc:
+            raise SlideError(f"slide {record.slide_id} ({record.path}) could not be read: {exc}") from exc
+        if self.train and self.cfg.augment:
+            # Per-slide RNG from (seed, epoch, slide): the same slide gets the same augmentation however
+            # many threads load it, in whatever order, and after a resume.
+            rng = np.random.default_rng([self.seed, epoch, zlib.crc32(record.slide_id.encode())])
+            x = augment(image, rng)
+        else:
+            x = to_tensor(image)
+        return normalise(x, self.cfg.mean, self.cfg.std)[None]
+
+    def _guarded(self, record: SlideRecord, epoch: int) -> torch.Tensor | None:
+        try:
+            return self.load(record, epoch)
+        except SlideError as exc:
+            if self.cfg.on_error == "fail":
+                raise
+            log.warning("skipping slide %s: %s", record.slide_id, exc)
+            self.skipped.append(SkippedSlide(record.slide_id, str(record.path), str(exc)))
+            return None
+
+    def stream(self, records: Iterable[SlideRecord], epoch: int = 0) -> Iterator[tuple[SlideRecord, torch.Tensor]]:
+        """Yield (record, tensor) in order, with up to `data.prefetch` slides loading ahead."""
+        with ThreadPoolExecutor(max_workers=self.cfg.prefetch, thread_name_prefix="slide-loader") as pool:
+            pending: deque = deque()
+            it = iter(records)
+            for record in it:
+                pending.append((record, pool.submit(self._guarded, record, epoch)))
+                if len(pending) >= self.cfg.prefetch:
+                    break
+            while pending:
+                record, future = pending.popleft()
+                x = future.result()
+                nxt = next(it, None)
+                if nxt is not None:
+                    pending.append((nxt, pool.submit(self._guarded, nxt, epoch)))
+                if x is not None:
+                    yield record, x

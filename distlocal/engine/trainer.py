@@ -1,0 +1,175 @@
+"""
+The training loop: epochs of slides through the stages, validation, checkpoints, resume.
+
+load (or resume) -> for each epoch: train slides, validate, step lr schedules, save -> summary
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from distlocal.config import Config, save_config
+from distlocal.data import ManifestError, SlideLoader, read_manifest
+from distlocal.engine.checkpoint import load_checkpoint, save_checkpoint
+from distlocal.engine.evaluate import evaluate, format_metrics, monitored
+from distlocal.engine.local import LocalExecutor
+from distlocal.model import build_stages, resolve_device
+from distlocal.progress import progress
+
+__all__ = ["Trainer", "TrainState", "epoch_order"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainState:
+    epoch: int = 0  # epochs completed
+    position: int = 0  # slides of this epoch's order already trained
+    slides_seen: int = 0
+    best: float = -math.inf
+    best_epoch: int = -1
+    history: list[dict] = field(default_factory=list)  # validation metrics per epoch
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The shuffled slide order of an epoch: a pure function of (seed, epoch), so resume replays it."""
+    return np.random.default_rng([seed, epoch]).permutation(n).tolist()
+
+
+class _Window:
+    """Means of per-stage training metrics over the last few slides, for logging."""
+
+    def __init__(self):
+        self.rows: list[list[dict]] = []
+
+    def add(self, metrics: list[dict]) -> None:
+        self.rows.append(metrics)
+
+    def flush(self) -> dict[str, float]:
+        out = {}
+        for i in range(len(self.rows[0]) if self.rows else 0):
+            stage = [row[i] for row in self.rows]
+            for key, name in (("loss_cls", "loss_cls"), ("loss_rec", "loss_rec"), ("correct", "acc"),
+                              ("step_s", "step_s")):
+                out[f"stage{i + 1}/{name}"] = float(np.mean([m[key] for m in stage]))
+            out[f"stage{i + 1}/lr"] = stage[-1]["lr"]
+            out[f"stage{i + 1}/peak_mem_mb"] = max(m["peak_mem_mb"] for m in stage)
+        self.rows = []
+        return out
+
+
+class Trainer:
+    """Trains the stages of `cfg` on its manifest; `resume=True` continues from run_dir's last checkpoint."""
+
+    def __init__(self, cfg: Config, run_dir: Path, resume: bool = False):
+        self.cfg, self.run_dir = cfg, Path(run_dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.manifest = read_manifest(cfg.data.manifest, cfg.data.classes or None)
+        self.classes = self.manifest.classes
+        self.train_set, self.valid_set = self.manifest.split("train"), self.manifest.split("valid")
+        if not self.train_set or not self.valid_set:
+            raise ManifestError(f"manifest {self.manifest.path} needs slides with split=train and split=valid "
+                             f"(has {len(self.train_set)} / {len(self.valid_set)}); add rows with those splits")
+        missing = self.manifest.missing()
+        if missing and cfg.data.on_error == "fail":
+            names = ", ".join(f"{r.slide_id} ({r.path})" for r in missing[:5])
+            raise ManifestError(f"{len(missing)} slide file(s) of {self.manifest.path} are missing: {names}; "
+                                    f"fix the paths or set data.on_error=skip to train without them")
+        self.device = resolve_device(cfg.train.device)
+        self.executor = LocalExecutor(build_stages(cfg, len(self.classes), self.device))
+        self.state = TrainState()
+        if resume:
+            ckpt = load_checkpoint(self.ckpt_dir / "last")
+            self.executor.load_state_dicts(ckpt.stages)
+            self.state = TrainState(**ckpt.trainer)
+            log.info("resumed %s at epoch %d, slide %d", run_dir, self.state.epoch + 1, self.state.position)
+        self.train_loader = SlideLoader(cfg.data, train=True, seed=cfg.train.seed)
+        self.valid_loader = SlideLoader(cfg.data, train=False)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, self.run_dir / "config.yaml")
+
+    def _log(self, record: dict) -> None:
+        with (self.run_dir / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def _save(self, name: str) -> None:
+        save_checkpoint(self.ckpt_dir / name, self.executor.state_dicts(), asdict(self.state), self.cfg, self.classes)
+
+    def _train_epoch(self, epoch: int) -> bool:
+        """Train the rest of `epoch`; return False when train.max_slides stopped the run."""
+        t, order = self.cfg.train, epoch_order(len(self.train_set), self.cfg.train.seed, epoch)
+        records = [self.train_set[i] for i in order[self.state.position:]]
+        position_after = {r.slide_id: self.state.position + n + 1 for n, r in enumerate(records)}
+        stream = ((r.slide_id, x, r.label) for r, x in self.train_loader.stream(records, epoch))
+        window, log_every = _Window(), max(1, t.accumulate)
+        bar = progress(total=len(order), initial=self.state.position, desc=f"epoch {epoch + 1}/{t.epochs}",
+                       unit="slide")
+        for slide_id, metrics in self.executor.train(stream):
+            self.state.position, self.state.slides_seen = position_after[slide_id], self.state.slides_seen + 1
+            window.add(metrics)
+            bar.update(self.state.position - bar.n)
+            bar.set_postfix(loss=f"{metrics[-1]['loss']:.3f}")
+            if self.state.slides_seen % log_every == 0:
+                self._log({"step": self.state.slides_seen, "epoch": epoch, **window.flush()})
+            steps = self.executor.stages[0].optim.steps
+            if t.checkpoint_every and metrics[0]["stepped"] and steps % t.checkpoint_every == 0:
+                self._save("last")
+            if t.max_slides and self.state.slides_seen >= t.max_slides:
+                bar.close()
+                return False
+        bar.close()
+        return True
+
+    def _validate(self, epoch: int) -> None:
+        result = evaluate(self.executor, self.valid_set, self.valid_loader, len(self.classes), desc="validate")
+        stages, monitor = result["stages"], self.cfg.train.monitor
+        self.executor.end_epoch([monitored(m, monitor) for m in stages])
+        record = {f"val/{k}": v for k, v in stages[-1].items()}
+        for i, m in enumerate(stages[:-1]):
+            record.update({f"val/stage{i + 1}/{k}": v for k, v in m.items()})
+        self._log({"step": self.state.slides_seen, "epoch": epoch, **record})
+        self.state.history.append({"epoch": epoch + 1, "stages": stages})
+        log.info("epoch %d validation:\n%s", epoch + 1, format_metrics(stages))
+        score = monitored(stages[-1], monitor)
+        if score > self.state.best:
+            self.state.best, self.state.best_epoch = score, epoch + 1
+            self._save("best")
+
+    def fit(self) -> dict:
+        """Run (or finish) the training; return a summary, also written to RUN_DIR/summary.json."""
+        start = time.perf_counter()
+        completed = True
+        while self.state.epoch < self.cfg.train.epochs:
+            if not self._train_epoch(self.state.epoch):
+                completed = False
+                break
+            self._validate(self.state.epoch)
+            self.state.epoch, self.state.position = self.state.epoch + 1, 0
+            self._save("last")
+        if not completed:
+            self._save("last")
+        # A bad slide is skipped again every epoch: report each once.
+        skipped = list({s.slide_id: s for s in self.train_loader.skipped + self.valid_loader.skipped}.values())
+        if skipped:
+            names = ", ".join(s.slide_id for s in skipped)
+            log.warning("%d slide(s) skipped (data.on_error=skip): %s", len(skipped), names)
+        clamped = [s.rfr_clamped for s in self.executor.stages]
+        if any(clamped):
+            log.warning("RFR patch clamped on small slides, per stage: %s", clamped)
+        summary = {
+            "run_dir": str(self.run_dir), "completed": completed, "epochs": self.state.epoch,
+            "slides_seen": self.state.slides_seen, "best_epoch": self.state.best_epoch,
+            f"best_val_{self.cfg.train.monitor}": self.state.best,
+            "last_val": self.state.history[-1]["stages"] if self.state.history else None,
+            "skipped": [asdict(s) for s in skipped], "rfr_clamped": clamped,
+            "seconds": time.perf_counter() - start,
+        }
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        return summary

@@ -1,0 +1,130 @@
+"""The local trainer: checkpoints with their config, exact resume, evaluation, and bad slides."""
+
+import csv
+import json
+
+import pytest
+import torch
+
+from distlocal.cli import main
+from distlocal.config import load_config, save_config
+from distlocal.data import ManifestError
+from distlocal.engine.checkpoint import CheckpointError, load_checkpoint
+from distlocal.engine.evaluate import evaluate_checkpoint
+from distlocal.engine.trainer import Trainer
+from distlocal.slides import SlideError, write_synthetic_dataset
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory):
+    """Twelve small two-class synthetic slides (pyramidal TIFFs) with train/valid/test splits."""
+    return write_synthetic_dataset(tmp_path_factory.mktemp("slides"), slides=12, classes=2, size=(96, 96), seed=0)
+
+
+def _cfg(manifest, tmp_path, *overrides):
+    return load_config(None, [
+        f"data.manifest={manifest}", f"run.dir={tmp_path}", "train.device=cpu", "model.k=2",
+        "model.split=balanced", "train.epochs=1", "train.accumulate=2", "model.rfr.patch_size=16",
+        "train.lr_backbone=1e-3", "train.lr_aux=1e-3", "tracking.enabled=false", *overrides])
+
+
+def _params(trainer):
+    return [s.state_dict()["modules"] for s in trainer.executor.stages]
+
+
+def test_checkpoints_carry_the_resolved_config(manifest, tmp_path):
+    """Every checkpoint folder holds the stages, the trainer position and the resolved config."""
+    cfg = _cfg(manifest, tmp_path)
+    summary = Trainer(cfg, tmp_path / "run").fit()
+    assert summary["completed"]
+    assert summary["epochs"] == 1
+    for name in ("last", "best"):
+        folder = tmp_path / "run" / "checkpoints" / name
+        assert sorted(p.name for p in folder.iterdir()) == ["config.yaml", "stage1.pt", "stage2.pt", "trainer.pt"]
+        assert load_config(folder / "config.yaml") == cfg
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last").trainer["epoch"] == 1
+
+
+def test_resume_equals_training_straight_through(manifest, tmp_path):
+    """Stopping after 5 slides (mid-accumulation, mid-epoch) and resuming gives the same parameters."""
+    straight = Trainer(_cfg(manifest, tmp_path, "train.epochs=2", "train.accumulate=3"), tmp_path / "a")
+    straight.fit()
+    stopped = Trainer(_cfg(manifest, tmp_path, "train.epochs=2", "train.accumulate=3", "train.max_slides=5"),
+                      tmp_path / "b")
+    assert not stopped.fit()["completed"]
+    assert stopped.executor.stages[0].optim.accumulated == 2  # gradients were pending at the stop
+    resumed = Trainer(_cfg(manifest, tmp_path, "train.epochs=2", "train.accumulate=3"), tmp_path / "b", resume=True)
+    assert resumed.state.slides_seen == 5
+    resumed.fit()
+    assert resumed.state.slides_seen == straight.state.slides_seen
+    for ours, theirs in zip(_params(resumed), _params(straight), strict=True):
+        for key in theirs:
+            torch.testing.assert_close(ours[key], theirs[key], rtol=0, atol=0, msg=key)
+
+
+def test_train_and_eval_commands(manifest, tmp_path, capsys):
+    """`distlocal train` then `distlocal eval` report H and every A_i on the test split."""
+    config = tmp_path / "c.yaml"
+    save_config(_cfg(manifest, tmp_path, "run.name=cli"), config)
+    assert main(["train", str(config)]) == 0
+    best = tmp_path / "cli" / "checkpoints" / "best"
+    assert main(["eval", str(config), "--checkpoint", str(best)]) == 0
+    out = capsys.readouterr().out
+    assert "A_1" in out
+    assert "\nH " in out
+    report = json.loads((best / "eval_test.json").read_text())
+    assert len(report["stages"]) == 2
+    assert report["slides"] == sum(1 for r in csv.DictReader(manifest.open()) if r["split"] == "test")
+    assert main(["train", str(config)]) == 2  # the run folder exists: told to --resume instead
+
+
+def test_end_to_end_mode_trains(manifest, tmp_path):
+    """model.mode=e2e trains the baseline through the same loop."""
+    summary = Trainer(_cfg(manifest, tmp_path, "model.mode=e2e", "model.k=1"), tmp_path / "e2e").fit()
+    assert summary["completed"]
+    assert len(summary["last_val"]) == 1
+
+
+def _with_bad_slide(manifest, tmp_path, path_text, writer=None):
+    rows = list(csv.DictReader(manifest.open()))
+    bad = tmp_path / path_text
+    if writer:
+        writer(bad)
+    rows.append({"slide_id": "broken", "path": str(bad), "label": "class1", "split": "train", "patient_id": "p"})
+    out = tmp_path / "manifest.csv"
+    with out.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        for row in rows:
+            w.writerow({k: (str(manifest.parent / v) if k == "path" and not v.startswith("/") else v)
+                        for k, v in row.items()})
+    return out
+
+
+def test_corrupt_slide_fails_naming_it(manifest, tmp_path):
+    """With data.on_error=fail a corrupt slide stops training with its name."""
+    bad = _with_bad_slide(manifest, tmp_path, "broken.tiff", lambda p: p.write_bytes(b"II*\x00garbage"))
+    with pytest.raises(SlideError, match="broken"):
+        Trainer(_cfg(bad, tmp_path), tmp_path / "fail").fit()
+
+
+def test_corrupt_slide_is_skipped_and_reported(manifest, tmp_path):
+    """With data.on_error=skip the run finishes and lists the skipped slide once."""
+    bad = _with_bad_slide(manifest, tmp_path, "broken.tiff", lambda p: p.write_bytes(b"II*\x00garbage"))
+    summary = Trainer(_cfg(bad, tmp_path, "data.on_error=skip", "train.epochs=2"), tmp_path / "skip").fit()
+    assert summary["completed"]
+    assert [s["slide_id"] for s in summary["skipped"]] == ["broken"]
+
+
+def test_missing_slide_files_are_listed_up_front(manifest, tmp_path):
+    """Missing files fail before training, naming the slide and the way out."""
+    bad = _with_bad_slide(manifest, tmp_path, "nowhere.tiff")
+    with pytest.raises(ManifestError, match=r"broken.*data\.on_error=skip"):
+        Trainer(_cfg(bad, tmp_path), tmp_path / "missing")
+
+
+def test_missing_checkpoint_names_the_fix(tmp_path):
+    """Evaluating a folder without a checkpoint says what to pass."""
+    with pytest.raises(CheckpointError, match="checkpoints/best"):
+        evaluate_checkpoint(tmp_path / "nothing")
+
