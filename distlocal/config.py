@@ -264,7 +264,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (
     try:
         return config_from_dict(data)
     except ConfigError as exc:
-        where = f" (in {path})" if path is not None else ""
+        source = [str(path)] if path is not None else []
+        source += ["--set overrides"] if overrides else []
+        where = f" (from {' and '.join(source)})" if source else ""
         raise ConfigError(f"{exc}{where}") from None
 
 

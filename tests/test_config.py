@@ -67,8 +67,10 @@ def test_error_names_the_file(tmp_path):
     """Errors from a file name that file."""
     path = tmp_path / "bad.yaml"
     path.write_text("train:\n  epoch: 3\n")
-    with pytest.raises(ConfigError, match=r"train\.epoch.*bad\.yaml"):
+    with pytest.raises(ConfigError, match=r"train\.epoch.*\(from .*bad\.yaml\)"):
         load_config(path)
+    with pytest.raises(ConfigError, match=r"train\.epoch.*\(from .*bad\.yaml and --set overrides\)"):
+        load_config(path, ["model.k=4"])
 
 
 def test_saved_config_round_trips(tmp_path):
