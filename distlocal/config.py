@@ -85,7 +85,6 @@ class DataConfig:
     mean: list[float] = field(default_factory=lambda: [0.6909, 0.4654, 0.6119])  # NSCLC, per channel
     std: list[float] = field(default_factory=lambda: [0.1786, 0.2102, 0.1795])
     augment: bool = True  # edge crop, flips, 90-degree rotations, colour jitter (train split only)
-    cache_dir: str = ""  # prepared 5X crops (distlocal prepare); read from here when present
     on_error: str = "fail"  # fail | skip: what a bad slide does to training (skips are reported)
     prefetch: int = 2  # slides loaded ahead of compute, bounding memory
 
