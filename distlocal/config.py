@@ -116,7 +116,7 @@ _CHOICES = {
     "model.split": ("reference", "balanced"),
     "model.mode": ("local", "e2e"),
     "model.pretrained": ("imagenet", "none"),
-    "train.executor": ("local", "ray"),
+    "train.executor": ("local",),  # "ray" joins when the Ray executor exists; until then it must not pass silently
     "train.precision": ("fp32", "bf16"),
     "train.monitor": ("acc", "balanced_acc", "auroc"),
     "train.activation_dtype": ("auto", "fp32", "bf16"),

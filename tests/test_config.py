@@ -35,6 +35,7 @@ def test_wrong_type_names_key():
     ("model.rfr.alpha=-1", r"model\.rfr\.alpha' must be >= 0"),
     ("train.accumulate=0", r"train\.accumulate' must be > 0"),
     ("model.split=diagonal", r"model\.split.*choose one of"),
+    ("train.executor=ray", r"train\.executor.*choose one of: local"),
 ])
 def test_impossible_values_fail(override, pattern):
     """Impossible values fail at once with the key in the message."""
