@@ -145,16 +145,14 @@ class Trainer:
     def fit(self) -> dict:
         """Run (or finish) the training; return a summary, also written to RUN_DIR/summary.json."""
         start = time.perf_counter()
-        completed = True
         while self.state.epoch < self.cfg.train.epochs:
-            if not self._train_epoch(self.state.epoch):
-                completed = False
+            if not self._train_epoch(self.state.epoch):  # train.max_slides: keep the mid-epoch position
+                self._save("last")
                 break
             self._validate(self.state.epoch)
             self.state.epoch, self.state.position = self.state.epoch + 1, 0
             self._save("last")
-        if not completed:
-            self._save("last")
+        completed = self.state.epoch >= self.cfg.train.epochs
         # A bad slide is skipped again every epoch: report each once.
         skipped = list({s.slide_id: s for s in self.train_loader.skipped + self.valid_loader.skipped}.values())
         if skipped:

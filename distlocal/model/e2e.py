@@ -18,7 +18,7 @@ from distlocal.config import Config
 from distlocal.model.backbone import Backbone, StageSpec, freeze_batchnorm
 from distlocal.model.mil import AuxClassifier
 from distlocal.model.optim import LocalOptimizer
-from distlocal.model.stage import peak_memory_mb
+from distlocal.model.stage import autocast, step_metrics
 
 __all__ = ["EndToEnd", "WholeSlideNet"]
 
@@ -48,7 +48,7 @@ class EndToEnd:
         self.rfr_clamped = 0
 
     def _autocast(self):
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+        return autocast(self.device, self.bf16)
 
     def train_step(self, x: torch.Tensor, y: int) -> tuple[torch.Tensor, dict]:
         start = time.perf_counter()
@@ -60,13 +60,7 @@ class EndToEnd:
             logits, _ = self.net(x.to(self.device, torch.float32), self.generator)
             loss = F.cross_entropy(logits.float(), torch.tensor([y], device=self.device))
         stepped = self.optim.backward(loss)
-        lrs = self.optim.lrs
-        metrics = {
-            "loss_cls": loss.item(), "loss_rec": 0.0, "loss": loss.item(),
-            "correct": float(logits.argmax(1).item() == y), "lr": lrs["backbone"], "lr_aux": lrs["auxiliary"],
-            "step_s": time.perf_counter() - start, "stepped": float(stepped), "rfr_patch": 0.0,
-            "peak_mem_mb": peak_memory_mb(self.device),
-        }
+        metrics = step_metrics(self.optim, self.device, start, logits, y, loss, torch.zeros(()), loss, stepped)
         return logits.detach(), metrics
 
     @torch.no_grad()

@@ -18,12 +18,32 @@ from distlocal.model.mil import AuxClassifier
 from distlocal.model.optim import LocalOptimizer
 from distlocal.model.rfr import FeatureReconstruction
 
-__all__ = ["Stage", "peak_memory_mb"]
+__all__ = ["Stage", "autocast", "peak_memory_mb", "step_metrics"]
 
 
 def peak_memory_mb(device: torch.device) -> float:
     """Peak CUDA memory since the last reset, in MiB (0 on CPU, where PyTorch does not track it)."""
     return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else 0.0
+
+
+def autocast(device: torch.device, bf16: bool):
+    """bf16 autocast on `device` when train.precision is bf16, else a no-op context."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+
+
+def step_metrics(optim: LocalOptimizer, device: torch.device, start: float, logits: torch.Tensor, y: int,
+                 loss_cls: torch.Tensor, loss_rec: torch.Tensor, loss: torch.Tensor, stepped: bool,
+                 patch: int = 0) -> dict:
+    """The numbers a training step reports (plain floats, cheap to send from a Ray actor)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    lrs = optim.lrs
+    return {
+        "loss_cls": loss_cls.item(), "loss_rec": loss_rec.item(), "loss": loss.item(),
+        "correct": float(logits.argmax(1).item() == y), "lr": lrs["backbone"], "lr_aux": lrs["auxiliary"],
+        "step_s": time.perf_counter() - start, "stepped": float(stepped), "rfr_patch": float(patch),
+        "peak_mem_mb": peak_memory_mb(device),
+    }
 
 
 class Stage:
@@ -54,7 +74,7 @@ class Stage:
         self.rfr_clamped = 0  # slides whose maps were smaller than the RFR patch
 
     def _autocast(self):
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+        return autocast(self.device, self.bf16)
 
     def _input(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.device, torch.float32, non_blocking=True)
@@ -82,15 +102,7 @@ class Stage:
                 self.rfr_clamped += patch < self.modules["rfr"].patch
             loss = loss_cls + self.alpha * loss_rec.float()
         stepped = self.optim.backward(loss)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        lrs = self.optim.lrs
-        metrics = {
-            "loss_cls": loss_cls.item(), "loss_rec": loss_rec.item(), "loss": loss.item(),
-            "correct": float(logits.argmax(1).item() == y), "lr": lrs["backbone"], "lr_aux": lrs["auxiliary"],
-            "step_s": time.perf_counter() - start, "stepped": float(stepped), "rfr_patch": float(patch),
-            "peak_mem_mb": peak_memory_mb(self.device),
-        }
+        metrics = step_metrics(self.optim, self.device, start, logits, y, loss_cls, loss_rec, loss, stepped, patch)
         return out.detach(), metrics
 
     @torch.no_grad()
