@@ -72,7 +72,12 @@ class TrainConfig:
     max_slides: int = 0  # stop (and checkpoint) after this many training slides; 0: no limit
     device: str = "auto"  # auto (cuda if present) | cpu | cuda | cuda:N
     activation_dtype: str = "auto"  # ray executor: dtype of activations between stages: auto | fp32 | bf16
-    transport: str = "object_store"  # ray executor: object_store | nccl
+    transport: str = "object_store"  # ray executor: object_store | nccl (GPU to GPU; falls back when impossible)
+    gpus_per_stage: float = -1.0  # ray executor: GPUs per stage actor; -1: 1 when the cluster has GPUs, else 0
+    cpus_per_stage: float = 1.0  # ray executor: CPUs per stage actor (also its torch threads)
+    placement: str = "strict_pack"  # ray executor: strict_pack (one node) | pack | spread (across nodes)
+    placement_timeout_s: float = 60.0  # ray executor: give up placing the stages after this long
+    max_restarts: int = 3  # ray executor: stage failures survived (restart, reload, replay) before the run ends
 
 
 @dataclass
@@ -116,7 +121,8 @@ _CHOICES = {
     "model.split": ("reference", "balanced"),
     "model.mode": ("local", "e2e"),
     "model.pretrained": ("imagenet", "none"),
-    "train.executor": ("local",),  # "ray" joins when the Ray executor exists; until then it must not pass silently
+    "train.executor": ("local", "ray"),
+    "train.placement": ("strict_pack", "pack", "spread"),
     "train.precision": ("fp32", "bf16"),
     "train.monitor": ("acc", "balanced_acc", "auroc"),
     "train.activation_dtype": ("auto", "fp32", "bf16"),
@@ -201,12 +207,14 @@ def _validate(cfg: Config) -> None:
         "model.rfr.patches": m.rfr.patches, "model.rfr.patch_size": m.rfr.patch_size,
         "model.first_conv_stride": m.first_conv_stride, "train.accumulate": t.accumulate,
         "train.lr_backbone": t.lr_backbone, "train.lr_aux": t.lr_aux, "data.magnification": d.magnification,
-        "data.prefetch": d.prefetch,
+        "data.prefetch": d.prefetch, "train.cpus_per_stage": t.cpus_per_stage,
+        "train.placement_timeout_s": t.placement_timeout_s,
     }
     non_negative = {
         "model.rfr.alpha": m.rfr.alpha, "train.epochs": t.epochs, "train.max_inflight": t.max_inflight,
         "train.weight_decay": t.weight_decay, "train.plateau_patience": t.plateau_patience,
         "train.checkpoint_every": t.checkpoint_every, "train.max_slides": t.max_slides,
+        "train.max_restarts": t.max_restarts,
     }
     for key, value in positive.items():
         if value <= 0:
@@ -214,6 +222,9 @@ def _validate(cfg: Config) -> None:
     for key, value in non_negative.items():
         if value < 0:
             raise ConfigError(f"config key '{key}' must be >= 0, got {value}")
+    if t.gpus_per_stage < 0 and t.gpus_per_stage != -1:
+        raise ConfigError(f"train.gpus_per_stage={t.gpus_per_stage}; give a GPU count per stage (e.g. 1 or 0.5) "
+                          f"or -1 for one GPU per stage when the cluster has GPUs")
     if not 0 < t.plateau_factor < 1:
         raise ConfigError(f"train.plateau_factor must be in (0, 1), got {t.plateau_factor}")
     if len(d.mean) != 3 or len(d.std) != 3 or min(d.std) <= 0:

@@ -3,8 +3,9 @@
 from distlocal.config import ConfigError
 from distlocal.data.manifest import ManifestError
 from distlocal.engine.checkpoint import CheckpointError
+from distlocal.engine.faults import ClusterError, RunFailed
 from distlocal.slides import SlideError
 
-USER_ERRORS = (ConfigError, ManifestError, CheckpointError, SlideError)
+USER_ERRORS = (ConfigError, ManifestError, CheckpointError, SlideError, ClusterError, RunFailed)
 
 __all__ = ["USER_ERRORS"]

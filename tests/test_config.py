@@ -35,7 +35,9 @@ def test_wrong_type_names_key():
     ("model.rfr.alpha=-1", r"model\.rfr\.alpha' must be >= 0"),
     ("train.accumulate=0", r"train\.accumulate' must be > 0"),
     ("model.split=diagonal", r"model\.split.*choose one of"),
-    ("train.executor=ray", r"train\.executor.*choose one of: local"),
+    ("train.executor=mpi", r"train\.executor.*choose one of: local, ray"),
+    ("train.gpus_per_stage=-2", r"train\.gpus_per_stage=-2\.0; give a GPU count"),
+    ("train.placement=anywhere", r"train\.placement.*strict_pack"),
 ])
 def test_impossible_values_fail(override, pattern):
     """Impossible values fail at once with the key in the message."""

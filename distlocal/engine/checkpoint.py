@@ -8,6 +8,7 @@ killed while saving still has its previous checkpoint.
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import torch
 
 from distlocal.config import Config, config_from_dict, config_to_dict, save_config
 
-__all__ = ["Checkpoint", "CheckpointError", "load_checkpoint", "save_checkpoint"]
+__all__ = ["Checkpoint", "CheckpointError", "load_checkpoint", "save_checkpoint", "stage_file"]
 
 
 class CheckpointError(FileNotFoundError):
@@ -31,14 +32,24 @@ class Checkpoint:
     classes: list[str]
 
 
-def save_checkpoint(directory: Path, stages: list[dict], trainer: dict, cfg: Config, classes: list[str]) -> None:
+def stage_file(directory: str | Path, index: int) -> Path:
+    """Where stage `index` (0-based) keeps its part of a checkpoint folder."""
+    return Path(directory) / f"stage{index + 1}.pt"
+
+
+def save_checkpoint(directory: Path, save_stages: Callable[[Path], None], k: int, trainer: dict, cfg: Config,
+                    classes: list[str]) -> None:
+    """`save_stages(folder)` writes stage1.pt .. stageK.pt (each Ray actor its own); the driver writes the rest."""
     directory = Path(directory)
     tmp, old = directory.with_name(directory.name + ".tmp"), directory.with_name(directory.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    for i, state in enumerate(stages):
-        torch.save(state, tmp / f"stage{i + 1}.pt")
-    torch.save({"trainer": trainer, "config": config_to_dict(cfg), "classes": classes, "k": len(stages)},
+    save_stages(tmp)
+    missing = [stage_file(tmp, i).name for i in range(k) if not stage_file(tmp, i).is_file()]
+    if missing:
+        raise CheckpointError(f"stage files {missing} did not appear in {tmp}: run.dir must be storage that every "
+                              f"node of the cluster can write (a shared file system)")
+    torch.save({"trainer": trainer, "config": config_to_dict(cfg), "classes": classes, "k": k},
                tmp / "trainer.pt")
     save_config(cfg, tmp / "config.yaml")  # the resolved config, readable next to the weights
     if directory.exists():
@@ -48,8 +59,8 @@ def save_checkpoint(directory: Path, stages: list[dict], trainer: dict, cfg: Con
     shutil.rmtree(old, ignore_errors=True)
 
 
-def load_checkpoint(directory: str | Path) -> Checkpoint:
-    """Load a checkpoint folder (a run's checkpoints/last or checkpoints/best)."""
+def load_checkpoint(directory: str | Path, stages: bool = True) -> Checkpoint:
+    """Load a checkpoint folder (a run's checkpoints/last or checkpoints/best); `stages=False` skips the weights."""
     directory = Path(directory)
     if not (directory / "trainer.pt").is_file():
         old = directory.with_name(directory.name + ".old")
@@ -61,10 +72,11 @@ def load_checkpoint(directory: str | Path) -> Checkpoint:
                 f"checkpoints/last folder, e.g. runs/NAME/checkpoints/best"
             )
     meta = torch.load(directory / "trainer.pt", map_location="cpu", weights_only=True)
-    stages = []
+    states = []
     for i in range(meta["k"]):
-        path = directory / f"stage{i + 1}.pt"
+        path = stage_file(directory, i)
         if not path.is_file():
             raise CheckpointError(f"checkpoint {directory} is incomplete: {path.name} is missing")
-        stages.append(torch.load(path, map_location="cpu", weights_only=True))
-    return Checkpoint(directory, stages, meta["trainer"], config_from_dict(meta["config"]), meta["classes"])
+        if stages:
+            states.append(torch.load(path, map_location="cpu", weights_only=True))
+    return Checkpoint(directory, states, meta["trainer"], config_from_dict(meta["config"]), meta["classes"])

@@ -12,9 +12,8 @@ import torch
 from distlocal.config import Config
 from distlocal.data import ManifestError, SlideLoader, SlideRecord, read_manifest
 from distlocal.engine.checkpoint import load_checkpoint
-from distlocal.engine.local import LocalExecutor
+from distlocal.engine.executor import make_executor
 from distlocal.engine.metrics import classification_metrics
-from distlocal.model import build_stages, resolve_device
 from distlocal.progress import progress
 
 __all__ = ["evaluate", "evaluate_checkpoint", "format_metrics"]
@@ -26,8 +25,7 @@ def evaluate(executor, records: list[SlideRecord], loader: SlideLoader, num_clas
     """Return {"stages": [metrics of stage 1 .. K], "probs": [...], "labels": [...], "slide_ids": [...]}."""
     labels = {r.slide_id: r.label for r in records}
     ids, per_stage = [], None
-    stream = ((r.slide_id, x) for r, x in loader.stream(records))
-    for slide_id, probs in progress(executor.evaluate(stream), total=len(records), desc=desc, leave=False):
+    for slide_id, probs in progress(executor.evaluate(records, loader), total=len(records), desc=desc, leave=False):
         per_stage = per_stage or [[] for _ in probs]
         for acc, p in zip(per_stage, probs, strict=True):
             acc.append(p)
@@ -59,7 +57,7 @@ def evaluate_checkpoint(checkpoint: str | Path, cfg: Config | None = None, split
     Evaluate a saved checkpoint on a manifest split; the model comes from the checkpoint, the data
     settings from `cfg` when given (so a model can be scored on another manifest).
     """
-    ckpt = load_checkpoint(checkpoint)
+    ckpt = load_checkpoint(checkpoint, stages=False)
     run_cfg = ckpt.config
     if cfg is not None:
         if cfg.model != run_cfg.model:
@@ -69,11 +67,13 @@ def evaluate_checkpoint(checkpoint: str | Path, cfg: Config | None = None, split
     records = manifest.split(split)
     if not records:
         raise ManifestError(f"manifest {manifest.path} has no slides with split={split}; nothing to evaluate")
-    stages = build_stages(run_cfg, len(ckpt.classes), resolve_device(run_cfg.train.device))
-    executor = LocalExecutor(stages)
-    executor.load_state_dicts(ckpt.stages)
-    loader = SlideLoader(run_cfg.data, train=False)
-    result = evaluate(executor, records, loader, len(ckpt.classes), desc=f"eval {split}")
+    executor = make_executor(run_cfg, len(ckpt.classes))  # through the Ray pipeline when the run used it
+    try:
+        executor.load_stages(ckpt.path)
+        loader = SlideLoader(run_cfg.data, train=False)
+        result = evaluate(executor, records, loader, len(ckpt.classes), desc=f"eval {split}")
+    finally:
+        executor.close()
     report = {"checkpoint": str(ckpt.path), "split": split, "slides": len(result["slide_ids"]),
               "skipped": [s.__dict__ for s in loader.skipped], "stages": result["stages"]}
     (ckpt.path / f"eval_{split}.json").write_text(json.dumps(report, indent=2))

@@ -7,9 +7,12 @@ This is the reference numerics; the Ray executor with one slide in flight must r
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 
 import torch
 
+from distlocal.data import SlideLoader, SlideRecord
+from distlocal.engine.checkpoint import stage_file
 from distlocal.model import EndToEnd, Stage
 
 __all__ = ["LocalExecutor"]
@@ -21,23 +24,24 @@ class LocalExecutor:
     def __init__(self, stages: list[Stage | EndToEnd]):
         self.stages = stages
 
-    def train(self, slides: Iterable[tuple[str, torch.Tensor, int]]) -> Iterator[tuple[str, list[dict]]]:
-        """For each (slide_id, x, label) yield (slide_id, one metrics dict per stage)."""
-        for slide_id, x, y in slides:
+    def train(self, records: Iterable[SlideRecord], loader: SlideLoader,
+              epoch: int) -> Iterator[tuple[str, list[dict]]]:
+        """For each slide, in order, (slide_id, one metrics dict per stage); loading runs ahead in threads."""
+        for record, x in loader.stream(records, epoch):
             metrics = []
             for stage in self.stages:
-                x, m = stage.train_step(x, y)
+                x, m = stage.train_step(x, record.label)
                 metrics.append(m)
-            yield slide_id, metrics
+            yield record.slide_id, metrics
 
-    def evaluate(self, slides: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, list[torch.Tensor]]]:
-        """For each (slide_id, x) yield (slide_id, class probabilities of every stage's classifier)."""
-        for slide_id, x in slides:
+    def evaluate(self, records: Iterable[SlideRecord], loader: SlideLoader) -> Iterator[tuple[str, list[torch.Tensor]]]:
+        """For each slide (slide_id, class probabilities of every stage's classifier), forward only."""
+        for record, x in loader.stream(records):
             probs = []
             for stage in self.stages:
                 x, p, _ = stage.eval_step(x)
                 probs.append(p)
-            yield slide_id, probs
+            yield record.slide_id, probs
 
     def end_epoch(self, metrics: list[float]) -> None:
         for stage, metric in zip(self.stages, metrics, strict=True):
@@ -49,6 +53,18 @@ class LocalExecutor:
     def load_state_dicts(self, states: list[dict]) -> None:
         for stage, state in zip(self.stages, states, strict=True):
             stage.load_state_dict(state)
+
+    def save_stages(self, directory: Path) -> None:
+        """Write one file per stage into a checkpoint folder, as the Ray actors do."""
+        for i, stage in enumerate(self.stages):
+            torch.save(stage.state_dict(), stage_file(directory, i))
+
+    def load_stages(self, directory: Path) -> None:
+        for i, stage in enumerate(self.stages):
+            stage.load_state_dict(torch.load(stage_file(directory, i), map_location="cpu", weights_only=True))
+
+    def stats(self) -> list[dict]:
+        return [{"steps": s.optim.steps, "rfr_clamped": s.rfr_clamped} for s in self.stages]
 
     def close(self) -> None:
         """Nothing to release in one process; the Ray executor stops its actors here."""

@@ -2,6 +2,9 @@
 The training loop: epochs of slides through the stages, validation, checkpoints, resume.
 
 load (or resume) -> for each epoch: train slides, validate, step lr schedules, save -> summary
+
+A stage that dies under the Ray executor sends the loop back to the last checkpoint: every stage reloads it
+and the slides since then are replayed in the same order with the same augmentation.
 """
 
 from __future__ import annotations
@@ -19,8 +22,9 @@ from distlocal.config import Config, save_config
 from distlocal.data import ManifestError, SlideLoader, read_manifest
 from distlocal.engine.checkpoint import load_checkpoint, save_checkpoint
 from distlocal.engine.evaluate import evaluate, format_metrics, monitored
-from distlocal.engine.local import LocalExecutor
-from distlocal.model import build_stages, resolve_device
+from distlocal.engine.executor import make_executor
+from distlocal.engine.faults import RunFailed, StageFailure
+from distlocal.model import resolve_device
 from distlocal.progress import progress
 
 __all__ = ["Trainer", "TrainState", "epoch_order"]
@@ -36,6 +40,7 @@ class TrainState:
     best: float = -math.inf
     best_epoch: int = -1
     history: list[dict] = field(default_factory=list)  # validation metrics per epoch
+    failures: list[dict] = field(default_factory=list)  # stage failures survived (Ray executor)
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
@@ -65,6 +70,12 @@ class _Window:
         return out
 
 
+def _chunks(records: list, size: int):
+    """Consecutive runs of `size` records (all of them when size is 0): checkpoints fall between runs."""
+    size = size or len(records) or 1
+    return [records[i:i + size] for i in range(0, len(records), size)]
+
+
 class Trainer:
     """Trains the stages of `cfg` on its manifest; `resume=True` continues from run_dir's last checkpoint."""
 
@@ -82,48 +93,58 @@ class Trainer:
             names = ", ".join(f"{r.slide_id} ({r.path})" for r in missing[:5])
             raise ManifestError(f"{len(missing)} slide file(s) of {self.manifest.path} are missing: {names}; "
                                     f"fix the paths or set data.on_error=skip to train without them")
-        self.device = resolve_device(cfg.train.device)
-        self.executor = LocalExecutor(build_stages(cfg, len(self.classes), self.device))
+        if cfg.train.executor == "local":
+            resolve_device(cfg.train.device)  # fail on a missing GPU before reading anything
         self.state = TrainState()
         if resume:
-            ckpt = load_checkpoint(self.ckpt_dir / "last")
-            self.executor.load_state_dicts(ckpt.stages)
-            self.state = TrainState(**ckpt.trainer)
+            ckpt = load_checkpoint(self.ckpt_dir / "last", stages=False)  # checks the folder before Ray starts
+        self.executor = make_executor(cfg, len(self.classes))
+        if resume:
+            self._restore(ckpt.path)
             log.info("resumed %s at epoch %d, slide %d", run_dir, self.state.epoch + 1, self.state.position)
         self.train_loader = SlideLoader(cfg.data, train=True, seed=cfg.train.seed)
         self.valid_loader = SlideLoader(cfg.data, train=False)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, self.run_dir / "config.yaml")
+        if not resume and cfg.train.executor == "ray":
+            self._save("last")  # a stage that dies before the first checkpoint restarts from here
+
+    def _restore(self, path: Path) -> None:
+        self.executor.load_stages(path)
+        failures = self.state.failures
+        self.state = TrainState(**load_checkpoint(path, stages=False).trainer)
+        self.state.failures = failures or self.state.failures
 
     def _log(self, record: dict) -> None:
         with (self.run_dir / "metrics.jsonl").open("a") as f:
             f.write(json.dumps(record) + "\n")
 
     def _save(self, name: str) -> None:
-        save_checkpoint(self.ckpt_dir / name, self.executor.state_dicts(), asdict(self.state), self.cfg, self.classes)
+        save_checkpoint(self.ckpt_dir / name, self.executor.save_stages, self.cfg.model.k, asdict(self.state),
+                        self.cfg, self.classes)
 
     def _train_epoch(self, epoch: int) -> bool:
         """Train the rest of `epoch`; return False when train.max_slides stopped the run."""
         t, order = self.cfg.train, epoch_order(len(self.train_set), self.cfg.train.seed, epoch)
         records = [self.train_set[i] for i in order[self.state.position:]]
         position_after = {r.slide_id: self.state.position + n + 1 for n, r in enumerate(records)}
-        stream = ((r.slide_id, x, r.label) for r, x in self.train_loader.stream(records, epoch))
         window, log_every = _Window(), max(1, t.accumulate)
         bar = progress(total=len(order), initial=self.state.position, desc=f"epoch {epoch + 1}/{t.epochs}",
                        unit="slide")
-        for slide_id, metrics in self.executor.train(stream):
-            self.state.position, self.state.slides_seen = position_after[slide_id], self.state.slides_seen + 1
-            window.add(metrics)
-            bar.update(self.state.position - bar.n)
-            bar.set_postfix(loss=f"{metrics[-1]['loss']:.3f}")
-            if self.state.slides_seen % log_every == 0:
-                self._log({"step": self.state.slides_seen, "epoch": epoch, **window.flush()})
-            steps = self.executor.stages[0].optim.steps
-            if t.checkpoint_every and metrics[0]["stepped"] and steps % t.checkpoint_every == 0:
+        # The pipeline drains between chunks, so every stage has seen exactly the same slides when it saves.
+        for chunk in _chunks(records, t.checkpoint_every * t.accumulate):
+            for slide_id, metrics in self.executor.train(chunk, self.train_loader, epoch):
+                self.state.position, self.state.slides_seen = position_after[slide_id], self.state.slides_seen + 1
+                window.add(metrics)
+                bar.update(self.state.position - bar.n)
+                bar.set_postfix(loss=f"{metrics[-1]['loss']:.3f}")
+                if self.state.slides_seen % log_every == 0:
+                    self._log({"step": self.state.slides_seen, "epoch": epoch, **window.flush()})
+                if t.max_slides and self.state.slides_seen >= t.max_slides:
+                    bar.close()
+                    return False
+            if t.checkpoint_every and self.state.position < len(order):
                 self._save("last")
-            if t.max_slides and self.state.slides_seen >= t.max_slides:
-                bar.close()
-                return False
         bar.close()
         return True
 
@@ -142,23 +163,47 @@ class Trainer:
             self.state.best, self.state.best_epoch = score, epoch + 1
             self._save("best")
 
+    def _loop(self) -> None:
+        while self.state.epoch < self.cfg.train.epochs:
+            try:
+                if not self._train_epoch(self.state.epoch):  # train.max_slides: keep the mid-epoch position
+                    self._save("last")
+                    return
+                self._validate(self.state.epoch)
+            except StageFailure as exc:
+                self._recover(exc)
+                continue
+            self.state.epoch, self.state.position = self.state.epoch + 1, 0
+            self._save("last")
+
+    def _recover(self, exc: Exception) -> None:
+        """Reload every stage from the last checkpoint and replay from there, at most train.max_restarts times."""
+        failure = {"epoch": self.state.epoch + 1, "slides_seen": self.state.slides_seen, "error": str(exc)}
+        self.state.failures.append(failure)
+        if len(self.state.failures) > self.cfg.train.max_restarts:
+            raise RunFailed(f"a stage failed {len(self.state.failures)} times, more than train.max_restarts="
+                            f"{self.cfg.train.max_restarts} (last: {exc}); the last good checkpoint is "
+                            f"{self.ckpt_dir / 'last'}: fix the cause and continue with --resume {self.run_dir}")
+        log.warning("stage failure (%s); reloading %s and replaying", exc, self.ckpt_dir / "last")
+        self.executor.recover(self.ckpt_dir / "last")
+        self._restore(self.ckpt_dir / "last")
+        log.warning("replaying from epoch %d, slide %d", self.state.epoch + 1, self.state.position)
+
     def fit(self) -> dict:
         """Run (or finish) the training; return a summary, also written to RUN_DIR/summary.json."""
         start = time.perf_counter()
-        while self.state.epoch < self.cfg.train.epochs:
-            if not self._train_epoch(self.state.epoch):  # train.max_slides: keep the mid-epoch position
-                self._save("last")
-                break
-            self._validate(self.state.epoch)
-            self.state.epoch, self.state.position = self.state.epoch + 1, 0
-            self._save("last")
+        try:
+            self._loop()
+            stats = self.executor.stats()
+        finally:
+            self.executor.close()  # stops the Ray actors and frees their placement group
         completed = self.state.epoch >= self.cfg.train.epochs
         # A bad slide is skipped again every epoch: report each once.
         skipped = list({s.slide_id: s for s in self.train_loader.skipped + self.valid_loader.skipped}.values())
         if skipped:
             names = ", ".join(s.slide_id for s in skipped)
             log.warning("%d slide(s) skipped (data.on_error=skip): %s", len(skipped), names)
-        clamped = [s.rfr_clamped for s in self.executor.stages]
+        clamped = [s["rfr_clamped"] for s in stats]
         if any(clamped):
             log.warning("RFR patch clamped on small slides, per stage: %s", clamped)
         summary = {
@@ -166,7 +211,7 @@ class Trainer:
             "slides_seen": self.state.slides_seen, "best_epoch": self.state.best_epoch,
             f"best_val_{self.cfg.train.monitor}": self.state.best,
             "last_val": self.state.history[-1]["stages"] if self.state.history else None,
-            "skipped": [asdict(s) for s in skipped], "rfr_clamped": clamped,
+            "skipped": [asdict(s) for s in skipped], "rfr_clamped": clamped, "failures": self.state.failures,
             "seconds": time.perf_counter() - start,
         }
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))

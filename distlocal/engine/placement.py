@@ -1,0 +1,83 @@
+"""
+Placing K stage actors on a Ray cluster: one bundle per stage, kept on one node unless asked otherwise.
+
+A run that cannot be placed must fail with what it asked for and what the cluster has, never hang.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import ray
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+
+from distlocal.config import TrainConfig
+from distlocal.engine.faults import ClusterError
+
+__all__ = ["connect", "place_stages", "stage_resources"]
+
+log = logging.getLogger(__name__)
+
+
+def connect() -> None:
+    """Join the cluster of `ray job submit` / RAY_ADDRESS, or start a local Ray on this machine."""
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    try:
+        ray.init(address=address or None, log_to_driver=True, configure_logging=False)
+    except ConnectionError as exc:
+        raise ClusterError(f"could not reach the Ray cluster at RAY_ADDRESS={address} ({exc}); start it with "
+                           f"`ray start --head` or unset RAY_ADDRESS to run on a local Ray") from None
+
+
+def _totals() -> tuple[float, float]:
+    total = ray.cluster_resources()
+    return total.get("CPU", 0.0), total.get("GPU", 0.0)
+
+
+def _nodes() -> str:
+    rows = []
+    for node in ray.nodes():
+        if node.get("Alive"):
+            res = node.get("Resources", {})
+            rows.append(f"{node.get('NodeManagerAddress', '?')}: {res.get('CPU', 0):g} CPU, {res.get('GPU', 0):g} GPU")
+    return "; ".join(rows) or "no live nodes"
+
+
+def stage_resources(cfg: TrainConfig, k: int) -> tuple[float, float]:
+    """(CPUs, GPUs) for each stage actor; checks at once that the cluster holds K of them in total."""
+    cpus, gpus = _totals()
+    per_gpu = cfg.gpus_per_stage
+    if per_gpu == -1:
+        per_gpu = 1.0 if gpus > 0 and cfg.device != "cpu" else 0.0
+    if cfg.device == "cpu":
+        per_gpu = 0.0
+    asked = f"{k} stages x ({cfg.cpus_per_stage:g} CPU, {per_gpu:g} GPU)"
+    if per_gpu * k > gpus + 1e-9:
+        fit = f"train.gpus_per_stage={gpus / k:.3g} to share them" if gpus else "train.device=cpu"
+        raise ClusterError(f"asked for {asked} = {per_gpu * k:g} GPUs, but the cluster has {gpus:g} GPUs "
+                           f"({_nodes()}); add GPUs, lower model.k, or set {fit}")
+    if cfg.cpus_per_stage * k > cpus + 1e-9:
+        raise ClusterError(f"asked for {asked} = {cfg.cpus_per_stage * k:g} CPUs, but the cluster has {cpus:g} "
+                           f"({_nodes()}); lower train.cpus_per_stage (e.g. {max(cpus // k, 0.1):g})")
+    return cfg.cpus_per_stage, per_gpu
+
+
+def place_stages(cfg: TrainConfig, k: int) -> tuple[PlacementGroup, float, float]:
+    """Reserve one bundle per stage; raise ClusterError if that does not happen within the timeout."""
+    cpus, gpus = stage_resources(cfg, k)
+    bundle = {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
+    group = placement_group([dict(bundle) for _ in range(k)], strategy=cfg.placement.upper())
+    ready, _ = ray.wait([group.ready()], timeout=cfg.placement_timeout_s)
+    if not ready:
+        remove_placement_group(group)
+        hint = ("set train.placement=spread to use several nodes, or " if cfg.placement == "strict_pack" else "")
+        raise ClusterError(
+            f"could not place {k} stages x {bundle} with train.placement={cfg.placement} within "
+            f"{cfg.placement_timeout_s:g} s; the cluster has {_nodes()}, and other jobs may hold part of it; "
+            f"{hint}lower train.gpus_per_stage / train.cpus_per_stage, or raise train.placement_timeout_s"
+        )
+    log.info("placed %d stages x %s (%s)", k, bundle, cfg.placement)
+    return group, cpus, gpus

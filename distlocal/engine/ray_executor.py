@@ -1,0 +1,181 @@
+"""
+The Ray executor: K stage actors training at once, each on a different slide (decoupled greedy learning).
+
+Per slide the driver chains stage_1 -> ... -> stage_K by handing each actor the ObjectRef the previous one
+returned (no ray.get between stages), and keeps at most `train.max_inflight` slides in flight. Slides load in Ray
+tasks ahead of the pipeline. The driver only ever fetches the small things: metrics and class probabilities.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
+from ray.util.placement_group import remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from distlocal.config import Config, DataConfig, config_to_dict
+from distlocal.data import SlideLoader, SlideRecord
+from distlocal.data.loader import SkippedSlide
+from distlocal.engine.actor import StageActor
+from distlocal.engine.faults import ClusterError, StageFailure
+from distlocal.engine.placement import connect, place_stages
+from distlocal.slides import SlideError
+
+__all__ = ["RayExecutor"]
+
+log = logging.getLogger(__name__)
+
+
+@ray.remote(num_returns=2, max_retries=2)
+def _load_slide(cfg: DataConfig, train: bool, seed: int, record: SlideRecord, epoch: int):
+    """(slide tensor, None), or (None, the problem) for a bad slide under data.on_error=skip."""
+    try:
+        return SlideLoader(cfg, train, seed).load(record, epoch), None
+    except SlideError as exc:
+        if cfg.on_error == "fail":
+            raise
+        return None, str(exc)
+
+
+def _fetch(refs, what: str):
+    """ray.get that turns a dead actor into StageFailure and a task's own error into that error."""
+    try:
+        return ray.get(refs)
+    except RayTaskError as exc:
+        cause = exc.cause
+        if isinstance(cause, RayError):
+            raise StageFailure(f"{what}: {cause}") from None
+        raise cause from None
+    except RayError as exc:  # RayActorError, ObjectLostError, OwnerDiedError, WorkerCrashedError, ...
+        raise StageFailure(f"{what}: {type(exc).__name__}: {exc}") from None
+
+
+class RayExecutor:
+    """Same interface as LocalExecutor; every stage lives in a Ray actor placed by a placement group."""
+
+    def __init__(self, cfg: Config, num_classes: int):
+        connect()
+        self.cfg, self.k = cfg, cfg.model.k
+        self.max_inflight = cfg.train.max_inflight or self.k + 1
+        self.group, cpus, gpus = place_stages(cfg.train, self.k)
+        actor_cls = ray.remote(StageActor)
+        config = config_to_dict(cfg)
+        self.actors = [
+            actor_cls.options(
+                num_cpus=cpus, num_gpus=gpus, max_restarts=cfg.train.max_restarts, max_task_retries=0,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=i),
+            ).remote(config, num_classes, i)
+            for i in range(self.k)
+        ]
+        self.info = _fetch([a.info.remote() for a in self.actors], "starting the stage actors")
+        for info in self.info:
+            log.info("stage %d on %s (pid %d): %s %s, GPU ids %s, activations %s", info["stage"], info["node"],
+                     info["pid"], info["device"], info["device_name"], info["gpu_ids"] or "-",
+                     info["activation_dtype"])
+        if cfg.train.transport == "nccl":
+            log.warning("train.transport=nccl is not available in this version; activations travel through "
+                        "Ray's object store (train.transport=object_store)")
+
+    # -- streaming ----------------------------------------------------------------------------------------------
+
+    def _slides(self, records: Iterable[SlideRecord], loader: SlideLoader, epoch: int) -> Iterator:
+        """(record, ObjectRef of its tensor) in order; loads run `data.prefetch` slides ahead of the pipeline."""
+        pending: deque = deque()
+        it = iter(records)
+
+        def submit() -> None:
+            record = next(it, None)
+            if record is not None:
+                pending.append((record, *_load_slide.remote(loader.cfg, loader.train, loader.seed, record, epoch)))
+
+        for _ in range(loader.cfg.prefetch + self.max_inflight):
+            submit()
+        while pending:
+            record, x, problem = pending.popleft()
+            problem = _fetch(problem, f"loading slide {record.slide_id}")
+            submit()
+            if problem is not None:
+                log.warning("skipping slide %s: %s", record.slide_id, problem)
+                loader.skipped.append(SkippedSlide(record.slide_id, str(record.path), problem))
+                continue
+            yield record, x
+
+    def _pipeline(self, method: str, slides: Iterator, args) -> Iterator[tuple[str, list]]:
+        inflight: deque = deque()
+        for record, x in slides:
+            outputs = []
+            for actor in self.actors:  # x stays an ObjectRef: stage i+1 starts as soon as stage i returns it
+                x, out = getattr(actor, method).remote(x, *args(record))
+                outputs.append(out)
+            inflight.append((record.slide_id, outputs))
+            if len(inflight) >= self.max_inflight:
+                slide_id, outputs = inflight.popleft()
+                yield slide_id, _fetch(outputs, f"slide {slide_id}")
+        while inflight:
+            slide_id, outputs = inflight.popleft()
+            yield slide_id, _fetch(outputs, f"slide {slide_id}")
+
+    def train(self, records: Iterable[SlideRecord], loader: SlideLoader,
+              epoch: int) -> Iterator[tuple[str, list[dict]]]:
+        """For each slide, in order, (slide_id, one metrics dict per stage); stages overlap on different slides."""
+        return self._pipeline("train_step", self._slides(records, loader, epoch),
+                              lambda r: (r.label, r.slide_id))
+
+    def evaluate(self, records: Iterable[SlideRecord], loader: SlideLoader) -> Iterator[tuple[str, list]]:
+        """For each slide (slide_id, class probabilities of every stage's classifier), forward only."""
+        return self._pipeline("eval_step", self._slides(records, loader, 0), lambda r: (r.slide_id,))
+
+    # -- state --------------------------------------------------------------------------------------------------
+
+    def _all(self, method: str, *args, what: str) -> list:
+        return _fetch([getattr(a, method).remote(*args) for a in self.actors], what)
+
+    def end_epoch(self, metrics: list[float]) -> None:
+        _fetch([a.end_epoch.remote(m) for a, m in zip(self.actors, metrics, strict=True)], "ending the epoch")
+
+    def save_stages(self, directory: Path) -> None:
+        """Each actor writes its own stage file into `directory` (on storage every node can reach)."""
+        self._all("save", str(directory), what=f"saving a checkpoint to {directory}")
+
+    def load_stages(self, directory: Path) -> None:
+        self._all("load", str(directory), what=f"loading the checkpoint {directory}")
+
+    def state_dicts(self) -> list[dict]:
+        return self._all("state_dict", what="collecting the stages' state")
+
+    def stats(self) -> list[dict]:
+        return self._all("stats", what="collecting the stages' counters")
+
+    def traces(self) -> list[list[tuple[str, str, float, float]]]:
+        """Per stage, (kind, slide_id, start, end) of the work done since the last call."""
+        return self._all("pop_trace", what="collecting the stages' traces")
+
+    def recover(self, directory: Path, timeout_s: float = 60.0) -> None:
+        """After a StageFailure: wait for Ray to restart the dead actors, then reload every stage from `directory`."""
+        deadline = time.monotonic() + timeout_s
+        for i, actor in enumerate(self.actors):
+            while True:  # a restarting actor queues the ping; one that is dead for good keeps failing it
+                try:
+                    ray.get(actor.ping.remote(), timeout=max(1.0, deadline - time.monotonic()))
+                    break
+                except (RayActorError, GetTimeoutError) as exc:
+                    if time.monotonic() > deadline:
+                        raise ClusterError(
+                            f"stage {i + 1} did not come back within {timeout_s:g} s ({type(exc).__name__}); Ray "
+                            f"restarts an actor at most train.max_restarts={self.cfg.train.max_restarts} times"
+                        ) from None
+                    time.sleep(0.5)
+        self.load_stages(directory)
+        self.info = self._all("info", what="restarting the stage actors")
+
+    def close(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)
+        remove_placement_group(self.group)
+

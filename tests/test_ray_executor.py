@@ -1,0 +1,131 @@
+"""The Ray executor on a real local Ray: parity with the local executor, overlap, faults, placement errors."""
+
+import json
+import os
+import signal
+import threading
+import time
+
+import pytest
+import ray
+import torch
+
+from distlocal.config import load_config
+from distlocal.data import SlideLoader, read_manifest
+from distlocal.engine.faults import ClusterError
+from distlocal.engine.local import LocalExecutor
+from distlocal.engine.ray_executor import RayExecutor
+from distlocal.engine.trainer import Trainer
+from distlocal.model import build_stages
+from distlocal.slides import write_synthetic_dataset
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A real single-node Ray with 6 logical CPUs and no GPU, torn down after the module."""
+    os.environ.pop("RAY_ADDRESS", None)
+    ray.init(num_cpus=6, num_gpus=0, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory):
+    """Twelve small two-class synthetic slides with train/valid/test splits."""
+    return write_synthetic_dataset(tmp_path_factory.mktemp("slides"), slides=12, classes=2, size=(96, 96), seed=1)
+
+
+def _cfg(manifest, tmp_path, *overrides):
+    return load_config(None, [
+        f"data.manifest={manifest}", f"run.dir={tmp_path}", "train.device=cpu", "train.executor=ray",
+        "model.backbone=resnet18", "model.k=2", "model.split=balanced", "train.epochs=1", "train.accumulate=2",
+        "model.rfr.patch_size=16", "train.lr_backbone=1e-3", "train.lr_aux=1e-3", "tracking.enabled=false",
+        "train.placement_timeout_s=20", *overrides])
+
+
+def _train_records(cfg):
+    return read_manifest(cfg.data.manifest).split("train")
+
+
+@pytest.mark.parametrize("k", [2, 4])
+def test_one_slide_in_flight_matches_the_local_executor(local_ray, manifest, tmp_path, k):
+    """With max_inflight 1 the actors end with the same parameters as the single-process executor."""
+    cfg = _cfg(manifest, tmp_path, f"model.k={k}", "train.max_inflight=1")
+    records = _train_records(cfg)
+    local = LocalExecutor(build_stages(cfg, 2, "cpu"))
+    local_metrics = [m for _, m in local.train(records, SlideLoader(cfg.data, True, cfg.train.seed), 0)]
+    remote = RayExecutor(cfg, 2)
+    try:
+        remote_metrics = [m for _, m in remote.train(records, SlideLoader(cfg.data, True, cfg.train.seed), 0)]
+        remote_states = remote.state_dicts()
+    finally:
+        remote.close()
+    assert [m[-1]["loss"] for m in remote_metrics] == pytest.approx([m[-1]["loss"] for m in local_metrics], rel=1e-4)
+    for ours, theirs in zip(remote_states, local.state_dicts(), strict=True):
+        assert ours["optim"]["steps"] == theirs["optim"]["steps"] > 0
+        for name, tensor in theirs["modules"].items():
+            torch.testing.assert_close(ours["modules"][name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_stages_work_on_different_slides_at_once(local_ray, manifest, tmp_path):
+    """With slides in flight, stage 1 trains on slide n+1 while stage 2 trains on slide n (actor traces)."""
+    cfg = _cfg(manifest, tmp_path, "train.max_inflight=3")
+    records = _train_records(cfg)
+    executor = RayExecutor(cfg, 2)
+    try:
+        order = [slide_id for slide_id, _ in executor.train(records, SlideLoader(cfg.data, True, 0), 0)]
+        first, second = executor.traces()
+    finally:
+        executor.close()
+    assert order == [r.slide_id for r in records]  # results come back in slide order
+    spans1 = {slide: (start, end) for _, slide, start, end in first}
+    spans2 = {slide: (start, end) for _, slide, start, end in second}
+    overlaps = [n for n in range(len(order) - 1)
+                if spans1[order[n + 1]][0] < spans2[order[n]][1] and spans2[order[n]][0] < spans1[order[n + 1]][1]]
+    assert overlaps, f"no overlap of stage 1 on slide n+1 with stage 2 on slide n: {spans1} {spans2}"
+
+
+def test_killed_stage_restarts_and_the_run_completes(local_ray, manifest, tmp_path):
+    """SIGKILL of a stage actor mid-epoch: Ray restarts it, every stage reloads, the run finishes and says so."""
+    cfg = _cfg(manifest, tmp_path, "train.epochs=3", "train.checkpoint_every=1", "train.max_inflight=2")
+    trainer = Trainer(cfg, tmp_path / "run")
+    victim = trainer.executor.info[1]["pid"]
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(trainer.fit()))
+    thread.start()
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 2) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.kill(victim, signal.SIGKILL)
+    thread.join(timeout=300)
+    assert not thread.is_alive()
+    assert result["completed"]
+    assert len(result["failures"]) == 1
+    assert "stage" in result["failures"][0]["error"].lower() or "actor" in result["failures"][0]["error"].lower()
+    assert result["slides_seen"] == 3 * len(_train_records(cfg))  # replayed from the checkpoint, none lost
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["failures"] == result["failures"]
+
+
+def test_more_gpus_than_the_cluster_has_fails_at_once(local_ray, manifest, tmp_path):
+    """Asking for GPUs on a CPU-only cluster fails fast, naming what was asked and what exists."""
+    cfg = _cfg(manifest, tmp_path, "train.device=auto", "train.gpus_per_stage=1")
+    start = time.monotonic()
+    with pytest.raises(ClusterError, match=r"asked for 2 stages x \(1 CPU, 1 GPU\) = 2 GPUs.*has 0 GPUs"):
+        RayExecutor(cfg, 2)
+    assert time.monotonic() - start < 10
+
+
+def test_unplaceable_stages_fail_within_the_timeout(local_ray, manifest, tmp_path):
+    """When other work holds the CPUs, placement gives up after train.placement_timeout_s with a clear message."""
+    hog = ray.util.placement_group([{"CPU": 5}])
+    ray.get(hog.ready())
+    try:
+        cfg = _cfg(manifest, tmp_path, "train.placement_timeout_s=2")
+        start = time.monotonic()
+        with pytest.raises(ClusterError, match=r"could not place 2 stages.*within 2 s"):
+            RayExecutor(cfg, 2)
+        assert time.monotonic() - start < 15
+    finally:
+        ray.util.remove_placement_group(hog)
