@@ -43,7 +43,8 @@ class RFRConfig:
 class ModelConfig:
     backbone: str = "resnet34"  # resnet18 | resnet34 | resnet50
     k: int = 4  # number of gradient-isolated stages, 1 .. residual blocks of the backbone
-    split: str = "reference"  # reference (paper's K=4/K=8 units) | balanced (equal block counts)
+    split: str = "reference"  # reference (paper's K=4/K=8 units) | balanced (equal block counts) | auto (profiled)
+    blocks_per_stage: list[int] = field(default_factory=list)  # explicit cut, e.g. [2, 3, 5, 6]; split=auto fills it
     mode: str = "local"  # local (locally supervised stages) | e2e (ordinary backprop baseline)
     pretrained: str = "none"  # imagenet (torchvision weights, downloaded once) | none (random init)
     weights: str = ""  # path to a local backbone state dict; overrides `pretrained`
@@ -118,7 +119,7 @@ class Config:
 
 _CHOICES = {
     "model.backbone": tuple(BACKBONE_BLOCKS),
-    "model.split": ("reference", "balanced"),
+    "model.split": ("reference", "balanced", "auto"),
     "model.mode": ("local", "e2e"),
     "model.pretrained": ("imagenet", "none"),
     "train.executor": ("local", "ray"),
@@ -198,6 +199,10 @@ def _validate(cfg: Config) -> None:
             f"model.split=reference is the paper's split, defined for resnet34 at K=4 or K=8 only "
             f"(got {m.backbone}, K={m.k}); set model.split=balanced"
         )
+    if m.blocks_per_stage and (len(m.blocks_per_stage) != m.k or min(m.blocks_per_stage) < 1
+                               or sum(m.blocks_per_stage) != blocks):
+        raise ConfigError(f"model.blocks_per_stage={m.blocks_per_stage} must be K={m.k} positive counts summing to "
+                          f"{m.backbone}'s {blocks} residual blocks; or leave it empty to derive it from model.split")
     if m.aux_kernels and (len(m.aux_kernels) != m.k or min(m.aux_kernels) < 1):
         raise ConfigError(f"model.aux_kernels={m.aux_kernels} needs K={m.k} positive kernels (A_1..A_{m.k - 1}, H); "
                           f"or leave it empty for the reference kernels")

@@ -20,6 +20,7 @@ import numpy as np
 
 from distlocal.config import Config, save_config
 from distlocal.data import ManifestError, SlideLoader, read_manifest
+from distlocal.engine.autosplit import resolve_auto_split
 from distlocal.engine.checkpoint import load_checkpoint, save_checkpoint
 from distlocal.engine.evaluate import evaluate, format_metrics, monitored
 from distlocal.engine.executor import make_executor
@@ -64,6 +65,8 @@ class _Window:
             for key, name in (("loss_cls", "loss_cls"), ("loss_rec", "loss_rec"), ("correct", "acc"),
                               ("step_s", "step_s")):
                 out[f"stage{i + 1}/{name}"] = float(np.mean([m[key] for m in stage]))
+            if "wait_s" in stage[0]:  # Ray: time the actor sat idle waiting for its input
+                out[f"stage{i + 1}/wait_s"] = float(np.mean([m["wait_s"] for m in stage]))
             out[f"stage{i + 1}/lr"] = stage[-1]["lr"]
             out[f"stage{i + 1}/peak_mem_mb"] = max(m["peak_mem_mb"] for m in stage)
         self.rows = []
@@ -95,6 +98,11 @@ class Trainer:
                                     f"fix the paths or set data.on_error=skip to train without them")
         if cfg.train.executor == "local":
             resolve_device(cfg.train.device)  # fail on a missing GPU before reading anything
+        self.train_loader = SlideLoader(cfg.data, train=True, seed=cfg.train.seed)
+        self.valid_loader = SlideLoader(cfg.data, train=False)
+        if cfg.model.split == "auto" and not resume:  # a resumed run keeps the cut its config records
+            sample = self.valid_loader.load(self.train_set[0])
+            self.cfg = cfg = resolve_auto_split(cfg, len(self.classes), sample)
         self.state = TrainState()
         if resume:
             ckpt = load_checkpoint(self.ckpt_dir / "last", stages=False)  # checks the folder before Ray starts
@@ -102,8 +110,6 @@ class Trainer:
         if resume:
             self._restore(ckpt.path)
             log.info("resumed %s at epoch %d, slide %d", run_dir, self.state.epoch + 1, self.state.position)
-        self.train_loader = SlideLoader(cfg.data, train=True, seed=cfg.train.seed)
-        self.valid_loader = SlideLoader(cfg.data, train=False)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, self.run_dir / "config.yaml")
         if not resume and cfg.train.executor == "ray":

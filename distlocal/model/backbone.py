@@ -110,7 +110,10 @@ def _block_channels(block: nn.Module) -> int:
     return (block.conv3 if hasattr(block, "conv3") else block.conv2).out_channels
 
 
-def _groups(n_blocks: int, k: int, split: str) -> list[list[int]]:
+def _groups(n_blocks: int, k: int, split: str, sizes: list[int] | None) -> list[list[int]]:
+    if sizes:  # an explicit cut (model.blocks_per_stage, e.g. chosen by split=auto)
+        starts = [sum(sizes[:i]) for i in range(k)]
+        return [list(range(s, s + n)) for s, n in zip(starts, sizes, strict=True)]
     if split == "reference":
         g = len(REFERENCE_UNITS) // k
         return [functools.reduce(operator.iadd, REFERENCE_UNITS[i * g:(i + 1) * g], []) for i in range(k)]
@@ -120,12 +123,15 @@ def _groups(n_blocks: int, k: int, split: str) -> list[list[int]]:
     return [list(range(s, s + n)) for s, n in zip(starts, sizes, strict=True)]
 
 
-def split_backbone(backbone: Backbone, k: int, split: str) -> list[StageSpec]:
-    """Group the residual blocks into K contiguous stages and describe each one."""
+def split_backbone(backbone: Backbone, k: int, split: str, sizes: list[int] | None = None) -> list[StageSpec]:
+    """Group the residual blocks into K contiguous stages (`sizes` blocks each when given) and describe each one."""
     n = len(backbone.blocks)
     if not 1 <= k <= n:
         raise ConfigError(f"model.k={k} must be between 1 and the backbone's {n} residual blocks")
-    groups = _groups(n, k, split)
+    if split == "auto" and not sizes:
+        raise ConfigError("model.split=auto needs the profiled cut in model.blocks_per_stage; the trainer fills it "
+                          "in (distlocal train), or set model.blocks_per_stage yourself")
+    groups = _groups(n, k, split, sizes)
     if any(not g for g in groups):
         raise ConfigError(f"model.split={split} with K={k} would give empty stages; lower model.k")
     specs, channels, stride = [], backbone.stem_channels, backbone.stem_stride

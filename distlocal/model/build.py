@@ -46,7 +46,7 @@ def _aux_models(cfg: Config, backbone: Backbone, spec: StageSpec, num_classes: i
 def _backbone(cfg: Config) -> tuple[Backbone, list[StageSpec]]:
     torch.manual_seed(cfg.train.seed)
     backbone = build_backbone(cfg.model)
-    return backbone, split_backbone(backbone, cfg.model.k, cfg.model.split)
+    return backbone, split_backbone(backbone, cfg.model.k, cfg.model.split, cfg.model.blocks_per_stage)
 
 
 def _make(cfg: Config, backbone: Backbone, specs: list[StageSpec], index: int, num_classes: int, device):

@@ -1,0 +1,52 @@
+"""Resolve model.split=auto before the stages are built: profile on the hardware the stages will use."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import torch
+
+from distlocal.config import Config
+from distlocal.model import resolve_device
+from distlocal.model.balance import best_split, profile_blocks
+
+__all__ = ["resolve_auto_split"]
+
+log = logging.getLogger(__name__)
+
+
+def _profile_remote(cfg: Config, num_classes: int, slide: torch.Tensor):
+    """Profile inside a Ray task with a stage's resources, so GPU clusters profile on a GPU, not on the driver."""
+    import ray
+
+    from distlocal.engine.placement import connect, stage_resources
+
+    connect()
+    cpus, gpus = stage_resources(cfg.train, cfg.model.k)
+
+    def run(cfg, num_classes, slide):
+        torch.set_num_threads(max(1, int(cpus)))
+        device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
+        return profile_blocks(cfg, num_classes, slide, device)
+
+    return ray.get(ray.remote(run).options(num_cpus=cpus, num_gpus=gpus).remote(cfg, num_classes, slide))
+
+
+def resolve_auto_split(cfg: Config, num_classes: int, slide: torch.Tensor) -> Config:
+    """A copy of `cfg` whose model.blocks_per_stage is the profiled best cut (unchanged unless split=auto)."""
+    if cfg.model.split != "auto" or cfg.model.blocks_per_stage:
+        return cfg
+    if cfg.train.executor == "ray":
+        costs = _profile_remote(cfg, num_classes, slide)
+    else:
+        costs = profile_blocks(cfg, num_classes, slide, resolve_device(cfg.train.device))
+    sizes, stage_costs = best_split(costs, cfg.model.k)
+    rows = [f"block {c.block:2d}: {c.seconds * 1e3:8.1f} ms  classifier {c.classifier_seconds * 1e3:7.1f} ms  "
+            f"peak {c.memory_mb:7.0f} MiB" for c in costs]
+    total = sum(c.seconds for c in costs) + sum(costs[sum(sizes[:i + 1]) - 1].classifier_seconds
+                                                for i in range(len(sizes)))
+    log.info("model.split=auto on a %s slide:\n%s\nchosen blocks per stage %s; stage costs %s ms; ideal speed-up "
+             "%.2fx", "x".join(map(str, slide.shape[-2:])), "\n".join(rows), sizes,
+             [round(c * 1e3, 1) for c in stage_costs], total / max(stage_costs))
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, blocks_per_stage=sizes))

@@ -1,0 +1,58 @@
+"""model.split=auto: the profiled cut minimises the slowest stage and is recorded in the run's config."""
+
+import itertools
+import random
+
+import pytest
+
+from distlocal.config import ConfigError, load_config
+from distlocal.engine.trainer import Trainer
+from distlocal.model.balance import BlockCost, best_split
+from distlocal.slides import write_synthetic_dataset
+
+
+def _costs(seconds, classifier=0.0):
+    return [BlockCost(i, s, classifier, 0.0) for i, s in enumerate(seconds)]
+
+
+def test_best_split_moves_a_heavy_block_into_its_own_stage():
+    """One slow block gets a stage of its own; the cheap blocks share the other."""
+    sizes, stage_costs = best_split(_costs([1, 1, 1, 1, 4]), 2)
+    assert sizes == [4, 1]
+    assert stage_costs == [4, 4]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_best_split_equals_brute_force(seed):
+    """The dynamic programme finds the same slowest-stage cost as trying every contiguous cut."""
+    rng = random.Random(seed)
+    costs = [BlockCost(i, rng.uniform(0.1, 3), rng.uniform(0, 1), 0.0) for i in range(8)]
+    sizes, stage_costs = best_split(costs, 3)
+    brute = min(
+        max(sum(c.seconds for c in costs[a:b]) + costs[b - 1].classifier_seconds
+            for a, b in zip((0, *cuts), (*cuts, 8), strict=True))
+        for cuts in itertools.combinations(range(1, 8), 2)
+    )
+    assert max(stage_costs) == pytest.approx(brute)
+    assert sum(sizes) == 8
+    assert len(sizes) == 3
+
+
+def test_explicit_cut_must_cover_the_backbone():
+    """A hand-written cut that does not add up to the backbone's blocks names the key and the count."""
+    with pytest.raises(ConfigError, match=r"model\.blocks_per_stage=\[2, 2\].*resnet18's 8 residual blocks"):
+        load_config(None, ["model.backbone=resnet18", "model.k=2", "model.split=auto", "model.blocks_per_stage=[2,2]"])
+
+
+def test_trainer_profiles_and_records_the_cut(tmp_path, caplog):
+    """A split=auto run profiles on a real slide, logs the costs, and writes the cut into its config."""
+    manifest = write_synthetic_dataset(tmp_path / "slides", slides=4, classes=2, size=(96, 96), seed=0)
+    cfg = load_config(None, [f"data.manifest={manifest}", "train.device=cpu", "model.backbone=resnet18", "model.k=3",
+                             "model.split=auto", "train.epochs=1", "model.rfr.patch_size=16", "tracking.enabled=false"])
+    caplog.set_level("INFO")
+    trainer = Trainer(cfg, tmp_path / "run")
+    sizes = load_config(tmp_path / "run" / "config.yaml").model.blocks_per_stage
+    assert len(sizes) == 3
+    assert sum(sizes) == 8
+    assert [len(s.spec.blocks) for s in trainer.executor.stages] == sizes
+    assert "chosen blocks per stage" in caplog.text
