@@ -20,6 +20,7 @@ COMMANDS = {
     "synth": ("synth", "write synthetic pyramidal TIFF slides and their manifest"),
     "train": ("train", "train the stages (or the end-to-end baseline) on a manifest"),
     "eval": ("evaluate", "evaluate a checkpoint's classifiers H and A_i on a split"),
+    "bench": ("bench", "measure: pipeline (Ray against local slides/s, stage busy fractions, ideal bound)"),
 }
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import distlocal.engine  # noqa: F401  (sets Ray's environment before any test module imports ray)
 from distlocal.config import load_config
 
 

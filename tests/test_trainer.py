@@ -78,6 +78,19 @@ def test_train_and_eval_commands(manifest, tmp_path, capsys):
     assert main(["train", str(config)]) == 2  # the run folder exists: told to --resume instead
 
 
+def test_cli_resume_finishes_a_stopped_run(manifest, tmp_path, capsys):
+    """`distlocal train --resume RUN_DIR` continues a run stopped mid-epoch and completes it."""
+    config = tmp_path / "c.yaml"
+    save_config(_cfg(manifest, tmp_path, "run.name=r", "train.max_slides=3"), config)
+    assert main(["train", str(config)]) == 0
+    capsys.readouterr()
+    assert main(["train", "--resume", str(tmp_path / "r"), "--set", "train.max_slides=0"]) == 0
+    summary = json.loads(capsys.readouterr().out.split("\nrun folder:")[0])
+    assert summary["completed"]
+    assert summary["slides_seen"] == sum(1 for r in csv.DictReader(manifest.open()) if r["split"] == "train")
+    assert main(["train", "--resume", str(tmp_path / "nowhere")]) == 2  # no run there: a one-line error
+
+
 def test_end_to_end_mode_trains(manifest, tmp_path):
     """model.mode=e2e trains the baseline through the same loop."""
     summary = Trainer(_cfg(manifest, tmp_path, "model.mode=e2e", "model.k=1"), tmp_path / "e2e").fit()

@@ -26,7 +26,9 @@ def connect() -> None:
         return
     address = os.environ.get("RAY_ADDRESS")
     try:
-        ray.init(address=address or None, log_to_driver=True, configure_logging=False)
+        # A local Ray started here skips the dashboard: on a laptop its agents take CPU from the stages.
+        ray.init(address=address or None, log_to_driver=True, configure_logging=False,
+                 **({} if address else {"include_dashboard": False}))
     except ConnectionError as exc:
         raise ClusterError(f"could not reach the Ray cluster at RAY_ADDRESS={address} ({exc}); start it with "
                            f"`ray start --head` or unset RAY_ADDRESS to run on a local Ray") from None

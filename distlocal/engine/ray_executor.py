@@ -32,7 +32,9 @@ __all__ = ["RayExecutor"]
 log = logging.getLogger(__name__)
 
 
-@ray.remote(num_returns=2, max_retries=2)
+# num_cpus=0: the stages' placement group may hold every CPU Ray knows of, and a load that waits for a CPU would
+# stall the pipeline for ever. The driver already bounds how many loads run at once (data.prefetch + in flight).
+@ray.remote(num_returns=2, max_retries=2, num_cpus=0)
 def _load_slide(cfg: DataConfig, train: bool, seed: int, record: SlideRecord, epoch: int):
     """(slide tensor, None), or (None, the problem) for a bad slide under data.on_error=skip."""
     try:
@@ -75,7 +77,7 @@ class RayExecutor:
         ]
         self.info = _fetch([a.info.remote() for a in self.actors], "starting the stage actors")
         for info in self.info:
-            log.info("stage %d on %s (pid %d): %s %s, GPU ids %s, activations %s", info["stage"], info["node"],
+            log.info("stage %d on %s (pid %d): %s (%s), GPU ids %s, activations %s", info["stage"], info["node"],
                      info["pid"], info["device"], info["device_name"], info["gpu_ids"] or "-",
                      info["activation_dtype"])
         if cfg.train.transport == "nccl":

@@ -1,0 +1,1 @@
+"""Benchmarks behind `distlocal bench ...`: measurements for BENCHMARKS.md, never run as timed tests."""
