@@ -73,7 +73,7 @@ class TrainConfig:
     max_slides: int = 0  # stop (and checkpoint) after this many training slides; 0: no limit
     device: str = "auto"  # auto (cuda if present) | cpu | cuda | cuda:N
     activation_dtype: str = "auto"  # ray executor: dtype of activations between stages: auto | fp32 | bf16
-    transport: str = "object_store"  # ray executor: object_store | nccl (GPU to GPU; falls back when impossible)
+    transport: str = "object_store"  # ray executor: object_store | nccl (GPU-GPU) | gloo (CPU); else falls back
     gpus_per_stage: float = -1.0  # ray executor: GPUs per stage actor; -1: 1 when the cluster has GPUs, else 0
     cpus_per_stage: float = 1.0  # ray executor: CPUs per stage actor (also its torch threads)
     placement: str = "strict_pack"  # ray executor: strict_pack (one node) | pack | spread (across nodes)
@@ -127,7 +127,7 @@ _CHOICES = {
     "train.precision": ("fp32", "bf16"),
     "train.monitor": ("acc", "balanced_acc", "auroc"),
     "train.activation_dtype": ("auto", "fp32", "bf16"),
-    "train.transport": ("object_store", "nccl"),
+    "train.transport": ("object_store", "nccl", "gloo"),
     "data.on_error": ("fail", "skip"),
 }
 

@@ -47,14 +47,15 @@ def _train_records(cfg):
     return read_manifest(cfg.data.manifest).split("train")
 
 
-@pytest.mark.parametrize("k", [2, 4])
-def test_one_slide_in_flight_matches_the_local_executor(local_ray, manifest, tmp_path, k):
+@pytest.mark.parametrize(("k", "transport"), [(2, "object_store"), (4, "object_store"), (3, "gloo")])
+def test_one_slide_in_flight_matches_the_local_executor(local_ray, manifest, tmp_path, k, transport):
     """With max_inflight 1 the actors end with the same parameters as the single-process executor."""
-    cfg = _cfg(manifest, tmp_path, f"model.k={k}", "train.max_inflight=1")
+    cfg = _cfg(manifest, tmp_path, f"model.k={k}", "train.max_inflight=1", f"train.transport={transport}")
     records = _train_records(cfg)
     local = LocalExecutor(build_stages(cfg, 2, "cpu"))
     local_metrics = [m for _, m in local.train(records, SlideLoader(cfg.data, True, cfg.train.seed), 0)]
     remote = RayExecutor(cfg, 2)
+    assert remote.transport == (None if transport == "object_store" else transport)
     try:
         remote_metrics = [m for _, m in remote.train(records, SlideLoader(cfg.data, True, cfg.train.seed), 0)]
         remote_states = remote.state_dicts()
@@ -115,6 +116,18 @@ def test_more_gpus_than_the_cluster_has_fails_at_once(local_ray, manifest, tmp_p
     with pytest.raises(ClusterError, match=r"asked for 2 stages x \(1 CPU, 1 GPU\) = 2 GPUs.*has 0 GPUs"):
         RayExecutor(cfg, 2)
     assert time.monotonic() - start < 10
+
+
+def test_nccl_without_gpus_says_so_and_falls_back(local_ray, manifest, tmp_path, caplog):
+    """train.transport=nccl on CPU stages warns and uses the object store, and training still works."""
+    cfg = _cfg(manifest, tmp_path, "train.transport=nccl")
+    executor = RayExecutor(cfg, 2)
+    try:
+        assert executor.transport is None
+        assert "train.transport=nccl needs every stage on a GPU" in caplog.text
+        assert len(list(executor.train(_train_records(cfg)[:2], SlideLoader(cfg.data, True, 0), 0))) == 2
+    finally:
+        executor.close()
 
 
 def test_unplaceable_stages_fail_within_the_timeout(local_ray, manifest, tmp_path):

@@ -37,6 +37,7 @@ class StageActor:
         self.activation_dtype = torch.bfloat16 if bf16 else torch.float32
         self.trace: list[tuple[str, str, float, float]] = []  # (kind, slide_id, start, end), wall clock
         self.idle_since = time.time()
+        self.results: dict[str, dict | torch.Tensor] = {}  # direct transport: results awaiting pop_result
 
     def info(self) -> dict:
         """Where this stage runs: reported in the run's log."""
@@ -67,6 +68,33 @@ class StageActor:
         metrics.update(wait_s=waited, steps=float(self.stage.optim.steps))
         self._end("train", slide_id, start)
         return sent, metrics
+
+    # Direct transport (train.transport nccl / gloo): Ray hands the returned tensor straight to the next actor
+    # through a collective group instead of the object store. Such methods may return one value only, so the
+    # metrics wait here for pop_result, which the driver calls right after.
+    def _direct(self, method: str, x: torch.Tensor, *args) -> torch.Tensor | None:
+        sent, result = getattr(self, method)(x, *args)
+        self.results[args[-1]] = result
+        return sent
+
+    @ray.method(tensor_transport="nccl")
+    def train_step_nccl(self, x, y, slide_id):
+        return self._direct("train_step", x, y, slide_id)
+
+    @ray.method(tensor_transport="gloo")
+    def train_step_gloo(self, x, y, slide_id):
+        return self._direct("train_step", x, y, slide_id)
+
+    @ray.method(tensor_transport="nccl")
+    def eval_step_nccl(self, x, slide_id):
+        return self._direct("eval_step", x, slide_id)
+
+    @ray.method(tensor_transport="gloo")
+    def eval_step_gloo(self, x, slide_id):
+        return self._direct("eval_step", x, slide_id)
+
+    def pop_result(self, slide_id: str):
+        return self.results.pop(slide_id)
 
     @ray.method(num_returns=2)
     def eval_step(self, x: torch.Tensor, slide_id: str):

@@ -80,9 +80,29 @@ class RayExecutor:
             log.info("stage %d on %s (pid %d): %s (%s), GPU ids %s, activations %s", info["stage"], info["node"],
                      info["pid"], info["device"], info["device_name"], info["gpu_ids"] or "-",
                      info["activation_dtype"])
-        if cfg.train.transport == "nccl":
-            log.warning("train.transport=nccl is not available in this version; activations travel through "
-                        "Ray's object store (train.transport=object_store)")
+        self.transport = self._direct_transport(cfg.train.transport)
+
+    def _direct_transport(self, asked: str) -> str | None:
+        """Direct transport to use: nccl (all stages on GPUs) or gloo (all on CPUs) via a collective group; or None."""
+        if asked == "object_store":
+            return None
+        devices = [i["device"] for i in self.info]
+        wanted = "cuda" if asked == "nccl" else "cpu"
+        if any(not d.startswith(wanted) for d in devices):
+            log.warning("train.transport=%s needs every stage on %s, but the stages run on %s; activations go "
+                        "through Ray's object store instead", asked, "a GPU" if asked == "nccl" else "the CPU",
+                        ", ".join(devices))
+            return None
+        from ray.experimental.collective import create_collective_group
+
+        try:
+            create_collective_group(self.actors, backend="nccl" if asked == "nccl" else "torch_gloo")
+        except Exception as exc:  # a missing NCCL build, a firewall between nodes, ...
+            log.warning("train.transport=%s: could not create the collective group (%s); activations go through "
+                        "Ray's object store instead", asked, exc)
+            return None
+        log.info("activations travel stage to stage over %s (Ray direct transport)", asked)
+        return asked
 
     # -- streaming ----------------------------------------------------------------------------------------------
 
@@ -112,8 +132,12 @@ class RayExecutor:
         inflight: deque = deque()
         for record, x in slides:
             outputs = []
-            for actor in self.actors:  # x stays an ObjectRef: stage i+1 starts as soon as stage i returns it
-                x, out = getattr(actor, method).remote(x, *args(record))
+            for i, actor in enumerate(self.actors):  # x stays an ObjectRef: stage i+1 starts once stage i returns it
+                if self.transport and i < self.k - 1:
+                    x = getattr(actor, f"{method}_{self.transport}").remote(x, *args(record))
+                    out = actor.pop_result.remote(record.slide_id)
+                else:
+                    x, out = getattr(actor, method).remote(x, *args(record))
                 outputs.append(out)
             inflight.append((record.slide_id, outputs))
             if len(inflight) >= self.max_inflight:
@@ -175,6 +199,11 @@ class RayExecutor:
                     time.sleep(0.5)
         self.load_stages(directory)
         self.info = self._all("info", what="restarting the stage actors")
+        if self.transport:  # a restarted actor is a new process: the collective group must be built again
+            from ray.experimental.collective import destroy_collective_group
+
+            destroy_collective_group(self.actors)
+            self.transport = self._direct_transport(self.transport)
 
     def close(self) -> None:
         for actor in self.actors:
