@@ -12,7 +12,8 @@ import torch
 
 from distlocal.config import load_config
 from distlocal.data import SlideLoader, read_manifest
-from distlocal.engine.faults import ClusterError
+from distlocal.engine.checkpoint import load_checkpoint
+from distlocal.engine.faults import ClusterError, RunFailed
 from distlocal.engine.local import LocalExecutor
 from distlocal.engine.ray_executor import RayExecutor
 from distlocal.engine.trainer import Trainer
@@ -86,27 +87,48 @@ def test_stages_work_on_different_slides_at_once(local_ray, manifest, tmp_path):
     assert overlaps, f"no overlap of stage 1 on slide n+1 with stage 2 on slide n: {spans1} {spans2}"
 
 
-def test_killed_stage_restarts_and_the_run_completes(local_ray, manifest, tmp_path):
-    """SIGKILL of a stage actor mid-epoch: Ray restarts it, every stage reloads, the run finishes and says so."""
-    cfg = _cfg(manifest, tmp_path, "train.epochs=3", "train.checkpoint_every=1", "train.max_inflight=2")
-    trainer = Trainer(cfg, tmp_path / "run")
-    victim = trainer.executor.info[1]["pid"]
-    result = {}
-    thread = threading.Thread(target=lambda: result.update(trainer.fit()))
+def _fit_and_kill(trainer, stage: int, run_dir) -> dict:
+    """Run trainer.fit() in a thread, SIGKILL stage `stage`'s actor once training has logged; return the outcome."""
+    victim = trainer.executor.info[stage]["pid"]
+    outcome = {}
+
+    def fit():
+        try:
+            outcome["summary"] = trainer.fit()
+        except Exception as exc:
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=fit)
     thread.start()
-    metrics = tmp_path / "run" / "metrics.jsonl"
-    deadline = time.monotonic() + 120
+    metrics, deadline = run_dir / "metrics.jsonl", time.monotonic() + 120
     while not (metrics.exists() and metrics.read_text().count("\n") >= 2) and time.monotonic() < deadline:
         time.sleep(0.05)
     os.kill(victim, signal.SIGKILL)
     thread.join(timeout=300)
     assert not thread.is_alive()
+    return outcome
+
+
+def test_killed_stage_restarts_and_the_run_completes(local_ray, manifest, tmp_path):
+    """SIGKILL of a stage actor mid-epoch: Ray restarts it, every stage reloads, the run finishes and says so."""
+    cfg = _cfg(manifest, tmp_path, "train.epochs=3", "train.checkpoint_every=1", "train.max_inflight=2")
+    result = _fit_and_kill(Trainer(cfg, tmp_path / "run"), 1, tmp_path / "run")["summary"]
     assert result["completed"]
     assert len(result["failures"]) == 1
-    assert "stage" in result["failures"][0]["error"].lower() or "actor" in result["failures"][0]["error"].lower()
+    assert "Actor" in result["failures"][0]["error"]  # ActorDiedError / ActorUnavailableError
     assert result["slides_seen"] == 3 * len(_train_records(cfg))  # replayed from the checkpoint, none lost
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["failures"] == result["failures"]
+
+
+def test_failures_beyond_max_restarts_end_the_run_with_checkpoints_intact(local_ray, manifest, tmp_path):
+    """With train.max_restarts=0 a killed stage ends the run with a message; the last checkpoint still loads."""
+    cfg = _cfg(manifest, tmp_path, "train.epochs=3", "train.checkpoint_every=1", "train.max_restarts=0")
+    outcome = _fit_and_kill(Trainer(cfg, tmp_path / "run"), 0, tmp_path / "run")
+    assert isinstance(outcome.get("error"), RunFailed)
+    assert "train.max_restarts=0" in str(outcome["error"])
+    assert "--resume" in str(outcome["error"])
+    assert len(load_checkpoint(tmp_path / "run" / "checkpoints" / "last").stages) == 2
 
 
 def test_more_gpus_than_the_cluster_has_fails_at_once(local_ray, manifest, tmp_path):
