@@ -178,3 +178,17 @@ def test_bench_pipeline_reports_rates_busy_fractions_and_the_ideal_bound(local_r
     assert len(result["busy_fraction"]) == 2
     assert all(0 < b <= 1.0 for b in result["busy_fraction"])
     assert "| K | slides |" in capsys.readouterr().out
+
+
+def test_ray_run_stopped_and_resumed_equals_local_straight_through(local_ray, manifest, tmp_path):
+    """A Ray run stopped mid-epoch and resumed with --resume ends where an uninterrupted local run ends."""
+    stopped = Trainer(_cfg(manifest, tmp_path, "train.max_inflight=1", "train.max_slides=3"), tmp_path / "ray")
+    assert not stopped.fit()["completed"]
+    resumed = Trainer(_cfg(manifest, tmp_path, "train.max_inflight=1"), tmp_path / "ray", resume=True)
+    assert resumed.fit()["completed"]
+    Trainer(_cfg(manifest, tmp_path, "train.executor=local"), tmp_path / "local").fit()
+    ours = load_checkpoint(tmp_path / "ray" / "checkpoints" / "last").stages
+    theirs = load_checkpoint(tmp_path / "local" / "checkpoints" / "last").stages
+    for a, b in zip(ours, theirs, strict=True):
+        for name, tensor in b["modules"].items():
+            torch.testing.assert_close(a["modules"][name], tensor, rtol=1e-4, atol=1e-5, msg=name)
