@@ -177,7 +177,7 @@ def test_bench_pipeline_reports_rates_busy_fractions_and_the_ideal_bound(local_r
     assert result["ideal_speedup"] == pytest.approx(sum(result["stage_s"]) / max(result["stage_s"]))
     assert len(result["busy_fraction"]) == 2
     assert all(0 < b <= 1.0 for b in result["busy_fraction"])
-    assert "| K | slides |" in capsys.readouterr().out
+    assert "| K | in flight | slides |" in capsys.readouterr().out
 
 
 def test_ray_run_stopped_and_resumed_equals_local_straight_through(local_ray, manifest, tmp_path):
