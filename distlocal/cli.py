@@ -18,6 +18,7 @@ __all__ = ["main"]
 # command -> (module in distlocal.commands, one-line help)
 COMMANDS = {
     "synth": ("synth", "write synthetic pyramidal TIFF slides and their manifest"),
+    "prepare": ("prepare", "read every slide of a manifest once into a cache of 5X tissue crops, in parallel"),
     "split": ("split", "make stratified, patient-grouped train/valid/test splits or k folds of a manifest"),
     "train": ("train", "train the stages (or the end-to-end baseline) on a manifest"),
     "eval": ("evaluate", "evaluate a checkpoint's classifiers H and A_i on a split"),

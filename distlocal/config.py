@@ -93,6 +93,7 @@ class DataConfig:
     augment: bool = True  # edge crop, flips, 90-degree rotations, colour jitter (train split only)
     on_error: str = "fail"  # fail | skip: what a bad slide does to training (skips are reported)
     prefetch: int = 2  # slides loaded ahead of compute, bounding memory
+    cache_dir: str = ""  # folder written by `distlocal prepare`: prepared slides are read from it
 
 
 @dataclass

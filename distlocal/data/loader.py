@@ -20,11 +20,13 @@ import torch
 from distlocal.config import DataConfig
 from distlocal.data.augment import augment, normalise, to_tensor
 from distlocal.data.manifest import SlideRecord
-from distlocal.slides import SlideError, read_slide
+from distlocal.slides import SlideError, SlideImage, read_slide
+from distlocal.slides.cache import cache_key, read_cached
 
-__all__ = ["SlideLoader", "SkippedSlide"]
+__all__ = ["SlideLoader", "SkippedSlide", "read_original"]
 
 log = logging.getLogger(__name__)
+_warned_uncached = False  # one warning per process: a run without `distlocal prepare` would warn per slide
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,17 @@ class SkippedSlide:
     slide_id: str
     path: str
     reason: str
+
+
+def read_original(record: SlideRecord, cfg: DataConfig) -> SlideImage:
+    """Read a manifest record's slide file with the data settings; any failure is a SlideError naming the slide."""
+    try:
+        return read_slide(record.path, magnification=cfg.magnification, level=cfg.level,
+                          base_magnification=cfg.base_magnification)
+    except SlideError:
+        raise
+    except Exception as exc:
+        raise SlideError(f"slide {record.slide_id} ({record.path}) could not be read: {exc}") from exc
 
 
 class SlideLoader:
@@ -43,13 +56,7 @@ class SlideLoader:
 
     def load(self, record: SlideRecord, epoch: int = 0) -> torch.Tensor:
         """Read one slide at the target magnification: a 1 x 3 x H x W normalised float tensor."""
-        try:
-            image = read_slide(record.path, magnification=self.cfg.magnification, level=self.cfg.level,
-                               base_magnification=self.cfg.base_magnification).image
-        except SlideError:
-            raise
-        except Exception as exc:
-            raise SlideError(f"slide {record.slide_id} ({record.path}) could not be read: {exc}") from exc
+        image = self.read(record)
         if self.train and self.cfg.augment:
             # Per-slide RNG from (seed, epoch, slide): the same slide gets the same augmentation however
             # many threads load it, in whatever order, and after a resume.
@@ -58,6 +65,17 @@ class SlideLoader:
         else:
             x = to_tensor(image)
         return normalise(x, self.cfg.mean, self.cfg.std)[None]
+
+    def read(self, record: SlideRecord) -> np.ndarray:
+        """The slide's uint8 RGB tissue crop: from `data.cache_dir` when prepared there, else from the original."""
+        cfg = self.cfg
+        if cfg.cache_dir:
+            key = cache_key(record.path, cfg.magnification, cfg.level, cfg.base_magnification)
+            cached = read_cached(cfg.cache_dir, record.slide_id, key)
+            if cached is not None:
+                return cached.image
+            _note_uncached(record, cfg.cache_dir)
+        return read_original(record, cfg).image
 
     def _guarded(self, record: SlideRecord, epoch: int) -> torch.Tensor | None:
         try:
@@ -86,3 +104,15 @@ class SlideLoader:
                     pending.append((nxt, pool.submit(self._guarded, nxt, epoch)))
                 if x is not None:
                     yield record, x
+
+
+def _note_uncached(record: SlideRecord, cache_dir: str) -> None:
+    global _warned_uncached
+    if _warned_uncached:
+        log.debug("slide %s is not prepared in %s; reading the original", record.slide_id, cache_dir)
+        return
+    _warned_uncached = True
+    log.warning("slide %s is not prepared in data.cache_dir=%s (or was prepared from another file or with other "
+                "read settings): reading the original, which is slower. Run `distlocal prepare MANIFEST --out %s` "
+                "to fill the cache (further slides like this are logged at debug level)",
+                record.slide_id, cache_dir, cache_dir)

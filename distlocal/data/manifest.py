@@ -39,9 +39,12 @@ class Manifest:
     def split(self, name: str) -> list[SlideRecord]:
         return [r for r in self.records if r.split == name]
 
-    def missing(self) -> list[SlideRecord]:
-        """Records whose file does not exist."""
-        return [r for r in self.records if not r.path.exists()]
+    def missing(self, cache_dir: str | Path = "") -> list[SlideRecord]:
+        """Records whose file does not exist (and, with a `cache_dir`, that were not prepared there either)."""
+        from distlocal.slides.cache import entry_paths
+
+        return [r for r in self.records if not r.path.exists()
+                and not (cache_dir and entry_paths(cache_dir, r.slide_id)[1].is_file())]
 
 
 def _class_list(labels: list[str], classes: list[str] | None) -> list[str]:

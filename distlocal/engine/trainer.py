@@ -91,7 +91,7 @@ class Trainer:
         if not self.train_set or not self.valid_set:
             raise ManifestError(f"manifest {self.manifest.path} needs slides with split=train and split=valid "
                              f"(has {len(self.train_set)} / {len(self.valid_set)}); add rows with those splits")
-        missing = self.manifest.missing()
+        missing = self.manifest.missing(cfg.data.cache_dir)
         if missing and cfg.data.on_error == "fail":
             names = ", ".join(f"{r.slide_id} ({r.path})" for r in missing[:5])
             raise ManifestError(f"{len(missing)} slide file(s) of {self.manifest.path} are missing: {names}; "

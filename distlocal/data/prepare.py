@@ -1,0 +1,118 @@
+"""
+`distlocal prepare`: read every slide of a manifest once into the cache of 5X tissue crops, in parallel.
+
+Threads, not processes: decoding (imagecodecs) and area resampling (numpy) release the GIL, and each worker holds
+one 5X slide, so `workers` also bounds memory. Slides already prepared with the same settings are skipped, so an
+interrupted preparation continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import time
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from distlocal.config import DataConfig
+from distlocal.data.loader import SkippedSlide, read_original
+from distlocal.data.manifest import SlideRecord
+from distlocal.progress import progress
+from distlocal.slides import SlideError
+from distlocal.slides.cache import cache_key, read_cached, write_cached
+
+__all__ = ["PrepareReport", "prepare_slides"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PrepareReport:
+    prepared: list[str] = field(default_factory=list)  # read from the original and written now
+    reused: list[str] = field(default_factory=list)  # already in the cache with the same settings
+    skipped: list[SkippedSlide] = field(default_factory=list)  # bad slides under on_error=skip
+    seconds: float = 0.0
+    megabytes: float = 0.0  # 5X RGB output of the slides prepared now
+
+    def as_dict(self) -> dict:
+        return {"prepared": len(self.prepared), "reused": len(self.reused), "skipped": len(self.skipped),
+                "seconds": round(self.seconds, 2), "output_mb": round(self.megabytes, 1),
+                "mb_per_s": round(self.megabytes / self.seconds, 2) if self.seconds else None,
+                "skipped_slides": [s.__dict__ for s in self.skipped]}
+
+
+def _is_prepared(record: SlideRecord, out_dir: Path, cfg: DataConfig) -> bool:
+    key = cache_key(record.path, cfg.magnification, cfg.level, cfg.base_magnification)
+    try:
+        return read_cached(out_dir, record.slide_id, key) is not None
+    except SlideError:  # a damaged entry is prepared again
+        return False
+
+
+def _prepare_one(record: SlideRecord, out_dir: Path, cfg: DataConfig) -> float:
+    slide = read_original(record, cfg)
+    write_cached(out_dir, record.slide_id, cache_key(record.path, cfg.magnification, cfg.level,
+                                                     cfg.base_magnification), slide)
+    return slide.image.nbytes / 1e6
+
+
+def prepare_slides(records: list[SlideRecord], out_dir: str | Path, cfg: DataConfig, workers: int = 2,
+                   force: bool = False) -> PrepareReport:
+    """
+    Prepare `records` into `out_dir` (`cfg.on_error` decides what a bad slide does) and write the report files.
+
+    With on_error=fail the first bad slide stops the preparation: slides being read finish and are kept, the rest
+    are not started, and the SlideError names the bad slide. Run again after fixing it and only the rest is done.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report, start = PrepareReport(), time.perf_counter()
+    todo = []
+    for record in records:
+        if not force and _is_prepared(record, out_dir, cfg):
+            report.reused.append(record.slide_id)
+        else:
+            todo.append(record)
+    if report.reused:
+        log.info("%d of %d slide(s) already prepared in %s", len(report.reused), len(records), out_dir)
+    failure: SlideError | None = None
+    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="prepare") as pool, \
+            progress(total=len(todo), desc="prepare", unit="slide") as bar:
+        queue, running = iter(todo), {}
+        while True:
+            while failure is None and len(running) < max(1, workers) and (record := next(queue, None)):
+                running[pool.submit(_prepare_one, record, out_dir, cfg)] = record
+            if not running:
+                break
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                record = running.pop(future)
+                bar.update()
+                try:
+                    report.megabytes += future.result()
+                    report.prepared.append(record.slide_id)
+                except SlideError as exc:
+                    if cfg.on_error == "fail":
+                        failure = failure or exc
+                    else:
+                        log.warning("skipping slide %s: %s", record.slide_id, exc)
+                        report.skipped.append(SkippedSlide(record.slide_id, str(record.path), str(exc)))
+            bar.set_postfix(MB_s=f"{report.megabytes / (time.perf_counter() - start):.1f}")
+    report.seconds = time.perf_counter() - start
+    _write_report(out_dir, report)
+    if failure is not None:
+        raise SlideError(f"{failure}. Preparation stopped ({len(report.prepared)} slide(s) prepared now and kept, "
+                         f"{len(todo) - len(report.prepared)} not done); fix or remove the slide and run "
+                         f"distlocal prepare again to do the rest, or set data.on_error=skip")
+    return report
+
+
+def _write_report(out_dir: Path, report: PrepareReport) -> None:
+    (out_dir / "prepare.json").write_text(json.dumps(report.as_dict(), indent=2))
+    with (out_dir / "skipped.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["slide_id", "path", "reason"])
+        writer.writerows([s.slide_id, s.path, s.reason] for s in report.skipped)
+

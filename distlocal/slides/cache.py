@@ -1,0 +1,112 @@
+"""
+The preparation cache: each slide's 5X tissue crop stored once, so training epochs never re-read the original.
+
+An entry is two files named after the slide id: ``ID.tiff`` (the RGB crop and its tissue mask, tiled, lossless
+zstd: decoding it is several times faster than reading and resampling the original pyramid) and ``ID.json``
+(what the crop was made from). The JSON is written last, after the TIFF has been renamed into place, so a
+preparation killed half-way leaves no entry that looks complete.
+
+An entry is used only when it was made with the same read settings (magnification, level, base magnification)
+and, when the original is still reachable, from a file of the same size and modification time. Otherwise the
+original is read again: a stale crop is never used silently.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import zlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import tifffile
+
+from distlocal.slides.errors import SlideError
+from distlocal.slides.reader import SlideImage
+
+__all__ = ["CacheKey", "cache_key", "entry_paths", "read_cached", "write_cached"]
+
+CACHE_VERSION = 1
+_TILE = 512
+_SAFE = re.compile(r"[^A-Za-z0-9._-]")
+
+
+@dataclass(frozen=True)
+class CacheKey:
+    """What an entry depends on. ``size`` and ``mtime_ns`` are the original's, when it could be seen."""
+
+    source: str
+    size: int | None
+    mtime_ns: int | None
+    magnification: float
+    level: int | None
+    base_magnification: float | None
+    version: int = CACHE_VERSION
+
+    def matches(self, stored: dict) -> bool:
+        settings = ("magnification", "level", "base_magnification", "version")
+        if any(stored.get(name) != getattr(self, name) for name in settings):
+            return False
+        # A cluster node may hold only the cache, not the originals: then the settings alone decide.
+        return self.size is None or (stored.get("size"), stored.get("mtime_ns")) == (self.size, self.mtime_ns)
+
+
+def cache_key(source: str | os.PathLike, magnification: float, level: int | None,
+              base_magnification: float | None) -> CacheKey:
+    try:
+        stat = os.stat(source)
+        size, mtime = stat.st_size, stat.st_mtime_ns
+    except OSError:
+        size = mtime = None
+    return CacheKey(str(source), size, mtime, float(magnification), level,
+                    None if base_magnification is None else float(base_magnification))
+
+
+def entry_paths(cache_dir: str | os.PathLike, slide_id: str) -> tuple[Path, Path]:
+    """(image file, metadata file) of a slide's entry; ids with path-unsafe characters get a hash suffix."""
+    name = _SAFE.sub("_", slide_id)
+    if name != slide_id or name.startswith("."):
+        name = f"{name}-{zlib.crc32(slide_id.encode()):08x}"
+    folder = Path(cache_dir)
+    return folder / f"{name}.tiff", folder / f"{name}.json"
+
+
+def read_cached(cache_dir: str | os.PathLike, slide_id: str, key: CacheKey) -> SlideImage | None:
+    """The slide's cached crop, or None when there is no entry or it is stale. A damaged entry raises SlideError."""
+    image_path, meta_path = entry_paths(cache_dir, slide_id)
+    if not meta_path.is_file():
+        return None
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise SlideError(meta_path, f"cache entry of slide {slide_id} is unreadable ({exc})",
+                         "delete it, or run distlocal prepare again with --force") from None
+    if not key.matches(meta.get("key", {})):
+        return None
+    try:
+        with tifffile.TiffFile(image_path) as tiff:
+            image, mask = tiff.pages[0].asarray(), tiff.pages[1].asarray()
+    except Exception as exc:  # tifffile and imagecodecs raise many types for a damaged file
+        raise SlideError(image_path, f"cache entry of slide {slide_id} is damaged ({type(exc).__name__}: {exc})",
+                         "delete it, or run distlocal prepare again with --force") from None
+    return SlideImage(image, mask.astype(bool), meta["magnification"], meta["source_level"], tuple(meta["bbox"]))
+
+
+def write_cached(cache_dir: str | os.PathLike, slide_id: str, key: CacheKey, slide: SlideImage) -> Path:
+    """Store a slide's crop atomically; returns the image file."""
+    image_path, meta_path = entry_paths(cache_dir, slide_id)
+    image_path.parent.mkdir(parents=True, exist_ok=True)
+    partial = image_path.with_suffix(f".tiff.{os.getpid()}.partial")
+    args = {"tile": (_TILE, _TILE), "compression": "zstd", "compressionargs": {"level": 3}, "metadata": None}
+    with tifffile.TiffWriter(partial, bigtiff=slide.image.nbytes > 2**31) as tiff:
+        tiff.write(slide.image, photometric="rgb", **args)
+        tiff.write(slide.mask.astype(np.uint8), photometric="minisblack", **args)
+    os.replace(partial, image_path)
+    meta = {"slide_id": slide_id, "key": asdict(key), "magnification": slide.magnification,
+            "source_level": slide.source_level, "bbox": list(slide.bbox), "shape": list(slide.image.shape)}
+    partial_meta = meta_path.with_suffix(f".json.{os.getpid()}.partial")
+    partial_meta.write_text(json.dumps(meta, indent=1))
+    os.replace(partial_meta, meta_path)
+    return image_path
