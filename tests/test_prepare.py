@@ -165,3 +165,17 @@ def test_fail_stops_keeps_the_work_done_and_continues_later(dataset: Path, tmp_p
     _write_rows(manifest, [r for r in _rows(manifest) if not r["slide_id"].endswith("_slide")])
     _, rerun = _prepare(manifest, tmp_path / "cache")
     assert (rerun["prepared"], rerun["reused"], rerun["skipped"]) == (3, 3, 0)
+
+
+def test_bench_io_measures_every_way(tmp_path: Path) -> None:
+    """`bench io` reads a slide four ways in fresh processes; the naive way holds all of level 0 in memory."""
+    main(["bench", "io", "--size", "4096", "4096", "--repeats", "1", "--out", str(tmp_path)])
+    result = json.loads((tmp_path / "io.json").read_text())
+    ways = result["ways"]
+    assert set(ways) == {"distlocal", "distlocal_whole", "naive", "cache"}
+    assert ways["naive"]["output_shape"] == ways["distlocal_whole"]["output_shape"] == [1024, 1024, 3]
+    assert ways["cache"]["output_shape"] == ways["distlocal"]["output_shape"]
+    # The kernel updates its peak-RSS figure lazily: allow slack, but the full decode must show.
+    assert ways["naive"]["peak_mb"] >= 0.5 * result["level0_rgb_mb"] * 1e6 / 2**20
+    assert ways["distlocal"]["peak_mb"] < ways["naive"]["peak_mb"]
+    assert (tmp_path / "io.png").stat().st_size > 0
