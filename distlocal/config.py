@@ -101,6 +101,7 @@ class TrackingConfig:
     enabled: bool = True  # false: no MLflow at all
     uri: str = ""  # empty: MLFLOW_TRACKING_URI, else a local SQLite store under run.dir
     experiment: str = "distlocal"
+    flush_timeout_s: float = 30.0  # at the end, wait this long for unsent tracking data, then spill it to a file
 
 
 @dataclass

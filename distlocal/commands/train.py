@@ -42,9 +42,9 @@ def resolve_run(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    cfg, run_dir, resume = resolve_run(args)  # config errors show before the slow imports below
     from distlocal.engine.trainer import Trainer
 
-    cfg, run_dir, resume = resolve_run(args)
     summary = Trainer(cfg, run_dir, resume=resume).fit()
     print(json.dumps({k: v for k, v in summary.items() if k != "last_val"}, indent=2))
     print(f"run folder: {run_dir}  (best checkpoint: {run_dir / 'checkpoints' / 'best'})")

@@ -12,7 +12,7 @@ import warnings
 import torch
 from torchmetrics.functional.classification import multiclass_accuracy, multiclass_auroc
 
-__all__ = ["classification_metrics", "MONITORS"]
+__all__ = ["bootstrap_ci", "classification_metrics", "MONITORS"]
 
 MONITORS = ("acc", "balanced_acc", "auroc")
 
@@ -34,3 +34,26 @@ def classification_metrics(probs: torch.Tensor, labels: torch.Tensor, num_classe
     else:
         auroc = math.nan
     return {"acc": acc, "balanced_acc": balanced, "auroc": auroc}
+
+
+def bootstrap_ci(probs: torch.Tensor, labels: torch.Tensor, num_classes: int, samples: int = 1000, seed: int = 0,
+                 level: float = 0.95) -> dict[str, tuple[float, float]]:
+    """
+    Percentile bootstrap confidence interval of each metric: slides resampled with replacement `samples` times.
+
+    Resamples that lack a class give no AUROC and are left out of its interval; NaN when too few remain.
+    """
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    n, values = len(labels), {name: [] for name in MONITORS}
+    if n == 0:
+        return {name: (math.nan, math.nan) for name in MONITORS}
+    for _ in range(samples):
+        index = torch.from_numpy(rng.integers(0, n, n))
+        for name, value in classification_metrics(probs[index], labels[index], num_classes).items():
+            if not math.isnan(value):
+                values[name].append(value)
+    tail = (1 - level) / 2 * 100
+    return {name: (float(np.percentile(v, tail)), float(np.percentile(v, 100 - tail))) if len(v) >= samples // 2
+            else (math.nan, math.nan) for name, v in values.items()}

@@ -25,8 +25,10 @@ from distlocal.engine.checkpoint import load_checkpoint, save_checkpoint
 from distlocal.engine.evaluate import evaluate, format_metrics, monitored
 from distlocal.engine.executor import make_executor
 from distlocal.engine.faults import RunFailed, StageFailure
+from distlocal.engine.report import final_report
 from distlocal.model import resolve_device
 from distlocal.progress import progress
+from distlocal.tracking import flatten, git_commit, make_tracker
 
 __all__ = ["Trainer", "TrainState", "epoch_order"]
 
@@ -114,6 +116,18 @@ class Trainer:
         save_config(cfg, self.run_dir / "config.yaml")
         if not resume and cfg.train.executor == "ray":
             self._save("last")  # a stage that dies before the first checkpoint restarts from here
+        self.tracker = make_tracker(cfg, self.run_dir, resume)
+        self.tracker.log_params(flatten(cfg))
+        self.tracker.set_tags(self._tags())
+
+    def _tags(self) -> dict:
+        m, t = self.cfg.model, self.cfg.train
+        info = getattr(self.executor, "info", None)
+        devices = [i["device_name"] if i["device"] != "cpu" else "cpu" for i in info] if info else \
+            [str(resolve_device(t.device))] * m.k
+        return {"executor": t.executor, "k": m.k, "rfr": "on" if m.rfr.enabled else "off", "split": m.split,
+                "mode": m.mode, "backbone": m.backbone, "git_commit": git_commit(), "devices_per_stage":
+                json.dumps(devices), "blocks_per_stage": json.dumps(m.blocks_per_stage), "run_dir": str(self.run_dir)}
 
     def _restore(self, path: Path) -> None:
         self.executor.load_stages(path)
@@ -124,6 +138,7 @@ class Trainer:
     def _log(self, record: dict) -> None:
         with (self.run_dir / "metrics.jsonl").open("a") as f:
             f.write(json.dumps(record) + "\n")
+        self.tracker.log_metrics({k: v for k, v in record.items() if k != "step"}, step=record["step"])
 
     def _save(self, name: str) -> None:
         save_checkpoint(self.ckpt_dir / name, self.executor.save_stages, self.cfg.model.k, asdict(self.state),
@@ -201,9 +216,14 @@ class Trainer:
         try:
             self._loop()
             stats = self.executor.stats()
-        finally:
-            self.executor.close()  # stops the Ray actors and frees their placement group
-        completed = self.state.epoch >= self.cfg.train.epochs
+            completed = self.state.epoch >= self.cfg.train.epochs
+            test = self._final_report() if completed else {}
+        except BaseException as exc:
+            self.executor.close()
+            report = self.tracker.finish("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+            _report_tracking(report)
+            raise
+        self.executor.close()  # stops the Ray actors and frees their placement group
         # A bad slide is skipped again every epoch: report each once.
         skipped = list({s.slide_id: s for s in self.train_loader.skipped + self.valid_loader.skipped}.values())
         if skipped:
@@ -216,9 +236,47 @@ class Trainer:
             "run_dir": str(self.run_dir), "completed": completed, "epochs": self.state.epoch,
             "slides_seen": self.state.slides_seen, "best_epoch": self.state.best_epoch,
             f"best_val_{self.cfg.train.monitor}": self.state.best,
-            "last_val": self.state.history[-1]["stages"] if self.state.history else None,
+            "last_val": self.state.history[-1]["stages"] if self.state.history else None, "test": test,
             "skipped": [asdict(s) for s in skipped], "rfr_clamped": clamped, "failures": self.state.failures,
             "seconds": time.perf_counter() - start,
         }
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        self._log_artifacts()
+        summary["tracking"] = self.tracker.finish("FINISHED")
+        _report_tracking(summary["tracking"])
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
+
+    def _final_report(self) -> dict:
+        """Load the best checkpoint and score it on the test split (or plot validation when there is none)."""
+        best = self.ckpt_dir / "best"
+        if not best.is_dir():
+            return {}
+        self.executor.load_stages(best)
+        best_val = self.state.history[self.state.best_epoch - 1]["stages"] if self.state.best_epoch > 0 else None
+        flat = final_report(self.executor, self.manifest.split("test"), self.valid_set, self.valid_loader,
+                            self.classes, best_val, self.run_dir, self.cfg.train.seed)
+        if flat:
+            self.tracker.log_metrics(flat, step=self.state.slides_seen)
+        return flat
+
+    def _log_artifacts(self) -> None:
+        for name in ("config.yaml", "summary.json", "metrics.jsonl", "test_metrics.json"):
+            if (self.run_dir / name).is_file():
+                self.tracker.log_artifact(self.run_dir / name)
+        if (self.run_dir / "plots").is_dir():
+            self.tracker.log_artifact(self.run_dir / "plots", "plots")
+        if (self.ckpt_dir / "best").is_dir():
+            self.tracker.log_artifact(self.ckpt_dir / "best", "checkpoint_best")
+
+
+def _report_tracking(report: dict) -> None:
+    """Say what tracking could not deliver; silence means everything reached the server."""
+    unsent = sum(report.get("unsent", {}).values()) if report else 0
+    dropped = sum(report.get("dropped", {}).values()) if report else 0
+    if unsent or dropped:
+        log.warning("MLflow tracking at %s lost data: not sent %s, refused by the server %s (last error: %s). "
+                    "Unsent data is kept in %s", report["uri"], report["unsent"], report["dropped"],
+                    report["last_error"], report["spill_file"] or "no file")
+    elif report.get("run_id"):
+        log.info("MLflow run %s at %s: all tracking data sent", report["run_id"], report["uri"])

@@ -1,0 +1,83 @@
+"""
+PNG plots of results: ROC curves, confusion matrix, accuracy by stage depth (the local-learning signature).
+
+Matplotlib with the Agg backend: works on headless cluster nodes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+__all__ = ["accuracy_by_depth", "confusion_matrix", "roc_curves"]
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def roc_curves(probs: torch.Tensor, labels: torch.Tensor, classes: list[str], path: Path, title: str) -> Path:
+    """One-vs-rest ROC curve per class (one curve for two classes), with its AUROC in the legend."""
+    from torchmetrics.functional.classification import binary_auroc, binary_roc
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(4.6, 4.2))
+    shown = [1] if len(classes) == 2 else range(len(classes))
+    for c in shown:
+        target = (labels == c).long()
+        if target.min() == target.max():
+            continue  # a class absent from this split has no ROC curve
+        fpr, tpr, _ = binary_roc(probs[:, c].float(), target)
+        auc = binary_auroc(probs[:, c].float(), target).item()
+        ax.plot(fpr.numpy(), tpr.numpy(), label=f"{classes[c]} (AUROC {auc:.3f})")
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", title=title, xlim=(0, 1), ylim=(0, 1.01))
+    ax.legend(loc="lower right", fontsize=8)
+    return _save(fig, path)
+
+
+def confusion_matrix(probs: torch.Tensor, labels: torch.Tensor, classes: list[str], path: Path, title: str) -> Path:
+    """Counts of true class (rows) against predicted class (columns)."""
+    plt = _pyplot()
+    k = len(classes)
+    counts = torch.bincount(labels.long() * k + probs.argmax(1), minlength=k * k).view(k, k)
+    fig, ax = plt.subplots(figsize=(1.2 * k + 2.4, 1.2 * k + 1.8))
+    ax.imshow(counts.numpy(), cmap="Blues")
+    for i in range(k):
+        for j in range(k):
+            ax.text(j, i, int(counts[i, j]), ha="center", va="center",
+                    color="white" if counts[i, j] > counts.max() / 2 else "black")
+    ax.set(xticks=range(k), yticks=range(k), xticklabels=classes, yticklabels=classes, xlabel="predicted",
+           ylabel="true", title=title)
+    return _save(fig, path)
+
+
+def accuracy_by_depth(by_split: dict[str, list[dict]], path: Path, metric: str = "acc") -> Path:
+    """`metric` of A_1 .. A_{K-1} and H for each split: deeper stages should classify better."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(4.8, 3.6))
+    for split, stages in by_split.items():
+        k = len(stages)
+        names = [f"A_{i + 1}" for i in range(k - 1)] + ["H"]
+        ax.plot(names, [m[metric] for m in stages], marker="o", label=split)
+    ax.set(xlabel="classifier (stage depth)", ylabel=metric, title=f"{metric} by stage depth", ylim=(0, 1.02))
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _save(fig, path)
+
+
+def _save(fig, path: Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path

@@ -1,0 +1,135 @@
+"""MLflow tracking with a real store: what a training logs, resume into the same run, and a server that is down."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from distlocal.config import load_config
+from distlocal.engine.trainer import Trainer
+from distlocal.slides import write_synthetic_dataset
+from distlocal.tracking.sender import MlflowTracker
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory):
+    """Twelve small two-class synthetic slides with train/valid/test splits."""
+    return write_synthetic_dataset(tmp_path_factory.mktemp("slides"), slides=12, classes=2, size=(96, 96), seed=0)
+
+
+def _cfg(manifest, run_dir, *overrides):
+    return load_config(None, [
+        f"data.manifest={manifest}", f"run.dir={run_dir}", "train.device=cpu", "model.k=2", "model.split=balanced",
+        "model.backbone=resnet18", "model.aux_kernels=[3,1]", "train.epochs=2", "train.accumulate=2",
+        "model.rfr.patch_size=16", "data.augment=false", *overrides])
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _artifacts(client: MlflowClient, run_id: str, path: str = "") -> set[str]:
+    out = set()
+    for item in client.list_artifacts(run_id, path):
+        out |= _artifacts(client, run_id, item.path) if item.is_dir else {item.path}
+    return out
+
+
+def test_training_logs_params_metrics_tags_and_artifacts(manifest, tmp_path):
+    """With nothing configured a run lands in RUN.DIR/mlflow.db: everything issue-listed reads back."""
+    cfg = _cfg(manifest, tmp_path, "run.name=first", "train.max_slides=6")
+    Trainer(cfg, tmp_path / "first").fit()  # stops mid-run (max_slides): the resume continues the same MLflow run
+    summary = Trainer(load_config(tmp_path / "first" / "config.yaml", ["train.max_slides=0"]), tmp_path / "first",
+                      resume=True).fit()
+    assert summary["completed"]
+    run_id = json.loads((tmp_path / "first" / "mlflow_run.json").read_text())["run_id"]
+    assert summary["tracking"]["run_id"] == run_id
+    assert sum(summary["tracking"]["unsent"].values()) == 0
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert len(client.search_runs([client.get_experiment_by_name("distlocal").experiment_id])) == 1
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["model.k"] == "2"
+    assert run.data.params["model.rfr.enabled"] == "True"
+    assert run.data.params["data.manifest"] == str(manifest)
+    tags = run.data.tags
+    assert (tags["executor"], tags["k"], tags["rfr"], tags["split"]) == ("local", "2", "on", "balanced")
+    assert json.loads(tags["devices_per_stage"]) == ["cpu", "cpu"]
+    assert tags["git_commit"]
+    expected = {f"stage{i}/{name}" for i in (1, 2) for name in
+                ("loss_cls", "loss_rec", "acc", "lr", "step_s", "peak_mem_mb")}
+    expected |= {"val/acc", "val/balanced_acc", "val/auroc", "val/stage1/acc", "test/acc", "test/auroc",
+                 "test/acc_ci_low", "test/acc_ci_high", "test/auroc_ci_low", "test/stage1/acc"}
+    assert expected <= set(run.data.metrics)
+    assert run.data.metrics["test/acc_ci_low"] <= run.data.metrics["test/acc"] <= run.data.metrics["test/acc_ci_high"]
+    val_history = client.get_metric_history(run_id, "val/acc")
+    assert len(val_history) == 2  # one per epoch, across the resume
+    local = [json.loads(line) for line in (tmp_path / "first" / "metrics.jsonl").read_text().splitlines()]
+    assert [m.value for m in sorted(val_history, key=lambda m: m.step)] == [r["val/acc"] for r in local
+                                                                           if "val/acc" in r]
+    artifacts = _artifacts(client, run_id)
+    for name in ("config.yaml", "summary.json", "metrics.jsonl", "plots/roc_test.png", "plots/confusion_test.png",
+                 "plots/accuracy_by_depth.png", "checkpoint_best/config.yaml", "checkpoint_best/trainer.pt"):
+        assert name in artifacts, f"{name} not among {sorted(artifacts)}"
+    assert (tmp_path / "mlartifacts").is_dir()  # artifacts beside the store, not in ./mlruns of the cwd
+
+
+def test_tracking_disabled_writes_no_store(manifest, tmp_path):
+    """tracking.enabled=false: no MLflow run, no store, and training is otherwise the same."""
+    summary = Trainer(_cfg(manifest, tmp_path, "tracking.enabled=false", "train.epochs=1"), tmp_path / "off").fit()
+    assert summary["completed"]
+    assert summary["tracking"] == {}
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_server_down_training_finishes_and_says_what_was_lost(manifest, tmp_path, caplog):
+    """Nothing listens at tracking.uri: training completes and the unsent data is counted and kept in a file."""
+    uri = f"http://127.0.0.1:{_free_port()}"
+    cfg = _cfg(manifest, tmp_path, f"tracking.uri={uri}", "tracking.flush_timeout_s=1", "train.epochs=1")
+    summary = Trainer(cfg, tmp_path / "down").fit()
+    assert summary["completed"]
+    report = summary["tracking"]
+    assert report["run_id"] is None
+    assert report["unsent"]["metrics"] > 0
+    assert report["unsent"]["params"] > 0
+    assert report["unsent"]["artifacts"] > 0
+    spilled = (tmp_path / "down" / "tracking_unsent.jsonl").read_text().splitlines()
+    assert sum(len(json.loads(line)[1]) for line in spilled if json.loads(line)[0] == "metrics") == \
+        report["unsent"]["metrics"]
+    assert "lost data" in caplog.text
+    assert uri in caplog.text
+
+
+def test_sender_buffers_until_a_late_server_comes_up(tmp_path):
+    """A real `mlflow server` that starts after logging began still receives every metric, in order."""
+    port = _free_port()
+    tracker = MlflowTracker(f"http://127.0.0.1:{port}", "late", "late-run", flush_timeout_s=90, max_backoff_s=1)
+    for step in range(50):
+        tracker.log_metrics({"loss": 1.0 / (step + 1)}, step=step)
+    tracker.log_params({"model.k": 4})
+    time.sleep(1.5)
+    assert tracker.run_id is None  # nothing listens yet: all of it is queued
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+                               "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+                               "--default-artifact-root", str(tmp_path / "artifacts"), "--workers", "1"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        report = tracker.finish()
+        assert report["sent"]["metrics"] == 50
+        assert sum(report["unsent"].values()) == 0
+        client = MlflowClient(f"http://127.0.0.1:{port}")
+        history = client.get_metric_history(report["run_id"], "loss")
+        assert [m.step for m in sorted(history, key=lambda m: m.step)] == list(range(50))
+        assert client.get_run(report["run_id"]).data.params["model.k"] == "4"
+        assert client.get_run(report["run_id"]).info.status == "FINISHED"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
