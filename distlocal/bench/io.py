@@ -53,7 +53,7 @@ def _measure(way: str, path: str, cache_dir: str, factor: int) -> dict:
     if way in ("distlocal", "distlocal_whole"):
         image = read_slide(path, crop_tissue=way == "distlocal").image
     elif way == "cache":
-        image = read_cached(cache_dir, "bench", cache_key(path, 5.0, None, None)).image
+        image = read_cached(cache_dir, "bench", cache_key(path, 5.0, None, None), with_mask=False).image
     else:
         with tifffile.TiffFile(path) as tiff:
             full = tiff.pages[0].asarray()

@@ -71,7 +71,7 @@ class SlideLoader:
         cfg = self.cfg
         if cfg.cache_dir:
             key = cache_key(record.path, cfg.magnification, cfg.level, cfg.base_magnification)
-            cached = read_cached(cfg.cache_dir, record.slide_id, key)
+            cached = read_cached(cfg.cache_dir, record.slide_id, key, with_mask=False)
             if cached is not None:
                 return cached.image
             _note_uncached(record, cfg.cache_dir)

@@ -73,8 +73,13 @@ def entry_paths(cache_dir: str | os.PathLike, slide_id: str) -> tuple[Path, Path
     return folder / f"{name}.tiff", folder / f"{name}.json"
 
 
-def read_cached(cache_dir: str | os.PathLike, slide_id: str, key: CacheKey) -> SlideImage | None:
-    """The slide's cached crop, or None when there is no entry or it is stale. A damaged entry raises SlideError."""
+def read_cached(cache_dir: str | os.PathLike, slide_id: str, key: CacheKey,
+                with_mask: bool = True) -> SlideImage | None:
+    """
+    The slide's cached crop, or None when there is no entry or it is stale. A damaged entry raises SlideError.
+
+    ``with_mask=False`` leaves the tissue mask unread (``mask`` is an empty array): training needs only the image.
+    """
     image_path, meta_path = entry_paths(cache_dir, slide_id)
     if not meta_path.is_file():
         return None
@@ -87,7 +92,8 @@ def read_cached(cache_dir: str | os.PathLike, slide_id: str, key: CacheKey) -> S
         return None
     try:
         with tifffile.TiffFile(image_path) as tiff:
-            image, mask = tiff.pages[0].asarray(), tiff.pages[1].asarray()
+            image = tiff.pages[0].asarray()
+            mask = tiff.pages[1].asarray() if with_mask else np.zeros((0, 0), np.uint8)
     except Exception as exc:  # tifffile and imagecodecs raise many types for a damaged file
         raise SlideError(image_path, f"cache entry of slide {slide_id} is damaged ({type(exc).__name__}: {exc})",
                          "delete it, or run distlocal prepare again with --force") from None
