@@ -82,9 +82,14 @@ def _chunks(records: list, size: int):
 
 
 class Trainer:
-    """Trains the stages of `cfg` on its manifest; `resume=True` continues from run_dir's last checkpoint."""
+    """
+    Trains the stages of `cfg` on its manifest; `resume=True` continues from run_dir's last checkpoint.
 
-    def __init__(self, cfg: Config, run_dir: Path, resume: bool = False):
+    `parent_run_id` nests the MLflow run under a sweep's parent run; `extra_tags` are added to its tags.
+    """
+
+    def __init__(self, cfg: Config, run_dir: Path, resume: bool = False, parent_run_id: str | None = None,
+                 extra_tags: dict | None = None):
         self.cfg, self.run_dir = cfg, Path(run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.manifest = read_manifest(cfg.data.manifest, cfg.data.classes or None)
@@ -116,9 +121,9 @@ class Trainer:
         save_config(cfg, self.run_dir / "config.yaml")
         if not resume and cfg.train.executor == "ray":
             self._save("last")  # a stage that dies before the first checkpoint restarts from here
-        self.tracker = make_tracker(cfg, self.run_dir, resume)
+        self.tracker = make_tracker(cfg, self.run_dir, resume, parent_run_id)
         self.tracker.log_params(flatten(cfg))
-        self.tracker.set_tags(self._tags())
+        self.tracker.set_tags({**self._tags(), **(extra_tags or {})})
 
     def _tags(self) -> dict:
         m, t = self.cfg.model, self.cfg.train
