@@ -79,6 +79,7 @@ class TrainConfig:
     placement: str = "strict_pack"  # ray executor: strict_pack (one node) | pack | spread (across nodes)
     placement_timeout_s: float = 60.0  # ray executor: give up placing the stages after this long
     max_restarts: int = 3  # ray executor: stage failures survived (restart, reload, replay) before the run ends
+    heatmaps: int = 3  # validation slides whose H attention heatmaps are plotted at the end (plots/attention/)
 
 
 @dataclass
@@ -221,7 +222,7 @@ def _validate(cfg: Config) -> None:
         "model.rfr.alpha": m.rfr.alpha, "train.epochs": t.epochs, "train.max_inflight": t.max_inflight,
         "train.weight_decay": t.weight_decay, "train.plateau_patience": t.plateau_patience,
         "train.checkpoint_every": t.checkpoint_every, "train.max_slides": t.max_slides,
-        "train.max_restarts": t.max_restarts,
+        "train.max_restarts": t.max_restarts, "train.heatmaps": t.heatmaps,
     }
     for key, value in positive.items():
         if value <= 0:

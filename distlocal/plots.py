@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["accuracy_by_depth", "confusion_matrix", "roc_curves"]
+__all__ = ["accuracy_by_depth", "attention_heatmap", "confusion_matrix", "roc_curves"]
 
 
 def _pyplot():
@@ -69,6 +69,25 @@ def accuracy_by_depth(by_split: dict[str, list[dict]], path: Path, metric: str =
     ax.set(xlabel="classifier (stage depth)", ylabel=metric, title=f"{metric} by stage depth", ylim=(0, 1.02))
     ax.grid(alpha=0.3)
     ax.legend()
+    return _save(fig, path)
+
+
+def attention_heatmap(image, attention: torch.Tensor, path: Path, title: str) -> Path:
+    """The slide (uint8 H x W x 3) beside H's attention over it: where the classifier looked."""
+    plt = _pyplot()
+    step = max(1, max(image.shape[:2]) // 1024)  # a thumbnail is enough to see the tissue
+    thumb = image[::step, ::step]
+    extent = (0, thumb.shape[1], thumb.shape[0], 0)
+    fig, axes = plt.subplots(1, 2, figsize=(9, 4.6 * thumb.shape[0] / max(thumb.shape[1], 1) + 0.8))
+    axes[0].imshow(thumb)
+    axes[1].imshow(thumb)
+    shown = axes[1].imshow(attention.float().numpy(), cmap="inferno", alpha=0.55, extent=extent,
+                           interpolation="bilinear")
+    fig.colorbar(shown, ax=axes[1], fraction=0.046, pad=0.04, label="attention")
+    for ax, name in zip(axes, ("slide (5X, tissue crop)", "H attention"), strict=True):
+        ax.set_title(name, fontsize=9)
+        ax.axis("off")
+    fig.suptitle(title, fontsize=10)
     return _save(fig, path)
 
 

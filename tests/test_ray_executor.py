@@ -187,8 +187,25 @@ def test_ray_run_stopped_and_resumed_equals_local_straight_through(local_ray, ma
     resumed = Trainer(_cfg(manifest, tmp_path, "train.max_inflight=1"), tmp_path / "ray", resume=True)
     assert resumed.fit()["completed"]
     Trainer(_cfg(manifest, tmp_path, "train.executor=local"), tmp_path / "local").fit()
+    # The end-of-run report (best checkpoint on the test split, attention heatmaps) agrees across executors too.
+    reports = [json.loads((tmp_path / run / "test_metrics.json").read_text()) for run in ("ray", "local")]
+    for ray_stage, local_stage in zip(reports[0]["stages"], reports[1]["stages"], strict=True):
+        assert ray_stage == pytest.approx(local_stage, abs=1e-4, nan_ok=True)
+    heatmaps = [sorted(p.name for p in (tmp_path / run / "plots" / "attention").glob("*.png"))
+                for run in ("ray", "local")]
+    assert heatmaps[0] == heatmaps[1]
+    assert len(heatmaps[0]) == min(3, len(read_manifest(manifest).split("valid")))
     ours = load_checkpoint(tmp_path / "ray" / "checkpoints" / "last").stages
     theirs = load_checkpoint(tmp_path / "local" / "checkpoints" / "last").stages
     for a, b in zip(ours, theirs, strict=True):
         for name, tensor in b["modules"].items():
             torch.testing.assert_close(a["modules"][name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_sweep_fits_as_many_children_as_the_cluster_has_room_for(local_ray, manifest, tmp_path):
+    """Side by side: 6 CPUs hold three K=2 children at one CPU per stage, one K=3 child at two CPUs per stage."""
+    from distlocal.sweep import _auto_parallel
+
+    assert _auto_parallel([_cfg(manifest, tmp_path)] * 4) == 3
+    assert _auto_parallel([_cfg(manifest, tmp_path, "model.k=3", "train.cpus_per_stage=2")]) == 1
+    assert _auto_parallel([_cfg(manifest, tmp_path, "train.executor=local")]) == 1

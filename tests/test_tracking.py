@@ -12,6 +12,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from distlocal.config import load_config
+from distlocal.data import read_manifest
 from distlocal.engine.trainer import Trainer
 from distlocal.slides import write_synthetic_dataset
 from distlocal.tracking.sender import MlflowTracker
@@ -79,6 +80,8 @@ def test_training_logs_params_metrics_tags_and_artifacts(manifest, tmp_path):
     for name in ("config.yaml", "summary.json", "metrics.jsonl", "plots/roc_test.png", "plots/confusion_test.png",
                  "plots/accuracy_by_depth.png", "checkpoint_best/config.yaml", "checkpoint_best/trainer.pt"):
         assert name in artifacts, f"{name} not among {sorted(artifacts)}"
+    heatmaps = {name for name in artifacts if name.startswith("plots/attention/")}
+    assert len(heatmaps) == min(3, len(read_manifest(manifest).split("valid")))  # train.heatmaps slides
     assert (tmp_path / "mlartifacts").is_dir()  # artifacts beside the store, not in ./mlruns of the cwd
 
 

@@ -105,6 +105,13 @@ class StageActor:
         self._end("eval", slide_id, start)
         return sent, probs
 
+    def attend(self, x: torch.Tensor, slide_id: str):
+        """(class probabilities, attention map) of this stage's classifier: H's attention for heatmaps."""
+        start, _ = self._begin()
+        _, probs, attention = self.stage.eval_step(x)
+        self._end("eval", slide_id, start)
+        return probs, attention
+
     def end_epoch(self, metric: float) -> None:
         self.stage.end_epoch(metric)
 

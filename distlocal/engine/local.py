@@ -43,6 +43,13 @@ class LocalExecutor:
                 probs.append(p)
             yield record.slide_id, probs
 
+    def attention(self, records: Iterable[SlideRecord], loader: SlideLoader) -> Iterator[tuple[str, tuple]]:
+        """For each slide (slide_id, (H's probabilities, H's attention map)), for heatmaps."""
+        for record, x in loader.stream(records):
+            for stage in self.stages:
+                x, probs, attention = stage.eval_step(x)
+            yield record.slide_id, (probs, attention)
+
     def end_epoch(self, metrics: list[float]) -> None:
         for stage, metric in zip(self.stages, metrics, strict=True):
             stage.end_epoch(metric)

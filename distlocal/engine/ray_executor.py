@@ -157,6 +157,13 @@ class RayExecutor:
         """For each slide (slide_id, class probabilities of every stage's classifier), forward only."""
         return self._pipeline("eval_step", self._slides(records, loader, 0), lambda r: (r.slide_id,))
 
+    def attention(self, records: Iterable[SlideRecord], loader: SlideLoader) -> Iterator[tuple[str, tuple]]:
+        """For each slide (slide_id, (H's probabilities, H's attention map)); one slide at a time (for plots)."""
+        for record, x in self._slides(records, loader, 0):
+            for actor in self.actors[:-1]:
+                x, _ = actor.eval_step.remote(x, record.slide_id)
+            yield record.slide_id, _fetch(self.actors[-1].attend.remote(x, record.slide_id), f"slide {record.slide_id}")
+
     # -- state --------------------------------------------------------------------------------------------------
 
     def _all(self, method: str, *args, what: str) -> list:

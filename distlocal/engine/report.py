@@ -12,7 +12,7 @@ from pathlib import Path
 from distlocal.data import SlideLoader, SlideRecord
 from distlocal.engine.evaluate import evaluate, format_metrics
 from distlocal.engine.metrics import bootstrap_ci
-from distlocal.plots import accuracy_by_depth, confusion_matrix, roc_curves
+from distlocal.plots import accuracy_by_depth, attention_heatmap, confusion_matrix, roc_curves
 
 __all__ = ["final_report"]
 
@@ -20,7 +20,8 @@ log = logging.getLogger(__name__)
 
 
 def final_report(executor, test_set: list[SlideRecord], valid_set: list[SlideRecord], loader: SlideLoader,
-                 classes: list[str], best_val: list[dict] | None, run_dir: Path, seed: int = 0) -> dict:
+                 classes: list[str], best_val: list[dict] | None, run_dir: Path, seed: int = 0,
+                 heatmaps: int = 3) -> dict:
     """
     Score the executor's current stages (the best checkpoint) and write RUN_DIR/test_metrics.json and plots/.
 
@@ -52,4 +53,16 @@ def final_report(executor, test_set: list[SlideRecord], valid_set: list[SlideRec
         log.info("test split, best checkpoint (H 95%% CI: acc %.3f-%.3f, auroc %.3f-%.3f):\n%s", *ci["acc"],
                  *ci["auroc"], format_metrics(stages))
     (run_dir / "test_metrics.json").write_text(json.dumps(report, indent=2))
+    _heatmaps(executor, valid_set[:heatmaps], loader, classes, plots / "attention")
     return flat
+
+
+def _heatmaps(executor, records: list[SlideRecord], loader: SlideLoader, classes: list[str], folder: Path) -> None:
+    """H's attention over a few validation slides, one PNG each."""
+    by_id = {r.slide_id: r for r in records}
+    for slide_id, (probs, attention) in executor.attention(records, loader):
+        record = by_id[slide_id]
+        predicted = int(probs.argmax())
+        title = (f"{slide_id}: true {classes[record.label]}, predicted {classes[predicted]} "
+                 f"(p = {float(probs[predicted]):.2f})")
+        attention_heatmap(loader.read(record), attention, folder / f"{slide_id}.png", title)

@@ -260,7 +260,7 @@ class Trainer:
         self.executor.load_stages(best)
         best_val = self.state.history[self.state.best_epoch - 1]["stages"] if self.state.best_epoch > 0 else None
         flat = final_report(self.executor, self.manifest.split("test"), self.valid_set, self.valid_loader,
-                            self.classes, best_val, self.run_dir, self.cfg.train.seed)
+                            self.classes, best_val, self.run_dir, self.cfg.train.seed, self.cfg.train.heatmaps)
         if flat:
             self.tracker.log_metrics(flat, step=self.state.slides_seen)
         return flat
