@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 __all__ = ["main"]
@@ -28,6 +29,9 @@ COMMANDS = {
 }
 
 
+_RAY_COMMANDS = ("train", "eval", "sweep", "bench")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="distlocal", description="Whole-slide classification by locally "
                                      "supervised learning, pipelined over GPUs with Ray.")
@@ -36,8 +40,14 @@ def main(argv: list[str] | None = None) -> int:
     modules = {}
     for name, (module, help_text) in COMMANDS.items():
         modules[name] = importlib.import_module(f"distlocal.commands.{module}")
-        modules[name].add_arguments(sub.add_parser(name, help=help_text, description=help_text))
+        command = sub.add_parser(name, help=help_text, description=help_text)
+        modules[name].add_arguments(command)
+        if name in _RAY_COMMANDS:
+            command.add_argument("--address", help="join this Ray cluster (HOST:6379) instead of RAY_ADDRESS or a "
+                                 "local Ray started here")
     args = parser.parse_args(argv)
+    if getattr(args, "address", None):
+        os.environ["RAY_ADDRESS"] = args.address  # read when the driver connects (engine/placement.connect)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     from distlocal.errors import USER_ERRORS

@@ -7,6 +7,7 @@ A run that cannot be placed must fail with what it asked for and what the cluste
 from __future__ import annotations
 
 import logging
+import math
 import os
 
 import ray
@@ -54,6 +55,13 @@ def stage_resources(cfg: TrainConfig, k: int) -> tuple[float, float]:
     per_gpu = cfg.gpus_per_stage
     if per_gpu == -1:
         per_gpu = 1.0 if gpus > 0 and cfg.device != "cpu" else 0.0
+        if 0 < gpus < k and cfg.device != "cpu":
+            # Each GPU takes the same whole number of stages, so the fractions always pack.
+            whole = math.floor(gpus)
+            per_gpu = 1.0 / math.ceil(k / whole) if whole >= 1 else gpus / k
+            log.warning("%d stages on %g GPU(s): stages share GPUs at %.3g GPU each (memory and compute shared); "
+                        "K=%d needs %d GPUs for one stage each, or set train.gpus_per_stage yourself",
+                        k, gpus, per_gpu, k, k)
     if cfg.device == "cpu":
         per_gpu = 0.0
     asked = f"{k} stages x ({cfg.cpus_per_stage:g} CPU, {per_gpu:g} GPU)"
