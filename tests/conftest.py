@@ -7,6 +7,7 @@ import torch
 
 import distlocal.engine  # noqa: F401  (sets Ray's environment before any test module imports ray)
 from distlocal.config import load_config
+from distlocal.slides import write_synthetic_dataset
 
 
 @pytest.fixture
@@ -25,3 +26,9 @@ def make_cfg():
 def slide():
     """A small normalised 'slide' tensor (1 x 3 x H x W)."""
     return torch.randn(1, 3, 160, 136, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory):
+    """Twelve small two-class synthetic slides (pyramidal TIFFs) with train/valid/test splits, once per module."""
+    return write_synthetic_dataset(tmp_path_factory.mktemp("slides"), slides=12, classes=2, size=(96, 96), seed=0)

@@ -18,7 +18,6 @@ from distlocal.engine.local import LocalExecutor
 from distlocal.engine.ray_executor import RayExecutor
 from distlocal.engine.trainer import Trainer
 from distlocal.model import build_stages
-from distlocal.slides import write_synthetic_dataset
 
 
 @pytest.fixture(scope="module")
@@ -28,12 +27,6 @@ def local_ray():
     ray.init(num_cpus=6, num_gpus=0, include_dashboard=False, configure_logging=False, log_to_driver=False)
     yield
     ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def manifest(tmp_path_factory):
-    """Twelve small two-class synthetic slides with train/valid/test splits."""
-    return write_synthetic_dataset(tmp_path_factory.mktemp("slides"), slides=12, classes=2, size=(96, 96), seed=1)
 
 
 def _cfg(manifest, tmp_path, *overrides):

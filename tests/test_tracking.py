@@ -8,20 +8,12 @@ import subprocess
 import sys
 import time
 
-import pytest
 from mlflow.tracking import MlflowClient
 
 from distlocal.config import load_config
 from distlocal.data import read_manifest
 from distlocal.engine.trainer import Trainer
-from distlocal.slides import write_synthetic_dataset
 from distlocal.tracking.sender import MlflowTracker
-
-
-@pytest.fixture(scope="module")
-def manifest(tmp_path_factory):
-    """Twelve small two-class synthetic slides with train/valid/test splits."""
-    return write_synthetic_dataset(tmp_path_factory.mktemp("slides"), slides=12, classes=2, size=(96, 96), seed=0)
 
 
 def _cfg(manifest, run_dir, *overrides):

@@ -21,7 +21,7 @@ from distlocal.data.loader import SkippedSlide, read_original
 from distlocal.data.manifest import SlideRecord
 from distlocal.progress import progress
 from distlocal.slides import SlideError
-from distlocal.slides.cache import cache_key, read_cached, write_cached
+from distlocal.slides.cache import CacheKey, cache_key, is_cached, write_cached
 
 __all__ = ["PrepareReport", "prepare_slides"]
 
@@ -43,18 +43,13 @@ class PrepareReport:
                 "skipped_slides": [s.__dict__ for s in self.skipped]}
 
 
-def _is_prepared(record: SlideRecord, out_dir: Path, cfg: DataConfig) -> bool:
-    key = cache_key(record.path, cfg.magnification, cfg.level, cfg.base_magnification)
-    try:
-        return read_cached(out_dir, record.slide_id, key) is not None
-    except SlideError:  # a damaged entry is prepared again
-        return False
+def _key(record: SlideRecord, cfg: DataConfig) -> CacheKey:
+    return cache_key(record.path, cfg.magnification, cfg.level, cfg.base_magnification)
 
 
 def _prepare_one(record: SlideRecord, out_dir: Path, cfg: DataConfig) -> float:
     slide = read_original(record, cfg)
-    write_cached(out_dir, record.slide_id, cache_key(record.path, cfg.magnification, cfg.level,
-                                                     cfg.base_magnification), slide)
+    write_cached(out_dir, record.slide_id, _key(record, cfg), slide)
     return slide.image.nbytes / 1e6
 
 
@@ -71,7 +66,7 @@ def prepare_slides(records: list[SlideRecord], out_dir: str | Path, cfg: DataCon
     report, start = PrepareReport(), time.perf_counter()
     todo = []
     for record in records:
-        if not force and _is_prepared(record, out_dir, cfg):
+        if not force and is_cached(out_dir, record.slide_id, _key(record, cfg)):
             report.reused.append(record.slide_id)
         else:
             todo.append(record)

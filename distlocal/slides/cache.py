@@ -26,7 +26,7 @@ import tifffile
 from distlocal.slides.errors import SlideError
 from distlocal.slides.reader import SlideImage
 
-__all__ = ["CacheKey", "cache_key", "entry_paths", "read_cached", "write_cached"]
+__all__ = ["CacheKey", "cache_key", "entry_paths", "is_cached", "read_cached", "write_cached"]
 
 CACHE_VERSION = 1
 _TILE = 512
@@ -73,14 +73,9 @@ def entry_paths(cache_dir: str | os.PathLike, slide_id: str) -> tuple[Path, Path
     return folder / f"{name}.tiff", folder / f"{name}.json"
 
 
-def read_cached(cache_dir: str | os.PathLike, slide_id: str, key: CacheKey,
-                with_mask: bool = True) -> SlideImage | None:
-    """
-    The slide's cached crop, or None when there is no entry or it is stale. A damaged entry raises SlideError.
-
-    ``with_mask=False`` leaves the tissue mask unread (``mask`` is an empty array): training needs only the image.
-    """
-    image_path, meta_path = entry_paths(cache_dir, slide_id)
+def _matching_meta(cache_dir: str | os.PathLike, slide_id: str, key: CacheKey) -> dict | None:
+    """The entry's metadata when it exists and was made with `key`; an unreadable JSON raises SlideError."""
+    meta_path = entry_paths(cache_dir, slide_id)[1]
     if not meta_path.is_file():
         return None
     try:
@@ -88,8 +83,31 @@ def read_cached(cache_dir: str | os.PathLike, slide_id: str, key: CacheKey,
     except (OSError, ValueError) as exc:
         raise SlideError(meta_path, f"cache entry of slide {slide_id} is unreadable ({exc})",
                          "delete it, or run distlocal prepare again with --force") from None
-    if not key.matches(meta.get("key", {})):
+    return meta if key.matches(meta.get("key", {})) else None
+
+
+def is_cached(cache_dir: str | os.PathLike, slide_id: str, key: CacheKey) -> bool:
+    """Whether a usable entry exists: made with `key`, and its TIFF opens with both pages (no pixel is decoded)."""
+    try:
+        if _matching_meta(cache_dir, slide_id, key) is None:
+            return False
+        with tifffile.TiffFile(entry_paths(cache_dir, slide_id)[0]) as tiff:
+            return len(tiff.pages) == 2
+    except Exception:  # unreadable or damaged: not usable, prepare it again
+        return False
+
+
+def read_cached(cache_dir: str | os.PathLike, slide_id: str, key: CacheKey,
+                with_mask: bool = True) -> SlideImage | None:
+    """
+    The slide's cached crop, or None when there is no entry or it is stale. A damaged entry raises SlideError.
+
+    ``with_mask=False`` leaves the tissue mask unread (``mask`` is an empty array): training needs only the image.
+    """
+    meta = _matching_meta(cache_dir, slide_id, key)
+    if meta is None:
         return None
+    image_path = entry_paths(cache_dir, slide_id)[0]
     try:
         with tifffile.TiffFile(image_path) as tiff:
             image = tiff.pages[0].asarray()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import subprocess
 from pathlib import Path
 
@@ -48,8 +49,6 @@ class NullTracker:
 
 def tracking_uri(cfg: Config) -> str:
     """tracking.uri, else MLFLOW_TRACKING_URI, else the SQLite store in run.dir."""
-    import os
-
     return cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or \
         f"sqlite:///{Path(cfg.run.dir).resolve() / 'mlflow.db'}"
 

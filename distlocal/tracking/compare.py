@@ -47,9 +47,10 @@ def compare_experiment(experiment: str, uri: str, by: list[str] | None = None,
         keys = sorted({k for r in runs for k in r.data.params if not k.startswith(_NOT_SETTINGS)})
         by = [k for k in keys if len({r.data.params.get(k) for r in runs}) > 1] or ["model.k", "model.rfr.enabled"]
     source = "test" if all("test/acc" in r.data.metrics for r in runs) else "valid"
+    prefix = "test/" if source == "test" else "val/"
     pairs = []
     for run in runs[::-1]:  # search_runs returns newest first; the table reads in the order runs were made
-        metrics = {k.removeprefix(f"{'test' if source == 'test' else 'val'}/"): v for k, v in run.data.metrics.items()
-                   if k.count("/") == 1 and k.startswith("test/" if source == "test" else "val/")}
+        metrics = {k.removeprefix(prefix): v for k, v in run.data.metrics.items()
+                   if k.startswith(prefix) and k.count("/") == 1}
         pairs.append(({k: run.data.params.get(k, "") for k in by}, metrics))
     return ablation_rows(pairs, by), source

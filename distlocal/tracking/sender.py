@@ -52,8 +52,7 @@ class MlflowTracker:
         self.flush_timeout_s, self.max_backoff_s = flush_timeout_s, max_backoff_s
         self.client = MlflowClient(tracking_uri=uri)
         self.queue: deque[tuple] = deque()
-        self.sent = {"metrics": 0, "params": 0, "tags": 0, "artifacts": 0}
-        self.dropped = {"metrics": 0, "params": 0, "tags": 0, "artifacts": 0}
+        self.sent, self.dropped = _count([]), _count([])
         self.last_error: str | None = None
         self.ready = threading.Event()  # set once the run exists on the server
         self._wake, self._stop = threading.Condition(), False
@@ -132,8 +131,8 @@ class MlflowTracker:
                     backoff = min(self.max_backoff_s, backoff * 2)
                 else:
                     item = self.queue.popleft()
-                    self.dropped[_kind(item)] += _size(item)
-                    self._note(exc, f"dropped {_size(item)} {_kind(item)} the server refused")
+                    _tally(self.dropped, item)
+                    self._note(exc, f"dropped {item[0]} the server refused")
 
     def _note(self, exc: Exception, action: str) -> None:
         message = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
@@ -198,7 +197,7 @@ class MlflowTracker:
         elif kind == "end":
             self.client.set_terminated(self.run_id, status=item[1])
         self.queue.popleft()
-        self.sent[_kind(item)] = self.sent.get(_kind(item), 0) + (_size(item) if kind != "end" else 0)
+        _tally(self.sent, item)
 
 
 def _transient(exc: Exception) -> bool:
@@ -206,17 +205,18 @@ def _transient(exc: Exception) -> bool:
     return code not in _PERMANENT
 
 
-def _kind(item: tuple) -> str:
-    return {"params": "params", "tags": "tags", "metrics": "metrics", "artifact": "artifacts"}.get(item[0], "tags")
+_KINDS = {"params": "params", "tags": "tags", "metrics": "metrics", "artifact": "artifacts"}  # "end" is no data
 
 
-def _size(item: tuple) -> int:
-    return len(item[1]) if item[0] in ("params", "tags", "metrics") else 1
+def _tally(counts: dict, item: tuple) -> None:
+    """Add a queued item's entries to a sent / dropped / unsent count."""
+    kind = _KINDS.get(item[0])
+    if kind is not None:
+        counts[kind] += 1 if kind == "artifacts" else len(item[1])
 
 
 def _count(items: list[tuple]) -> dict:
-    counts = {"metrics": 0, "params": 0, "tags": 0, "artifacts": 0}
+    counts = dict.fromkeys(_KINDS.values(), 0)
     for item in items:
-        if item[0] != "end":
-            counts[_kind(item)] += _size(item)
+        _tally(counts, item)
     return counts
