@@ -23,6 +23,7 @@ COMMANDS = {
     "split": ("split", "make stratified, patient-grouped train/valid/test splits or k folds of a manifest"),
     "train": ("train", "train the stages (or the end-to-end baseline) on a manifest"),
     "eval": ("evaluate", "evaluate a checkpoint's classifiers H and A_i on a split"),
+    "predict": ("predict", "predict new slides with a checkpoint: predictions.csv and attention heatmaps"),
     "sweep": ("sweep", "train every combination of --grid values (and seeds) as nested MLflow runs; ablation table"),
     "compare": ("compare", "print the ablation table (accuracy and AUROC per setting) of an MLflow experiment"),
     "bench": ("bench", "measure: pipeline (Ray against local slides/s, stage busy fractions, ideal bound)"),

@@ -106,6 +106,14 @@ class TrackingConfig:
 
 
 @dataclass
+class PredictConfig:
+    # Largest input tile (pixels) a stage runs on at once in `distlocal predict`; bigger slides run as exact
+    # overlapping tiles. 0: whole slides on the CPU, and on CUDA a size fitted to the free GPU memory.
+    max_tile_pixels: int = 0
+    aux_heatmaps: bool = False  # also plot the attention of every auxiliary classifier A_i
+
+
+@dataclass
 class RunConfig:
     dir: str = "runs"  # every run gets RUN_DIR = dir/name (checkpoints, config, metrics)
     name: str = ""  # empty: a timestamp
@@ -117,6 +125,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    predict: PredictConfig = field(default_factory=PredictConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
 
@@ -223,6 +232,7 @@ def _validate(cfg: Config) -> None:
         "train.weight_decay": t.weight_decay, "train.plateau_patience": t.plateau_patience,
         "train.checkpoint_every": t.checkpoint_every, "train.max_slides": t.max_slides,
         "train.max_restarts": t.max_restarts, "train.heatmaps": t.heatmaps,
+        "predict.max_tile_pixels": cfg.predict.max_tile_pixels,
     }
     for key, value in positive.items():
         if value <= 0:

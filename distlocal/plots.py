@@ -72,7 +72,7 @@ def accuracy_by_depth(by_split: dict[str, list[dict]], path: Path, metric: str =
     return _save(fig, path)
 
 
-def attention_heatmap(image, attention: torch.Tensor, path: Path, title: str) -> Path:
+def attention_heatmap(image, attention: torch.Tensor, path: Path, title: str, label: str = "H attention") -> Path:
     """The slide (uint8 H x W x 3) beside H's attention over it: where the classifier looked."""
     plt = _pyplot()
     step = max(1, max(image.shape[:2]) // 1024)  # a thumbnail is enough to see the tissue
@@ -84,7 +84,7 @@ def attention_heatmap(image, attention: torch.Tensor, path: Path, title: str) ->
     shown = axes[1].imshow(attention.float().numpy(), cmap="inferno", alpha=0.55, extent=extent,
                            interpolation="bilinear")
     fig.colorbar(shown, ax=axes[1], fraction=0.046, pad=0.04, label="attention")
-    for ax, name in zip(axes, ("slide (5X, tissue crop)", "H attention"), strict=True):
+    for ax, name in zip(axes, ("slide (tissue crop)", label), strict=True):
         ax.set_title(name, fontsize=9)
         ax.axis("off")
     fig.suptitle(title, fontsize=10)

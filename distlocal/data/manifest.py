@@ -63,20 +63,28 @@ def _label_index(label: str, classes: list[str], where: str) -> int:
     raise ManifestError(f"{where}: label {label!r} is not one of the classes {classes}; fix the label or data.classes")
 
 
-def read_manifest(path: str | Path, classes: list[str] | None = None) -> Manifest:
-    """Read and validate a manifest; relative slide paths are resolved against its folder."""
+def read_manifest(path: str | Path, classes: list[str] | None = None, labels_optional: bool = False) -> Manifest:
+    """
+    Read and validate a manifest; relative slide paths are resolved against its folder.
+
+    ``labels_optional`` (for prediction): the label and split columns may be missing or empty; a slide without a
+    label gets label -1.
+    """
     path = Path(path)
     if not path.is_file():
         raise ManifestError(f"manifest {path} does not exist; set data.manifest (distlocal synth writes one)")
     with path.open(newline="") as f:
         reader = csv.DictReader(f)
-        missing = [c for c in _REQUIRED if c not in (reader.fieldnames or [])]
+        required = ("slide_id", "path") if labels_optional else _REQUIRED
+        missing = [c for c in required if c not in (reader.fieldnames or [])]
         if missing:
-            raise ManifestError(f"manifest {path} lacks column(s) {missing}; the header must be {','.join(_REQUIRED)}")
+            raise ManifestError(f"manifest {path} lacks column(s) {missing}; the header must be {','.join(required)}")
         rows = [({k: (v or "").strip() for k, v in row.items() if k}, n) for n, row in enumerate(reader, start=2)]
     if not rows:
         raise ManifestError(f"manifest {path} has no slides")
-    labels = [row["label"] for row, _ in rows]
+    labels = [row.get("label", "") for row, _ in rows]
+    if labels_optional and not classes:
+        raise ValueError("read_manifest(labels_optional=True) needs the classes (the checkpoint's)")
     class_list = _class_list(labels, classes)
     records, seen = [], {}
     for row, line in rows:
@@ -86,11 +94,12 @@ def read_manifest(path: str | Path, classes: list[str] | None = None) -> Manifes
         if row["slide_id"] in seen:
             raise ManifestError(f"{where}: slide_id duplicates line {seen[row['slide_id']]}; slide ids must be unique")
         seen[row["slide_id"]] = line
-        if row["split"] not in SPLITS:
+        if not labels_optional and row["split"] not in SPLITS:
             raise ManifestError(f"{where}: split {row['split']!r} must be one of {', '.join(SPLITS)}")
         slide_path = Path(row["path"]).expanduser()
         slide_path = slide_path if slide_path.is_absolute() else (path.parent / slide_path).resolve()
-        label = _label_index(row["label"], class_list, where)
+        unlabelled = labels_optional and not row.get("label")
+        label = -1 if unlabelled else _label_index(row["label"], class_list, where)
         patient = row.get("patient_id") or row["slide_id"]
-        records.append(SlideRecord(row["slide_id"], slide_path, label, row["split"], patient))
+        records.append(SlideRecord(row["slide_id"], slide_path, label, row.get("split", ""), patient))
     return Manifest(path, records, class_list)

@@ -16,7 +16,7 @@ import torch
 
 from distlocal.config import Config, config_from_dict, config_to_dict, save_config
 
-__all__ = ["Checkpoint", "CheckpointError", "load_checkpoint", "save_checkpoint", "stage_file"]
+__all__ = ["Checkpoint", "CheckpointError", "for_restoring", "load_checkpoint", "save_checkpoint", "stage_file"]
 
 
 class CheckpointError(FileNotFoundError):
@@ -30,6 +30,13 @@ class Checkpoint:
     trainer: dict
     config: Config
     classes: list[str]
+
+
+def for_restoring(cfg: Config) -> Config:
+    """The config to build a network whose weights a checkpoint will overwrite: never fetch ImageNet weights again."""
+    restored = config_from_dict(config_to_dict(cfg))
+    restored.model.pretrained, restored.model.weights = "none", ""
+    return restored
 
 
 def stage_file(directory: str | Path, index: int) -> Path:

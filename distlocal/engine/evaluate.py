@@ -11,7 +11,7 @@ import torch
 
 from distlocal.config import Config
 from distlocal.data import ManifestError, SlideLoader, SlideRecord, read_manifest
-from distlocal.engine.checkpoint import load_checkpoint
+from distlocal.engine.checkpoint import for_restoring, load_checkpoint
 from distlocal.engine.executor import make_executor
 from distlocal.engine.metrics import classification_metrics
 from distlocal.progress import progress
@@ -67,7 +67,7 @@ def evaluate_checkpoint(checkpoint: str | Path, cfg: Config | None = None, split
     records = manifest.split(split)
     if not records:
         raise ManifestError(f"manifest {manifest.path} has no slides with split={split}; nothing to evaluate")
-    executor = make_executor(run_cfg, len(ckpt.classes))  # through the Ray pipeline when the run used it
+    executor = make_executor(for_restoring(run_cfg), len(ckpt.classes))  # through the Ray pipeline when the run used it
     try:
         executor.load_stages(ckpt.path)
         loader = SlideLoader(run_cfg.data, train=False)

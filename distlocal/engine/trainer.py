@@ -21,7 +21,7 @@ import numpy as np
 from distlocal.config import Config, save_config
 from distlocal.data import ManifestError, SlideLoader, read_manifest
 from distlocal.engine.autosplit import resolve_auto_split
-from distlocal.engine.checkpoint import load_checkpoint, save_checkpoint
+from distlocal.engine.checkpoint import for_restoring, load_checkpoint, save_checkpoint
 from distlocal.engine.evaluate import evaluate, format_metrics, monitored
 from distlocal.engine.executor import make_executor
 from distlocal.engine.faults import RunFailed, StageFailure
@@ -103,6 +103,9 @@ class Trainer:
             names = ", ".join(f"{r.slide_id} ({r.path})" for r in missing[:5])
             raise ManifestError(f"{len(missing)} slide file(s) of {self.manifest.path} are missing: {names}; "
                                     f"fix the paths or set data.on_error=skip to train without them")
+        if cfg.model.pretrained == "none" and not cfg.model.weights and not resume:
+            log.warning("%s starts from random init (model.pretrained=none): expect much lower accuracy than from "
+                        "ImageNet weights (model.pretrained=imagenet)", cfg.model.backbone)
         if cfg.train.executor == "local":
             resolve_device(cfg.train.device)  # fail on a missing GPU before reading anything
         self.train_loader = SlideLoader(cfg.data, train=True, seed=cfg.train.seed)
@@ -113,7 +116,8 @@ class Trainer:
         self.state = TrainState()
         if resume:
             ckpt = load_checkpoint(self.ckpt_dir / "last", stages=False)  # checks the folder before Ray starts
-        self.executor = make_executor(cfg, len(self.classes))
+        # A resumed run's weights come from its checkpoint: building it must not fetch ImageNet weights again.
+        self.executor = make_executor(for_restoring(cfg) if resume else cfg, len(self.classes))
         if resume:
             self._restore(ckpt.path)
             log.info("resumed %s at epoch %d, slide %d", run_dir, self.state.epoch + 1, self.state.position)

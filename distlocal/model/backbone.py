@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import operator
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,19 +87,34 @@ def _load_weights(net: nn.Module, cfg: ModelConfig) -> None:
                 f"could not get ImageNet weights for {cfg.backbone} ({exc}); without network access, "
                 f"download {enum.url} elsewhere and set model.weights=PATH, or set model.pretrained=none"
             ) from None
-    else:
-        log.warning("%s starts from random init (model.pretrained=none): expect much lower accuracy", cfg.backbone)
+
+
+def _scale_residual_branches(blocks: list[nn.Module]) -> None:
+    """
+    Random init only: start each residual branch's last BatchNorm gain at 1/sqrt(blocks) instead of 1.
+
+    BatchNorm stays frozen at unit statistics here, so it never rescales activations. With gain 1 every block adds
+    its branch's full variance and a random ResNet34's activations grow ~6x per stage (RMS ~100 after the last).
+    With gain 0 (torchvision's zero_init_residual) every branch starts dead and, at the small learning rates of
+    local training, stays nearly dead for a short run: each deep position then sees only the frozen stem's
+    13 x 13 px window (1 position in 64 at the last stage), and sparse structures never reach the head.
+    """
+    gain = 1.0 / math.sqrt(len(blocks))
+    for block in blocks:
+        nn.init.constant_((block.bn3 if hasattr(block, "bn3") else block.bn2).weight, gain)
 
 
 def build_backbone(cfg: ModelConfig) -> Backbone:
     """Build the torchvision ResNet with the paper's changes and the requested weights."""
     net = torchvision.models.get_model(cfg.backbone, weights=None)
+    blocks = [b for layer in (net.layer1, net.layer2, net.layer3, net.layer4) for b in layer]
+    if cfg.pretrained == "none" and not cfg.weights:
+        _scale_residual_branches(blocks)
     _load_weights(net, cfg)
     net.conv1.stride = (cfg.first_conv_stride, cfg.first_conv_stride)
     stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
     stem.requires_grad_(False)
     stem.eval()
-    blocks = [b for layer in (net.layer1, net.layer2, net.layer3, net.layer4) for b in layer]
     return Backbone(stem, blocks, cfg.first_conv_stride * 2, net.conv1.out_channels)
 
 

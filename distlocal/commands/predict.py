@@ -1,0 +1,32 @@
+"""distlocal predict --checkpoint PATH --out DIR SLIDE_OR_MANIFEST ... [--set key=value] [--no-heatmaps]"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("inputs", nargs="+", metavar="SLIDE_OR_MANIFEST",
+                   help="slide files (.svs, .tiff, ...) and/or manifest CSVs (labels optional)")
+    p.add_argument("--checkpoint", required=True, help="a run's checkpoints/best (or /last) folder")
+    p.add_argument("--out", required=True, help="folder for predictions.csv, predictions.json and heatmaps/")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override the checkpoint's data or predict settings, e.g. data.cache_dir=cache or "
+                        "predict.max_tile_pixels=4000000 or predict.aux_heatmaps=true")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: the checkpoint's train.device)")
+    p.add_argument("--no-heatmaps", action="store_true", help="only the CSV: no attention heatmap PNGs")
+
+
+def run(args: argparse.Namespace) -> int:
+    from distlocal.predict import predict
+
+    summary = predict(args.checkpoint, args.inputs, args.out, args.overrides, heatmaps=not args.no_heatmaps,
+                      device=args.device)
+    accuracy = f", accuracy {summary['accuracy']:.3f} on {summary['labelled']} labelled" if summary["labelled"] else ""
+    mean = summary["mean_seconds"]
+    print(f"{summary['slides']} slides predicted on {summary['device']}{accuracy}; mean per slide: read "
+          f"{mean['read_s']:.3f} s, forward {mean['forward_s']:.3f} s, head {mean['head_s']:.4f} s")
+    if summary["skipped"]:
+        print(f"skipped {len(summary['skipped'])}: " + ", ".join(s["slide_id"] for s in summary["skipped"]))
+    print(f"wrote {args.out}/predictions.csv, {args.out}/predictions.json and {args.out}/heatmaps/")
+    return 0

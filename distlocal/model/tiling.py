@@ -1,0 +1,110 @@
+"""
+Exact tiled inference: run a stage over overlapping tiles of its input and stitch the outputs.
+
+With every BatchNorm frozen (eval mode) a ResNet stage is convolutions, max-pools and pointwise maps, so each output
+position depends only on a bounded window of the input. A tile cut at a multiple of the stage's total stride, with
+a halo at least that window's reach on each inner side, computes its inner outputs exactly as the whole map would
+(only float summation order may differ). A slide too large for device memory then runs tile by tile, with the whole
+input and output maps kept in host memory.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+__all__ = ["Footprint", "footprint", "tile_plan", "tiled_forward"]
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """How outputs map to input pixels along one axis: output j sees input [j*stride - reach, j*stride + reach]."""
+
+    stride: int
+    reach: int
+    layers: tuple[tuple[int, int, int, int], ...]  # (kernel, stride, padding, dilation) along the main path
+
+    def out_size(self, n: int) -> int:
+        """Output length for an input of length ``n`` (PyTorch's floor rule, layer by layer)."""
+        for k, s, p, d in self.layers:
+            n = (n + 2 * p - d * (k - 1) - 1) // s + 1
+        return n
+
+
+def _pair(v) -> int:
+    return v[0] if isinstance(v, tuple) else v
+
+
+def _layers(module: nn.Module) -> list[tuple[int, int, int, int]]:
+    if hasattr(module, "conv1") and hasattr(module, "conv2"):  # a residual block: its main branch sets the footprint
+        convs = [module.conv1, module.conv2] + ([module.conv3] if hasattr(module, "conv3") else [])
+        return [layer for conv in convs for layer in _layers(conv)]
+    if isinstance(module, nn.Conv2d | nn.MaxPool2d):
+        k, s, p, d = (_pair(getattr(module, a)) for a in ("kernel_size", "stride", "padding", "dilation"))
+        if isinstance(module, nn.MaxPool2d) and module.ceil_mode:
+            raise ValueError("tiled inference does not support ceil_mode max-pools")
+        return [(k, s, p, d)]
+    if isinstance(module, nn.AvgPool2d | nn.AdaptiveAvgPool2d | nn.AdaptiveMaxPool2d):
+        raise ValueError(f"tiled inference needs local operations; {type(module).__name__} mixes the whole map")
+    return [layer for child in module.children() for layer in _layers(child)]
+
+
+def footprint(module: nn.Module) -> Footprint:
+    """The footprint of a stem or a sequence of residual blocks (the same along both axes)."""
+    layers = tuple(_layers(module))
+    stride, reach = 1, 0
+    for k, s, p, d in layers:
+        reach += stride * max(p, d * (k - 1) - p)
+        stride *= s
+    return Footprint(stride, reach, layers)
+
+
+def _halo(fp: Footprint) -> int:
+    return math.ceil(fp.reach / fp.stride) * fp.stride  # a multiple of the stride keeps the sampling grids aligned
+
+
+def tile_plan(n: int, fp: Footprint, tile_out: int) -> Iterator[tuple[int, int, int, int]]:
+    """Along one axis: (out_start, out_end, in_start, in_end) per tile of at most ``tile_out`` output positions."""
+    total = fp.out_size(n)
+    halo = _halo(fp)
+    for a in range(0, total, tile_out):
+        b = min(total, a + tile_out)
+        in_start = max(0, a * fp.stride - halo)
+        in_end = n if b == total else min(n, (b - 1) * fp.stride + fp.reach + 1)
+        yield a, b, in_start, in_end
+
+
+def tiled_forward(module: nn.Module, x: torch.Tensor, max_tile_pixels: int | None,
+                  device: torch.device | None = None) -> torch.Tensor:
+    """
+    ``module(x)`` computed tile by tile, each input tile at most about ``max_tile_pixels`` pixels, on ``device``.
+
+    ``x`` (1 x C x H x W) may stay in host memory; the stitched output is returned on ``x``'s device. Without a
+    limit, or when the whole input fits it, this is one ordinary forward pass.
+    """
+    device = device or x.device
+    height, width = x.shape[-2:]
+    if not max_tile_pixels or height * width <= max_tile_pixels:
+        return module(x.to(device)).to(x.device)
+    fp = footprint(module)
+    halo = _halo(fp)
+    tile_out = (math.isqrt(max_tile_pixels) - 2 * halo) // fp.stride
+    if tile_out < 1:
+        least = (2 * halo + 4 * fp.stride) ** 2
+        raise ValueError(f"tiles of {max_tile_pixels} px cannot hold one output of a stage whose outputs each see "
+                         f"{2 * fp.reach + 1} x {2 * fp.reach + 1} px; raise predict.max_tile_pixels (at least "
+                         f"{least}, better 100x that)")
+    out = None
+    for r0, r1, y0, y1 in tile_plan(height, fp, tile_out):
+        for c0, c1, x0, x1 in tile_plan(width, fp, tile_out):
+            part = module(x[..., y0:y1, x0:x1].to(device))
+            oy, ox = r0 - y0 // fp.stride, c0 - x0 // fp.stride
+            if out is None:
+                shape = (x.shape[0], part.shape[1], fp.out_size(height), fp.out_size(width))
+                out = torch.empty(shape, dtype=part.dtype, device=x.device)
+            out[..., r0:r1, c0:c1] = part[..., oy:oy + r1 - r0, ox:ox + c1 - c0].to(x.device)
+    return out

@@ -1,0 +1,201 @@
+"""
+Prediction on new slides with a trained checkpoint: class probabilities and attention heatmaps.
+
+Inference is the paper's: F_1 .. F_K then H, on the whole slide at once (the auxiliary classifiers only when their
+heatmaps are asked for). A slide too large for the device runs each stage as exact overlapping tiles
+(``model.tiling``), with the maps between stages kept in host memory.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from distlocal.config import Config, load_config
+from distlocal.data import ManifestError, SlideLoader, SlideRecord, read_manifest
+from distlocal.data.augment import normalise, to_tensor
+from distlocal.engine.checkpoint import for_restoring, load_checkpoint
+from distlocal.model import build_stages
+from distlocal.model.build import resolve_device
+from distlocal.model.stage import autocast
+from distlocal.model.tiling import tiled_forward
+from distlocal.progress import progress
+from distlocal.slides import SlideError
+
+__all__ = ["Predictor", "predict", "slide_records"]
+
+log = logging.getLogger(__name__)
+_SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".scn", ".bif")
+
+
+@dataclass
+class Predictor:
+    """The checkpoint's network as (feature extractor, classifier) pairs: F_1/A_1 .. F_K/H."""
+
+    cfg: Config
+    classes: list[str]
+    parts: list[tuple[nn.Module, nn.Module]]
+    device: torch.device
+    max_tile_pixels: int | None
+
+    @classmethod
+    def load(cls, checkpoint: str | Path, overrides: list[str] = (), device: str | None = None) -> Predictor:
+        ckpt = load_checkpoint(checkpoint)
+        cfg = load_config(ckpt.path / "config.yaml", list(overrides))  # data / predict settings may change
+        device = resolve_device(device or cfg.train.device)
+        stages = build_stages(for_restoring(cfg), len(ckpt.classes), device)
+        for stage, state in zip(stages, ckpt.stages, strict=True):
+            stage.load_state_dict(state)
+        parts = []
+        for stage in stages:
+            if cfg.model.mode == "e2e":
+                net = stage.net
+                parts.append((nn.Sequential(net.stem, net.blocks), net.head))
+            else:
+                features = [stage.modules["stem"]] if "stem" in stage.modules else []
+                parts.append((nn.Sequential(*features, stage.modules["backbone"]), stage.modules["classifier"]))
+        for features, classifier in parts:
+            features.eval()
+            classifier.eval()
+        tile = cfg.predict.max_tile_pixels or _fit_tile(parts, device)
+        return cls(cfg, ckpt.classes, parts, device, tile)
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor, aux: bool = False) -> dict:
+        """Probabilities and attention of H (and of every A_i with ``aux``) for one 1 x 3 x H x W slide tensor."""
+        bf16 = self.cfg.train.precision == "bf16" and self.device.type == "cuda"
+        out = {"forward_s": 0.0, "head_s": 0.0, "aux_s": 0.0, "probs": [], "attention": []}
+        last = len(self.parts) - 1
+        for i, (features, classifier) in enumerate(self.parts):
+            start = time.perf_counter()
+            with autocast(self.device, bf16):
+                x = tiled_forward(features, x, self.max_tile_pixels, self.device)
+            out["forward_s"] += _elapsed(start, self.device)
+            if i == last or aux:
+                start = time.perf_counter()
+                with autocast(self.device, bf16):
+                    logits, attention = classifier(x.to(self.device))
+                out["probs"].append(torch.softmax(logits.float(), 1)[0].cpu())
+                out["attention"].append(attention.float().cpu())
+                out["head_s" if i == last else "aux_s"] += _elapsed(start, self.device)
+        return out
+
+
+def _elapsed(start: float, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def _fit_tile(parts: list[tuple[nn.Module, nn.Module]], device: torch.device) -> int | None:
+    """On CUDA, the largest tile (pixels) whose forward fits half the free memory; whole slides elsewhere."""
+    if device.type != "cuda":
+        return None
+    per_pixel = 0.0
+    for features, _ in parts:  # bytes per input pixel of the hungriest stage, measured on a 512 x 512 probe
+        channels = next(m for m in features.modules() if isinstance(m, nn.Conv2d)).in_channels
+        probe = torch.zeros(1, channels, 512, 512, device=device)
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        with torch.no_grad():
+            features(probe)
+        per_pixel = max(per_pixel, (torch.cuda.max_memory_allocated(device) - base) / 512**2)
+        del probe
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(0.5 * free / max(per_pixel, 1.0))
+
+
+def slide_records(inputs: list[str], classes: list[str]) -> list[SlideRecord]:
+    """Manifests (every row, labels optional) and slide files, in the order given."""
+    records: list[SlideRecord] = []
+    for item in inputs:
+        path = Path(item)
+        if path.suffix.lower() == ".csv":
+            records.extend(read_manifest(path, classes, labels_optional=True).records)
+        elif path.is_file() and path.suffix.lower() in _SLIDE_SUFFIXES:
+            records.append(SlideRecord(path.stem, path.resolve(), -1, "", path.stem))
+        elif not path.exists():
+            raise ManifestError(f"{path} does not exist; give slide files or manifest CSVs")
+        else:
+            raise ManifestError(f"{path} is neither a manifest (.csv) nor a slide ({', '.join(_SLIDE_SUFFIXES)})")
+    ids = [r.slide_id for r in records]
+    duplicates = sorted({i for i in ids if ids.count(i) > 1})
+    if duplicates:
+        raise ManifestError(f"slide ids {duplicates[:5]} appear more than once in the inputs; outputs are named by "
+                            f"slide id, so give each slide once (or rename the files)")
+    return records
+
+
+def predict(checkpoint: str | Path, inputs: list[str], out_dir: str | Path, overrides: list[str] = (),
+            heatmaps: bool = True, device: str | None = None) -> dict:
+    """Predict every slide of ``inputs``; write predictions.csv, heatmaps/ and predictions.json to ``out_dir``."""
+    from distlocal.plots import attention_heatmap
+
+    predictor = Predictor.load(checkpoint, overrides, device)
+    cfg, classes = predictor.cfg, predictor.classes
+    records = slide_records(inputs, classes)
+    out_dir = Path(out_dir)
+    (out_dir / "heatmaps").mkdir(parents=True, exist_ok=True)
+    loader = SlideLoader(cfg.data, train=False)
+    aux = cfg.predict.aux_heatmaps and heatmaps
+    rows, skipped = [], []
+    bar = progress(records, desc="predict", unit="slide")
+    for record in bar:
+        start = time.perf_counter()
+        try:
+            image = loader.read(record)  # read once: the tensor and the heatmap's thumbnail both come from it
+        except SlideError as exc:
+            if cfg.data.on_error == "fail":
+                raise
+            log.warning("skipping slide %s: %s", record.slide_id, exc)
+            skipped.append({"slide_id": record.slide_id, "path": str(record.path), "reason": str(exc)})
+            continue
+        x = normalise(to_tensor(image), cfg.data.mean, cfg.data.std)[None]
+        read_s = time.perf_counter() - start
+        result = predictor(x, aux=aux)
+        probs = result["probs"][-1]
+        predicted = int(probs.argmax())
+        row = {"slide_id": record.slide_id, "path": str(record.path), "predicted": classes[predicted],
+               **{f"prob_{c}": round(float(p), 6) for c, p in zip(classes, probs, strict=True)},
+               "label": classes[record.label] if record.label >= 0 else "",
+               "correct": "" if record.label < 0 else int(predicted == record.label),
+               "height": image.shape[0], "width": image.shape[1], "read_s": round(read_s, 4),
+               "forward_s": round(result["forward_s"], 4), "head_s": round(result["head_s"], 4)}
+        rows.append(row)
+        bar.set_postfix(read=f"{read_s:.2f}s", forward=f"{result['forward_s']:.2f}s", head=f"{result['head_s']:.3f}s")
+        if heatmaps:
+            title = f"{record.slide_id}: {classes[predicted]} (p = {float(probs[predicted]):.2f})"
+            title += f", label {row['label']}" if row["label"] else ""
+            attention_heatmap(image, result["attention"][-1], out_dir / "heatmaps" / f"{record.slide_id}.png", title)
+            for i, attention in enumerate(result["attention"][:-1] if aux else []):
+                attention_heatmap(image, attention, out_dir / "heatmaps" / f"{record.slide_id}_A{i + 1}.png",
+                                  f"{title} - A_{i + 1}", label=f"A_{i + 1} attention")
+    _write_csv(out_dir / "predictions.csv", rows)
+    summary = _summary(rows, skipped, predictor, checkpoint)
+    (out_dir / "predictions.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    with path.open("w", newline="") as handle:
+        if rows:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+
+
+def _summary(rows: list[dict], skipped: list[dict], predictor: Predictor, checkpoint) -> dict:
+    labelled = [r for r in rows if r["correct"] != ""]
+    mean = {k: sum(r[k] for r in rows) / len(rows) if rows else 0.0 for k in ("read_s", "forward_s", "head_s")}
+    return {"checkpoint": str(checkpoint), "slides": len(rows), "skipped": skipped, "device": str(predictor.device),
+            "max_tile_pixels": predictor.max_tile_pixels,
+            "accuracy": sum(r["correct"] for r in labelled) / len(labelled) if labelled else None,
+            "labelled": len(labelled), "mean_seconds": mean}

@@ -1,0 +1,113 @@
+"""Prediction: exact tiled inference, predictions.csv and heatmaps from a trained checkpoint, input errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+
+from distlocal.cli import main
+from distlocal.data import ManifestError
+from distlocal.engine.trainer import Trainer
+from distlocal.model import build_stages
+from distlocal.model.tiling import footprint, tile_plan, tiled_forward
+from distlocal.predict import Predictor
+
+
+@pytest.mark.parametrize("backbone", ["resnet34", "resnet50"])
+def test_tiled_inference_equals_whole_slide(make_cfg, backbone):
+    """Every stage over overlapping tiles gives the whole-map output, on odd sizes, with many tiles per axis."""
+    split = "reference" if backbone == "resnet34" else "balanced"
+    stages = build_stages(make_cfg(f"model.backbone={backbone}", f"model.split={split}", "model.k=4"), 2)
+    x = torch.randn(1, 3, 421, 389, generator=torch.Generator().manual_seed(0))
+    for stage in stages:
+        features = torch.nn.Sequential(*([stage.modules["stem"]] if "stem" in stage.modules else []),
+                                       stage.modules["backbone"]).eval()
+        fp = footprint(features)
+        side = 2 * (-(-fp.reach // fp.stride) * fp.stride) + 3 * fp.stride  # three outputs per tile
+        tiles = len(list(tile_plan(x.shape[2], fp, 3))) * len(list(tile_plan(x.shape[3], fp, 3)))
+        with torch.no_grad():
+            whole, tiled = features(x), tiled_forward(features, x, side * side)
+        assert tiles >= 4
+        assert tiled.shape == whole.shape
+        torch.testing.assert_close(tiled, whole, rtol=1e-4, atol=1e-5)
+        x = whole
+
+
+def test_tiles_too_small_name_the_key(make_cfg):
+    stage = build_stages(make_cfg("model.k=4"), 2)[0]
+    features = torch.nn.Sequential(stage.modules["stem"], stage.modules["backbone"]).eval()
+    with pytest.raises(ValueError, match=r"predict\.max_tile_pixels"):
+        tiled_forward(features, torch.zeros(1, 3, 200, 200), 100)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(manifest, tmp_path_factory):
+    from distlocal.config import load_config
+
+    run_dir = tmp_path_factory.mktemp("run")
+    cfg = load_config(None, ["train.device=cpu", "train.epochs=1", "model.k=4", "model.rfr.patch_size=24",
+                             f"data.manifest={manifest}", "tracking.enabled=false", "train.heatmaps=0"])
+    Trainer(cfg, run_dir).fit()
+    return run_dir / "checkpoints" / "best"
+
+
+def test_predict_writes_csv_heatmaps_and_matches_evaluation(checkpoint, manifest, tmp_path, capsys):
+    """Manifest and bare slide inputs; probabilities equal the trained stages' own eval_step; tiling changes nothing."""
+    slide = next(manifest.parent.glob("slides/*.tiff"))
+    lone = tmp_path / "new_slide.tiff"
+    lone.write_bytes(slide.read_bytes())
+    out = tmp_path / "pred"
+    assert main(["predict", "--checkpoint", str(checkpoint), "--out", str(out), str(manifest), str(lone),
+                 "--set", "predict.aux_heatmaps=true"]) == 0
+    rows = list(csv.DictReader((out / "predictions.csv").open()))
+    assert len(rows) == 13
+    assert rows[-1]["slide_id"] == "new_slide"
+    assert rows[-1]["label"] == ""
+    assert {r["correct"] for r in rows[:-1]} <= {"0", "1"}
+    assert all(abs(float(r["prob_class0"]) + float(r["prob_class1"]) - 1) < 1e-4 for r in rows)
+    assert (out / "heatmaps" / "new_slide.png").stat().st_size > 1000
+    assert (out / "heatmaps" / "new_slide_A3.png").is_file()
+    summary = json.loads((out / "predictions.json").read_text())
+    assert summary["labelled"] == 12
+    assert "12 labelled" in capsys.readouterr().out
+
+    from distlocal.data import SlideLoader, read_manifest
+    from distlocal.engine.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(checkpoint)
+    stages = build_stages(ckpt.config, 2)
+    for stage, state in zip(stages, ckpt.stages, strict=True):
+        stage.load_state_dict(state)
+    record = read_manifest(manifest).records[0]
+    x = SlideLoader(ckpt.config.data, train=False).load(record)
+    for stage in stages:
+        x, probs, _ = stage.eval_step(x)
+    assert float(rows[0]["prob_class1"]) == pytest.approx(float(probs[1]), abs=1e-5)
+
+    x = SlideLoader(ckpt.config.data, train=False).load(record)
+    whole = Predictor.load(checkpoint)(x)["probs"][-1]
+    tiled = Predictor.load(checkpoint, ["predict.max_tile_pixels=6400"])(x)["probs"][-1]
+    torch.testing.assert_close(tiled, whole, rtol=1e-4, atol=1e-5)
+
+
+def test_predict_input_errors(checkpoint, tmp_path, capsys):
+    """A missing slide, a file that is no slide and a folder that is no checkpoint: exit 2, the path and the fix."""
+    (tmp_path / "notes.txt").write_text("x")
+    cases = [([str(checkpoint)], tmp_path / "missing.tiff", r"missing.tiff does not exist; give slide files"),
+             ([str(checkpoint)], tmp_path / "notes.txt", r"neither a manifest (.csv) nor a slide"),
+             ([str(tmp_path)], tmp_path / "notes.txt", r"no checkpoint at")]
+    for ckpt, item, message in cases:
+        assert main(["predict", "--checkpoint", *ckpt, "--out", str(tmp_path / "out"), str(item)]) == 2
+        assert message in capsys.readouterr().err
+
+
+def test_predict_refuses_duplicate_slide_ids(manifest):
+    """Outputs are named by slide id: the same slide twice would overwrite its heatmap."""
+    from distlocal.predict import slide_records
+
+    assert len(slide_records([str(manifest)], ["class0", "class1"])) == 12
+    with pytest.raises(ManifestError, match=r"slide ids \['slide_0000'"):
+        slide_records([str(manifest), str(manifest)], ["class0", "class1"])
