@@ -1,4 +1,4 @@
-"""distlocal synth OUT_DIR --slides N --classes C --size H W --seed S"""
+"""distlocal synth OUT_DIR --slides N --classes C --size H W --seed S [--task subtype|detect]"""
 
 from __future__ import annotations
 
@@ -13,6 +13,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--base-magnification", type=float, default=20.0, choices=(20.0, 40.0),
                    help="magnification of level 0 of the written files")
+    p.add_argument("--task", default="subtype", choices=("subtype", "detect"),
+                   help="subtype: every class has its own structure shape; detect: class 0 has none (tumour vs "
+                        "normal, easier to learn from scratch)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -20,6 +23,6 @@ def run(args: argparse.Namespace) -> int:
 
     manifest = write_synthetic_dataset(args.out_dir, slides=args.slides, classes=args.classes,
                                        size=tuple(args.size), seed=args.seed,
-                                       base_magnification=args.base_magnification)
+                                       base_magnification=args.base_magnification, task=args.task)
     print(f"wrote {args.slides} slides and {manifest}")
     return 0

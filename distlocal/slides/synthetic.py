@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import tifffile
 
-from distlocal.slides.synthetic_tissue import MOTIFS, SlidePlan, plan_slide, render_region
+from distlocal.slides.synthetic_tissue import MOTIFS, TASKS, SlidePlan, plan_slide, render_region
 
 __all__ = ["write_synthetic_dataset", "write_synthetic_slide"]
 
@@ -32,18 +32,23 @@ _SPLITS = ("train", "valid", "test")
 
 def write_synthetic_dataset(out_dir: str | os.PathLike, slides: int, classes: int, size: tuple[int, int], seed: int,
                             base_magnification: float = 20.0,
-                            splits: tuple[float, float, float] = (0.6, 0.2, 0.2)) -> Path:
+                            splits: tuple[float, float, float] = (0.6, 0.2, 0.2), task: str = "subtype") -> Path:
     """
     Write ``slides`` synthetic slides of ``classes`` classes and ``out_dir/manifest.csv``; return its path.
 
     ``size`` is (rows, cols) of a slide at 5X; the file is written at ``base_magnification`` (level 0 is ``size``
     times ``base_magnification / 5``) with pyramid levels down to below 5X. Classes are balanced and the
     train/valid/test split is stratified by class; everything is deterministic for ``seed``.
+    ``task`` is "subtype" (each class its own structure, same ink area) or "detect" (class 0 has no structures,
+    class c has structure c - 1): see ``synthetic_tissue.TASKS``.
     """
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
     if slides < 1:
         raise ValueError(f"slides must be at least 1, got {slides}")
-    if not 1 <= classes <= len(MOTIFS):
-        raise ValueError(f"classes must be between 1 and {len(MOTIFS)} (one structure per class: "
+    most = len(MOTIFS) + (task == "detect")
+    if not 1 <= classes <= most:
+        raise ValueError(f"classes must be between 1 and {most} for task={task} (structures: "
                          f"{', '.join(MOTIFS)}), got {classes}")
     if len(splits) != 3 or min(splits) < 0 or not math.isclose(sum(splits), 1.0):
         raise ValueError(f"splits must be three non-negative fractions (train, valid, test) summing to 1, got {splits}")
@@ -56,7 +61,7 @@ def write_synthetic_dataset(out_dir: str | os.PathLike, slides: int, classes: in
     for index, label in enumerate(labels):
         slide_id = f"slide_{index:04d}"
         relative = Path("slides") / f"{slide_id}.tiff"
-        write_synthetic_slide(out_dir / relative, int(label), size, (seed, index), base_magnification)
+        write_synthetic_slide(out_dir / relative, int(label), size, (seed, index), base_magnification, task)
         rows.append({"slide_id": slide_id, "path": relative.as_posix(), "label": f"class{label}",
                      "split": split_of[index], "patient_id": f"patient_{index:04d}"})
     manifest = out_dir / "manifest.csv"
@@ -68,14 +73,14 @@ def write_synthetic_dataset(out_dir: str | os.PathLike, slides: int, classes: in
 
 
 def write_synthetic_slide(path: str | os.PathLike, label: int, size: tuple[int, int], seed: tuple[int, ...] | int,
-                          base_magnification: float = 20.0) -> Path:
+                          base_magnification: float = 20.0, task: str = "subtype") -> Path:
     """Write one synthetic slide of class ``label`` (``size`` at 5X) as an SVS-like pyramidal TIFF."""
     ratio = base_magnification / 5.0
     if ratio < 1 or not math.log2(ratio).is_integer():
         raise ValueError(f"base_magnification must be 5 times a power of two (5, 10, 20, 40, ...), got "
                          f"{base_magnification}")
     seed = tuple(np.atleast_1d(seed).tolist())
-    plan = plan_slide(size, label, np.random.default_rng([*seed, 0]))
+    plan = plan_slide(size, label, np.random.default_rng([*seed, 0]), task)
     downsample = 4 if math.log2(ratio) % 2 == 0 else 2  # 20X: 20, 5, 1.25; 40X: 40, 20, 10, 5, 2.5
     height, width = round(size[0] * ratio), round(size[1] * ratio)
     magnifications = [base_magnification]

@@ -6,6 +6,12 @@ field, and a list of class structures as geometric primitives in 5X pixels) and 
 40,000 x 40,000 slide never exists in memory. Every class uses the same palette and the same ink area (``INK_FRACTION``
 of the tissue): only the shape of the sparse structures tells classes apart, so a classifier must look at the
 whole slide rather than at its average colour.
+
+Two tasks (``TASKS``):
+- "subtype": every class has structures, of its own shape (like LUAD vs LUSC): shape alone tells them apart.
+- "detect": class 0 is normal tissue without structures, class c has structures of shape c - 1 (like tumour vs
+  normal, the standard MIL assumption: a slide is positive when some of its regions are). Easier to learn from
+  scratch; the demo and the learning test use it.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["INK", "INK_FRACTION", "MOTIFS", "STROMA", "SlidePlan", "plan_slide", "render_region"]
+__all__ = ["INK", "INK_FRACTION", "MOTIFS", "STROMA", "TASKS", "SlidePlan", "plan_slide", "render_region"]
 
 STROMA = np.array([232.0, 164.0, 200.0], dtype=np.float32)  # eosin pink
 _LAVENDER = np.array([200.0, 152.0, 212.0], dtype=np.float32)  # haematoxylin-tinged stroma, mixed in by texture
@@ -87,7 +93,10 @@ MOTIFS: dict[str, Callable[[np.random.Generator, float, float], tuple[list, floa
 }
 
 
-def plan_slide(shape: tuple[int, int], label: int, rng: np.random.Generator) -> SlidePlan:
+TASKS = ("subtype", "detect")
+
+
+def plan_slide(shape: tuple[int, int], label: int, rng: np.random.Generator, task: str = "subtype") -> SlidePlan:
     """Plan a slide of ``shape`` pixels at 5X: blobby tissue on 45-65% of it, structures of class ``label``."""
     height, width = shape
     cell = max(height, width) / _TISSUE_CELLS
@@ -102,7 +111,10 @@ def plan_slide(shape: tuple[int, int], label: int, rng: np.random.Generator) -> 
     texture_nodes = (math.ceil(height / _TEXTURE_CELL) + 2, math.ceil(width / _TEXTURE_CELL) + 2)
     texture = _blur(rng.standard_normal(texture_nodes, dtype=np.float32), radius=1, passes=2)
     texture = np.clip(0.5 + 0.25 * texture / (texture.std() + 1e-12), 0.0, 1.0)
-    rows, reach = _place_structures(shape, label, field, cell, rng)
+    if task == "detect":  # class 0 is normal tissue; class c carries the structures of shape c - 1
+        rows, reach = _place_structures(shape, label - 1, field, cell, rng) if label else (np.zeros((0, 6)), 1.0)
+    else:
+        rows, reach = _place_structures(shape, label, field, cell, rng)
     order = np.argsort(rows[:, 1], kind="stable")
     return SlidePlan(shape, label, field.astype(np.float32), cell, texture.astype(np.float32), rows[order], reach)
 
