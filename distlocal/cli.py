@@ -18,6 +18,7 @@ __all__ = ["main"]
 
 # command -> (module in distlocal.commands, one-line help)
 COMMANDS = {
+    "demo": ("demo", "the whole thing on synthetic slides: K = 4 stages on Ray, MLflow, a summary (a few minutes)"),
     "synth": ("synth", "write synthetic pyramidal TIFF slides and their manifest"),
     "prepare": ("prepare", "read every slide of a manifest once into a cache of 5X tissue crops, in parallel"),
     "split": ("split", "make stratified, patient-grouped train/valid/test splits or k folds of a manifest"),
@@ -30,7 +31,7 @@ COMMANDS = {
 }
 
 
-_RAY_COMMANDS = ("train", "eval", "sweep", "bench")
+_RAY_COMMANDS = ("train", "eval", "sweep", "bench", "demo")
 
 
 def main(argv: list[str] | None = None) -> int:
