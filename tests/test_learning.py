@@ -1,4 +1,4 @@
-"""Learning from scratch on a CPU: the backbone's random init, and a tiny synthetic task that K = 4 local training learns."""
+"""Learning from scratch on a CPU: the backbone's random init keeps activations at unit scale and branches live."""
 
 from __future__ import annotations
 
