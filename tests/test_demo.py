@@ -68,7 +68,7 @@ def test_demo_report_names_every_classifier_and_the_mlflow_command(tmp_path):
             **{f"test/stage{i}/auroc": 0.9 for i in (1, 2, 3)}}
     text = report({"test": test, "epochs": 5, "slides_seen": 120, "best_epoch": 4}, cfg, tmp_path / "demo-x", 150.0,
                   "sqlite:////abs/runs/mlflow.db")
-    assert "H                0.875  1.000" in text
-    assert "A_3              0.750  0.900" in text
+    assert "  H              0.875  1.000" in text
+    assert "  A_3            0.750  0.900" in text
     assert "uv run mlflow ui --backend-store-uri sqlite:////abs/runs/mlflow.db" in text
     assert "in 2.5 min" in text
