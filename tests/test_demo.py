@@ -72,3 +72,27 @@ def test_demo_report_names_every_classifier_and_the_mlflow_command(tmp_path):
     assert "  A_3            0.750  0.900" in text
     assert "uv run mlflow ui --backend-store-uri sqlite:////abs/runs/mlflow.db" in text
     assert "in 2.5 min" in text
+
+
+def test_demo_command_end_to_end(tmp_path, capsys):
+    """`distlocal demo` as a newcomer runs it (one epoch here): slides, Ray K = 4, MLflow, the summary."""
+    from distlocal.cli import main
+
+    manifest = tmp_path / "demo" / "manifest.csv"
+    assert main(["demo", "--set", f"data.manifest={manifest}", "--set", "train.epochs=1",
+                 "--set", f"run.dir={tmp_path / 'runs'}", "--set", "train.heatmaps=1"]) == 0
+    out = capsys.readouterr().out
+    assert "wrote 40 synthetic slides" in out
+    assert "K=4 stages (ray executor), 1 epochs, 24 training slides seen" in out
+    for name in ("A_1", "A_2", "A_3", "H"):
+        assert f"  {name} " in out
+    assert f"--backend-store-uri sqlite:///{tmp_path / 'runs' / 'mlflow.db'}" in out
+    (run_dir,) = (tmp_path / "runs").glob("demo-*")
+    assert (run_dir / "checkpoints" / "best" / "stage4.pt").is_file()
+    assert (run_dir / "plots" / "roc_test.png").is_file()
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("distlocal").experiment_id])
+    assert runs[0].data.tags["executor"] == "ray"
+    assert "test/auroc" in runs[0].data.metrics

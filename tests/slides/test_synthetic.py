@@ -124,3 +124,21 @@ def test_writing_holds_tiles_not_levels(tmp_path: Path) -> None:
     finally:
         tracemalloc.stop()
     assert peak < 2048 * 2048 * 3 / 2
+
+
+def test_detect_task_leaves_class_zero_without_structures(tmp_path):
+    """task=detect: class 0 has no dark structures at all, class 1 has them; subtype puts them in every class."""
+    from distlocal.slides.synthetic_tissue import plan_slide
+
+    rng = np.random.default_rng
+    assert len(plan_slide((128, 128), 0, rng(0), "detect").primitives) == 0
+    assert len(plan_slide((128, 128), 1, rng(0), "detect").primitives) > 0
+    assert len(plan_slide((128, 128), 0, rng(0), "subtype").primitives) > 0
+    images = {}
+    for label in (0, 1):
+        path = write_synthetic_slide(tmp_path / f"{label}.tiff", label, (128, 128), 0, task="detect")
+        image = read_slide(path, magnification=5.0).image.reshape(-1, 3).astype(float)
+        images[label] = (np.abs(image - INK).sum(1) < 60).mean()  # share of ink-coloured pixels
+    assert images[0] < 0.001 < images[1]
+    with pytest.raises(ValueError, match=r"task must be one of subtype, detect"):
+        write_synthetic_dataset(tmp_path / "x", slides=2, classes=2, size=(32, 32), seed=0, task="grade")
