@@ -91,6 +91,30 @@ def attention_heatmap(image, attention: torch.Tensor, path: Path, title: str, la
     return _save(fig, path)
 
 
+def memory_bars(report: dict, path: Path) -> Path:
+    """Training-step memory of E2E and of every stage at K = 4 and K = 8, one panel per slide size."""
+    plt = _pyplot()
+    sizes = report["sizes"]
+    fig, axes = plt.subplots(1, len(sizes), figsize=(6 * len(sizes), 4.2), squeeze=False)
+    colours = {"e2e": "#555555", "k4": "#1f77b4", "k8": "#ff7f0e"}
+    for ax, entry in zip(axes[0], sizes, strict=True):
+        labels, values, colour = [], [], []
+        for name in ("e2e", "k4", "k8"):
+            for row in entry[name]:
+                labels.append("E2E" if name == "e2e" else f"{name.upper()}\n{row['stage']}")
+                values.append(0.0 if row.get("oom") else row["model_total"] / 2**20)
+                colour.append(colours[name])
+        ax.bar(range(len(values)), values, color=colour)
+        ax.set_xticks(range(len(values)), labels, fontsize=7)
+        e2e = values[0]
+        for share, style in ((0.25, "--"), (0.15, ":")):
+            ax.axhline(share * e2e, color="black", linestyle=style, linewidth=0.8, label=f"{share:.0%} of E2E")
+        ax.set_ylabel("MB per training step")
+        ax.set_title(f"{entry['size'][0]} x {entry['size'][1]} px ({report['device']})", fontsize=9)
+        ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
 def _save(fig, path: Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

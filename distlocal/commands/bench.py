@@ -1,6 +1,7 @@
 """
 distlocal bench pipeline [--config CONFIG] [--set key=value ...] [--slides N] [--size H W]
 distlocal bench io [--size H W] [--base-magnification 20] [--repeats 3]
+distlocal bench memory [--sizes HxW,HxW] [--device auto|cpu|cuda] [--set key=value ...]
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ log = logging.getLogger(__name__)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("what", choices=["pipeline", "io"], help="pipeline: Ray executor against the local executor; "
-                   "io: reading a large slide to 5X against decoding it in full")
+    p.add_argument("what", choices=["pipeline", "io", "memory"],
+                   help="pipeline: Ray executor against the local executor; io: reading a large slide to 5X against "
+                        "decoding it in full; memory: one training step, end to end against every stage at K=4/8")
     p.add_argument("--config", help="YAML config; default: synthetic slides, resnet18, K=2, one thread per stage")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--slides", type=int, default=20, help="synthetic training slides when no manifest is given")
@@ -24,6 +26,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(default 40000 40000)")
     p.add_argument("--base-magnification", type=float, default=20.0, help="io: the slide's scan magnification")
     p.add_argument("--repeats", type=int, default=3, help="io: reads per way (the median is reported)")
+    p.add_argument("--sizes", help="memory: slide sizes at 5X, e.g. 1024x1024,2048x1536 (default: those on CPU, "
+                   "the paper's 8698x7496,12223x10057,23849x10257 on CUDA)")
+    p.add_argument("--device", default="auto", help="memory: auto (CUDA when present), cpu or cuda")
     p.add_argument("--out", default="runs/bench", help="folder for pipeline.json, or io.json and io.png")
 
 
@@ -32,7 +37,30 @@ _DEFAULTS = ["model.backbone=resnet18", "model.k=2", "model.split=balanced", "mo
              "tracking.enabled=false"]
 
 
+def _sizes(text: str) -> list[tuple[int, int]]:
+    from distlocal.config import ConfigError
+
+    try:
+        sizes = [tuple(int(v) for v in item.lower().split("x")) for item in text.split(",")]
+    except ValueError:
+        sizes = []
+    if not sizes or any(len(s) != 2 or min(s) < 64 for s in sizes):
+        raise ConfigError(f"--sizes {text!r}: give HxW pairs of at least 64 px, comma-separated, "
+                          "e.g. 1024x1024,2048x1536")
+    return sizes
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.what == "memory":
+        from distlocal.bench.memory import PAPER_SIZES, bench_memory, format_memory
+        from distlocal.model import resolve_device
+
+        default = PAPER_SIZES if resolve_device(args.device).type == "cuda" else [(1024, 1024), (2048, 1536)]
+        report = bench_memory(Path(args.out), _sizes(args.sizes) if args.sizes else default, args.overrides,
+                              args.device)
+        print(format_memory(report))
+        print(f"wrote {Path(args.out) / 'memory.json'} and {Path(args.out) / 'memory.png'}")
+        return 0
     if args.what == "io":
         from distlocal.bench.io import bench_io, format_io
 

@@ -1,0 +1,139 @@
+"""
+distlocal bench memory: the memory of one training step, end to end against every stage at K = 4 and K = 8.
+
+The paper's Table 2 compares GPU memory of end-to-end training with the largest module of local training. Two ways
+of measuring, both on one real training step (forward, loss, backward, optimizer step) of the real modules:
+- "model" bytes, everywhere (CPU included): activations saved for backward (counted by saved-tensor hooks, each
+  storage once) + the stage's input + parameters + gradients + AdamW state. This is what training must hold at
+  its peak, whatever the allocator does.
+- CUDA only: torch.cuda.max_memory_allocated over the step (what the paper measured), at the paper's slide sizes
+  as far as the GPU holds them; an out-of-memory is recorded as such.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from distlocal.config import Config, load_config
+from distlocal.model import build_stages, resolve_device
+
+__all__ = ["PAPER_SIZES", "bench_memory", "format_memory"]
+
+PAPER_SIZES = [(8698, 7496), (12223, 10057), (23849, 10257)]  # the paper's Table 2 images (5X pixels)
+_MB = 2**20
+
+
+def _saved_bytes(step) -> tuple[int, object]:
+    """Run ``step()`` and return (bytes of distinct storages autograd saved for backward, step's result)."""
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor):
+        storage = t.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        result = step()
+    return sum(seen.values()), result
+
+
+def _state_bytes(modules) -> dict[str, int]:
+    params = [p for m in modules for p in m.parameters()]
+    trainable = sum(p.numel() * p.element_size() for p in params if p.requires_grad)
+    return {"params": sum(p.numel() * p.element_size() for p in params), "grads": trainable,
+            "optimizer": 2 * trainable}  # AdamW: exp_avg and exp_avg_sq
+
+
+def _modules(stage) -> list:
+    return [stage.net] if hasattr(stage, "net") else [stage.modules]
+
+
+def measure(cfg: Config, size: tuple[int, int], device: torch.device) -> list[dict]:
+    """One training step of every stage of ``cfg`` on a random slide of ``size``; one dict per stage."""
+    stages = build_stages(cfg, 2, device)
+    x = torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(0))
+    rows = []
+    for i, stage in enumerate(stages):
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+        start = time.perf_counter()
+        try:
+            saved, (out, _) = _saved_bytes(lambda s=stage, h=x: s.train_step(h, 1))
+        except torch.OutOfMemoryError:
+            rows.append({"stage": i + 1, "oom": True})
+            break
+        seconds = time.perf_counter() - start
+        state = _state_bytes(_modules(stage))
+        row = {"stage": i + 1, "saved_activations": saved, "input": x.numel() * 4, **state, "step_s": seconds}
+        row["model_total"] = saved + row["input"] + sum(state.values())
+        if device.type == "cuda":
+            # `before` holds every stage's weights (all were built on the device): add back this stage's own.
+            row["cuda_max_allocated"] = torch.cuda.max_memory_allocated(device) - before + state["params"]
+        rows.append(row)
+        x = out.float().cpu() if not hasattr(stage, "net") else x
+    del stages
+    return rows
+
+
+def bench_memory(out_dir: Path, sizes: list[tuple[int, int]], overrides: list[str] = (),
+                 device: str = "auto") -> dict:
+    """E2E, K = 4 and K = 8 at every size; writes memory.json and memory.png into ``out_dir``."""
+    dev = resolve_device(device)
+    base = ["model.pretrained=none", "train.accumulate=1", f"train.device={dev}", *overrides]
+    if dev.type == "cuda":
+        base.append("train.precision=bf16")
+    configs = {"e2e": ["model.mode=e2e", "model.k=1", "model.split=balanced"], "k4": ["model.k=4"],
+               "k8": ["model.k=8"]}
+    results = []
+    for size in sizes:
+        entry = {"size": list(size)}
+        for name, extra in configs.items():
+            print(f"bench memory: {name} at {size[0]} x {size[1]} on {dev} ...", flush=True)
+            entry[name] = measure(load_config(None, [*base, *extra]), size, dev)
+        results.append(entry)
+    report = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "sizes": results}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "memory.json").write_text(json.dumps(report, indent=2))
+    _plot(report, out_dir / "memory.png")
+    return report
+
+
+def _largest(rows: list[dict], key: str) -> float | None:
+    if any(r.get("oom") for r in rows):
+        return None
+    return max(r[key] for r in rows) if rows and key in rows[0] else None
+
+
+def format_memory(report: dict) -> str:
+    """The paper's Table 2 layout: E2E and the largest stage at K = 4 and K = 8, with ratios to E2E."""
+    keys = ["model_total"] + (["cuda_max_allocated"] if report["device"] != "cpu" else [])
+    lines = [f"device: {report['device']}",
+             "| size (5X px) | measure | E2E (MB) | K=4 largest stage (MB) | ratio | K=8 largest stage (MB) | ratio |",
+             "|---|---|---|---|---|---|---|"]
+    for entry in report["sizes"]:
+        for key in keys:
+            e2e, k4, k8 = (_largest(entry[n], key) for n in ("e2e", "k4", "k8"))
+
+            def cell(v, e2e=e2e):
+                return "OOM" if v is None else f"{v / _MB:,.0f}"
+
+            def ratio(v, e2e=e2e):
+                return "-" if v is None or e2e is None else f"{100 * v / e2e:.1f} %"
+
+            lines.append(f"| {entry['size'][0]} x {entry['size'][1]} | {key} | {cell(e2e)} | {cell(k4)} | "
+                         f"{ratio(k4)} | {cell(k8)} | {ratio(k8)} |")
+    return "\n".join(lines)
+
+
+def _plot(report: dict, path: Path) -> None:
+    from distlocal.plots import memory_bars
+
+    memory_bars(report, path)

@@ -1,0 +1,36 @@
+"""bench memory: the bytes a training step holds, counted on the real modules; local stages need far less."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from distlocal.bench.memory import _saved_bytes, bench_memory, format_memory
+
+
+def test_saved_bytes_counts_each_storage_once():
+    """Autograd saves a matmul's inputs; the same tensor saved twice counts once."""
+    a = torch.randn(256, 256, requires_grad=True)
+    b = torch.randn(256, 256, requires_grad=True)
+    saved, _ = _saved_bytes(lambda: (a @ b).sum())
+    assert saved == 2 * 256 * 256 * 4
+    saved, _ = _saved_bytes(lambda: (a @ a).sum())
+    assert saved == 256 * 256 * 4
+
+
+def test_bench_memory_stages_hold_a_fraction_of_end_to_end(tmp_path, capsys):
+    """At 384 x 320: every stage at K = 4 and K = 8 holds less than end to end, K = 8 less than K = 4."""
+    report = bench_memory(tmp_path, [(384, 320)], ["model.rfr.patch_size=32", "model.aux_kernels=[]"], "cpu")
+    entry = report["sizes"][0]
+    assert [len(entry[n]) for n in ("e2e", "k4", "k8")] == [1, 4, 8]
+    e2e = entry["e2e"][0]["model_total"]
+    largest = {n: max(r["model_total"] for r in entry[n]) for n in ("k4", "k8")}
+    assert largest["k8"] < largest["k4"] < e2e
+    assert entry["e2e"][0]["saved_activations"] > max(r["saved_activations"] for r in entry["k4"])
+    # parameters add up: the stages together hold the end-to-end network plus their auxiliary models
+    assert sum(r["params"] for r in entry["k4"]) > entry["e2e"][0]["params"]
+    table = format_memory(report)
+    assert "| 384 x 320 | model_total |" in table
+    assert json.loads((tmp_path / "memory.json").read_text())["device"] == "cpu"
+    assert (tmp_path / "memory.png").stat().st_size > 5000
