@@ -76,11 +76,16 @@ def test_demo_report_names_every_classifier_and_the_mlflow_command(tmp_path):
 
 def test_demo_command_end_to_end(tmp_path, capsys):
     """`distlocal demo` as a newcomer runs it (one epoch here): slides, Ray K = 4, MLflow, the summary."""
+    import ray
+
     from distlocal.cli import main
 
     manifest = tmp_path / "demo" / "manifest.csv"
-    assert main(["demo", "--set", f"data.manifest={manifest}", "--set", "train.epochs=1",
-                 "--set", f"run.dir={tmp_path / 'runs'}", "--set", "train.heatmaps=1"]) == 0
+    try:
+        assert main(["demo", "--set", f"data.manifest={manifest}", "--set", "train.epochs=1",
+                     "--set", f"run.dir={tmp_path / 'runs'}", "--set", "train.heatmaps=1"]) == 0
+    finally:
+        ray.shutdown()  # the command leaves its local Ray to the process's exit; later test modules start their own
     out = capsys.readouterr().out
     assert "wrote 40 synthetic slides" in out
     assert "K=4 stages (ray executor), 1 epochs, 24 training slides seen" in out
