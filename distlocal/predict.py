@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import csv
 import json
-import logging
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -20,7 +19,6 @@ from torch import nn
 
 from distlocal.config import Config, load_config
 from distlocal.data import ManifestError, SlideLoader, SlideRecord, read_manifest
-from distlocal.data.augment import normalise, to_tensor
 from distlocal.engine.checkpoint import for_restoring, load_checkpoint
 from distlocal.model import build_stages
 from distlocal.model.build import resolve_device
@@ -31,7 +29,6 @@ from distlocal.slides import SlideError
 
 __all__ = ["Predictor", "predict", "slide_records"]
 
-log = logging.getLogger(__name__)
 _SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".scn", ".bif")
 
 
@@ -146,19 +143,16 @@ def predict(checkpoint: str | Path, inputs: list[str], out_dir: str | Path, over
     (out_dir / "heatmaps").mkdir(parents=True, exist_ok=True)
     loader = SlideLoader(cfg.data, train=False)
     aux = cfg.predict.aux_heatmaps and heatmaps
-    rows, skipped = [], []
+    rows = []
     bar = progress(records, desc="predict", unit="slide")
     for record in bar:
         start = time.perf_counter()
         try:
             image = loader.read(record)  # read once: the tensor and the heatmap's thumbnail both come from it
         except SlideError as exc:
-            if cfg.data.on_error == "fail":
-                raise
-            log.warning("skipping slide %s: %s", record.slide_id, exc)
-            skipped.append({"slide_id": record.slide_id, "path": str(record.path), "reason": str(exc)})
+            loader.skip(record, exc)
             continue
-        x = normalise(to_tensor(image), cfg.data.mean, cfg.data.std)[None]
+        x = loader.to_input(image, record)
         read_s = time.perf_counter() - start
         result = predictor(x, aux=aux)
         probs = result["probs"][-1]
@@ -179,7 +173,7 @@ def predict(checkpoint: str | Path, inputs: list[str], out_dir: str | Path, over
                 attention_heatmap(image, attention, out_dir / "heatmaps" / f"{record.slide_id}_A{i + 1}.png",
                                   f"{title} - A_{i + 1}", label=f"A_{i + 1} attention")
     _write_csv(out_dir / "predictions.csv", rows)
-    summary = _summary(rows, skipped, predictor, checkpoint)
+    summary = _summary(rows, [asdict(s) for s in loader.skipped], predictor, checkpoint)
     (out_dir / "predictions.json").write_text(json.dumps(summary, indent=2))
     return summary
 

@@ -78,8 +78,7 @@ def measure(cfg: Config, size: tuple[int, int], device: torch.device) -> list[di
             # `before` holds every stage's weights (all were built on the device): add back this stage's own.
             row["cuda_max_allocated"] = torch.cuda.max_memory_allocated(device) - before + state["params"]
         rows.append(row)
-        x = out.float().cpu() if not hasattr(stage, "net") else x
-    del stages
+        x = out.float().cpu()  # the next stage's input (E2E has a single stage)
     return rows
 
 
@@ -112,6 +111,14 @@ def _largest(rows: list[dict], key: str) -> float | None:
     return max(r[key] for r in rows) if rows and key in rows[0] else None
 
 
+def _mb(value: float | None) -> str:
+    return "OOM" if value is None else f"{value / _MB:,.0f}"
+
+
+def _ratio(value: float | None, e2e: float | None) -> str:
+    return "-" if value is None or e2e is None else f"{100 * value / e2e:.1f} %"
+
+
 def format_memory(report: dict) -> str:
     """The paper's Table 2 layout: E2E and the largest stage at K = 4 and K = 8, with ratios to E2E."""
     keys = ["model_total"] + (["cuda_max_allocated"] if report["device"] != "cpu" else [])
@@ -121,15 +128,8 @@ def format_memory(report: dict) -> str:
     for entry in report["sizes"]:
         for key in keys:
             e2e, k4, k8 = (_largest(entry[n], key) for n in ("e2e", "k4", "k8"))
-
-            def cell(v, e2e=e2e):
-                return "OOM" if v is None else f"{v / _MB:,.0f}"
-
-            def ratio(v, e2e=e2e):
-                return "-" if v is None or e2e is None else f"{100 * v / e2e:.1f} %"
-
-            lines.append(f"| {entry['size'][0]} x {entry['size'][1]} | {key} | {cell(e2e)} | {cell(k4)} | "
-                         f"{ratio(k4)} | {cell(k8)} | {ratio(k8)} |")
+            lines.append(f"| {entry['size'][0]} x {entry['size'][1]} | {key} | {_mb(e2e)} | {_mb(k4)} | "
+                         f"{_ratio(k4, e2e)} | {_mb(k8)} | {_ratio(k8, e2e)} |")
     return "\n".join(lines)
 
 

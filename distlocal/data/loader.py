@@ -56,7 +56,10 @@ class SlideLoader:
 
     def load(self, record: SlideRecord, epoch: int = 0) -> torch.Tensor:
         """Read one slide at the target magnification: a 1 x 3 x H x W normalised float tensor."""
-        image = self.read(record)
+        return self.to_input(self.read(record), record, epoch)
+
+    def to_input(self, image: np.ndarray, record: SlideRecord, epoch: int = 0) -> torch.Tensor:
+        """A read slide (uint8 H x W x 3) as the network's input: augmented when training, then normalised."""
         if self.train and self.cfg.augment:
             # Per-slide RNG from (seed, epoch, slide): the same slide gets the same augmentation however
             # many threads load it, in whatever order, and after a resume.
@@ -77,14 +80,18 @@ class SlideLoader:
             _note_uncached(record, cfg.cache_dir)
         return read_original(record, cfg).image
 
+    def skip(self, record: SlideRecord, exc: SlideError) -> None:
+        """A slide that could not be read: re-raise it (data.on_error=fail) or note it in `skipped` and go on."""
+        if self.cfg.on_error == "fail":
+            raise exc
+        log.warning("skipping slide %s: %s", record.slide_id, exc)
+        self.skipped.append(SkippedSlide(record.slide_id, str(record.path), str(exc)))
+
     def _guarded(self, record: SlideRecord, epoch: int) -> torch.Tensor | None:
         try:
             return self.load(record, epoch)
         except SlideError as exc:
-            if self.cfg.on_error == "fail":
-                raise
-            log.warning("skipping slide %s: %s", record.slide_id, exc)
-            self.skipped.append(SkippedSlide(record.slide_id, str(record.path), str(exc)))
+            self.skip(record, exc)
             return None
 
     def stream(self, records: Iterable[SlideRecord], epoch: int = 0) -> Iterator[tuple[SlideRecord, torch.Tensor]]:
