@@ -27,7 +27,8 @@ COMMANDS = {
     "predict": ("predict", "predict new slides with a checkpoint: predictions.csv and attention heatmaps"),
     "sweep": ("sweep", "train every combination of --grid values (and seeds) as nested MLflow runs; ablation table"),
     "compare": ("compare", "print the ablation table (accuracy and AUROC per setting) of an MLflow experiment"),
-    "bench": ("bench", "measure: pipeline (Ray against local slides/s, stage busy fractions, ideal bound)"),
+    "bench": ("bench", "measure: pipeline (Ray against local), io (slide reading), memory (training step), "
+                       "inference (whole slide against patch-based GABMIL)"),
 }
 
 

@@ -115,6 +115,32 @@ def memory_bars(report: dict, path: Path) -> Path:
     return _save(fig, path)
 
 
+def inference_bars(report: dict, path: Path) -> Path:
+    """Seconds per slide: GABMIL's tiling / features / prediction stacked against whole-slide prediction."""
+    plt = _pyplot()
+    images = report["images"]
+    fig, ax = plt.subplots(figsize=(7, 1.2 + 0.9 * len(images)))
+    steps = (("tiling_s", "tiling", "#bbbbbb"), ("features_s", "features", "#ff7f0e"),
+             ("prediction_s", "prediction", "#1f77b4"))
+    labels = []
+    for i, entry in enumerate(images):
+        left = 0.0
+        for key, name, colour in steps:
+            value = entry["gabmil"][key]
+            ax.barh(2 * i + 1, value, left=left, color=colour, label=name if i == 0 else None)
+            left += value
+        ax.barh(2 * i, entry["ours"]["total_s"], color="#1f77b4")
+        ax.text(entry["ours"]["total_s"], 2 * i, f"  {entry['speed_gain']:.1f}x faster", va="center", fontsize=8)
+        labels += [f"ours\n{entry['name']}", f"GABMIL\n{entry['name']}"]
+    ax.set_yticks(range(len(labels)), labels, fontsize=7)
+    ax.invert_yaxis()  # the first slide on top
+    ax.set_xlim(0, 1.3 * max(max(e["gabmil"]["total_s"], e["ours"]["total_s"]) for e in images))
+    ax.set_xlabel("seconds per slide (from the decoded 5X image)")
+    ax.set_title(f"Inference time, {report['backbone']} K = {report['k']} ({report['device']})", fontsize=9)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    return _save(fig, path)
+
+
 def _save(fig, path: Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

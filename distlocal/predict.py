@@ -27,7 +27,7 @@ from distlocal.model.tiling import tiled_forward
 from distlocal.progress import progress
 from distlocal.slides import SlideError
 
-__all__ = ["Predictor", "predict", "slide_records"]
+__all__ = ["Predictor", "elapsed", "predict", "slide_records"]
 
 _SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".scn", ".bif")
 
@@ -50,6 +50,11 @@ class Predictor:
         stages = build_stages(for_restoring(cfg), len(ckpt.classes), device)
         for stage, state in zip(stages, ckpt.stages, strict=True):
             stage.load_state_dict(state)
+        return cls.from_stages(cfg, ckpt.classes, stages, device)
+
+    @classmethod
+    def from_stages(cls, cfg: Config, classes: list[str], stages: list, device: torch.device) -> Predictor:
+        """The inference parts of built stages (local stages or one end-to-end network), in eval mode."""
         parts = []
         for stage in stages:
             if cfg.model.mode == "e2e":
@@ -62,7 +67,15 @@ class Predictor:
             features.eval()
             classifier.eval()
         tile = cfg.predict.max_tile_pixels or _fit_tile(parts, device)
-        return cls(cfg, ckpt.classes, parts, device, tile)
+        return cls(cfg, classes, parts, device, tile)
+
+    def input_device(self, height: int, width: int) -> torch.device | None:
+        """
+        Where to build a slide's input: on the device when the whole slide runs at once there, so the maps between
+        stages stay on it too; None (host memory) when it runs as tiles.
+        """
+        fits = self.max_tile_pixels is None or height * width <= self.max_tile_pixels
+        return self.device if fits else None
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, aux: bool = False) -> dict:
@@ -74,18 +87,19 @@ class Predictor:
             start = time.perf_counter()
             with autocast(self.device, bf16):
                 x = tiled_forward(features, x, self.max_tile_pixels, self.device)
-            out["forward_s"] += _elapsed(start, self.device)
+            out["forward_s"] += elapsed(start, self.device)
             if i == last or aux:
                 start = time.perf_counter()
                 with autocast(self.device, bf16):
                     logits, attention = classifier(x.to(self.device))
                 out["probs"].append(torch.softmax(logits.float(), 1)[0].cpu())
                 out["attention"].append(attention.float().cpu())
-                out["head_s" if i == last else "aux_s"] += _elapsed(start, self.device)
+                out["head_s" if i == last else "aux_s"] += elapsed(start, self.device)
         return out
 
 
-def _elapsed(start: float, device: torch.device) -> float:
+def elapsed(start: float, device: torch.device) -> float:
+    """Seconds since ``start``, after the device has finished its queued work."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter() - start
@@ -152,7 +166,7 @@ def predict(checkpoint: str | Path, inputs: list[str], out_dir: str | Path, over
         except SlideError as exc:
             loader.skip(record, exc)
             continue
-        x = loader.to_input(image, record)
+        x = loader.to_input(image, record, device=predictor.input_device(*image.shape[:2]))
         read_s = time.perf_counter() - start
         result = predictor(x, aux=aux)
         probs = result["probs"][-1]

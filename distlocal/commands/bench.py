@@ -2,6 +2,7 @@
 distlocal bench pipeline [--config CONFIG] [--set key=value ...] [--slides N] [--size H W]
 distlocal bench io [--size H W] [--base-magnification 20] [--repeats 3]
 distlocal bench memory [--sizes HxW,HxW] [--device auto|cpu|cuda] [--set key=value ...]
+distlocal bench inference [SLIDE_OR_MANIFEST ...] [--sizes HxW,HxW] [--checkpoint PATH] [--batch N] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -15,9 +16,12 @@ log = logging.getLogger(__name__)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("what", choices=["pipeline", "io", "memory"],
+    p.add_argument("what", choices=["pipeline", "io", "memory", "inference"],
                    help="pipeline: Ray executor against the local executor; io: reading a large slide to 5X against "
-                        "decoding it in full; memory: one training step, end to end against every stage at K=4/8")
+                        "decoding it in full; memory: one training step, end to end against every stage at K=4/8; "
+                        "inference: whole-slide prediction against patch-based GABMIL (the paper's Table 3)")
+    p.add_argument("inputs", nargs="*", metavar="SLIDE_OR_MANIFEST",
+                   help="inference: slide files or manifests to time (default: synthetic slides of --sizes)")
     p.add_argument("--config", help="YAML config; default: synthetic slides, resnet18, K=2, one thread per stage")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--slides", type=int, default=20, help="synthetic training slides when no manifest is given")
@@ -25,16 +29,41 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="synthetic slide size: at 5X for pipeline (default 384 384), at the base magnification for io "
                         "(default 40000 40000)")
     p.add_argument("--base-magnification", type=float, default=20.0, help="io: the slide's scan magnification")
-    p.add_argument("--repeats", type=int, default=3, help="io: reads per way (the median is reported)")
-    p.add_argument("--sizes", help="memory: slide sizes at 5X, e.g. 1024x1024,2048x1536 (default: those on CPU, "
-                   "the paper's 8698x7496,12223x10057,23849x10257 on CUDA)")
-    p.add_argument("--device", default="auto", help="memory: auto (CUDA when present), cpu or cuda")
+    p.add_argument("--repeats", type=int, default=3, help="io, inference: runs per way (the median is reported)")
+    p.add_argument("--sizes", help="memory, inference: synthetic slide sizes at 5X, e.g. 1024x1024,2048x1536 "
+                   "(default on CPU: 1024x1024,2048x1536 for memory, 2048x2048,4096x3072 for inference; on CUDA: "
+                   "the paper's 8698x7496,12223x10057,23849x10257)")
+    p.add_argument("--device", default="auto", help="memory, inference: auto (CUDA when present), cpu or cuda")
+    p.add_argument("--checkpoint", help="inference: time this trained model (default: the config's, random weights)")
+    p.add_argument("--batch", type=int, default=0, help="inference: GABMIL tiles per feature batch "
+                   "(default 32 on CPU, 256 on CUDA)")
     p.add_argument("--out", default="runs/bench", help="folder for pipeline.json, or io.json and io.png")
 
 
 _DEFAULTS = ["model.backbone=resnet18", "model.k=2", "model.split=balanced", "model.aux_kernels=[3,1]",
              "model.rfr.patch_size=32", "train.executor=ray", "train.cpus_per_stage=1", "data.augment=false",
              "tracking.enabled=false"]
+
+
+def _inference(args: argparse.Namespace) -> int:
+    from distlocal.bench.inference import bench_inference, format_inference, slide_images, synthetic_images
+    from distlocal.bench.memory import PAPER_SIZES
+    from distlocal.config import load_config
+    from distlocal.model import resolve_device
+
+    device = resolve_device(args.device)
+    base = ["model.pretrained=none", f"train.device={device}"] + (["train.precision=bf16"] if device.type == "cuda"
+                                                                   else [])
+    cfg = load_config(args.config, [*base, *args.overrides])
+    if args.inputs:
+        images = slide_images(args.inputs, cfg)
+    else:
+        default = PAPER_SIZES if device.type == "cuda" else [(2048, 2048), (4096, 3072)]
+        images = synthetic_images(_sizes(args.sizes) if args.sizes else default)
+    report = bench_inference(Path(args.out), images, cfg, args.repeats, args.batch, args.checkpoint, args.overrides)
+    print(format_inference(report))
+    print(f"wrote {Path(args.out) / 'inference.json'} and {Path(args.out) / 'inference.png'}")
+    return 0
 
 
 def _sizes(text: str) -> list[tuple[int, int]]:
@@ -51,6 +80,13 @@ def _sizes(text: str) -> list[tuple[int, int]]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from distlocal.config import ConfigError
+
+    if args.inputs and args.what != "inference":
+        raise ConfigError(f"bench {args.what} takes no slide arguments (got {args.inputs[:3]}); only bench inference "
+                          "times given slides")
+    if args.what == "inference":
+        return _inference(args)
     if args.what == "memory":
         from distlocal.bench.memory import PAPER_SIZES, bench_memory, format_memory
         from distlocal.model import resolve_device

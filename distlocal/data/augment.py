@@ -46,10 +46,12 @@ def augment(image: np.ndarray, rng: np.random.Generator, crop_p: float = 0.6, ji
     return x.clamp_(0, 1)
 
 
-def to_tensor(image: np.ndarray) -> torch.Tensor:
-    """uint8 H x W x 3 -> float 3 x H x W in [0, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float().div_(255)
+def to_tensor(image: np.ndarray, device: torch.device | None = None) -> torch.Tensor:
+    """uint8 H x W x 3 -> float 3 x H x W in [0, 1], made on ``device`` (the uint8 crosses: 1/4 of the bytes)."""
+    x = torch.from_numpy(np.ascontiguousarray(image))
+    return x.to(device or x.device).permute(2, 0, 1).contiguous().float().div_(255)
 
 
 def normalise(x: torch.Tensor, mean: list[float], std: list[float]) -> torch.Tensor:
-    return x.sub_(torch.tensor(mean)[:, None, None]).div_(torch.tensor(std)[:, None, None])
+    mean, std = (torch.tensor(v, device=x.device)[:, None, None] for v in (mean, std))
+    return x.sub_(mean).div_(std)

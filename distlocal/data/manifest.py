@@ -68,7 +68,7 @@ def read_manifest(path: str | Path, classes: list[str] | None = None, labels_opt
     Read and validate a manifest; relative slide paths are resolved against its folder.
 
     ``labels_optional`` (for prediction): the label and split columns may be missing or empty; a slide without a
-    label gets label -1.
+    label gets label -1. Prediction passes the checkpoint's ``classes``; without them the labels name the classes.
     """
     path = Path(path)
     if not path.is_file():
@@ -83,9 +83,8 @@ def read_manifest(path: str | Path, classes: list[str] | None = None, labels_opt
     if not rows:
         raise ManifestError(f"manifest {path} has no slides")
     labels = [row.get("label", "") for row, _ in rows]
-    if labels_optional and not classes:
-        raise ValueError("read_manifest(labels_optional=True) needs the classes (the checkpoint's)")
-    class_list = _class_list(labels, classes)
+    given = [label for label in labels if label]  # with labels_optional and no classes, the labelled rows name them
+    class_list = _class_list(given, classes) if given or classes else []
     records, seen = [], {}
     for row, line in rows:
         where = f"{path} line {line} (slide {row['slide_id']!r})"

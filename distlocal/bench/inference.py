@@ -1,0 +1,193 @@
+"""
+distlocal bench inference: whole-slide prediction against patch-based GABMIL, in the layout of the paper's Table 3.
+
+Both methods start from the same decoded 5X slide in host memory; reading it is the same for both (it is timed
+and reported apart, and ``bench io`` measures it). The baseline (``bench.patch_mil``) then tiles, extracts
+features and runs GABMIL; ours runs what ``distlocal predict`` runs: normalisation, F_1 .. F_K and H over the
+whole slide (exact tiles only where the device is too small). Weights are random unless ``--checkpoint`` is
+given: the time of a forward pass does not depend on them.
+
+Every method runs once untimed per slide on CUDA (cuDNN picks its kernels per shape), once on a small crop on the
+CPU, then ``repeats`` times, alternating; each step's median is reported.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from distlocal.bench.patch_mil import PATCH, PatchMIL
+from distlocal.config import Config
+from distlocal.data import SlideLoader, SlideRecord
+from distlocal.model import build_stages, resolve_device
+from distlocal.predict import Predictor, slide_records
+from distlocal.progress import progress
+from distlocal.slides.synthetic_tissue import plan_slide, render_region
+
+__all__ = ["bench_inference", "format_inference", "gflops", "slide_images", "synthetic_images"]
+
+_BAND = 1024  # rows rendered at a time: a paper-sized synthetic slide stays a few hundred MB while painted
+
+
+def synthetic_images(sizes: list[tuple[int, int]], seed: int = 0) -> list[dict]:
+    """One synthetic 5X slide per size (tissue on 40-65 % of it, as a real scan), rendered band by band."""
+    images = []
+    for height, width in sizes:
+        rng = np.random.default_rng([seed, height, width])  # the same size gives the same slide in any list
+        plan = plan_slide((height, width), 1, rng, task="detect")
+        image = np.empty((height, width, 3), np.uint8)
+        for y0 in range(0, height, _BAND):
+            image[y0 : y0 + _BAND] = render_region(plan, 5.0, y0, 0, min(_BAND, height - y0), width, rng)
+        images.append({"name": f"{height} x {width}", "image": image, "read_s": None})
+    return images
+
+
+def slide_images(inputs: list[str], cfg: Config) -> list[dict]:
+    """The 5X tissue crops of slide files and manifests' slides, read as ``distlocal predict`` reads them."""
+    loader = SlideLoader(cfg.data, train=False)
+    images = []
+    for record in slide_records(inputs, cfg.data.classes):
+        start = time.perf_counter()
+        image = loader.read(record)
+        images.append({"name": f"{record.slide_id} ({image.shape[0]} x {image.shape[1]})", "image": image,
+                       "read_s": time.perf_counter() - start})
+    return images
+
+
+def _ours(predictor: Predictor, loader: SlideLoader, image: np.ndarray) -> dict:
+    start = time.perf_counter()
+    x = loader.to_input(image, SlideRecord("bench", Path("bench"), -1, "", "bench"),
+                        device=predictor.input_device(*image.shape[:2]))
+    result = predictor(x)  # synchronises the device before it returns
+    total = time.perf_counter() - start
+    return {"prediction_s": total, "input_s": total - result["forward_s"] - result["head_s"],
+            "forward_s": result["forward_s"], "head_s": result["head_s"], "total_s": total,
+            "probs": result["probs"][-1]}
+
+
+@torch.no_grad()
+def gflops(predictor: Predictor, baseline: PatchMIL, height: int, width: int, tiles: int) -> dict:
+    """
+    GFLOP of each method on one slide, counted from the shapes on the meta device (nothing is computed).
+
+    Their ratio is the speed gain a device that runs both at the same FLOP/s would show: it separates what the
+    method saves from how well a device runs large maps against batches of tiles.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def count(module: nn.Module, *inputs: torch.Tensor) -> float:
+        with FlopCounterMode(display=False) as counter:
+            copy.deepcopy(module).to("meta")(*inputs)
+        return counter.get_total_flops() / 1e9
+
+    ours, x = 0.0, torch.empty(1, 3, height, width, device="meta")
+    for features, _ in predictor.parts:
+        ours += count(features, x)
+        x = copy.deepcopy(features).to("meta")(x)
+    ours += count(predictor.parts[-1][1], x)
+    tile = torch.empty(1, 3, PATCH, PATCH, device="meta")
+    dim = baseline.classifier.embed[0].in_features
+    patch = tiles * count(baseline.features, tile) + count(baseline.classifier, torch.empty(tiles, dim, device="meta"))
+    return {"gabmil": patch, "ours": ours}
+
+
+def _median(runs: list[dict], key: str) -> float:
+    return statistics.median(r[key] for r in runs)
+
+
+def bench_inference(out_dir: Path, images: list[dict], cfg: Config, repeats: int = 3, batch: int = 0,
+                    checkpoint: str | None = None, overrides: list[str] = ()) -> dict:
+    """Time both methods on every image; write inference.json and inference.png into ``out_dir``."""
+    if checkpoint:
+        predictor = Predictor.load(checkpoint, list(overrides), str(resolve_device(cfg.train.device)))
+    else:
+        classes = cfg.data.classes or ["class0", "class1"]
+        device = resolve_device(cfg.train.device)
+        predictor = Predictor.from_stages(cfg, classes, build_stages(cfg, len(classes), device), device)
+    cfg, device = predictor.cfg, predictor.device
+    bf16 = cfg.train.precision == "bf16" and device.type == "cuda"
+    batch = batch or (256 if device.type == "cuda" else 32)
+    baseline = PatchMIL.build(cfg.model.backbone, len(predictor.classes), device, bf16, batch, cfg.data.mean,
+                              cfg.data.std)
+    loader = SlideLoader(cfg.data, train=False)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # both methods: the fastest kernels for each shape
+    else:
+        crop = images[0]["image"][:512, :512]
+        baseline(crop)
+        _ours(predictor, loader, crop)
+    results = []
+    for item in progress(images, desc="bench inference", unit="slide"):
+        image = item["image"]
+        if device.type == "cuda":
+            baseline(image)
+            _ours(predictor, loader, image)
+        patch_runs, our_runs = [], []
+        for _ in range(repeats):
+            patch_runs.append(baseline(image))
+            our_runs.append(_ours(predictor, loader, image))
+        gabmil = {k: _median(patch_runs, k) for k in ("tiling_s", "features_s", "prediction_s", "total_s")}
+        gabmil.update(tiles=patch_runs[0]["tiles"], grid_tiles=patch_runs[0]["grid_tiles"],
+                      tiles_per_s=patch_runs[0]["tiles"] / gabmil["features_s"])
+        ours = {k: _median(our_runs, k) for k in ("input_s", "forward_s", "head_s", "prediction_s", "total_s")}
+        ours["megapixels_per_s"] = image.shape[0] * image.shape[1] / 1e6 / ours["total_s"]
+        work = gflops(predictor, baseline, *image.shape[:2], gabmil["tiles"])
+        for name, timing in (("gabmil", gabmil), ("ours", ours)):
+            timing.update(gflop=work[name], gflop_per_s=work[name] / timing["total_s"])
+        results.append({"name": item["name"], "size": list(image.shape[:2]), "read_s": item["read_s"],
+                        "gabmil": gabmil, "ours": ours, "speed_gain": gabmil["total_s"] / ours["total_s"],
+                        "gflop_ratio": work["gabmil"] / work["ours"],
+                        "runs": {"gabmil": [_plain(r) for r in patch_runs], "ours": [_plain(r) for r in our_runs]}})
+        print(f"{item['name']}: GABMIL {gabmil['total_s']:.2f} s ({gabmil['tiles']} tiles), ours "
+              f"{ours['total_s']:.2f} s, {results[-1]['speed_gain']:.1f}x", flush=True)
+    report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              "threads": torch.get_num_threads(), "backbone": cfg.model.backbone, "mode": cfg.model.mode,
+              "k": cfg.model.k, "bf16": bf16, "patch": PATCH, "batch": batch, "repeats": repeats,
+              "max_tile_pixels": predictor.max_tile_pixels, "checkpoint": checkpoint, "images": results}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "inference.json").write_text(json.dumps(report, indent=2))
+    from distlocal.plots import inference_bars
+
+    inference_bars(report, out_dir / "inference.png")
+    return report
+
+
+def _plain(run: dict) -> dict:
+    return {k: v for k, v in run.items() if k.endswith("_s")}
+
+
+def _seconds(value: float) -> str:
+    return "<0.01 s" if value < 0.01 else f"{value:.2f} s"
+
+
+def format_inference(report: dict) -> str:
+    """Table 3's layout: per slide, GABMIL / ours / speed gain for tiling, features, prediction and total."""
+    where = f"{report['device']}" + ("" if report["bf16"] else ", fp32") + f", {report['threads']} threads"
+    lines = [f"{where}; {report['backbone']}, K = {report['k']}; GABMIL tiles {report['patch']} px, "
+             f"batch {report['batch']}; median of {report['repeats']}"]
+    header, rule = "| step |", "|---|"
+    for entry in report["images"]:
+        header += f" {entry['name']}: GABMIL | Ours | Speed gain |"
+        rule += "---|---|---|"
+    rows = {"Tiling": [], "Features": [], "Prediction": [], "Total": [], "Tiles (tissue / grid)": [],
+            "Compute (GFLOP)": [], "Achieved GFLOP/s": [], "Read (both, not in total)": []}
+    for entry in report["images"]:
+        g, o = entry["gabmil"], entry["ours"]
+        rows["Tiling"] += [_seconds(g["tiling_s"]), "/", "/"]
+        rows["Features"] += [_seconds(g["features_s"]), "/", "/"]
+        rows["Prediction"] += [_seconds(g["prediction_s"]), _seconds(o["prediction_s"]), "/"]
+        rows["Total"] += [_seconds(g["total_s"]), f"**{_seconds(o['total_s'])}**", f"{entry['speed_gain']:.1f}x"]
+        rows["Tiles (tissue / grid)"] += [f"{g['tiles']} / {g['grid_tiles']}", "-", "-"]
+        rows["Compute (GFLOP)"] += [f"{g['gflop']:,.0f}", f"{o['gflop']:,.0f}", f"{entry['gflop_ratio']:.2f}x"]
+        rows["Achieved GFLOP/s"] += [f"{g['gflop_per_s']:,.0f}", f"{o['gflop_per_s']:,.0f}", "-"]
+        read = "-" if entry["read_s"] is None else _seconds(entry["read_s"])
+        rows["Read (both, not in total)"] += [read, read, "-"]
+    lines += [header, rule] + [f"| {name} | " + " | ".join(cells) + " |" for name, cells in rows.items()]
+    return "\n".join(lines)
