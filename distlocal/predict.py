@@ -64,7 +64,8 @@ class Predictor:
                 features = [stage.modules["stem"]] if "stem" in stage.modules else []
                 parts.append((nn.Sequential(*features, stage.modules["backbone"]), stage.modules["classifier"]))
         for features, classifier in parts:
-            features.eval()
+            # NHWC: oneDNN's and cuDNN's fast layout for convolutions (~25 % faster on a CPU, tensor cores on GPUs)
+            features.eval().to(memory_format=torch.channels_last)
             classifier.eval()
         tile = cfg.predict.max_tile_pixels or _fit_tile(parts, device)
         return cls(cfg, classes, parts, device, tile)
@@ -85,6 +86,7 @@ class Predictor:
         last = len(self.parts) - 1
         for i, (features, classifier) in enumerate(self.parts):
             start = time.perf_counter()
+            x = x.contiguous(memory_format=torch.channels_last)  # a no-op after a stage that ran whole
             with autocast(self.device, bf16):
                 x = tiled_forward(features, x, self.max_tile_pixels, self.device)
             out["forward_s"] += elapsed(start, self.device)

@@ -91,7 +91,8 @@ class PatchMIL:
         dim = net.fc.in_features
         net.fc = nn.Identity()  # ResNet up to the global average pool: one feature vector per tile
         stats = [torch.tensor(v, device=device).view(1, 3, 1, 1) for v in (mean, std)]
-        return cls(net.to(device).eval(), GABMIL(dim, num_classes).to(device).eval(), device, bf16, batch, *stats)
+        net = net.to(device, memory_format=torch.channels_last).eval()  # the layout predict uses, for both methods
+        return cls(net, GABMIL(dim, num_classes).to(device).eval(), device, bf16, batch, *stats)
 
     @torch.no_grad()
     def extract(self, tiles: np.ndarray) -> torch.Tensor:
@@ -99,7 +100,7 @@ class PatchMIL:
         out = []
         for start in range(0, len(tiles), self.batch):
             x = torch.from_numpy(tiles[start : start + self.batch]).to(self.device)
-            x = (x.permute(0, 3, 1, 2).float().div_(255) - self.mean) / self.std
+            x = (x.permute(0, 3, 1, 2).float().div_(255) - self.mean) / self.std  # NHWC in memory: channels_last
             with autocast(self.device, self.bf16):
                 out.append(self.features(x).float())
         return torch.cat(out)
