@@ -41,10 +41,6 @@ def tile_slide(image: np.ndarray, patch: int = PATCH) -> tuple[np.ndarray, np.nd
     """
     height, width = image.shape[:2]
     rows, cols = math.ceil(height / patch), math.ceil(width / patch)
-    if (rows * patch, cols * patch) != (height, width):
-        padded = np.full((rows * patch, cols * patch, 3), 255, np.uint8)
-        padded[:height, :width] = image
-        image = padded
     mask = detect_tissue(image[::THUMB, ::THUMB]).mask
     side = patch // THUMB
     grid = np.zeros((rows * side, cols * side), np.float32)
@@ -53,8 +49,12 @@ def tile_slide(image: np.ndarray, patch: int = PATCH) -> tuple[np.ndarray, np.nd
     keep = fraction >= MIN_TISSUE
     if not keep.any():
         keep.flat[int(fraction.argmax())] = True
-    tiles = image.reshape(rows, patch, cols, patch, 3).swapaxes(1, 2)[keep]  # advanced indexing copies
-    return tiles, np.argwhere(keep), rows * cols
+    positions = np.argwhere(keep)
+    tiles = np.full((len(positions), patch, patch, 3), 255, np.uint8)  # edge tiles: the rest is white glass
+    for tile, (row, col) in zip(tiles, positions, strict=True):  # only the kept tiles are copied, never the slide
+        part = image[row * patch : (row + 1) * patch, col * patch : (col + 1) * patch]
+        tile[: part.shape[0], : part.shape[1]] = part
+    return tiles, positions, rows * cols
 
 
 class GABMIL(nn.Module):
