@@ -130,7 +130,9 @@ def inference_bars(report: dict, path: Path) -> Path:
             ax.barh(2 * i + 1, value, left=left, color=colour, label=name if i == 0 else None)
             left += value
         ax.barh(2 * i, entry["ours"]["total_s"], color="#1f77b4")
-        ax.text(entry["ours"]["total_s"], 2 * i, f"  {entry['speed_gain']:.1f}x faster", va="center", fontsize=8)
+        gain = entry["speed_gain"]
+        text = f"  {gain:.1f}x faster" if gain >= 1 else f"  {1 / gain:.1f}x slower"
+        ax.text(entry["ours"]["total_s"], 2 * i, text, va="center", fontsize=8)
         labels += [f"ours\n{entry['name']}", f"GABMIL\n{entry['name']}"]
     ax.set_yticks(range(len(labels)), labels, fontsize=7)
     ax.invert_yaxis()  # the first slide on top
