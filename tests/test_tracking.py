@@ -8,11 +8,13 @@ import subprocess
 import sys
 import time
 
+import pytest
 from mlflow.tracking import MlflowClient
 
 from distlocal.config import load_config
 from distlocal.data import read_manifest
 from distlocal.engine.trainer import Trainer
+from distlocal.slides import SlideError
 from distlocal.tracking.sender import MlflowTracker
 
 
@@ -128,3 +130,38 @@ def test_sender_buffers_until_a_late_server_comes_up(tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_slides_replayed_after_a_crash_are_logged_once(manifest, tmp_path):
+    """
+    A run that dies mid-epoch and is resumed trains the slides since its checkpoint again; MLflow and
+    metrics.jsonl still hold each metric once per step.
+    """
+    import shutil
+
+    from distlocal.engine.trainer import epoch_order
+
+    data = tmp_path / "data"
+    shutil.copytree(manifest.parent, data)  # this test corrupts a slide: keep the module's dataset intact
+    copy = data / manifest.name
+    run_dir = tmp_path / "run"
+    cfg = _cfg(copy, tmp_path, "train.epochs=1")
+    trainer = Trainer(cfg, run_dir)
+    trainer.fit()  # epoch 1 completes; its checkpoint is the one the crash goes back to
+    victim = trainer.train_set[epoch_order(len(trainer.train_set), cfg.train.seed, 1)[4]]  # 5th slide of epoch 2
+    good = victim.path.read_bytes()
+    victim.path.write_bytes(b"II*\x00garbage")
+    again = load_config(run_dir / "config.yaml", ["train.epochs=2"])
+    with pytest.raises(SlideError, match=victim.slide_id):
+        Trainer(again, run_dir, resume=True).fit()  # logs steps +2 and +4 of epoch 2, then dies
+    victim.path.write_bytes(good)
+    summary = Trainer(again, run_dir, resume=True).fit()  # replays epoch 2 from its first slide
+    assert summary["completed"]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    pairs = [(k, r["step"]) for r in records for k in r if k not in ("step", "epoch")]
+    assert len(pairs) == len(set(pairs))
+    steps = sorted({r["step"] for r in records if "stage1/loss_cls" in r})
+    assert steps == list(range(2, 2 * len(trainer.train_set) + 1, 2))  # every step of both epochs, once
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    history = client.get_metric_history(summary["tracking"]["run_id"], "stage1/loss_cls")
+    assert sorted(m.step for m in history) == steps

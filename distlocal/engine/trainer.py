@@ -125,6 +125,7 @@ class Trainer:
         save_config(cfg, self.run_dir / "config.yaml")
         if not resume and cfg.train.executor == "ray":
             self._save("last")  # a stage that dies before the first checkpoint restarts from here
+        self.logged = _logged_steps(self.run_dir / "metrics.jsonl") if resume else {}
         self.tracker = make_tracker(cfg, self.run_dir, resume, parent_run_id)
         self.tracker.log_params(flatten(cfg))
         self.tracker.set_tags({**self._tags(), **(extra_tags or {})})
@@ -145,9 +146,17 @@ class Trainer:
         self.state.failures = failures or self.state.failures
 
     def _log(self, record: dict) -> None:
+        # After a stage failure or a --resume, the slides since the last checkpoint are trained again and report
+        # the same steps: each metric is logged once per step, so histories in MLflow have no doubled points.
+        step = record["step"]
+        new = {k: v for k, v in record.items() if k not in ("step", "epoch") and step > self.logged.get(k, -1)}
+        if not new:
+            return
+        self.logged.update(dict.fromkeys(new, step))
+        record = {"step": step, "epoch": record["epoch"], **new}
         with (self.run_dir / "metrics.jsonl").open("a") as f:
             f.write(json.dumps(record) + "\n")
-        self.tracker.log_metrics({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+        self.tracker.log_metrics({k: v for k, v in record.items() if k != "step"}, step=step)
 
     def _save(self, name: str) -> None:
         save_checkpoint(self.ckpt_dir / name, self.executor.save_stages, self.cfg.model.k, asdict(self.state),
@@ -277,6 +286,20 @@ class Trainer:
             self.tracker.log_artifact(self.run_dir / "plots", "plots")
         if (self.ckpt_dir / "best").is_dir():
             self.tracker.log_artifact(self.ckpt_dir / "best", "checkpoint_best")
+
+
+def _logged_steps(path: Path) -> dict[str, int]:
+    """The last step each metric of an earlier run reached (from its metrics.jsonl)."""
+    logged: dict[str, int] = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # the line a killed run was writing
+                continue
+            for key in record.keys() - {"step", "epoch"}:
+                logged[key] = max(logged.get(key, -1), record["step"])
+    return logged
 
 
 def _report_tracking(report: dict) -> None:
