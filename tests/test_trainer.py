@@ -26,11 +26,16 @@ def _params(trainer):
     return [s.state_dict()["modules"] for s in trainer.executor.stages]
 
 
-def test_checkpoints_carry_the_resolved_config(manifest, tmp_path):
+def test_checkpoints_carry_the_resolved_config(manifest, tmp_path, caplog):
     """Every checkpoint folder holds the stages, the trainer position and the resolved config."""
     cfg = _cfg(manifest, tmp_path)
-    summary = Trainer(cfg, tmp_path / "run").fit()
+    with caplog.at_level("INFO", logger="distlocal.engine.trainer"):
+        summary = Trainer(cfg, tmp_path / "run").fit()
     assert summary["completed"]
+    # validation is one log line per epoch, H first
+    [line] = [r.getMessage() for r in caplog.records if "validation:" in r.getMessage()]
+    assert line.startswith("epoch 1 validation: H ")
+    assert ", A_1 " in line
     assert summary["epochs"] == 1
     for name in ("last", "best"):
         folder = tmp_path / "run" / "checkpoints" / name

@@ -54,6 +54,8 @@ def run(args: argparse.Namespace) -> int:
 
 def report(summary: dict, cfg, run_dir: Path, seconds: float, uri: str) -> str:
     """The demo's closing summary: test accuracy and AUROC of every classifier, where everything is."""
+    from distlocal.engine.evaluate import classifier_name
+
     test, k = summary.get("test") or {}, cfg.model.k
     split = "test" if any(key.startswith("test/") for key in test) else "valid"
     lines = [f"distlocal demo: K={k} stages ({cfg.train.executor} executor), {summary['epochs']} epochs, "
@@ -62,9 +64,8 @@ def report(summary: dict, cfg, run_dir: Path, seconds: float, uri: str) -> str:
              "  classifier  accuracy  AUROC"]
     for i in range(k):
         key = f"{split}/" if i == k - 1 else f"{split}/stage{i + 1}/"
-        name = "H" if i == k - 1 else f"A_{i + 1}"
         acc, auroc = test.get(key + "acc", float("nan")), test.get(key + "auroc", float("nan"))
-        lines.append(f"  {name:<10}  {acc:8.3f}  {auroc:5.3f}")
+        lines.append(f"  {classifier_name(i, k):<10}  {acc:8.3f}  {auroc:5.3f}")
     ui = f"uv run mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite:") else f"open {uri}"
     lines += [f"run folder:  {run_dir}", f"checkpoint:  {run_dir / 'checkpoints' / 'best'}",
               f"plots:       {run_dir / 'plots'} (ROC, confusion matrix, accuracy by depth, attention heatmaps)",

@@ -16,7 +16,7 @@ from distlocal.engine.executor import make_executor
 from distlocal.engine.metrics import classification_metrics
 from distlocal.progress import progress
 
-__all__ = ["evaluate", "evaluate_checkpoint", "format_metrics"]
+__all__ = ["classifier_name", "evaluate", "evaluate_checkpoint", "format_metrics", "metrics_line"]
 
 log = logging.getLogger(__name__)
 
@@ -42,14 +42,26 @@ def monitored(metrics: dict, name: str) -> float:
     return metrics["acc"] if math.isnan(value) else value
 
 
+def classifier_name(index: int, k: int) -> str:
+    """The paper's name of stage ``index``'s classifier: A_1 .. A_{K-1}, then H."""
+    return "H" if index == k - 1 else f"A_{index + 1}"
+
+
 def format_metrics(stage_metrics: list[dict]) -> str:
     """A small table: one row per classifier, A_1 .. A_{K-1}, then H."""
     k = len(stage_metrics)
     rows = ["classifier  accuracy  balanced_acc  auroc"]
     for i, m in enumerate(stage_metrics):
-        name = "H" if i == k - 1 else f"A_{i + 1}"
-        rows.append(f"{name:<10}  {m['acc']:8.4f}  {m['balanced_acc']:12.4f}  {m['auroc']:5.4f}")
+        rows.append(f"{classifier_name(i, k):<10}  {m['acc']:8.4f}  {m['balanced_acc']:12.4f}  {m['auroc']:5.4f}")
     return "\n".join(rows)
+
+
+def metrics_line(stage_metrics: list[dict]) -> str:
+    """One line for a log: accuracy / AUROC of H first, then of every A_i."""
+    k = len(stage_metrics)
+    parts = [f"{classifier_name(i, k)} {stage_metrics[i]['acc']:.3f}/{stage_metrics[i]['auroc']:.3f}"
+             for i in (k - 1, *range(k - 1))]
+    return ", ".join(parts) + " (accuracy/AUROC)"
 
 
 def evaluate_checkpoint(checkpoint: str | Path, cfg: Config | None = None, split: str = "test") -> dict:

@@ -22,7 +22,7 @@ from distlocal.config import Config, save_config
 from distlocal.data import ManifestError, SlideLoader, read_manifest
 from distlocal.engine.autosplit import resolve_auto_split
 from distlocal.engine.checkpoint import for_restoring, load_checkpoint, save_checkpoint
-from distlocal.engine.evaluate import evaluate, format_metrics, monitored
+from distlocal.engine.evaluate import evaluate, metrics_line, monitored
 from distlocal.engine.executor import make_executor
 from distlocal.engine.faults import RunFailed, StageFailure
 from distlocal.engine.report import final_report
@@ -196,7 +196,7 @@ class Trainer:
             record.update({f"val/stage{i + 1}/{k}": v for k, v in m.items()})
         self._log({"step": self.state.slides_seen, "epoch": epoch, **record})
         self.state.history.append({"epoch": epoch + 1, "stages": stages})
-        log.info("epoch %d validation:\n%s", epoch + 1, format_metrics(stages))
+        log.info("epoch %d validation: %s", epoch + 1, metrics_line(stages))
         score = monitored(stages[-1], monitor)
         if score > self.state.best:
             self.state.best, self.state.best_epoch = score, epoch + 1
