@@ -71,6 +71,9 @@ class TrainConfig:
     seed: int = 0  # init, data order, augmentation and RFR locations all derive from it
     checkpoint_every: int = 0  # also checkpoint every N optimizer steps; 0: at epoch ends only
     max_slides: int = 0  # stop (and checkpoint) after this many training slides; 0: no limit
+    # Keep only each residual block's input for backward and recompute the block there: a fraction of the
+    # activation memory (`distlocal bench memory` measures it) for about a third more compute per stage.
+    recompute_activations: bool = False
     device: str = "auto"  # auto (cuda if present) | cpu | cuda | cuda:N
     activation_dtype: str = "auto"  # ray executor: dtype of activations between stages: auto | fp32 | bf16
     transport: str = "object_store"  # ray executor: object_store | nccl (GPU-GPU) | gloo (CPU); else falls back

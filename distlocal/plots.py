@@ -95,13 +95,15 @@ def memory_bars(report: dict, path: Path) -> Path:
     """Training-step memory of E2E and of every stage at K = 4 and K = 8, one panel per slide size."""
     plt = _pyplot()
     sizes = report["sizes"]
-    fig, axes = plt.subplots(1, len(sizes), figsize=(6 * len(sizes), 4.2), squeeze=False)
-    colours = {"e2e": "#555555", "k4": "#1f77b4", "k8": "#ff7f0e"}
+    fig, axes = plt.subplots(1, len(sizes), figsize=(9 * len(sizes), 4.4), squeeze=False)
+    colours = {"e2e": "#555555", "k4": "#1f77b4", "k8": "#ff7f0e", "e2e_rc": "#aaaaaa", "k4_rc": "#9ecae1",
+               "k8_rc": "#fdd0a2"}  # light: with recomputed activations
     for ax, entry in zip(axes[0], sizes, strict=True):
         labels, values, colour = [], [], []
-        for name in ("e2e", "k4", "k8"):
+        for name in (n for n in colours if n in entry):
             for row in entry[name]:
-                labels.append("E2E" if name == "e2e" else f"{name.upper()}\n{row['stage']}")
+                base, rc = name.removesuffix("_rc"), "\nrc" if name.endswith("_rc") else ""
+                labels.append(f"E2E{rc}" if base == "e2e" else f"{base.upper()}\n{row['stage']}{rc}")
                 values.append(0.0 if row.get("oom") else row["model_total"] / 2**20)
                 colour.append(colours[name])
         ax.bar(range(len(values)), values, color=colour)

@@ -17,6 +17,8 @@ def test_saved_bytes_counts_each_storage_once():
     assert saved == 2 * 256 * 256 * 4
     saved, _ = _saved_bytes(lambda: (a @ a).sum())
     assert saved == 256 * 256 * 4
+    saved, _ = _saved_bytes(lambda: (a @ b).sum(), exclude={b.untyped_storage().data_ptr()})  # e.g. a weight
+    assert saved == 256 * 256 * 4
 
 
 def test_bench_memory_stages_hold_a_fraction_of_end_to_end(tmp_path, capsys):
@@ -30,7 +32,14 @@ def test_bench_memory_stages_hold_a_fraction_of_end_to_end(tmp_path, capsys):
     assert entry["e2e"][0]["saved_activations"] > max(r["saved_activations"] for r in entry["k4"])
     # parameters add up: the stages together hold the end-to-end network plus their auxiliary models
     assert sum(r["params"] for r in entry["k4"]) > entry["e2e"][0]["params"]
+    # recomputed activations: every configuration holds less, with the same parameters
+    for name in ("e2e", "k4", "k8"):
+        assert max(r["model_total"] for r in entry[f"{name}_rc"]) < max(r["model_total"] for r in entry[name])
+        assert [r["params"] for r in entry[f"{name}_rc"]] == [r["params"] for r in entry[name]]
+        assert all(r["recompute_peak"] > 0 for r in entry[f"{name}_rc"])
+        assert all(r["recompute_peak"] == 0 for r in entry[name])
     table = format_memory(report)
     assert "| 384 x 320 | model_total |" in table
+    assert "| 384 x 320 | model_total, recompute |" in table
     assert json.loads((tmp_path / "memory.json").read_text())["device"] == "cpu"
     assert (tmp_path / "memory.png").stat().st_size > 5000

@@ -222,3 +222,32 @@ def test_k1_local_equals_end_to_end(make_cfg):
         torch.testing.assert_close(ours[name], p, rtol=1e-5, atol=1e-6, msg=name)
     assert not torch.equal(theirs["head.classify.2.weight"], build_stages(make_cfg(
         "model.k=1", "model.split=balanced", "model.mode=e2e"), 2)[0].net.head.classify[2].weight)
+
+
+@pytest.mark.parametrize("mode", ["local", "e2e"])
+def test_recomputed_activations_give_the_same_training(make_cfg, mode):
+    """train.recompute_activations reruns each block in backward: the same losses and parameters, fewer saved bytes."""
+    from distlocal.bench.memory import _saved_bytes
+
+    k = "model.k=1" if mode == "e2e" else "model.k=2"
+    gen = torch.Generator().manual_seed(3)
+    slides = [(torch.randn(1, 3, 240, 208, generator=gen), i % 2) for i in range(3)]
+    common = [k, "model.split=balanced", f"model.mode={mode}", "model.rfr.patch_size=8"]  # RFR small beside F_i
+    plain = build_stages(make_cfg(*common), 2)
+    again = build_stages(make_cfg(*common, "train.recompute_activations=true"), 2)
+    for x, y in slides:
+        for a, b in zip(plain, again, strict=True):
+            weights = [{p.untyped_storage().data_ptr() for p in _modules(s).parameters()} for s in (a, b)]
+            saved_a, (x_a, m_a) = _saved_bytes(lambda s=a, h=x, c=y: s.train_step(h, c), exclude=weights[0])
+            saved_b, (x_b, m_b) = _saved_bytes(lambda s=b, h=x, c=y: s.train_step(h, c), exclude=weights[1])
+            assert saved_b < 0.6 * saved_a  # only block inputs stay (and what the classifier and RFR save)
+            assert m_b["loss"] == pytest.approx(m_a["loss"], rel=1e-6)
+            torch.testing.assert_close(x_b, x_a, rtol=1e-6, atol=1e-6)
+            x = x_a
+    for a, b in zip(plain, again, strict=True):
+        for (name, p), q in zip(_modules(a).named_parameters(), _modules(b).parameters(), strict=True):
+            torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def _modules(stage):
+    return stage.net if hasattr(stage, "net") else stage.modules

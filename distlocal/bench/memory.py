@@ -28,9 +28,19 @@ PAPER_SIZES = [(8698, 7496), (12223, 10057), (23849, 10257)]  # the paper's Tabl
 _MB = 2**20
 
 
-def _saved_bytes(step) -> tuple[int, object]:
-    """Run ``step()`` and return (bytes of distinct storages autograd saved for backward, step's result)."""
-    seen: dict[int, int] = {}
+def _key(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
+def _saved_bytes(step, held: dict[int, int] | None = None, exclude: set[int] = frozenset()) -> tuple[int, object]:
+    """
+    Run ``step()`` and return (bytes of distinct storages autograd saved for backward, step's result).
+
+    ``held``: storages kept for backward some other way (the block inputs that recomputation keeps), by key;
+    counted once with the rest. ``exclude``: storages counted elsewhere (parameters, which a convolution saves
+    for its backward too, and the stage's input).
+    """
+    seen: dict[int, int] = held if held is not None else {}
 
     def pack(t: torch.Tensor):
         storage = t.untyped_storage()
@@ -39,7 +49,29 @@ def _saved_bytes(step) -> tuple[int, object]:
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         result = step()
-    return sum(seen.values()), result
+    return sum(v for k, v in seen.items() if k not in exclude), result
+
+
+def _recompute_hooks(stage, held: dict[int, int], inputs: list) -> list:
+    """With recomputation, each block's input is what stays for backward: note it (and keep it for the rerun)."""
+    blocks = stage.net.blocks if hasattr(stage, "net") else stage.modules["backbone"]
+
+    def note(module, args):
+        held[_key(args[0])] = args[0].untyped_storage().nbytes()
+        inputs.append((module, args[0].detach()))
+
+    return [block.register_forward_pre_hook(note) for block in blocks]
+
+
+def _largest_block(inputs: list) -> int:
+    """The backward of a recomputed block holds that block's saved activations: the largest block's, at most."""
+    largest = 0
+    for block, x in inputs:
+        exclude = {_key(p) for p in block.parameters()} | {_key(x)}  # the input is already counted as held
+        with torch.enable_grad():
+            saved, _ = _saved_bytes(lambda b=block, h=x: b(h), exclude=exclude)
+        largest = max(largest, saved)
+    return largest
 
 
 def _state_bytes(modules) -> dict[str, int]:
@@ -56,7 +88,7 @@ def _modules(stage) -> list:
 def measure(cfg: Config, size: tuple[int, int], device: torch.device) -> list[dict]:
     """One training step of every stage of ``cfg`` on a random slide of ``size``; one dict per stage."""
     stages = build_stages(cfg, 2, device)
-    x = torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(0)).to(device)
     rows = []
     for i, stage in enumerate(stages):
         gc.collect()
@@ -64,21 +96,30 @@ def measure(cfg: Config, size: tuple[int, int], device: torch.device) -> list[di
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+        held, inputs = {}, []
+        hooks = _recompute_hooks(stage, held, inputs) if cfg.train.recompute_activations else []
         start = time.perf_counter()
+        # Parameters and the input are counted as such, though a convolution also saves its weight and input.
+        exclude = {_key(p) for m in _modules(stage) for p in m.parameters()} | {_key(x)}
         try:
-            saved, (out, _) = _saved_bytes(lambda s=stage, h=x: s.train_step(h, 1))
+            saved, (out, _) = _saved_bytes(lambda s=stage, h=x: s.train_step(h, 1), held, exclude)
         except torch.OutOfMemoryError:
             rows.append({"stage": i + 1, "oom": True})
             break
+        finally:
+            for hook in hooks:
+                hook.remove()
         seconds = time.perf_counter() - start
         state = _state_bytes(_modules(stage))
-        row = {"stage": i + 1, "saved_activations": saved, "input": x.numel() * 4, **state, "step_s": seconds}
-        row["model_total"] = saved + row["input"] + sum(state.values())
+        row = {"stage": i + 1, "saved_activations": saved, "input": x.numel() * x.element_size(), **state,
+               "recompute_peak": _largest_block(inputs), "step_s": seconds}
+        row["model_total"] = saved + row["recompute_peak"] + row["input"] + sum(state.values())
         if device.type == "cuda":
             # `before` holds every stage's weights (all were built on the device): add back this stage's own.
             row["cuda_max_allocated"] = torch.cuda.max_memory_allocated(device) - before + state["params"]
+        del inputs
         rows.append(row)
-        x = out.float().cpu()  # the next stage's input (E2E has a single stage)
+        x = out.float()  # the next stage's input (E2E has a single stage)
     return rows
 
 
@@ -91,6 +132,7 @@ def bench_memory(out_dir: Path, sizes: list[tuple[int, int]], overrides: list[st
         base.append("train.precision=bf16")
     configs = {"e2e": ["model.mode=e2e", "model.k=1", "model.split=balanced"], "k4": ["model.k=4"],
                "k8": ["model.k=8"]}
+    configs.update({f"{name}_rc": [*extra, "train.recompute_activations=true"] for name, extra in configs.items()})
     results = []
     for size in sizes:
         entry = {"size": list(size)}
@@ -120,16 +162,23 @@ def _ratio(value: float | None, e2e: float | None) -> str:
 
 
 def format_memory(report: dict) -> str:
-    """The paper's Table 2 layout: E2E and the largest stage at K = 4 and K = 8, with ratios to E2E."""
+    """
+    The paper's Table 2 layout: E2E and the largest stage at K = 4 and K = 8, with ratios to E2E; then the same
+    with recomputed activations (train.recompute_activations), its ratios still to plain E2E, the paper's baseline.
+    """
     keys = ["model_total"] + (["cuda_max_allocated"] if report["device"] != "cpu" else [])
     lines = [f"device: {report['device']}",
              "| size (5X px) | measure | E2E (MB) | K=4 largest stage (MB) | ratio | K=8 largest stage (MB) | ratio |",
              "|---|---|---|---|---|---|---|"]
     for entry in report["sizes"]:
         for key in keys:
-            e2e, k4, k8 = (_largest(entry[n], key) for n in ("e2e", "k4", "k8"))
-            lines.append(f"| {entry['size'][0]} x {entry['size'][1]} | {key} | {_mb(e2e)} | {_mb(k4)} | "
-                         f"{_ratio(k4, e2e)} | {_mb(k8)} | {_ratio(k8, e2e)} |")
+            e2e = _largest(entry["e2e"], key)
+            for suffix, label in (("", key), ("_rc", f"{key}, recompute")):
+                if "e2e" + suffix not in entry:
+                    continue
+                own, k4, k8 = (_largest(entry[n + suffix], key) for n in ("e2e", "k4", "k8"))
+                lines.append(f"| {entry['size'][0]} x {entry['size'][1]} | {label} | {_mb(own)} | {_mb(k4)} | "
+                             f"{_ratio(k4, e2e)} | {_mb(k8)} | {_ratio(k8, e2e)} |")
     return "\n".join(lines)
 
 

@@ -18,10 +18,11 @@ from pathlib import Path
 import torch
 import torchvision
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from distlocal.config import ConfigError, ModelConfig
 
-__all__ = ["Backbone", "StageSpec", "build_backbone", "split_backbone", "freeze_batchnorm"]
+__all__ = ["Backbone", "StageSpec", "build_backbone", "split_backbone", "freeze_batchnorm", "run_blocks"]
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,19 @@ def freeze_batchnorm(module: nn.Module) -> None:
     for m in module.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.eval()
+
+
+def run_blocks(blocks: nn.Sequential, x: torch.Tensor, recompute: bool) -> torch.Tensor:
+    """
+    The residual blocks in order. With ``recompute`` (train.recompute_activations), while gradients are on, each
+    block keeps only its input for backward and runs again there; with BatchNorm frozen the rerun is the same
+    computation, so gradients do not change.
+    """
+    if not (recompute and torch.is_grad_enabled()):
+        return blocks(x)
+    for block in blocks:
+        x = checkpoint(block, x, use_reentrant=False)
+    return x
 
 
 def _load_weights(net: nn.Module, cfg: ModelConfig) -> None:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from distlocal.config import Config
-from distlocal.model.backbone import Backbone, StageSpec, freeze_batchnorm
+from distlocal.model.backbone import Backbone, StageSpec, freeze_batchnorm, run_blocks
 from distlocal.model.mil import AuxClassifier
 from distlocal.model.optim import LocalOptimizer
 from distlocal.model.stage import autocast, step_metrics
@@ -31,9 +31,10 @@ class WholeSlideNet(nn.Module):
         self.stem = backbone.stem
         self.blocks = nn.Sequential(*backbone.blocks)
         self.head = head
+        self.recompute = False  # train.recompute_activations, set by EndToEnd
 
     def forward(self, x: torch.Tensor, generator: torch.Generator | None = None):
-        return self.head(self.blocks(self.stem(x)), generator)
+        return self.head(run_blocks(self.blocks, self.stem(x), self.recompute), generator)
 
 
 class EndToEnd:
@@ -42,6 +43,7 @@ class EndToEnd:
     def __init__(self, spec: StageSpec, net: WholeSlideNet, cfg: Config, device: torch.device, generator_seed: int):
         self.spec, self.device, self.is_last = spec, torch.device(device), True
         self.net = net.to(self.device)
+        self.net.recompute = cfg.train.recompute_activations
         self.optim = LocalOptimizer(nn.ModuleList([net.stem, net.blocks]), net.head, cfg.train)
         self.bf16 = cfg.train.precision == "bf16"
         self.generator = torch.Generator().manual_seed(generator_seed)

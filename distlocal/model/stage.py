@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from distlocal.config import Config
-from distlocal.model.backbone import StageSpec, freeze_batchnorm
+from distlocal.model.backbone import StageSpec, freeze_batchnorm, run_blocks
 from distlocal.model.mil import AuxClassifier
 from distlocal.model.optim import LocalOptimizer
 from distlocal.model.rfr import FeatureReconstruction
@@ -70,6 +70,7 @@ class Stage:
         self.optim = LocalOptimizer(self.modules["backbone"], auxiliary, cfg.train)
         self.alpha = cfg.model.rfr.alpha
         self.bf16 = cfg.train.precision == "bf16"
+        self.recompute = cfg.train.recompute_activations
         self.generator = torch.Generator().manual_seed(generator_seed)  # RFR locations, attention dropout
         self.rfr_clamped = 0  # slides whose maps were smaller than the RFR patch
 
@@ -93,7 +94,7 @@ class Stage:
         x = self._input(x)
         target = torch.tensor([y], device=self.device)
         with self._autocast():
-            out = self.modules["backbone"](x)
+            out = run_blocks(self.modules["backbone"], x, self.recompute)
             logits, _ = self.modules["classifier"](out, self.generator)
             loss_cls = F.cross_entropy(logits.float(), target)
             loss_rec, patch = torch.zeros((), device=self.device), 0
