@@ -103,8 +103,10 @@ def measure(cfg: Config, size: tuple[int, int], device: torch.device) -> list[di
         exclude = {_key(p) for m in _modules(stage) for p in m.parameters()} | {_key(x)}
         try:
             saved, (out, _) = _saved_bytes(lambda s=stage, h=x: s.train_step(h, 1), held, exclude)
-        except torch.OutOfMemoryError:
-            rows.append({"stage": i + 1, "oom": True})
+        except (torch.OutOfMemoryError, RuntimeError) as exc:
+            if not isinstance(exc, torch.OutOfMemoryError) and "can't allocate memory" not in str(exc):
+                raise
+            rows.append({"stage": i + 1, "oom": True})  # the CPU allocator's failure is a RuntimeError
             break
         finally:
             for hook in hooks:
