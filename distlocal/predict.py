@@ -86,7 +86,7 @@ class Predictor:
         last = len(self.parts) - 1
         for i, (features, classifier) in enumerate(self.parts):
             start = time.perf_counter()
-            x = x.contiguous(memory_format=torch.channels_last)  # a no-op after a stage that ran whole
+            x = x.contiguous(memory_format=torch.channels_last)  # copies the slide only: stage outputs are NHWC
             with autocast(self.device, bf16):
                 x = tiled_forward(features, x, self.max_tile_pixels, self.device)
             out["forward_s"] += elapsed(start, self.device)

@@ -82,19 +82,20 @@ def gflops(predictor: Predictor, baseline: PatchMIL, height: int, width: int, ti
     """
     from torch.utils.flop_counter import FlopCounterMode
 
-    def count(module: nn.Module, *inputs: torch.Tensor) -> float:
+    def count(module: nn.Module, x: torch.Tensor) -> tuple[float, torch.Tensor]:
         with FlopCounterMode(display=False) as counter:
-            copy.deepcopy(module).to("meta")(*inputs)
-        return counter.get_total_flops() / 1e9
+            out = copy.deepcopy(module).to("meta")(x)
+        return counter.get_total_flops() / 1e9, out
 
     ours, x = 0.0, torch.empty(1, 3, height, width, device="meta")
     for features, _ in predictor.parts:
-        ours += count(features, x)
-        x = copy.deepcopy(features).to("meta")(x)
-    ours += count(predictor.parts[-1][1], x)
+        flops, x = count(features, x)
+        ours += flops
+    ours += count(predictor.parts[-1][1], x)[0]
     tile = torch.empty(1, 3, PATCH, PATCH, device="meta")
     dim = baseline.classifier.embed[0].in_features
-    patch = tiles * count(baseline.features, tile) + count(baseline.classifier, torch.empty(tiles, dim, device="meta"))
+    patch = tiles * count(baseline.features, tile)[0]
+    patch += count(baseline.classifier, torch.empty(tiles, dim, device="meta"))[0]
     return {"gabmil": patch, "ours": ours}
 
 

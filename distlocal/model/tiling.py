@@ -103,8 +103,10 @@ def tiled_forward(module: nn.Module, x: torch.Tensor, max_tile_pixels: int | Non
         for c0, c1, x0, x1 in tile_plan(width, fp, tile_out):
             part = module(x[..., y0:y1, x0:x1].to(device))
             oy, ox = r0 - y0 // fp.stride, c0 - x0 // fp.stride
-            if out is None:
+            if out is None:  # stitched in the layout the module gives (channels_last in predict): no copy later
                 shape = (x.shape[0], part.shape[1], fp.out_size(height), fp.out_size(width))
-                out = torch.empty(shape, dtype=part.dtype, device=x.device)
+                nhwc = part.is_contiguous(memory_format=torch.channels_last) and not part.is_contiguous()
+                layout = torch.channels_last if nhwc else torch.contiguous_format
+                out = torch.empty(shape, dtype=part.dtype, device=x.device, memory_format=layout)
             out[..., r0:r1, c0:c1] = part[..., oy:oy + r1 - r0, ox:ox + c1 - c0].to(x.device)
     return out
