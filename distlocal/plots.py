@@ -95,22 +95,25 @@ def memory_bars(report: dict, path: Path) -> Path:
     """Training-step memory of E2E and of every stage at K = 4 and K = 8, one panel per slide size."""
     plt = _pyplot()
     sizes = report["sizes"]
-    fig, axes = plt.subplots(1, len(sizes), figsize=(9 * len(sizes), 4.4), squeeze=False)
-    colours = {"e2e": "#555555", "k4": "#1f77b4", "k8": "#ff7f0e", "e2e_rc": "#aaaaaa", "k4_rc": "#9ecae1",
-               "k8_rc": "#fdd0a2"}  # light: with recomputed activations
+    fig, axes = plt.subplots(1, len(sizes), figsize=(13 * len(sizes), 4.6), squeeze=False)
+    # darker to lighter: plain, folded BatchNorm, folded + recomputed activations
+    colours = {"e2e": "#333333", "k4": "#08519c", "k8": "#a63603", "e2e_fold": "#777777", "k4_fold": "#3182bd",
+               "k8_fold": "#e6550d", "e2e_rc": "#bbbbbb", "k4_rc": "#9ecae1", "k8_rc": "#fdae6b"}
+    tags = {"": "", "fold": "\nfold", "rc": "\nfold+rc"}
     for ax, entry in zip(axes[0], sizes, strict=True):
         labels, values, colour = [], [], []
         for name in (n for n in colours if n in entry):
             for row in entry[name]:
-                base, rc = name.removesuffix("_rc"), "\nrc" if name.endswith("_rc") else ""
-                labels.append(f"E2E{rc}" if base == "e2e" else f"{base.upper()}\n{row['stage']}{rc}")
+                base, _, variant = name.partition("_")
+                tag = tags[variant]
+                labels.append(f"E2E{tag}" if base == "e2e" else f"{base.upper()}\n{row['stage']}{tag}")
                 values.append(0.0 if row.get("oom") else row["model_total"] / 2**20)
                 colour.append(colours[name])
         ax.bar(range(len(values)), values, color=colour)
-        ax.set_xticks(range(len(values)), labels, fontsize=7)
-        e2e = values[0]
+        ax.set_xticks(range(len(values)), labels, fontsize=6)
+        e2e = values[0]  # plain E2E, the paper's baseline
         for share, style in ((0.25, "--"), (0.15, ":")):
-            ax.axhline(share * e2e, color="black", linestyle=style, linewidth=0.8, label=f"{share:.0%} of E2E")
+            ax.axhline(share * e2e, color="black", linestyle=style, linewidth=0.8, label=f"{share:.0%} of plain E2E")
         ax.set_ylabel("MB per training step")
         ax.set_title(f"{entry['size'][0]} x {entry['size'][1]} px ({report['device']})", fontsize=9)
         ax.legend(fontsize=7)

@@ -32,14 +32,20 @@ def test_bench_memory_stages_hold_a_fraction_of_end_to_end(tmp_path, capsys):
     assert entry["e2e"][0]["saved_activations"] > max(r["saved_activations"] for r in entry["k4"])
     # parameters add up: the stages together hold the end-to-end network plus their auxiliary models
     assert sum(r["params"] for r in entry["k4"]) > entry["e2e"][0]["params"]
-    # recomputed activations: every configuration holds less, with the same parameters
+    # the slide is not kept for backward (the frozen stem saves nothing); a later stage's input is
+    assert entry["k4"][0]["input"] == entry["e2e"][0]["input"] == 0
+    assert entry["k4"][1]["input"] > 0
+    # folded BatchNorm, and folded with recomputed activations: every configuration holds less, same parameters
     for name in ("e2e", "k4", "k8"):
-        assert max(r["model_total"] for r in entry[f"{name}_rc"]) < max(r["model_total"] for r in entry[name])
-        assert [r["params"] for r in entry[f"{name}_rc"]] == [r["params"] for r in entry[name]]
+        for variant in ("fold", "rc"):
+            largest = max(r["model_total"] for r in entry[f"{name}_{variant}"])
+            assert largest < max(r["model_total"] for r in entry[name])
+            assert [r["params"] for r in entry[f"{name}_{variant}"]] == [r["params"] for r in entry[name]]
         assert all(r["recompute_peak"] > 0 for r in entry[f"{name}_rc"])
-        assert all(r["recompute_peak"] == 0 for r in entry[name])
+        assert all(r["recompute_peak"] == 0 for r in entry[name] + entry[f"{name}_fold"])
+    assert entry["e2e_fold"][0]["saved_activations"] < 0.7 * entry["e2e"][0]["saved_activations"]  # no RFR there
     table = format_memory(report)
-    assert "| 384 x 320 | model_total |" in table
-    assert "| 384 x 320 | model_total, recompute |" in table
+    assert "| 384 x 320 | model_total, plain |" in table
+    assert "| 384 x 320 | model_total, folded BN + recompute |" in table
     assert json.loads((tmp_path / "memory.json").read_text())["device"] == "cpu"
     assert (tmp_path / "memory.png").stat().st_size > 5000

@@ -224,15 +224,19 @@ def test_k1_local_equals_end_to_end(make_cfg):
         "model.k=1", "model.split=balanced", "model.mode=e2e"), 2)[0].net.head.classify[2].weight)
 
 
-@pytest.mark.parametrize("mode", ["local", "e2e"])
-def test_recomputed_activations_give_the_same_training(make_cfg, mode):
-    """train.recompute_activations reruns each block in backward: the same losses and parameters, fewer saved bytes."""
+@pytest.mark.parametrize(("mode", "fold", "ratio"), [("local", False, 0.6), ("e2e", False, 0.6), ("local", True, 0.8)])
+def test_recomputed_activations_give_the_same_training(make_cfg, mode, fold, ratio):
+    """
+    train.recompute_activations reruns each block in backward: the same losses and parameters, fewer saved bytes.
+    With folded BatchNorm a block keeps half as much to begin with, so recomputing saves less.
+    """
     from distlocal.bench.memory import _saved_bytes
 
     k = "model.k=1" if mode == "e2e" else "model.k=2"
     gen = torch.Generator().manual_seed(3)
     slides = [(torch.randn(1, 3, 240, 208, generator=gen), i % 2) for i in range(3)]
-    common = [k, "model.split=balanced", f"model.mode={mode}", "model.rfr.patch_size=8"]  # RFR small beside F_i
+    common = [k, "model.split=balanced", f"model.mode={mode}", "model.rfr.patch_size=8",  # RFR small beside F_i
+              f"train.fold_batchnorm={str(fold).lower()}"]
     plain = build_stages(make_cfg(*common), 2)
     again = build_stages(make_cfg(*common, "train.recompute_activations=true"), 2)
     for x, y in slides:
@@ -240,7 +244,7 @@ def test_recomputed_activations_give_the_same_training(make_cfg, mode):
             weights = [{p.untyped_storage().data_ptr() for p in _modules(s).parameters()} for s in (a, b)]
             saved_a, (x_a, m_a) = _saved_bytes(lambda s=a, h=x, c=y: s.train_step(h, c), exclude=weights[0])
             saved_b, (x_b, m_b) = _saved_bytes(lambda s=b, h=x, c=y: s.train_step(h, c), exclude=weights[1])
-            assert saved_b < 0.6 * saved_a  # only block inputs stay (and what the classifier and RFR save)
+            assert saved_b < ratio * saved_a  # only block inputs stay (and what the classifier and RFR save)
             assert m_b["loss"] == pytest.approx(m_a["loss"], rel=1e-6)
             torch.testing.assert_close(x_b, x_a, rtol=1e-6, atol=1e-6)
             x = x_a
@@ -251,3 +255,54 @@ def test_recomputed_activations_give_the_same_training(make_cfg, mode):
 
 def _modules(stage):
     return stage.net if hasattr(stage, "net") else stage.modules
+
+
+@pytest.mark.parametrize("mode", ["local", "e2e"])
+def test_folded_batchnorm_gives_the_same_training(make_cfg, mode):
+    """
+    train.fold_batchnorm runs each frozen BatchNorm inside its convolution: the same outputs and gradients (to float
+    rounding), BatchNorm's affine weights included, and about half the feature-map bytes kept for backward.
+    """
+    k = "model.k=1" if mode == "e2e" else "model.k=2"
+    gen = torch.Generator().manual_seed(5)
+    slides = [(torch.randn(1, 3, 480, 416, generator=gen), i % 2) for i in range(2)]
+    # No optimizer step: AdamW would turn rounding-sized gradient differences into lr-sized parameter ones.
+    common = [k, "model.split=balanced", f"model.mode={mode}", "model.rfr.patch_size=8", "train.accumulate=8"]
+    plain = build_stages(make_cfg(*common, "train.fold_batchnorm=false"), 2)
+    folded = build_stages(make_cfg(*common, "train.fold_batchnorm=true"), 2)
+    for bn in (m for m in _modules(plain[0]).modules() if isinstance(m, torch.nn.BatchNorm2d)):
+        bn.running_mean.uniform_(-0.5, 0.5, generator=gen)  # statistics unlike the identity, or folding is trivial
+        bn.running_var.uniform_(0.5, 2.0, generator=gen)
+    for a, b in zip(plain, folded, strict=True):
+        _modules(b).load_state_dict(_modules(a).state_dict())
+    for x, y in slides:
+        for a, b in zip(plain, folded, strict=True):
+            maps_a, (x_a, m_a) = _saved_maps(lambda s=a, h=x, c=y: s.train_step(h, c))
+            maps_b, (x_b, m_b) = _saved_maps(lambda s=b, h=x, c=y: s.train_step(h, c))
+            assert maps_b < 0.6 * maps_a  # per block: two maps kept instead of four
+            assert m_b["loss"] == pytest.approx(m_a["loss"], rel=1e-5)
+            torch.testing.assert_close(x_b, x_a, rtol=1e-4, atol=1e-4)
+            x = x_a
+    for a, b in zip(plain, folded, strict=True):
+        for (name, p), q in zip(_modules(a).named_parameters(), _modules(b).parameters(), strict=True):
+            if name.startswith(("backbone.", "blocks.")):  # what folding changes
+                assert (q.grad - p.grad).norm() <= 1e-4 * p.grad.norm(), name
+    bn_grads = [p.grad for n, p in _modules(folded[-1]).named_parameters() if ".bn" in n and p.requires_grad]
+    assert bn_grads
+    assert all(g.abs().sum() > 0 for g in bn_grads), "BatchNorm's affine weights must still train"
+    x = slides[0][0] if mode == "e2e" else plain[0].train_step(slides[0][0], 0)[0]
+    torch.testing.assert_close(folded[-1].eval_step(x)[1], plain[-1].eval_step(x)[1], rtol=1e-4, atol=1e-5)
+
+
+def _saved_maps(step):
+    """(bytes of the distinct slide feature maps, 1 x C x H x W, that autograd kept for backward, step's result)."""
+    seen = {}
+
+    def pack(t):
+        if t.dim() == 4 and t.shape[0] == 1:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        result = step()
+    return sum(seen.values()), result

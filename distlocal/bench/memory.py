@@ -4,10 +4,15 @@ distlocal bench memory: the memory of one training step, end to end against ever
 The paper's Table 2 compares GPU memory of end-to-end training with the largest module of local training. Two ways
 of measuring, both on one real training step (forward, loss, backward, optimizer step) of the real modules:
 - "model" bytes, everywhere (CPU included): activations saved for backward (counted by saved-tensor hooks, each
-  storage once) + the stage's input + parameters + gradients + AdamW state. This is what training must hold at
-  its peak, whatever the allocator does.
+  storage once) + the stage's input where backward keeps it + parameters + gradients + AdamW state. This is what
+  training must hold at its peak, whatever the allocator does. The slide itself is not kept: the frozen stem
+  saves nothing, so stage 1 (and E2E) hold it only while the stem runs, next to the stem's output.
 - CUDA only: torch.cuda.max_memory_allocated over the step (what the paper measured), at the paper's slide sizes
   as far as the GPU holds them; an out-of-memory is recorded as such.
+
+Three variants of each: the paper's method as published ("plain"), with frozen BatchNorm folded into the
+convolutions (train.fold_batchnorm, distlocal's default), and folded with recomputed activations
+(train.recompute_activations). Ratios are to plain E2E, the paper's baseline, and to E2E with the same options.
 """
 
 from __future__ import annotations
@@ -25,6 +30,10 @@ from distlocal.model import build_stages, resolve_device
 __all__ = ["PAPER_SIZES", "bench_memory", "format_memory"]
 
 PAPER_SIZES = [(8698, 7496), (12223, 10057), (23849, 10257)]  # the paper's Table 2 images (5X pixels)
+# (config-name suffix, label, overrides)
+VARIANTS = [("", "plain", ["train.fold_batchnorm=false"]),
+            ("_fold", "folded BN", ["train.fold_batchnorm=true"]),
+            ("_rc", "folded BN + recompute", ["train.fold_batchnorm=true", "train.recompute_activations=true"])]
 _MB = 2**20
 
 
@@ -52,15 +61,22 @@ def _saved_bytes(step, held: dict[int, int] | None = None, exclude: set[int] = f
     return sum(v for k, v in seen.items() if k not in exclude), result
 
 
-def _recompute_hooks(stage, held: dict[int, int], inputs: list) -> list:
-    """With recomputation, each block's input is what stays for backward: note it (and keep it for the rerun)."""
-    blocks = stage.net.blocks if hasattr(stage, "net") else stage.modules["backbone"]
+def _blocks(stage):
+    return stage.net.blocks if hasattr(stage, "net") else stage.modules["backbone"]
+
+
+def _block_hooks(stage, held: dict[int, int], inputs: list, recompute: bool) -> list:
+    """
+    Note every block's input (kept for the rerun and, with recomputation, what stays for backward: ``held``).
+    The first one is the stem's output on stage 1 and E2E, which exists next to the slide while the stem runs.
+    """
 
     def note(module, args):
-        held[_key(args[0])] = args[0].untyped_storage().nbytes()
+        if recompute:
+            held[_key(args[0])] = args[0].untyped_storage().nbytes()
         inputs.append((module, args[0].detach()))
 
-    return [block.register_forward_pre_hook(note) for block in blocks]
+    return [block.register_forward_pre_hook(note) for block in _blocks(stage)]
 
 
 def _largest_block(inputs: list) -> int:
@@ -97,7 +113,7 @@ def measure(cfg: Config, size: tuple[int, int], device: torch.device) -> list[di
             torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
         held, inputs = {}, []
-        hooks = _recompute_hooks(stage, held, inputs) if cfg.train.recompute_activations else []
+        hooks = _block_hooks(stage, held, inputs, cfg.train.recompute_activations)
         start = time.perf_counter()
         # Parameters and the input are counted as such, though a convolution also saves its weight and input.
         exclude = {_key(p) for m in _modules(stage) for p in m.parameters()} | {_key(x)}
@@ -113,9 +129,13 @@ def measure(cfg: Config, size: tuple[int, int], device: torch.device) -> list[di
                 hook.remove()
         seconds = time.perf_counter() - start
         state = _state_bytes(_modules(stage))
-        row = {"stage": i + 1, "saved_activations": saved, "input": x.numel() * x.element_size(), **state,
-               "recompute_peak": _largest_block(inputs), "step_s": seconds}
-        row["model_total"] = saved + row["recompute_peak"] + row["input"] + sum(state.values())
+        slide = x.numel() * x.element_size()
+        row = {"stage": i + 1, "saved_activations": saved, "input": slide if _key(x) in held else 0, **state,
+               "recompute_peak": _largest_block(inputs) if cfg.train.recompute_activations else 0,
+               "step_s": seconds}
+        backward = saved + row["recompute_peak"] + row["input"]
+        stem = slide + inputs[0][1].numel() * inputs[0][1].element_size() if not row["input"] else 0
+        row["model_total"] = max(backward, stem) + sum(state.values())
         if device.type == "cuda":
             # `before` holds every stage's weights (all were built on the device): add back this stage's own.
             row["cuda_max_allocated"] = torch.cuda.max_memory_allocated(device) - before + state["params"]
@@ -132,9 +152,8 @@ def bench_memory(out_dir: Path, sizes: list[tuple[int, int]], overrides: list[st
     base = ["model.pretrained=none", "train.accumulate=1", f"train.device={dev}", *overrides]
     if dev.type == "cuda":
         base.append("train.precision=bf16")
-    configs = {"e2e": ["model.mode=e2e", "model.k=1", "model.split=balanced"], "k4": ["model.k=4"],
-               "k8": ["model.k=8"]}
-    configs.update({f"{name}_rc": [*extra, "train.recompute_activations=true"] for name, extra in configs.items()})
+    methods = {"e2e": ["model.mode=e2e", "model.k=1", "model.split=balanced"], "k4": ["model.k=4"], "k8": ["model.k=8"]}
+    configs = {name + suffix: [*extra, *variant] for suffix, _, variant in VARIANTS for name, extra in methods.items()}
     results = []
     for size in sizes:
         entry = {"size": list(size)}
@@ -165,22 +184,24 @@ def _ratio(value: float | None, e2e: float | None) -> str:
 
 def format_memory(report: dict) -> str:
     """
-    The paper's Table 2 layout: E2E and the largest stage at K = 4 and K = 8, with ratios to E2E; then the same
-    with recomputed activations (train.recompute_activations), its ratios still to plain E2E, the paper's baseline.
+    The paper's Table 2 layout: E2E and the largest stage at K = 4 and K = 8, for each variant (plain, folded BN,
+    folded BN + recompute), with ratios to plain E2E (the paper's baseline) and to E2E with the same options.
     """
     keys = ["model_total"] + (["cuda_max_allocated"] if report["device"] != "cpu" else [])
     lines = [f"device: {report['device']}",
-             "| size (5X px) | measure | E2E (MB) | K=4 largest stage (MB) | ratio | K=8 largest stage (MB) | ratio |",
-             "|---|---|---|---|---|---|---|"]
+             "| size (5X px) | measure | E2E (MB) | K=4 largest stage (MB) | / plain E2E | / same E2E "
+             "| K=8 largest stage (MB) | / plain E2E | / same E2E |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for entry in report["sizes"]:
+        size = f"{entry['size'][0]} x {entry['size'][1]}"
         for key in keys:
-            e2e = _largest(entry["e2e"], key)
-            for suffix, label in (("", key), ("_rc", f"{key}, recompute")):
+            plain = _largest(entry["e2e"], key)
+            for suffix, label, _ in VARIANTS:
                 if "e2e" + suffix not in entry:
                     continue
                 own, k4, k8 = (_largest(entry[n + suffix], key) for n in ("e2e", "k4", "k8"))
-                lines.append(f"| {entry['size'][0]} x {entry['size'][1]} | {label} | {_mb(own)} | {_mb(k4)} | "
-                             f"{_ratio(k4, e2e)} | {_mb(k8)} | {_ratio(k8, e2e)} |")
+                lines.append(f"| {size} | {key}, {label} | {_mb(own)} | {_mb(k4)} | {_ratio(k4, plain)} | "
+                             f"{_ratio(k4, own)} | {_mb(k8)} | {_ratio(k8, plain)} | {_ratio(k8, own)} |")
     return "\n".join(lines)
 
 

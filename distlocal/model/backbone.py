@@ -21,8 +21,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from distlocal.config import ConfigError, ModelConfig
+from distlocal.model.fold import fold_batchnorm
 
-__all__ = ["Backbone", "StageSpec", "build_backbone", "split_backbone", "freeze_batchnorm", "run_blocks"]
+__all__ = ["Backbone", "StageSpec", "build_backbone", "freeze_batchnorm", "run_blocks", "split_backbone"]
 
 log = logging.getLogger(__name__)
 
@@ -118,14 +119,16 @@ def _scale_residual_branches(blocks: list[nn.Module]) -> None:
         nn.init.constant_((block.bn3 if hasattr(block, "bn3") else block.bn2).weight, gain)
 
 
-def build_backbone(cfg: ModelConfig) -> Backbone:
-    """Build the torchvision ResNet with the paper's changes and the requested weights."""
+def build_backbone(cfg: ModelConfig, fold: bool = False) -> Backbone:
+    """Build the torchvision ResNet with the paper's changes and the requested weights (``fold``: fold_batchnorm)."""
     net = torchvision.models.get_model(cfg.backbone, weights=None)
     blocks = [b for layer in (net.layer1, net.layer2, net.layer3, net.layer4) for b in layer]
     if cfg.pretrained == "none" and not cfg.weights:
         _scale_residual_branches(blocks)
     _load_weights(net, cfg)
     net.conv1.stride = (cfg.first_conv_stride, cfg.first_conv_stride)
+    if fold:
+        fold_batchnorm(blocks)
     stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
     stem.requires_grad_(False)
     stem.eval()

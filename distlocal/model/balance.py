@@ -50,7 +50,7 @@ def profile_blocks(cfg: Config, num_classes: int, slide: torch.Tensor, device: t
                    repeats: int = 2) -> list[BlockCost]:
     """Time each block (and a classifier on its output) on `slide` (1 x 3 x H x W), as a stage would run it."""
     device = torch.device(device)
-    backbone = build_backbone(cfg.model)
+    backbone = build_backbone(cfg.model, cfg.train.fold_batchnorm)
     x = slide.to(device)
     with torch.no_grad():
         x = backbone.stem.to(device).eval()(x)

@@ -45,7 +45,7 @@ def _aux_models(cfg: Config, backbone: Backbone, spec: StageSpec, num_classes: i
 
 def _backbone(cfg: Config) -> tuple[Backbone, list[StageSpec]]:
     torch.manual_seed(cfg.train.seed)
-    backbone = build_backbone(cfg.model)
+    backbone = build_backbone(cfg.model, cfg.train.fold_batchnorm)
     return backbone, split_backbone(backbone, cfg.model.k, cfg.model.split, cfg.model.blocks_per_stage)
 
 

@@ -34,7 +34,11 @@ class WholeSlideNet(nn.Module):
         self.recompute = False  # train.recompute_activations, set by EndToEnd
 
     def forward(self, x: torch.Tensor, generator: torch.Generator | None = None):
-        return self.head(run_blocks(self.blocks, self.stem(x), self.recompute), generator)
+        return self.head(self.run_blocks(self.stem(x)), generator)
+
+    def run_blocks(self, x: torch.Tensor) -> torch.Tensor:
+        """The residual blocks on the stem's output."""
+        return run_blocks(self.blocks, x, self.recompute)
 
 
 class EndToEnd:
@@ -59,7 +63,9 @@ class EndToEnd:
         self.net.train()
         freeze_batchnorm(self.net)
         with self._autocast():
-            logits, _ = self.net(x.to(self.device, torch.float32), self.generator)
+            # The frozen stem keeps nothing for backward, so the slide on the device is freed here, as in stage 1.
+            x = self.net.stem(x.to(self.device, torch.float32))
+            logits, _ = self.net.head(self.net.run_blocks(x), self.generator)
             loss = F.cross_entropy(logits.float(), torch.tensor([y], device=self.device))
         stepped = self.optim.backward(loss)
         metrics = step_metrics(self.optim, self.device, start, logits, y, loss, torch.zeros(()), loss, stepped)
