@@ -26,6 +26,7 @@ COMMANDS = {
     "eval": ("evaluate", "evaluate a checkpoint's classifiers H and A_i on a split"),
     "predict": ("predict", "predict new slides with a checkpoint: predictions.csv and attention heatmaps"),
     "sweep": ("sweep", "train every combination of --grid values (and seeds) as nested MLflow runs; ablation table"),
+    "sync": ("sync", "send the tracking records that a training's MLflow server did not take (tracking_unsent.jsonl)"),
     "compare": ("compare", "print the ablation table (accuracy and AUROC per setting) of an MLflow experiment"),
     "bench": ("bench", "measure: pipeline (Ray against local), io (slide reading), memory (training step), "
                        "inference (whole slide against patch-based GABMIL)"),

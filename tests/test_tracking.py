@@ -11,6 +11,7 @@ import time
 import pytest
 from mlflow.tracking import MlflowClient
 
+from distlocal.cli import main
 from distlocal.config import load_config
 from distlocal.data import read_manifest
 from distlocal.engine.trainer import Trainer
@@ -103,6 +104,26 @@ def test_server_down_training_finishes_and_says_what_was_lost(manifest, tmp_path
         report["unsent"]["metrics"]
     assert "lost data" in caplog.text
     assert uri in caplog.text
+    assert f"distlocal sync {tmp_path / 'down'}" in caplog.text
+
+    # The server is still down: sync keeps every record and says so.
+    assert main(["sync", str(tmp_path / "down")]) == 1
+    assert (tmp_path / "down" / "tracking_unsent.jsonl").read_text().splitlines() == spilled
+    assert not (tmp_path / "down" / "tracking_unsent.replaying.jsonl").exists()
+    # A store that takes them: every metric, param and artifact arrives, once, in one finished run.
+    store = f"sqlite:///{tmp_path / 'late.db'}"
+    assert main(["sync", str(tmp_path / "down"), "--uri", store]) == 0
+    assert not (tmp_path / "down" / "tracking_unsent.jsonl").exists()
+    client = MlflowClient(store)
+    run_id = json.loads((tmp_path / "down" / "mlflow_run.json").read_text())["run_id"]
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["model.k"] == "2"
+    rows = sum(len(client.get_metric_history(run_id, key)) for key in run.data.metrics)
+    assert rows == report["unsent"]["metrics"]
+    assert len(_artifacts(client, run_id)) >= report["unsent"]["artifacts"]
+    assert main(["sync", str(tmp_path / "down"), "--uri", store]) == 0  # nothing left: nothing sent twice
+    assert sum(len(client.get_metric_history(run_id, key)) for key in run.data.metrics) == rows
 
 
 def test_sender_buffers_until_a_late_server_comes_up(tmp_path):

@@ -25,7 +25,7 @@ from torch import nn
 
 from distlocal.bench.patch_mil import PATCH, PatchMIL
 from distlocal.config import Config
-from distlocal.data import SlideLoader, SlideRecord
+from distlocal.data import SlideLoader
 from distlocal.model import build_stages, resolve_device
 from distlocal.predict import Predictor, slide_records
 from distlocal.progress import progress
@@ -63,8 +63,7 @@ def slide_images(inputs: list[str], cfg: Config) -> list[dict]:
 
 def _ours(predictor: Predictor, loader: SlideLoader, image: np.ndarray) -> dict:
     start = time.perf_counter()
-    x = loader.to_input(image, SlideRecord("bench", Path("bench"), -1, "", "bench"),
-                        device=predictor.input_device(*image.shape[:2]))
+    x = loader.to_input(image, device=predictor.input_device(*image.shape[:2]))
     result = predictor(x)  # synchronises the device before it returns
     total = time.perf_counter() - start
     return {"prediction_s": total, "input_s": total - result["forward_s"] - result["head_s"],
@@ -116,7 +115,7 @@ def bench_inference(out_dir: Path, images: list[dict], cfg: Config, repeats: int
     bf16 = cfg.train.precision == "bf16" and device.type == "cuda"
     batch = batch or (256 if device.type == "cuda" else 32)
     baseline = PatchMIL.build(cfg.model.backbone, len(predictor.classes), device, bf16, batch, cfg.data.mean,
-                              cfg.data.std)
+                              cfg.data.std, cfg.train.fold_batchnorm)
     loader = SlideLoader(cfg.data, train=False)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # both methods: the fastest kernels for each shape

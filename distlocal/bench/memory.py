@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from distlocal.bench import base_overrides
 from distlocal.config import Config, load_config
 from distlocal.model import build_stages, resolve_device
 
@@ -149,9 +150,7 @@ def bench_memory(out_dir: Path, sizes: list[tuple[int, int]], overrides: list[st
                  device: str = "auto") -> dict:
     """E2E, K = 4 and K = 8 at every size; writes memory.json and memory.png into ``out_dir``."""
     dev = resolve_device(device)
-    base = ["model.pretrained=none", "train.accumulate=1", f"train.device={dev}", *overrides]
-    if dev.type == "cuda":
-        base.append("train.precision=bf16")
+    base = [*base_overrides(dev), "train.accumulate=1", *overrides]
     methods = {"e2e": ["model.mode=e2e", "model.k=1", "model.split=balanced"], "k4": ["model.k=4"], "k8": ["model.k=8"]}
     configs = {name + suffix: [*extra, *variant] for suffix, _, variant in VARIANTS for name, extra in methods.items()}
     results = []

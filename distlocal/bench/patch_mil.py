@@ -22,6 +22,7 @@ import torch
 import torchvision
 from torch import nn
 
+from distlocal.model.fold import fold_batchnorm
 from distlocal.model.mil import GatedAttentionPool
 from distlocal.model.stage import autocast
 from distlocal.predict import elapsed
@@ -86,8 +87,11 @@ class PatchMIL:
 
     @classmethod
     def build(cls, backbone: str, num_classes: int, device: torch.device, bf16: bool, batch: int,
-              mean: list[float], std: list[float]) -> PatchMIL:
+              mean: list[float], std: list[float], fold: bool = False) -> PatchMIL:
+        """``fold``: BatchNorm folded into the convolutions, as train.fold_batchnorm does for ours (a fair race)."""
         net = torchvision.models.get_model(backbone, weights=None)  # speed does not depend on the weights
+        if fold:
+            fold_batchnorm([block for layer in (net.layer1, net.layer2, net.layer3, net.layer4) for block in layer])
         dim = net.fc.in_features
         net.fc = nn.Identity()  # ResNet up to the global average pool: one feature vector per tile
         stats = [torch.tensor(v, device=device).view(1, 3, 1, 1) for v in (mean, std)]

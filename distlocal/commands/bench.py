@@ -46,15 +46,14 @@ _DEFAULTS = ["model.backbone=resnet18", "model.k=2", "model.split=balanced", "mo
 
 
 def _inference(args: argparse.Namespace) -> int:
+    from distlocal.bench import base_overrides
     from distlocal.bench.inference import bench_inference, format_inference, slide_images, synthetic_images
     from distlocal.bench.memory import PAPER_SIZES
     from distlocal.config import load_config
     from distlocal.model import resolve_device
 
     device = resolve_device(args.device)
-    base = ["model.pretrained=none", f"train.device={device}"] + (["train.precision=bf16"] if device.type == "cuda"
-                                                                   else [])
-    cfg = load_config(args.config, [*base, *args.overrides])
+    cfg = load_config(args.config, [*base_overrides(device), *args.overrides])
     if args.inputs:
         images = slide_images(args.inputs, cfg)
     else:

@@ -58,14 +58,17 @@ class SlideLoader:
         """Read one slide at the target magnification: a 1 x 3 x H x W normalised float tensor."""
         return self.to_input(self.read(record), record, epoch)
 
-    def to_input(self, image: np.ndarray, record: SlideRecord, epoch: int = 0,
+    def to_input(self, image: np.ndarray, record: SlideRecord | None = None, epoch: int = 0,
                  device: torch.device | None = None) -> torch.Tensor:
         """
         A read slide (uint8 H x W x 3) as the network's input: augmented when training, then normalised.
 
-        ``device``: build the evaluation input there (prediction on a GPU); training inputs are made in host memory.
+        ``record`` seeds the augmentation (training only). ``device``: build the evaluation input there (prediction
+        on a GPU); training inputs are made in host memory.
         """
         if self.train and self.cfg.augment:
+            if record is None:
+                raise ValueError("a training input is augmented per slide: give its SlideRecord")
             # Per-slide RNG from (seed, epoch, slide): the same slide gets the same augmentation however
             # many threads load it, in whatever order, and after a resume.
             rng = np.random.default_rng([self.seed, epoch, zlib.crc32(record.slide_id.encode())])

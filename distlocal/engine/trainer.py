@@ -308,7 +308,9 @@ def _report_tracking(report: dict) -> None:
     dropped = sum(report.get("dropped", {}).values()) if report else 0
     if unsent or dropped:
         log.warning("MLflow tracking at %s lost data: not sent %s, refused by the server %s (last error: %s). "
-                    "Unsent data is kept in %s", report["uri"], report["unsent"], report["dropped"],
-                    report["last_error"], report["spill_file"] or "no file")
+                    "Unsent data is kept in %s%s", report["uri"], report["unsent"], report["dropped"],
+                    report["last_error"], report["spill_file"] or "no file",
+                    f"; send it once the server is back: distlocal sync {Path(report['spill_file']).parent}"
+                    if report["spill_file"] else "")
     elif report.get("run_id"):
         log.info("MLflow run %s at %s: all tracking data sent", report["run_id"], report["uri"])

@@ -79,7 +79,13 @@ class MlflowTracker:
             self._put(("metrics", rows))
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        self._put(("artifact", str(path), artifact_path))
+        # Absolute, so that a spilled record still finds the file from wherever `distlocal sync` runs.
+        self._put(("artifact", str(Path(path).resolve()), artifact_path))
+
+    def requeue(self, items: list[tuple]) -> None:
+        """Queue records spilled by an earlier tracker (distlocal sync), in their order."""
+        for item in items:
+            self._put(tuple(item))
 
     def wait_ready(self, timeout: float) -> str | None:
         """The run id once the run exists (within `timeout` s), else None."""
