@@ -47,5 +47,7 @@ def test_bench_memory_stages_hold_a_fraction_of_end_to_end(tmp_path, capsys):
     table = format_memory(report)
     assert "| 384 x 320 | model_total, plain |" in table
     assert "| 384 x 320 | model_total, folded BN + recompute |" in table
-    assert json.loads((tmp_path / "memory.json").read_text())["device"] == "cpu"
+    written = json.loads((tmp_path / "memory.json").read_text())
+    assert written["device"] == "cpu"
+    assert written["complete"]  # written after every configuration, marked complete at the end
     assert (tmp_path / "memory.png").stat().st_size > 5000
