@@ -99,7 +99,7 @@ def memory_bars(report: dict, path: Path) -> Path:
     # darker to lighter: plain, folded BatchNorm, folded + recomputed activations
     colours = {"e2e": "#333333", "k4": "#08519c", "k8": "#a63603", "e2e_fold": "#777777", "k4_fold": "#3182bd",
                "k8_fold": "#e6550d", "e2e_rc": "#bbbbbb", "k4_rc": "#9ecae1", "k8_rc": "#fdae6b"}
-    tags = {"": "", "fold": "\nfold", "rc": "\nfold+rc"}
+    tags = {"": "", "fold": "\nfold", "rc": "\nf+rc"}  # f+rc: folded and recomputed
     for ax, entry in zip(axes[0], sizes, strict=True):
         labels, values, colour = [], [], []
         for name in (n for n in colours if n in entry):
