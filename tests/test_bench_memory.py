@@ -34,6 +34,10 @@ def test_bench_memory_stages_hold_a_fraction_of_end_to_end(tmp_path, capsys):
     assert sum(r["params"] for r in entry["k4"]) > entry["e2e"][0]["params"]
     # the slide is not kept for backward (the frozen stem saves nothing); a later stage's input is
     assert entry["k4"][0]["input"] == entry["e2e"][0]["input"] == 0
+    slide = 384 * 320 * 3 * 4  # counted while the stem runs: with its output and conv1 and bn1 outputs, 5.7x
+    assert entry["k4"][0]["stem_peak"] > 5 * slide
+    assert entry["k4"][0]["model_total"] >= entry["k4"][0]["stem_peak"]
+    assert entry["k4"][1]["stem_peak"] == 0
     assert entry["k4"][1]["input"] > 0
     # folded BatchNorm, and folded with recomputed activations: every configuration holds less, same parameters
     for name in ("e2e", "k4", "k8"):

@@ -306,3 +306,18 @@ def _saved_maps(step):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         result = step()
     return sum(seen.values()), result
+
+
+def test_stem_in_tiles_gives_the_same_stage_1(make_cfg):
+    """Stage 1 runs the frozen stem in tiles on large slides (run_stem): the same output and loss as in one pass."""
+    slide = torch.randn(1, 3, 300, 262, generator=torch.Generator().manual_seed(7))
+    cfg = make_cfg("model.k=2", "model.split=balanced", "model.rfr.patch_size=8")
+    whole, tiled = build_stages(cfg, 2)[0], build_stages(cfg, 2)[0]
+    tiled.stem_tile_pixels = 70 * 70  # about 16 tiles with their halos
+    x_whole, m_whole = whole.train_step(slide, 1)
+    x_tiled, m_tiled = tiled.train_step(slide, 1)
+    torch.testing.assert_close(x_tiled, x_whole, rtol=1e-5, atol=1e-5)
+    assert m_tiled["loss"] == pytest.approx(m_whole["loss"], rel=1e-5)
+    tiled.stem_tile_pixels = 10  # cannot hold one output: a clear error, not a wrong map
+    with pytest.raises(ValueError, match="cannot hold one output"):
+        tiled.train_step(slide, 1)

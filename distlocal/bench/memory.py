@@ -3,10 +3,11 @@ distlocal bench memory: the memory of one training step, end to end against ever
 
 The paper's Table 2 compares GPU memory of end-to-end training with the largest module of local training. Two ways
 of measuring, both on one real training step (forward, loss, backward, optimizer step) of the real modules:
-- "model" bytes, everywhere (CPU included): activations saved for backward (counted by saved-tensor hooks, each
-  storage once) + the stage's input where backward keeps it + parameters + gradients + AdamW state. This is what
-  training must hold at its peak, whatever the allocator does. The slide itself is not kept: the frozen stem
-  saves nothing, so stage 1 (and E2E) hold it only while the stem runs, next to the stem's output.
+- "model" bytes, everywhere (CPU included): the larger of two moments, plus parameters + gradients + AdamW
+  state. Backward: the activations saved for it (counted by saved-tensor hooks, each storage once) + a later
+  stage's input. The stem (stage 1 and E2E): the slide, the stem's output, and one stem tile's conv1 and bn1
+  outputs (the frozen stem saves nothing and runs in tiles: stage.run_stem). This is what training must hold at
+  its peak, whatever the allocator does.
 - CUDA only: torch.cuda.max_memory_allocated over the step (what the paper measured), at the paper's slide sizes
   as far as the GPU holds them; an out-of-memory is recorded as such.
 
@@ -100,6 +101,14 @@ def _state_bytes(modules) -> dict[str, int]:
             "optimizer": 2 * trainable}  # AdamW: exp_avg and exp_avg_sq
 
 
+def _stem(stage):
+    return stage.net.stem if hasattr(stage, "net") else stage.modules["stem"] if "stem" in stage.modules else None
+
+
+def _bytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
 def _modules(stage) -> list:
     return [stage.net] if hasattr(stage, "net") else [stage.modules]
 
@@ -117,6 +126,11 @@ def measure(cfg: Config, size: tuple[int, int], device: torch.device) -> list[di
         before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
         held, inputs = {}, []
         hooks = _block_hooks(stage, held, inputs, cfg.train.recompute_activations)
+        stem = _stem(stage)
+        conv1 = [0]  # the largest output of the stem's first conv: per tile when the stem runs in tiles
+        if stem is not None:
+            hooks.append(stem[0].register_forward_hook(
+                lambda m, a, o, c=conv1: c.__setitem__(0, max(c[0], _bytes(o)))))
         start = time.perf_counter()
         # Parameters and the input are counted as such, though a convolution also saves its weight and input.
         exclude = {_key(p) for m in _modules(stage) for p in m.parameters()} | {_key(x)}
@@ -133,12 +147,14 @@ def measure(cfg: Config, size: tuple[int, int], device: torch.device) -> list[di
         seconds = time.perf_counter() - start
         state = _state_bytes(_modules(stage))
         slide = x.numel() * x.element_size()
-        row = {"stage": i + 1, "saved_activations": saved, "input": slide if _key(x) in held else 0, **state,
+        # A later stage's input is held by its caller all step; stage 1's slide only while the stem runs.
+        row = {"stage": i + 1, "saved_activations": saved, "input": 0 if stem is not None else slide, **state,
                "recompute_peak": _largest_block(inputs) if cfg.train.recompute_activations else 0,
                "step_s": seconds}
         backward = saved + row["recompute_peak"] + row["input"]
-        stem = slide + inputs[0][1].numel() * inputs[0][1].element_size() if not row["input"] else 0
-        row["model_total"] = max(backward, stem) + sum(state.values())
+        # While the stem runs: the slide, the stem's whole output, and one tile's conv1 and bn1 outputs.
+        row["stem_peak"] = slide + _bytes(inputs[0][1]) + 2 * conv1[0] if stem is not None else 0
+        row["model_total"] = max(backward, row["stem_peak"]) + sum(state.values())
         if device.type == "cuda":
             # `before` holds every stage's weights (all were built on the device): add back this stage's own.
             row["cuda_max_allocated"] = torch.cuda.max_memory_allocated(device) - before + state["params"]

@@ -18,7 +18,7 @@ from distlocal.config import Config
 from distlocal.model.backbone import Backbone, StageSpec, freeze_batchnorm, run_blocks
 from distlocal.model.mil import AuxClassifier
 from distlocal.model.optim import LocalOptimizer
-from distlocal.model.stage import autocast, step_metrics
+from distlocal.model.stage import autocast, run_stem, step_metrics
 
 __all__ = ["EndToEnd", "WholeSlideNet"]
 
@@ -63,8 +63,8 @@ class EndToEnd:
         self.net.train()
         freeze_batchnorm(self.net)
         with self._autocast():
-            # The frozen stem keeps nothing for backward, so the slide on the device is freed here, as in stage 1.
-            x = self.net.stem(x.to(self.device, torch.float32))
+            # The frozen stem keeps nothing for backward: run it in tiles, as stage 1 does (run_stem).
+            x = run_stem(self.net.stem, x, self.device, self.bf16)
             logits, _ = self.net.head(self.net.run_blocks(x), self.generator)
             loss = F.cross_entropy(logits.float(), torch.tensor([y], device=self.device))
         stepped = self.optim.backward(loss)

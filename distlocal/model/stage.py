@@ -17,8 +17,9 @@ from distlocal.model.backbone import StageSpec, freeze_batchnorm, run_blocks
 from distlocal.model.mil import AuxClassifier
 from distlocal.model.optim import LocalOptimizer
 from distlocal.model.rfr import FeatureReconstruction
+from distlocal.model.tiling import tiled_forward
 
-__all__ = ["Stage", "autocast", "peak_memory_mb", "step_metrics"]
+__all__ = ["STEM_TILE_PIXELS", "Stage", "autocast", "peak_memory_mb", "run_stem", "step_metrics"]
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -29,6 +30,21 @@ def peak_memory_mb(device: torch.device) -> float:
 def autocast(device: torch.device, bf16: bool):
     """bf16 autocast on `device` when train.precision is bf16, else a no-op context."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+
+
+# The frozen stem run whole would hold the slide plus two 64-channel maps at 1/3 scale (conv1's and bn1's outputs:
+# 5.7x the slide's bytes, 4.5 GB at 8698 x 7496 in fp32), more than stage 1's whole backward. In tiles of this many
+# pixels (exact: tiling.py) only the slide and the 1/6-scale output are whole; the tiles go to the device one by one.
+STEM_TILE_PIXELS = 2**22
+
+
+def run_stem(stem: nn.Module, x: torch.Tensor, device: torch.device, bf16: bool,
+             tile_pixels: int = STEM_TILE_PIXELS) -> torch.Tensor:
+    """The frozen stem on a 1 x 3 x H x W slide, without gradients, as an fp32 map on ``device``."""
+    if x.shape[-2] * x.shape[-1] <= tile_pixels:
+        x = x.to(device, non_blocking=True)  # one pass on the device; larger slides stay in host memory, tiles move
+    with torch.no_grad(), autocast(device, bf16):
+        return tiled_forward(stem.eval(), x.float(), tile_pixels, device).to(device, torch.float32)
 
 
 def step_metrics(optim: LocalOptimizer, device: torch.device, start: float, logits: torch.Tensor, y: int,
@@ -73,16 +89,15 @@ class Stage:
         self.recompute = cfg.train.recompute_activations
         self.generator = torch.Generator().manual_seed(generator_seed)  # RFR locations, attention dropout
         self.rfr_clamped = 0  # slides whose maps were smaller than the RFR patch
+        self.stem_tile_pixels = STEM_TILE_PIXELS
 
     def _autocast(self):
         return autocast(self.device, self.bf16)
 
     def _input(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(self.device, torch.float32, non_blocking=True)
         if "stem" in self.modules:
-            with torch.no_grad(), self._autocast():
-                x = self.modules["stem"].eval()(x).float()
-        return x
+            return run_stem(self.modules["stem"], x, self.device, self.bf16, self.stem_tile_pixels)
+        return x.to(self.device, torch.float32, non_blocking=True)
 
     def train_step(self, x: torch.Tensor, y: int) -> tuple[torch.Tensor, dict]:
         """Forward, local loss, backward; step every `accumulate` slides. Returns (detached output, metrics)."""
