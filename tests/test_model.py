@@ -1,7 +1,10 @@
 """The paper's model: reference split, RFR crops, gradient isolation, frozen stem and BatchNorm."""
 
+import copy
+
 import pytest
 import torch
+import torchvision
 
 from distlocal.model import FeatureReconstruction, build_backbone, build_stages, split_backbone
 
@@ -270,7 +273,7 @@ def test_folded_batchnorm_gives_the_same_training(make_cfg, mode):
     common = [k, "model.split=balanced", f"model.mode={mode}", "model.rfr.patch_size=8", "train.accumulate=8"]
     plain = build_stages(make_cfg(*common, "train.fold_batchnorm=false"), 2)
     folded = build_stages(make_cfg(*common, "train.fold_batchnorm=true"), 2)
-    for bn in (m for m in _modules(plain[0]).modules() if isinstance(m, torch.nn.BatchNorm2d)):
+    for bn in (m for s in plain for m in _modules(s).modules() if isinstance(m, torch.nn.BatchNorm2d)):
         bn.running_mean.uniform_(-0.5, 0.5, generator=gen)  # statistics unlike the identity, or folding is trivial
         bn.running_var.uniform_(0.5, 2.0, generator=gen)
     for a, b in zip(plain, folded, strict=True):
@@ -321,3 +324,22 @@ def test_stem_in_tiles_gives_the_same_stage_1(make_cfg):
     tiled.stem_tile_pixels = 10  # cannot hold one output: a clear error, not a wrong map
     with pytest.raises(ValueError, match="cannot hold one output"):
         tiled.train_step(slide, 1)
+
+
+def test_folded_convolution_gradients_are_exact():
+    """The folded conv's hand-written backward against numerical gradients (float64): input, weight, scale, shift."""
+    from distlocal.model.fold import FoldedBasicBlock, _FoldedConv
+
+    conv = torch.nn.Conv2d(3, 4, 3, stride=2, padding=1, bias=False).double()
+    gen = torch.Generator().manual_seed(2)
+    f64 = {"dtype": torch.float64, "generator": gen}
+    inputs = [torch.randn(1, 3, 9, 8, **f64), conv.weight.detach().clone(), torch.rand(4, **f64) + 0.5,
+              torch.randn(4, **f64)]
+    inputs = [t.requires_grad_() for t in inputs]
+    assert torch.autograd.gradcheck(lambda x, w, s, t: _FoldedConv.apply(x, w, s, t, conv), inputs)
+    # A block whose BatchNorm is in training mode is not frozen: it runs unfolded, as torchvision would.
+    block = torchvision.models.resnet.BasicBlock(8, 8).double().train()
+    reference = copy.deepcopy(block)
+    block.__class__ = FoldedBasicBlock
+    x = torch.randn(2, 8, 6, 6, dtype=torch.float64, generator=gen)
+    torch.testing.assert_close(block(x), reference(x))

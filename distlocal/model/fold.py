@@ -33,10 +33,13 @@ class _FoldedConv(torch.autograd.Function):
         x, weight, scale = ctx.saved_tensors
         conv, dtype = ctx.conv, ctx.dtype
         folded = (weight * scale.view(-1, 1, 1, 1)).to(dtype)
-        grad_x, grad_folded, grad_shift = torch.ops.aten.convolution_backward(
+        grad_x, grad_folded, _ = torch.ops.aten.convolution_backward(
             grad.to(dtype), x.to(dtype), folded, [folded.shape[0]], list(conv.stride), list(conv.padding),
             list(conv.dilation), False, [0, 0], conv.groups,
-            [ctx.needs_input_grad[0], ctx.needs_input_grad[1] or ctx.needs_input_grad[2], ctx.needs_input_grad[3]])
+            [ctx.needs_input_grad[0], ctx.needs_input_grad[1] or ctx.needs_input_grad[2], False])
+        # The shift's gradient summed in fp32 even when the convolution ran in bf16 (as BatchNorm's bias would be).
+        wide = torch.promote_types(grad.dtype, torch.float32)
+        grad_shift = grad.sum((0, 2, 3), dtype=wide) if ctx.needs_input_grad[3] else None
         grad_weight = grad_scale = None
         if grad_folded is not None:
             grad_folded = grad_folded.to(weight.dtype)
@@ -44,6 +47,10 @@ class _FoldedConv(torch.autograd.Function):
             grad_scale = (grad_folded * weight).sum((1, 2, 3)) if ctx.needs_input_grad[2] else None
         return (None if grad_x is None else grad_x.to(x.dtype), grad_weight, grad_scale,
                 None if grad_shift is None else grad_shift.to(scale.dtype), None)
+
+
+def _frozen(block: nn.Module) -> bool:
+    return not any(m.training for m in block.modules() if isinstance(m, nn.BatchNorm2d))
 
 
 def conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
@@ -72,23 +79,24 @@ def folded_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 class FoldedBasicBlock(BasicBlock):
-    """A BasicBlock run by ``folded_block``; same parameters and state dict."""
+    """A BasicBlock run by ``folded_block`` while its BatchNorms are in eval mode; same parameters and state dict."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return folded_block(self, x)
+        return folded_block(self, x) if _frozen(self) else super().forward(x)
 
 
 class FoldedBottleneck(Bottleneck):
-    """A Bottleneck run by ``folded_block``; same parameters and state dict."""
+    """A Bottleneck run by ``folded_block`` while its BatchNorms are in eval mode; same parameters and state dict."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return folded_block(self, x)
+        return folded_block(self, x) if _frozen(self) else super().forward(x)
 
 
 def fold_batchnorm(blocks: list[nn.Module]) -> None:
     """
     Run every block with its BatchNorms folded into the convolutions. The blocks keep their parameters, state dict
-    and hooks; only the forward changes, to the same function, since the backbone's BatchNorm is always frozen.
+    and block hooks (hooks on the convolutions and BatchNorms inside no longer fire); only the forward changes, to
+    the same function, since the backbone's BatchNorm is always frozen (a block in training mode runs unfolded).
     """
     folded = {BasicBlock: FoldedBasicBlock, Bottleneck: FoldedBottleneck}
     for block in blocks:
