@@ -124,6 +124,14 @@ def test_server_down_training_finishes_and_says_what_was_lost(manifest, tmp_path
     assert len(_artifacts(client, run_id)) >= report["unsent"]["artifacts"]
     assert main(["sync", str(tmp_path / "down"), "--uri", store]) == 0  # nothing left: nothing sent twice
     assert sum(len(client.get_metric_history(run_id, key)) for key in run.data.metrics) == rows
+    # Records spilled later go to the run's own store; another --uri is refused while the run exists.
+    spill = tmp_path / "down" / "tracking_unsent.jsonl"
+    spill.write_text(json.dumps(["metrics", [["late/metric", 1.5, 0, 7]]]) + "\n")
+    assert main(["sync", str(tmp_path / "down"), "--uri", f"sqlite:///{tmp_path / 'other.db'}"]) != 0
+    assert spill.exists()
+    assert main(["sync", str(tmp_path / "down")]) == 0
+    assert [m.value for m in client.get_metric_history(run_id, "late/metric")] == [1.5]
+    assert client.get_run(run_id).info.status == "FINISHED"
 
 
 def test_sender_buffers_until_a_late_server_comes_up(tmp_path):

@@ -8,20 +8,20 @@ from pathlib import Path
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", help="a training's run folder (runs/NAME) holding tracking_unsent.jsonl")
-    p.add_argument("--uri", help="tracking URI to send to; default: the run's tracking.uri, else MLFLOW_TRACKING_URI")
+    p.add_argument("--uri", help="tracking URI to send to when the run was never created on a server; default: the "
+                   "run's tracking.uri, else MLFLOW_TRACKING_URI (a created run is always continued where it is)")
 
 
 def run(args: argparse.Namespace) -> int:
     from distlocal.config import ConfigError, load_config
-    from distlocal.tracking import tracking_uri
-    from distlocal.tracking.replay import SPILL_FILE, replay_unsent
+    from distlocal.tracking.replay import SPILL_FILE, replay_unsent, target
 
     run_dir = Path(args.run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise ConfigError(f"{run_dir} has no config.yaml; give the folder of a training run, e.g. runs/NAME")
     cfg = load_config(run_dir / "config.yaml", [])
-    uri = args.uri or tracking_uri(cfg)
-    report = replay_unsent(cfg, run_dir, uri)
+    uri, _ = target(cfg, run_dir, args.uri)
+    report = replay_unsent(cfg, run_dir, args.uri)
     if not report:
         print(f"{run_dir}: nothing to send (no {SPILL_FILE})")
         return 0

@@ -44,21 +44,60 @@ def _take_pending(run_dir: Path) -> list[tuple]:
     return items
 
 
-def replay_unsent(cfg: Config, run_dir: Path, uri: str) -> dict:
-    """Send RUN_DIR's unsent tracking records to ``uri``; the tracker's report (empty when there was nothing)."""
-    from distlocal.tracking import RUN_ID_FILE
+def target(cfg: Config, run_dir: Path, uri: str | None) -> tuple[str, str | None]:
+    """
+    (tracking URI, MLflow run id or None) to send RUN_DIR's records to: the server its run was created on, named in
+    RUN_DIR/mlflow_run.json; else ``uri``; else the run's own tracking settings.
+    """
+    from distlocal.tracking import RUN_ID_FILE, tracking_uri
+
+    id_file = run_dir / RUN_ID_FILE
+    known = json.loads(id_file.read_text()) if id_file.is_file() else {}
+    if known.get("run_id"):
+        if uri and uri != known.get("uri"):
+            raise ConfigError(f"{run_dir}'s MLflow run {known['run_id']} lives at {known.get('uri')}, not at {uri}; "
+                              f"drop --uri to send there, or move {id_file} away to start a new run at {uri}")
+        return known.get("uri") or uri or tracking_uri(cfg), known["run_id"]
+    return uri or tracking_uri(cfg), None
+
+
+def _status(uri: str, run_id: str | None) -> str | None:
+    """The run's status on the server, None when unknown (no run yet, or the server does not answer)."""
+    if run_id is None:
+        return None
+    from mlflow.tracking import MlflowClient
+
+    from distlocal.tracking.sender import quiet_http_retries
+
+    quiet_http_retries()  # fail fast when the server is still down
+    try:
+        return MlflowClient(tracking_uri=uri).get_run(run_id).info.status
+    except Exception:  # the tracker below retries and reports; this is only a hint
+        return None
+
+
+def replay_unsent(cfg: Config, run_dir: Path, uri: str | None = None) -> dict:
+    """Send RUN_DIR's unsent tracking records; the tracker's report (empty when there was nothing to send)."""
+    from distlocal.tracking import RUN_ID_FILE, _artifact_location
     from distlocal.tracking.sender import MlflowTracker
 
+    uri, run_id = target(cfg, run_dir, uri)
     items = _take_pending(run_dir)
     if not items:
         return {}
-    id_file = run_dir / RUN_ID_FILE
-    run_id = json.loads(id_file.read_text()).get("run_id") if id_file.is_file() else None
     ends = [item[1] for item in items if item[0] == "end"]
-    tracker = MlflowTracker(uri, cfg.tracking.experiment, run_dir.name, run_id=run_id, id_file=id_file,
-                            spill_path=run_dir / SPILL_FILE, flush_timeout_s=cfg.tracking.flush_timeout_s)
+    # A run that already ended on the server (say, a resumed training that finished) keeps its status.
+    status = _status(uri, run_id)
+    final = status if status in ("FINISHED", "FAILED", "KILLED") else (ends[-1] if ends else "FINISHED")
+    tracker = MlflowTracker(uri, cfg.tracking.experiment, run_dir.name, run_id=run_id, id_file=run_dir / RUN_ID_FILE,
+                            artifact_location=_artifact_location(cfg, uri), spill_path=run_dir / SPILL_FILE,
+                            flush_timeout_s=cfg.tracking.flush_timeout_s)
     tracker.requeue([item for item in items if item[0] != "end"])
-    # The training's own end status when it was not sent; a run that ended on the server keeps FINISHED otherwise.
-    report = tracker.finish(ends[-1] if ends else "FINISHED")
-    (run_dir / PENDING_FILE).unlink()  # what is still unsent is in the spill file again
+    try:
+        report = tracker.finish(final)
+    finally:
+        # Whatever the tracker still holds went back to the spill file in finish(); on an interruption before
+        # that, the pending file stays and the next sync sends it (records already sent may then repeat).
+        if (run_dir / SPILL_FILE).exists() or not tracker.queue:
+            (run_dir / PENDING_FILE).unlink(missing_ok=True)
     return report

@@ -29,7 +29,7 @@ _PERMANENT = {"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "INVALID_STA
               "RESOURCE_ALREADY_EXISTS", "PERMISSION_DENIED", "UNAUTHENTICATED"}
 
 
-def _quiet_http_retries() -> None:
+def quiet_http_retries() -> None:
     # MLflow's own HTTP client retries 7 times over minutes with 120 s timeouts, inside the call. The sender
     # thread does the retrying here, so each attempt should fail fast. Users can still override these.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
@@ -45,7 +45,7 @@ class MlflowTracker:
                  max_backoff_s: float = 30.0):
         from mlflow.tracking import MlflowClient
 
-        _quiet_http_retries()
+        quiet_http_retries()
         self.uri, self.experiment, self.run_name = uri, experiment, run_name
         self.run_id, self.parent_run_id, self.artifact_location = run_id, parent_run_id, artifact_location
         self.id_file, self.spill_path = id_file, spill_path
@@ -200,6 +200,9 @@ class MlflowTracker:
                 self.client.log_artifact(self.run_id, path, artifact_path)
             else:
                 log.warning("MLflow tracking: artifact %s does not exist; not logged", path)
+                self.queue.popleft()
+                _tally(self.dropped, item)
+                return
         elif kind == "end":
             self.client.set_terminated(self.run_id, status=item[1])
         self.queue.popleft()
