@@ -28,6 +28,7 @@ import torch
 from distlocal.bench import base_overrides
 from distlocal.config import Config, load_config
 from distlocal.model import build_stages, resolve_device
+from distlocal.model.stage import autocast
 
 __all__ = ["PAPER_SIZES", "bench_memory", "format_memory"]
 
@@ -83,12 +84,12 @@ def _block_hooks(stage, held: dict[int, int], inputs: list, recompute: bool) -> 
     return [block.register_forward_pre_hook(note) for block in _blocks(stage)]
 
 
-def _largest_block(inputs: list) -> int:
+def _largest_block(inputs: list, bf16: bool) -> int:
     """The backward of a recomputed block holds that block's saved activations: the largest block's, at most."""
     largest = 0
     for block, x in inputs:
         exclude = {_key(p) for p in block.parameters()} | {_key(x)}  # the input is already counted as held
-        with torch.enable_grad():
+        with torch.enable_grad(), autocast(x.device, bf16):  # rerun as the step ran it
             saved, _ = _saved_bytes(lambda b=block, h=x: b(h), exclude=exclude)
         largest = max(largest, saved)
     return largest
@@ -149,7 +150,8 @@ def measure(cfg: Config, size: tuple[int, int], device: torch.device) -> list[di
         slide = x.numel() * x.element_size()
         # A later stage's input is held by its caller all step; stage 1's slide only while the stem runs.
         row = {"stage": i + 1, "saved_activations": saved, "input": 0 if stem is not None else slide, **state,
-               "recompute_peak": _largest_block(inputs) if cfg.train.recompute_activations else 0,
+               "recompute_peak": _largest_block(inputs, cfg.train.precision == "bf16")
+               if cfg.train.recompute_activations else 0,
                "step_s": seconds}
         backward = saved + row["recompute_peak"] + row["input"]
         # While the stem runs: the slide, the stem's whole output, and one tile's conv1 and bn1 outputs.
