@@ -70,24 +70,25 @@ def _blocks(stage):
     return stage.net.blocks if hasattr(stage, "net") else stage.modules["backbone"]
 
 
-def _block_hooks(stage, held: dict[int, int], inputs: list, recompute: bool) -> list:
+def _block_hooks(stage, held: dict[int, int], inputs: dict, recompute: bool) -> list:
     """
-    Note every block's input (kept for the rerun and, with recomputation, what stays for backward: ``held``).
-    The first one is the stem's output on stage 1 and E2E, which exists next to the slide while the stem runs.
+    Note every block's input, by block (kept for the rerun and, with recomputation, what stays for backward:
+    ``held``). The first one is the stem's output on stage 1 and E2E, which exists next to the slide while the stem
+    runs. Recomputation runs each block's forward again in backward: that second call is not noted again.
     """
 
     def note(module, args):
         if recompute:
             held[_key(args[0])] = args[0].untyped_storage().nbytes()
-        inputs.append((module, args[0].detach()))
+        inputs.setdefault(module, args[0].detach())
 
     return [block.register_forward_pre_hook(note) for block in _blocks(stage)]
 
 
-def _largest_block(inputs: list, bf16: bool) -> int:
+def _largest_block(inputs: dict, bf16: bool) -> int:
     """The backward of a recomputed block holds that block's saved activations: the largest block's, at most."""
     largest = 0
-    for block, x in inputs:
+    for block, x in inputs.items():
         exclude = {_key(p) for p in block.parameters()} | {_key(x)}  # the input is already counted as held
         with torch.enable_grad(), autocast(x.device, bf16):  # rerun as the step ran it
             saved, _ = _saved_bytes(lambda b=block, h=x: b(h), exclude=exclude)
@@ -97,13 +98,16 @@ def _largest_block(inputs: list, bf16: bool) -> int:
 
 def _state_bytes(modules) -> dict[str, int]:
     params = [p for m in modules for p in m.parameters()]
-    trainable = sum(p.numel() * p.element_size() for p in params if p.requires_grad)
-    return {"params": sum(p.numel() * p.element_size() for p in params), "grads": trainable,
+    trainable = sum(_bytes(p) for p in params if p.requires_grad)
+    return {"params": sum(_bytes(p) for p in params), "grads": trainable,
             "optimizer": 2 * trainable}  # AdamW: exp_avg and exp_avg_sq
 
 
 def _stem(stage):
-    return stage.net.stem if hasattr(stage, "net") else stage.modules["stem"] if "stem" in stage.modules else None
+    """The frozen stem of E2E or stage 1; None for later stages."""
+    if hasattr(stage, "net"):
+        return stage.net.stem
+    return stage.modules["stem"] if "stem" in stage.modules else None
 
 
 def _bytes(t: torch.Tensor) -> int:
@@ -125,7 +129,7 @@ def measure(cfg: Config, size: tuple[int, int], device: torch.device) -> list[di
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
-        held, inputs = {}, []
+        held, inputs = {}, {}
         hooks = _block_hooks(stage, held, inputs, cfg.train.recompute_activations)
         stem = _stem(stage)
         conv1 = [0]  # the largest output of the stem's first conv: per tile when the stem runs in tiles
@@ -147,7 +151,7 @@ def measure(cfg: Config, size: tuple[int, int], device: torch.device) -> list[di
                 hook.remove()
         seconds = time.perf_counter() - start
         state = _state_bytes(_modules(stage))
-        slide = x.numel() * x.element_size()
+        slide = _bytes(x)
         # A later stage's input is held by its caller all step; stage 1's slide only while the stem runs.
         row = {"stage": i + 1, "saved_activations": saved, "input": 0 if stem is not None else slide, **state,
                "recompute_peak": _largest_block(inputs, cfg.train.precision == "bf16")
@@ -155,7 +159,7 @@ def measure(cfg: Config, size: tuple[int, int], device: torch.device) -> list[di
                "step_s": seconds}
         backward = saved + row["recompute_peak"] + row["input"]
         # While the stem runs: the slide, the stem's whole output, and one tile's conv1 and bn1 outputs.
-        row["stem_peak"] = slide + _bytes(inputs[0][1]) + 2 * conv1[0] if stem is not None else 0
+        row["stem_peak"] = slide + _bytes(next(iter(inputs.values()))) + 2 * conv1[0] if stem is not None else 0
         row["model_total"] = max(backward, row["stem_peak"]) + sum(state.values())
         if device.type == "cuda":
             # `before` holds every stage's weights (all were built on the device): add back this stage's own.

@@ -14,18 +14,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from distlocal.config import ConfigError, load_config
-    from distlocal.tracking.replay import SPILL_FILE, replay_unsent, target
+    from distlocal.tracking.replay import SPILL_FILE, replay_unsent
 
     run_dir = Path(args.run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise ConfigError(f"{run_dir} has no config.yaml; give the folder of a training run, e.g. runs/NAME")
     cfg = load_config(run_dir / "config.yaml", [])
-    uri, _ = target(cfg, run_dir, args.uri)
     report = replay_unsent(cfg, run_dir, args.uri)
     if not report:
         print(f"{run_dir}: nothing to send (no {SPILL_FILE})")
         return 0
-    print(f"sent to {uri}, MLflow run {report['run_id']}: {report['sent']}")
+    print(f"sent to {report['uri']}, MLflow run {report['run_id']}: {report['sent']}")
     if any(report["unsent"].values()) or any(report["dropped"].values()):
         print(f"not sent: {report['unsent']}, refused by the server: {report['dropped']} (last error: "
               f"{report['last_error']}); what is unsent stays in {report['spill_file']}: run this again later")

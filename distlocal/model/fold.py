@@ -57,10 +57,7 @@ def conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tenso
     """bn(conv(x)) for a BatchNorm in eval mode (a bias-free convolution), as one folded convolution."""
     scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
     shift = bn.bias - bn.running_mean * scale
-    if not torch.is_grad_enabled():
-        return F.conv2d(x, conv.weight * scale.view(-1, 1, 1, 1), shift, conv.stride, conv.padding, conv.dilation,
-                        conv.groups)
-    return _FoldedConv.apply(x, conv.weight, scale, shift, conv)
+    return _FoldedConv.apply(x, conv.weight, scale, shift, conv)  # without gradients, only its forward runs
 
 
 def folded_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -10,14 +10,11 @@ tracking_unsent.jsonl again, and the replaying file goes only once the tracker h
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 from distlocal.config import Config, ConfigError
 
-__all__ = ["PENDING_FILE", "SPILL_FILE", "replay_unsent"]
-
-log = logging.getLogger(__name__)
+__all__ = ["PENDING_FILE", "SPILL_FILE", "replay_unsent", "target"]
 
 SPILL_FILE = "tracking_unsent.jsonl"
 PENDING_FILE = "tracking_unsent.replaying.jsonl"  # a sync that was cut off left these: the next one sends them
