@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
+import ray
 import torch
 
 import distlocal.engine  # noqa: F401  (sets Ray's environment before any test module imports ray)
 from distlocal.config import load_config
 from distlocal.slides import write_synthetic_dataset
+from tests.harness import become_subreaper, end_leftovers
 
 
 @pytest.fixture
@@ -32,3 +36,43 @@ def slide():
 def manifest(tmp_path_factory):
     """Twelve small two-class synthetic slides (pyramidal TIFFs) with train/valid/test splits, once per module."""
     return write_synthetic_dataset(tmp_path_factory.mktemp("slides"), slides=12, classes=2, size=(96, 96), seed=0)
+
+
+# One local Ray for every test that only needs "a Ray": starting one costs 10-20 s on 2 cores. Tests that need a
+# different Ray (fake GPUs, several raylets, a head in a subprocess) take `no_shared_ray`, which shuts the shared
+# one down first; the next test that asks for `local_ray` starts it again.
+_shared_ray = {"up": False}
+
+
+@pytest.fixture
+def local_ray():
+    """A real single-node Ray with 6 logical CPUs and no GPU, shared by the tests that use it."""
+    if not (_shared_ray["up"] and ray.is_initialized()):
+        ray.shutdown()
+        os.environ.pop("RAY_ADDRESS", None)
+        ray.init(num_cpus=6, num_gpus=0, include_dashboard=False, configure_logging=False, log_to_driver=False)
+        _shared_ray["up"] = True
+
+
+@pytest.fixture
+def no_shared_ray():
+    """For tests that start a Ray of their own: the shared one is shut down first (and restarted when needed)."""
+    ray.shutdown()
+    _shared_ray["up"] = False
+    os.environ.pop("RAY_ADDRESS", None)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_process_left_behind():
+    """At the end of the run: no process the tests started may still run (see tests/harness.py)."""
+    adopted = become_subreaper()
+    yield
+    ray.shutdown()
+    left = end_leftovers()
+    assert not left, (
+        f"the test run left {len(left)} process(es) running (now killed); end each process a test starts with its "
+        f"whole process group (tests/harness.py end_process_group):\n"
+        + "\n".join(f"  {pid}: {cmd}" for pid, cmd in sorted(left.items()))
+        + ("" if adopted else "\n(not a child subreaper: orphans of killed processes were not seen)"))

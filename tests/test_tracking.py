@@ -17,6 +17,7 @@ from distlocal.data import read_manifest
 from distlocal.engine.trainer import Trainer
 from distlocal.slides import SlideError
 from distlocal.tracking.sender import MlflowTracker
+from tests.harness import end_process_group
 
 
 def _cfg(manifest, run_dir, *overrides):
@@ -146,7 +147,7 @@ def test_sender_buffers_until_a_late_server_comes_up(tmp_path):
     server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
                                "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
                                "--default-artifact-root", str(tmp_path / "artifacts"), "--workers", "1"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         report = tracker.finish()
         assert report["sent"]["metrics"] == 50
@@ -157,8 +158,7 @@ def test_sender_buffers_until_a_late_server_comes_up(tmp_path):
         assert client.get_run(report["run_id"]).data.params["model.k"] == "4"
         assert client.get_run(report["run_id"]).info.status == "FINISHED"
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        end_process_group(server)  # terminate() alone would orphan the server's job consumers
 
 
 def test_slides_replayed_after_a_crash_are_logged_once(manifest, tmp_path):
