@@ -18,7 +18,7 @@ from distlocal.config import Config
 from distlocal.model.backbone import Backbone, StageSpec, freeze_batchnorm, run_blocks
 from distlocal.model.mil import AuxClassifier
 from distlocal.model.optim import LocalOptimizer
-from distlocal.model.stage import autocast, run_stem, step_metrics
+from distlocal.model.stage import autocast, param_dtype, run_stem, step_metrics, wide
 
 __all__ = ["EndToEnd", "WholeSlideNet"]
 
@@ -66,7 +66,7 @@ class EndToEnd:
             # The frozen stem keeps nothing for backward: run it in tiles, as stage 1 does (run_stem).
             x = run_stem(self.net.stem, x, self.device, self.bf16)
             logits, _ = self.net.head(self.net.run_blocks(x), self.generator)
-            loss = F.cross_entropy(logits.float(), torch.tensor([y], device=self.device))
+            loss = F.cross_entropy(wide(logits), torch.tensor([y], device=self.device))
         stepped = self.optim.backward(loss)
         metrics = step_metrics(self.optim, self.device, start, logits, y, loss, torch.zeros(()), loss, stepped)
         return logits.detach(), metrics
@@ -75,8 +75,8 @@ class EndToEnd:
     def eval_step(self, x: torch.Tensor):
         self.net.eval()
         with self._autocast():
-            logits, attention = self.net(x.to(self.device, torch.float32))
-        return logits, torch.softmax(logits.float(), 1)[0].cpu(), attention.float().cpu()
+            logits, attention = self.net(x.to(self.device, param_dtype(self.net)))
+        return logits, torch.softmax(wide(logits), 1)[0].cpu(), wide(attention).cpu()
 
     def end_epoch(self, metric: float) -> None:
         self.optim.end_epoch(metric)

@@ -19,7 +19,7 @@ from distlocal.model.optim import LocalOptimizer
 from distlocal.model.rfr import FeatureReconstruction
 from distlocal.model.tiling import tiled_forward
 
-__all__ = ["STEM_TILE_PIXELS", "Stage", "autocast", "peak_memory_mb", "run_stem", "step_metrics"]
+__all__ = ["STEM_TILE_PIXELS", "Stage", "autocast", "param_dtype", "peak_memory_mb", "run_stem", "step_metrics", "wide"]
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -32,6 +32,16 @@ def autocast(device: torch.device, bf16: bool):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
 
+def wide(t: torch.Tensor) -> torch.Tensor:
+    """`t` in at least fp32 (losses and probabilities out of bf16 autocast); float64 stays float64."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def param_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype a stage computes in outside autocast: its parameters' (fp32; float64 in the exactness tests)."""
+    return next(module.parameters()).dtype
+
+
 # The frozen stem run whole would hold the slide plus two 64-channel maps at 1/3 scale (conv1's and bn1's outputs:
 # 5.7x the slide's bytes, 4.5 GB at 8698 x 7496 in fp32), more than stage 1's whole backward. In tiles of this many
 # pixels (exact: tiling.py) only the slide and the 1/6-scale output are whole; the tiles go to the device one by one.
@@ -40,11 +50,12 @@ STEM_TILE_PIXELS = 2**22
 
 def run_stem(stem: nn.Module, x: torch.Tensor, device: torch.device, bf16: bool,
              tile_pixels: int = STEM_TILE_PIXELS) -> torch.Tensor:
-    """The frozen stem on a 1 x 3 x H x W slide, without gradients, as an fp32 map on ``device``."""
+    """The frozen stem on a 1 x 3 x H x W slide, without gradients, as a map on ``device`` in the stem's dtype."""
+    dtype = param_dtype(stem)
     if x.shape[-2] * x.shape[-1] <= tile_pixels:
         x = x.to(device, non_blocking=True)  # one pass on the device; larger slides stay in host memory, tiles move
     with torch.no_grad(), autocast(device, bf16):
-        return tiled_forward(stem.eval(), x.float(), tile_pixels, device).to(device, torch.float32)
+        return tiled_forward(stem.eval(), x.to(dtype), tile_pixels, device).to(device, dtype)
 
 
 def step_metrics(optim: LocalOptimizer, device: torch.device, start: float, logits: torch.Tensor, y: int,
@@ -97,7 +108,7 @@ class Stage:
     def _input(self, x: torch.Tensor) -> torch.Tensor:
         if "stem" in self.modules:
             return run_stem(self.modules["stem"], x, self.device, self.bf16, self.stem_tile_pixels)
-        return x.to(self.device, torch.float32, non_blocking=True)
+        return x.to(self.device, param_dtype(self.modules), non_blocking=True)
 
     def train_step(self, x: torch.Tensor, y: int) -> tuple[torch.Tensor, dict]:
         """Forward, local loss, backward; step every `accumulate` slides. Returns (detached output, metrics)."""
@@ -111,12 +122,12 @@ class Stage:
         with self._autocast():
             out = run_blocks(self.modules["backbone"], x, self.recompute)
             logits, _ = self.modules["classifier"](out, self.generator)
-            loss_cls = F.cross_entropy(logits.float(), target)
+            loss_cls = F.cross_entropy(wide(logits), target)
             loss_rec, patch = torch.zeros((), device=self.device), 0
             if "rfr" in self.modules:
                 loss_rec, patch = self.modules["rfr"](out, x, self.generator)
                 self.rfr_clamped += patch < self.modules["rfr"].patch
-            loss = loss_cls + self.alpha * loss_rec.float()
+            loss = loss_cls + self.alpha * wide(loss_rec)
         stepped = self.optim.backward(loss)
         metrics = step_metrics(self.optim, self.device, start, logits, y, loss_cls, loss_rec, loss, stepped, patch)
         return out.detach(), metrics
@@ -129,7 +140,7 @@ class Stage:
         with self._autocast():
             out = self.modules["backbone"](x)
             logits, attention = self.modules["classifier"](out)
-        return out, torch.softmax(logits.float(), 1)[0].cpu(), attention.float().cpu()
+        return out, torch.softmax(wide(logits), 1)[0].cpu(), wide(attention).cpu()
 
     def end_epoch(self, metric: float) -> None:
         """Feed this stage's own validation metric to its lr-on-plateau schedule."""
