@@ -3,6 +3,8 @@ Typed configuration: dataclasses loaded from YAML, overridable with ``--set key=
 
 Every default lives here, once, with a comment saying what it does. Loading is strict: an unknown
 key, a wrong type or an impossible value fails at once with a message naming the key and the fix.
+What follows from K and the mode (the cut, e2e's single stage) is resolved on loading, so one key changed alone
+still gives a whole config, and the resolved config records it.
 
 Example::
 
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,10 +24,15 @@ from typing import Any
 
 import yaml
 
+from distlocal.cut import stage_sizes
+
 __all__ = ["Config", "ConfigError", "load_config", "config_from_dict", "config_to_dict", "save_config"]
 
 # Residual blocks per backbone: the finest split possible is one block per stage.
 BACKBONE_BLOCKS = {"resnet18": 8, "resnet34": 16, "resnet50": 16}
+LAYERS = 4  # residual layer groups of every ResNet (layer1..layer4), each at its own stride
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -44,13 +52,19 @@ class ModelConfig:
     backbone: str = "resnet34"  # resnet18 | resnet34 | resnet50
     k: int = 4  # number of gradient-isolated stages, 1 .. residual blocks of the backbone
     split: str = "reference"  # reference (paper's K=4/K=8 units) | balanced (equal block counts) | auto (profiled)
-    blocks_per_stage: list[int] = field(default_factory=list)  # explicit cut, e.g. [2, 3, 5, 6]; split=auto fills it
-    mode: str = "local"  # local (locally supervised stages) | e2e (ordinary backprop baseline)
+    # The cut, e.g. [2, 3, 5, 6]; empty: derived from model.split when the config loads (and so recorded in the
+    # resolved config), or profiled by the trainer for split=auto. A K-long list: give it only with model.k.
+    blocks_per_stage: list[int] = field(default_factory=list)
+    mode: str = "local"  # local (locally supervised stages) | e2e (ordinary backprop baseline: one stage, K = 1)
     pretrained: str = "none"  # imagenet (torchvision weights, downloaded once) | none (random init)
     weights: str = ""  # path to a local backbone state dict; overrides `pretrained`
     first_conv_stride: int = 3  # the paper widens the receptive field with stride 3 (torchvision: 2)
-    # Strided-conv kernel of A_1..A_{K-1} and H; empty: the reference's 9/9/7/5 by depth, made for
-    # 5X slides of thousands of pixels. Small slides (demo, tests) need smaller ones to keep instances.
+    # Strided-conv kernel of the classifiers (A_i and H) on a map of the backbone's layer1, layer2, layer3, layer4:
+    # each classifier takes its stage's last block's layer, so these hold for any K. The reference's 9/9/7/5 are
+    # made for 5X slides of thousands of pixels; small slides (demo, tests) need smaller ones to keep instances.
+    classifier_kernels: list[int] = field(default_factory=lambda: [9, 9, 7, 5])
+    # One kernel per stage (A_1..A_{K-1}, H), overriding classifier_kernels: a K-long list, so it fits one K only.
+    # Older configs and checkpoints use it; new ones should set classifier_kernels. Empty: not used.
     aux_kernels: list[int] = field(default_factory=list)
     rfr: RFRConfig = field(default_factory=RFRConfig)
 
@@ -199,33 +213,56 @@ def _build(cls: type, data: dict, prefix: str) -> Any:
     return cls(**kwargs)
 
 
-def _validate(cfg: Config) -> None:
+def _validate_choices(cfg: Config) -> None:
     for key, choices in _CHOICES.items():
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
         if value not in choices:
             raise ConfigError(f"config key '{key}' is {value!r}; choose one of: {', '.join(choices)}")
+    blocks = BACKBONE_BLOCKS[cfg.model.backbone]
+    if not 1 <= cfg.model.k <= blocks:
+        raise ConfigError(
+            f"model.k={cfg.model.k} is impossible for {cfg.model.backbone}: K must be between 1 and its {blocks} "
+            f"residual blocks; set model.k to a value in 1..{blocks}"
+        )
+
+
+def _resolve(m: ModelConfig) -> None:
+    """
+    Derive what follows from K and the mode, so that one key changed alone (model.k, model.mode) still gives a
+    whole config: e2e takes K = 1, the paper's split falls back to the balanced one where it is not defined, and
+    the cut is written into model.blocks_per_stage.
+    """
+    blocks = BACKBONE_BLOCKS[m.backbone]
+    if m.mode == "e2e":
+        if m.k != 1:
+            log.info("model.mode=e2e trains one network end to end: K=1 (model.k=%d does not apply)", m.k)
+            m.blocks_per_stage = []  # a cut into model.k stages
+        # One stage: nothing to cut or profile; a per-stage kernel list keeps its last, H's.
+        m.k, m.split, m.aux_kernels = 1, "balanced", m.aux_kernels[-1:]
+    if m.split == "reference" and (m.backbone != "resnet34" or m.k not in (4, 8)):
+        log.info("model.split=reference is the paper's cut of resnet34 into K=4 or K=8 stages; %s at K=%d uses "
+                 "model.split=balanced (equal blocks per stage) instead", m.backbone, m.k)
+        m.split = "balanced"
+    if not m.blocks_per_stage and (m.split != "auto" or m.k == 1):
+        m.blocks_per_stage = stage_sizes(blocks, m.k, m.split)
+
+
+def _validate(cfg: Config) -> None:
     m, t, d = cfg.model, cfg.train, cfg.data
     blocks = BACKBONE_BLOCKS[m.backbone]
-    if not 1 <= m.k <= blocks:
-        raise ConfigError(
-            f"model.k={m.k} is impossible for {m.backbone}: K must be between 1 and its {blocks} residual "
-            f"blocks; set model.k to a value in 1..{blocks}"
-        )
-    if m.split == "reference" and (m.backbone != "resnet34" or m.k not in (4, 8)):
-        raise ConfigError(
-            f"model.split=reference is the paper's split, defined for resnet34 at K=4 or K=8 only "
-            f"(got {m.backbone}, K={m.k}); set model.split=balanced"
-        )
     if m.blocks_per_stage and (len(m.blocks_per_stage) != m.k or min(m.blocks_per_stage) < 1
                                or sum(m.blocks_per_stage) != blocks):
         raise ConfigError(f"model.blocks_per_stage={m.blocks_per_stage} must be K={m.k} positive counts summing to "
-                          f"{m.backbone}'s {blocks} residual blocks; or leave it empty to derive it from model.split")
+                          f"{m.backbone}'s {blocks} residual blocks; or set model.blocks_per_stage=[] to derive it "
+                          f"from model.split")
+    if len(m.classifier_kernels) != LAYERS or min(m.classifier_kernels) < 1:
+        raise ConfigError(f"model.classifier_kernels={m.classifier_kernels} needs {LAYERS} positive kernels, one per "
+                          f"layer of the backbone (layer1..layer4), e.g. [9, 9, 7, 5]")
     if m.aux_kernels and (len(m.aux_kernels) != m.k or min(m.aux_kernels) < 1):
-        raise ConfigError(f"model.aux_kernels={m.aux_kernels} needs K={m.k} positive kernels (A_1..A_{m.k - 1}, H); "
-                          f"or leave it empty for the reference kernels")
-    if m.mode == "e2e" and m.k != 1:
-        raise ConfigError(f"model.mode=e2e trains one network end to end (got model.k={m.k}); set model.k=1")
+        raise ConfigError(f"model.aux_kernels={m.aux_kernels} gives one kernel per stage, so it needs K={m.k} positive "
+                          f"kernels (A_1..A_{m.k - 1}, H); to change model.k alone, set model.aux_kernels=[] and "
+                          f"model.classifier_kernels (one kernel per backbone layer, for any K)")
     positive = {
         "model.rfr.patches": m.rfr.patches, "model.rfr.patch_size": m.rfr.patch_size,
         "model.first_conv_stride": m.first_conv_stride, "train.accumulate": t.accumulate,
@@ -260,6 +297,8 @@ def _validate(cfg: Config) -> None:
 def config_from_dict(data: dict) -> Config:
     """Build and validate a Config from nested dicts (as read from YAML)."""
     cfg = _build(Config, data or {}, "")
+    _validate_choices(cfg)
+    _resolve(cfg.model)
     _validate(cfg)
     return cfg
 

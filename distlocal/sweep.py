@@ -22,7 +22,7 @@ from distlocal.config import Config, ConfigError, load_config
 from distlocal.engine.faults import RunFailed
 from distlocal.tracking import RUN_ID_FILE, flatten, make_tracker, tracking_uri
 
-__all__ = ["Child", "parse_grid", "plan_children", "run_sweep"]
+__all__ = ["Child", "child_configs", "parse_grid", "plan_children", "run_sweep"]
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +81,16 @@ def plan_children(grid: dict[str, list[str]], seeds: int, base_seed: int) -> lis
     return children
 
 
+def child_configs(config: str | None, overrides: list[str], children: list[Child], sweep_dir: Path,
+                  uri: str) -> dict[str, Config]:
+    """
+    Each child's resolved config: the base config, the sweep's overrides, then the child's grid values. Settings that
+    follow from a grid key resolve per child (model.mode=e2e takes K = 1; a K without the paper's split is balanced).
+    """
+    return {c.name: load_config(config, [*overrides, *c.overrides, f"run.dir={sweep_dir}", f"run.name={c.name}",
+                                         f"tracking.uri={uri}"]) for c in children}
+
+
 def _auto_parallel(configs: list[Config]) -> int:
     """Children that fit on the Ray cluster at once (each needs K stages' resources); 1 for the local executor."""
     if any(cfg.train.executor != "ray" for cfg in configs):
@@ -117,8 +127,7 @@ def run_sweep(config: str | None, overrides: list[str], grid: dict[str, list[str
                           f"repeat that sweep's command to resume it, or give this one another --name")
     uri = tracking_uri(base)  # children share the parent's store, although their run.dir is the sweep folder
     children = plan_children(grid, seeds, base.train.seed)
-    configs = {c.name: load_config(config, [*overrides, *c.overrides, f"run.dir={sweep_dir}", f"run.name={c.name}",
-                                            f"tracking.uri={uri}"]) for c in children}  # config errors first
+    configs = child_configs(config, overrides, children, sweep_dir, uri)  # config errors before any training
     sweep_dir.mkdir(parents=True, exist_ok=True)
     state_file.write_text(json.dumps(state, indent=2))
     parent = make_tracker(base, sweep_dir, resume=(sweep_dir / RUN_ID_FILE).is_file())

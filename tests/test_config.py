@@ -2,7 +2,7 @@
 
 import pytest
 
-from distlocal.config import ConfigError, config_to_dict, load_config, save_config
+from distlocal.config import ConfigError, config_from_dict, config_to_dict, load_config, save_config
 
 
 def test_defaults_hold_the_contract_keys():
@@ -45,11 +45,40 @@ def test_impossible_values_fail(override, pattern):
         load_config(None, ["model.split=balanced", override])
 
 
-def test_reference_split_outside_k4_k8_points_to_balanced():
-    """The paper's split exists for K=4 and K=8; other K are told to use the balanced split."""
-    with pytest.raises(ConfigError, match=r"set model\.split=balanced"):
-        load_config(None, ["model.k=3"])
-    assert load_config(None, ["model.k=3", "model.split=balanced"]).model.k == 3
+def test_reference_split_outside_k4_k8_falls_back_to_balanced():
+    """The paper's split exists for K=4 and K=8; another K gets the balanced split, and the config records the cut."""
+    m = load_config(None, ["model.k=3"]).model
+    assert (m.k, m.split, m.blocks_per_stage) == (3, "balanced", [5, 5, 6])
+    m = load_config(None, ["model.k=4"]).model
+    assert (m.split, m.blocks_per_stage) == ("reference", [2, 3, 5, 6])
+
+
+def test_e2e_takes_one_stage_from_any_k():
+    """model.mode=e2e alone is K=1 whatever model.k, split and per-stage kernels the config had."""
+    m = load_config(None, ["model.k=8", "model.aux_kernels=[3,3,3,3,3,2,2,1]", "model.mode=e2e"]).model
+    assert (m.k, m.split, m.blocks_per_stage, m.aux_kernels) == (1, "balanced", [16], [1])
+
+
+def test_a_hand_written_cut_must_match_k():
+    """An explicit cut is K counts: changing K alone fails and names how to derive the cut instead."""
+    with pytest.raises(ConfigError, match=r"model\.blocks_per_stage=\[2, 3, 5, 6\] must be K=8.*blocks_per_stage=\[\]"):
+        load_config(None, ["model.blocks_per_stage=[2,3,5,6]", "model.k=8"])
+
+
+def test_per_stage_kernels_of_older_configs_still_load():
+    """An older config's aux_kernels (one per stage) loads as it was; with another K it points to classifier_kernels."""
+    old = {"model": {"k": 4, "split": "reference", "aux_kernels": [3, 3, 2, 1]}, "train": {"cpus_per_stage": 1.0}}
+    cfg = config_from_dict(old)
+    assert (cfg.model.aux_kernels, cfg.train.cpus_per_stage) == ([3, 3, 2, 1], 1.0)
+    with pytest.raises(ConfigError, match=r"needs K=8 positive kernels.*model\.classifier_kernels"):
+        config_from_dict({"model": {**old["model"], "k": 8}})
+
+
+@pytest.mark.parametrize("kernels", ["[3,3,2]", "[3,3,2,0]"])
+def test_classifier_kernels_are_one_per_backbone_layer(kernels):
+    """model.classifier_kernels holds one positive kernel for each of the four layers."""
+    with pytest.raises(ConfigError, match=r"model\.classifier_kernels=.*needs 4 positive kernels"):
+        load_config(None, [f"model.classifier_kernels={kernels}"])
 
 
 def test_resnet18_bounds_k_by_its_blocks():

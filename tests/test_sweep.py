@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
 from distlocal.cli import main
-from distlocal.config import ConfigError
+from distlocal.config import ConfigError, load_config
 from distlocal.slides import write_synthetic_dataset
-from distlocal.sweep import parse_grid, plan_children
+from distlocal.sweep import child_configs, parse_grid, plan_children
 
 GRID = ["--grid", "model.k=2,3", "--grid", "model.rfr.enabled=true,false"]
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 
 
 @pytest.fixture(scope="module")
@@ -117,3 +119,28 @@ def test_grid_parsing():
     for bad in (["model.k"], ["model.k=4,,8"], ["model.k=4", "model.k=8"], []):
         with pytest.raises(ConfigError, match=r"--grid|a sweep needs"):
             parse_grid(bad)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_mode_and_k_grids_resolve_from_every_shipped_config(path, tmp_path):
+    """--grid model.mode=local,e2e --grid model.k=1,2,4,8,16 gives every child a whole config: e2e ones take K=1."""
+    children = plan_children(parse_grid(["model.mode=local,e2e", "model.k=1,2,4,8,16"]), seeds=1, base_seed=0)
+    configs = child_configs(str(path), [], children, tmp_path, f"sqlite:///{tmp_path / 'mlflow.db'}")
+    for child in children:
+        m = configs[child.name].model
+        k = 1 if child.settings["model.mode"] == "e2e" else int(child.settings["model.k"])
+        assert (m.mode, m.k, len(m.blocks_per_stage)) == (child.settings["model.mode"], k, k), child.name
+
+
+def test_e2e_beside_local_in_a_sweep(tmp_path):
+    """A shipped K=4 config swept over model.mode=local,e2e trains both children, the e2e one as a single stage."""
+    manifest = write_synthetic_dataset(tmp_path / "slides", slides=8, classes=2, size=(96, 96), seed=2)
+    argv = ["sweep", str(CONFIGS[0].with_name("synthetic.yaml")), "--name", "modes",
+            "--grid", "model.mode=local,e2e", "--set", "model.backbone=resnet18", "--set", f"data.manifest={manifest}",
+            "--set", f"run.dir={tmp_path / 'runs'}", "--set", "train.device=cpu", "--set", "train.epochs=1",
+            "--set", "tracking.enabled=false", "--set", "data.augment=false", "--set", "train.heatmaps=0"]
+    assert main(argv) == 0
+    result = json.loads((tmp_path / "runs" / "modes" / "sweep_result.json").read_text())
+    assert (result["children"], result["completed"], result["failed"]) == (2, 2, {})
+    e2e = load_config(tmp_path / "runs" / "modes" / "mode-e2e__seed0" / "config.yaml").model
+    assert (e2e.mode, e2e.k, e2e.blocks_per_stage) == ("e2e", 1, [8])

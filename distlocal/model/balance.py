@@ -70,7 +70,7 @@ def profile_blocks(cfg: Config, num_classes: int, slide: torch.Tensor, device: t
         level = max(1, round(stem_width / x.shape[-1]))  # the map's stride relative to the stem output
         is_last = index == len(backbone.blocks) - 1
         make = AuxClassifier.head if is_last else AuxClassifier.auxiliary
-        kernel = classifier_kernel(level)
+        kernel = classifier_kernel(level, cfg.model.classifier_kernels)  # as the stage ending here would have
         classifier = make(x.shape[1], num_classes, kernel).to(device).train()
         out = x.detach()
 

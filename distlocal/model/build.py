@@ -30,8 +30,9 @@ def stage_seed(seed: int, index: int) -> int:
 
 def _aux_models(cfg: Config, backbone: Backbone, spec: StageSpec, num_classes: int, is_last: bool):
     torch.manual_seed(stage_seed(cfg.train.seed, spec.index))
-    kernels = cfg.model.aux_kernels
-    kernel = kernels[spec.index] if kernels else classifier_kernel(spec.out_stride // backbone.stem_stride)
+    per_stage = cfg.model.aux_kernels  # an older config's kernel per stage, if it has one
+    level = spec.out_stride // backbone.stem_stride
+    kernel = per_stage[spec.index] if per_stage else classifier_kernel(level, cfg.model.classifier_kernels)
     if is_last:
         return AuxClassifier.head(spec.out_channels, num_classes, kernel), None
     classifier = AuxClassifier.auxiliary(spec.out_channels, num_classes, kernel)

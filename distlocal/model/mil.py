@@ -7,19 +7,21 @@ Every spatial position of a strided-conv summary of the feature map is one insta
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["AuxClassifier", "GatedAttentionPool", "classifier_kernel"]
 
-# The reference's downsampling kernel by the map's stride relative to the stem (1/6 -> 1, 1/12 -> 2, ...).
-_KERNEL_BY_LEVEL = {1: 9, 2: 9, 4: 7, 8: 5}
 
-
-def classifier_kernel(level: int) -> int:
-    """Strided-conv kernel for a map `level` times coarser than the stem output."""
-    return _KERNEL_BY_LEVEL.get(level, 5 if level > 8 else 9)
+def classifier_kernel(level: int, kernels: list[int]) -> int:
+    """
+    Strided-conv kernel for a map `level` times coarser than the stem output, from model.classifier_kernels (one per
+    backbone layer: layer1 keeps the stem's stride, each later layer halves it, so level 1, 2, 4, 8 is layer 1..4).
+    """
+    return kernels[min(len(kernels) - 1, max(0, round(math.log2(level))))]
 
 
 class GatedAttentionPool(nn.Module):
