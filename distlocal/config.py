@@ -95,7 +95,9 @@ class TrainConfig:
     activation_dtype: str = "auto"  # ray executor: dtype of activations between stages: auto | fp32 | bf16
     transport: str = "object_store"  # ray executor: object_store | nccl (GPU-GPU) | gloo (CPU); else falls back
     gpus_per_stage: float = -1.0  # ray executor: GPUs per stage actor; -1: 1 when the cluster has GPUs, else 0
-    cpus_per_stage: float = 1.0  # ray executor: CPUs per stage actor (also its torch threads)
+    # Ray executor: CPUs per stage actor (also its torch threads); 0: one each, or an equal share of the cluster's
+    # CPUs when it has fewer than K (e.g. 0.5 for K = 4 on 2 cores). A value you set must fit, or the run stops.
+    cpus_per_stage: float = 0.0
     placement: str = "strict_pack"  # ray executor: strict_pack (one node) | pack | spread (across nodes)
     placement_timeout_s: float = 60.0  # ray executor: give up placing the stages after this long
     max_restarts: int = 3  # ray executor: stage failures survived (restart, reload, replay) before the run ends
@@ -267,14 +269,13 @@ def _validate(cfg: Config) -> None:
         "model.rfr.patches": m.rfr.patches, "model.rfr.patch_size": m.rfr.patch_size,
         "model.first_conv_stride": m.first_conv_stride, "train.accumulate": t.accumulate,
         "train.lr_backbone": t.lr_backbone, "train.lr_aux": t.lr_aux, "data.magnification": d.magnification,
-        "data.prefetch": d.prefetch, "train.cpus_per_stage": t.cpus_per_stage,
-        "train.placement_timeout_s": t.placement_timeout_s,
+        "data.prefetch": d.prefetch, "train.placement_timeout_s": t.placement_timeout_s,
     }
     non_negative = {
         "model.rfr.alpha": m.rfr.alpha, "train.epochs": t.epochs, "train.max_inflight": t.max_inflight,
         "train.weight_decay": t.weight_decay, "train.plateau_patience": t.plateau_patience,
         "train.checkpoint_every": t.checkpoint_every, "train.max_slides": t.max_slides,
-        "train.max_restarts": t.max_restarts, "train.heatmaps": t.heatmaps,
+        "train.max_restarts": t.max_restarts, "train.heatmaps": t.heatmaps, "train.cpus_per_stage": t.cpus_per_stage,
         "predict.max_tile_pixels": cfg.predict.max_tile_pixels,
     }
     for key, value in positive.items():

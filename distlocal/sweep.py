@@ -97,16 +97,16 @@ def _auto_parallel(configs: list[Config]) -> int:
         return 1
     import ray
 
-    from distlocal.engine.placement import connect
+    from distlocal.engine.placement import connect, stage_resources
 
     connect()
     total = ray.cluster_resources()
     gpus, cpus = total.get("GPU", 0.0), total.get("CPU", 0.0)
     need = max(configs, key=lambda c: c.model.k)
-    per_gpu = need.train.gpus_per_stage if need.train.gpus_per_stage >= 0 else (1.0 if gpus else 0.0)
-    fits = [math.floor(cpus / (need.model.k * need.train.cpus_per_stage))]
+    per_cpu, per_gpu = stage_resources(need.train, need.model.k)  # what each of its stages will be given
+    fits = [math.floor(cpus / (need.model.k * per_cpu) + 1e-9)]
     if per_gpu > 0:
-        fits.append(math.floor(gpus / (need.model.k * per_gpu)))
+        fits.append(math.floor(gpus / (need.model.k * per_gpu) + 1e-9))
     return max(1, min(fits))
 
 

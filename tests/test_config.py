@@ -38,6 +38,7 @@ def test_wrong_type_names_key():
     ("train.executor=mpi", r"train\.executor.*choose one of: local, ray"),
     ("train.gpus_per_stage=-2", r"train\.gpus_per_stage=-2\.0; give a GPU count"),
     ("train.placement=anywhere", r"train\.placement.*strict_pack"),
+    ("train.cpus_per_stage=-1", r"train\.cpus_per_stage' must be >= 0"),
 ])
 def test_impossible_values_fail(override, pattern):
     """Impossible values fail at once with the key in the message."""

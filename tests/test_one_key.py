@@ -12,6 +12,8 @@ import torch
 
 from distlocal.config import ModelConfig, config_to_dict, load_config
 from distlocal.cut import stage_sizes
+from distlocal.engine.faults import ClusterError
+from distlocal.engine.placement import stage_resources
 from distlocal.model import build_stages
 from distlocal.model.backbone import build_backbone, split_backbone
 
@@ -84,3 +86,13 @@ def test_reference_split_falls_back_to_balanced_with_a_note(caplog):
     assert (m.split, m.blocks_per_stage) == ("balanced", [8, 8])
     assert "uses model.split=balanced" in caplog.text
 
+
+def test_cpus_per_stage_defaults_to_what_fits_the_cluster(local_ray):
+    """By default K stages share a cluster with fewer CPUs than K; a value set by hand that does not fit still fails."""
+    demo = load_config(CONFIGS[0].with_name("demo.yaml"), ["model.k=8"])
+    assert demo.train.cpus_per_stage == 0
+    assert stage_resources(demo.train, 8) == (6 / 8, 0.0)  # local_ray: 6 CPUs
+    assert stage_resources(demo.train, 4) == (1.0, 0.0)
+    demo.train.cpus_per_stage = 1.0
+    with pytest.raises(ClusterError, match=r"8 stages x \(1 CPU, 0 GPU\) = 8 CPUs, but the cluster has 6"):
+        stage_resources(demo.train, 8)

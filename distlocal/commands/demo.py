@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 
@@ -35,10 +34,9 @@ def run(args: argparse.Namespace) -> int:
     from distlocal.config import load_config
 
     start = time.perf_counter()
-    cfg = load_config(CONFIG, args.overrides)  # config errors show before the slow imports
-    if not any(o.split("=", 1)[0].strip() == "train.cpus_per_stage" for o in args.overrides):
-        # K CPU actors on a laptop with fewer cores than stages: share the cores rather than refuse to start.
-        cfg.train.cpus_per_stage = min(1.0, (os.cpu_count() or 1) / cfg.model.k)
+    # Config errors show before the slow imports. On a laptop with fewer cores than stages, the stages share the
+    # cores: train.cpus_per_stage defaults to what fits the cluster, as for `distlocal train`.
+    cfg = load_config(CONFIG, args.overrides)
     manifest = Path(cfg.data.manifest)
     if not manifest.is_file() or manifest.parent.joinpath("demo.json").is_file():  # the demo set, not your own
         manifest, written = ensure_slides(manifest)

@@ -64,15 +64,18 @@ def stage_resources(cfg: TrainConfig, k: int) -> tuple[float, float]:
                         k, gpus, per_gpu, k, k)
     if cfg.device == "cpu":
         per_gpu = 0.0
-    asked = f"{k} stages x ({cfg.cpus_per_stage:g} CPU, {per_gpu:g} GPU)"
+    # train.cpus_per_stage=0 (the default): one CPU each, or K equal shares of a cluster with fewer CPUs than K.
+    per_cpu = cfg.cpus_per_stage or min(1.0, cpus / k)
+    asked = f"{k} stages x ({per_cpu:g} CPU, {per_gpu:g} GPU)"
     if per_gpu * k > gpus + 1e-9:
         fit = f"train.gpus_per_stage={gpus / k:.3g} to share them" if gpus else "train.device=cpu"
         raise ClusterError(f"asked for {asked} = {per_gpu * k:g} GPUs, but the cluster has {gpus:g} GPUs "
                            f"({_nodes()}); add GPUs, lower model.k, or set {fit}")
-    if cfg.cpus_per_stage * k > cpus + 1e-9:
-        raise ClusterError(f"asked for {asked} = {cfg.cpus_per_stage * k:g} CPUs, but the cluster has {cpus:g} "
-                           f"({_nodes()}); lower train.cpus_per_stage (e.g. {max(cpus // k, 0.1):g})")
-    return cfg.cpus_per_stage, per_gpu
+    if per_cpu * k > cpus + 1e-9:
+        raise ClusterError(f"asked for {asked} = {per_cpu * k:g} CPUs, but the cluster has {cpus:g} "
+                           f"({_nodes()}); lower train.cpus_per_stage (e.g. {max(cpus // k, 0.1):g}), or set it "
+                           f"to 0 to share the cluster's CPUs")
+    return per_cpu, per_gpu
 
 
 def place_stages(cfg: TrainConfig, k: int) -> tuple[PlacementGroup, float, float]:
