@@ -101,7 +101,9 @@ class TrainConfig:
     placement: str = "strict_pack"  # ray executor: strict_pack (one node) | pack | spread (across nodes)
     placement_timeout_s: float = 60.0  # ray executor: give up placing the stages after this long
     max_restarts: int = 3  # ray executor: stage failures survived (restart, reload, replay) before the run ends
-    heatmaps: int = 3  # validation slides whose H attention heatmaps are plotted at the end (plots/attention/)
+    # Validation slides whose H attention heatmaps are plotted at the end (plots/attention/), taking the classes in
+    # turn: as many as there are classes shows each one. 0: none.
+    heatmaps: int = 3
 
 
 @dataclass

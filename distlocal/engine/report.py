@@ -5,6 +5,7 @@ plots people look at (ROC curves, confusion matrix, accuracy by stage depth).
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 from pathlib import Path
@@ -14,7 +15,7 @@ from distlocal.engine.evaluate import evaluate, format_metrics
 from distlocal.engine.metrics import bootstrap_ci
 from distlocal.plots import accuracy_by_depth, attention_heatmap, confusion_matrix, roc_curves
 
-__all__ = ["final_report"]
+__all__ = ["final_report", "heatmap_slides"]
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +54,20 @@ def final_report(executor, test_set: list[SlideRecord], valid_set: list[SlideRec
         log.info("test split, best checkpoint (H 95%% CI: acc %.3f-%.3f, auroc %.3f-%.3f):\n%s", *ci["acc"],
                  *ci["auroc"], format_metrics(stages))
     (run_dir / "test_metrics.json").write_text(json.dumps(report, indent=2))
-    _heatmaps(executor, valid_set[:heatmaps], loader, classes, plots / "attention")
+    _heatmaps(executor, heatmap_slides(valid_set, heatmaps), loader, classes, plots / "attention")
     return flat
+
+
+def heatmap_slides(records: list[SlideRecord], n: int) -> list[SlideRecord]:
+    """
+    Up to `n` of `records`, taking the classes in turn (class 0, 1, ..., then 0 again), so that every class gets
+    a heatmap: a manifest often lists its slides class by class, and the first few would all be one class.
+    """
+    by_class: dict[int, list[SlideRecord]] = {}
+    for record in records:
+        by_class.setdefault(record.label, []).append(record)
+    rounds = itertools.zip_longest(*(by_class[label] for label in sorted(by_class)))
+    return [record for row in rounds for record in row if record is not None][:n]
 
 
 def _heatmaps(executor, records: list[SlideRecord], loader: SlideLoader, classes: list[str], folder: Path) -> None:
