@@ -17,11 +17,15 @@ from pathlib import Path
 import jsonschema
 import pytest
 import ray
+import torch
 import yaml
 from mlflow.tracking import MlflowClient
+from ray.util.placement_group import remove_placement_group
 
 from distlocal.config import load_config
-from distlocal.engine.placement import stage_resources
+from distlocal.engine.faults import ClusterError
+from distlocal.engine.placement import place_stages, stage_resources
+from distlocal.engine.ray_executor import RayExecutor
 from distlocal.slides import write_synthetic_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -94,12 +98,9 @@ def test_ray_job_submit_trains_and_tracks(ray_head, tmp_path):
 
 
 @pytest.fixture
-def fake_gpu_ray():
-    """A real local Ray that advertises 2 GPUs (none exist: only the resource count is used here)."""
-    os.environ.pop("RAY_ADDRESS", None)
+def fake_gpu_ray(no_shared_ray):
+    """A real local Ray that advertises 2 GPUs (none exist: Ray hands out their ids all the same)."""
     ray.init(num_cpus=8, num_gpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 def test_fewer_gpus_than_stages_share_them_with_a_warning(fake_gpu_ray, caplog):
@@ -108,6 +109,36 @@ def test_fewer_gpus_than_stages_share_them_with_a_warning(fake_gpu_ray, caplog):
     assert "K=4 needs 4 GPUs for one stage each" in caplog.text
     assert stage_resources(load_config(None, ["train.device=cuda"]).train, 2) == (1.0, 1.0)
     assert stage_resources(load_config(None, ["train.device=cuda"]).train, 3)[1] == 0.5
+
+
+def test_a_sixth_of_a_gpu_is_rounded_down_so_the_shares_pack(fake_gpu_ray):
+    """Ray rounds resources to 1e-4: 12 stages at 1/6 of 2 GPUs must ask 0.1666 (0.1667 x 12 > 2 never places)."""
+    cfg = load_config(None, ["train.device=cuda", "train.cpus_per_stage=0.5", "train.placement=pack",
+                             "train.placement_timeout_s=15"]).train
+    assert stage_resources(cfg, 12) == (0.5, 0.1666)
+    cfg.gpus_per_stage = 1 / 6  # asked explicitly: the same rounding
+    group, _, gpus = place_stages(cfg, 12)
+    try:
+        assert gpus == 0.1666
+    finally:
+        remove_placement_group(group)
+
+
+def test_gpu_ids_without_cuda_fail_at_start_and_free_the_cluster(fake_gpu_ray, manifest, tmp_path):
+    """Stages given GPU ids whose torch cannot use CUDA refuse to train on the CPU; the placement group goes."""
+    cfg = load_config(None, [f"data.manifest={manifest}", f"run.dir={tmp_path}", "train.executor=ray",
+                             "model.backbone=resnet18", "model.k=2", "model.split=balanced",
+                             "train.placement_timeout_s=20"])
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the stages would use it")
+    problem = (r"stage \d on node \S+ \(\w+\) was given GPU ids \[\d\] but cannot use CUDA: .+ \(torch .*\); "
+               r"install an NVIDIA driver .*or set train.device=cpu")
+    with pytest.raises(ClusterError, match=problem):
+        RayExecutor(cfg, 2)
+    deadline = time.monotonic() + 20
+    while ray.available_resources().get("GPU", 0) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert ray.available_resources().get("GPU", 0) == 2
 
 
 def test_runtime_env_is_valid_for_ray():

@@ -5,6 +5,7 @@ import os
 import signal
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import ray
@@ -12,21 +13,13 @@ import torch
 
 from distlocal.config import load_config
 from distlocal.data import SlideLoader, read_manifest
+from distlocal.engine.actor import StageActor
 from distlocal.engine.checkpoint import load_checkpoint
-from distlocal.engine.faults import ClusterError, RunFailed
+from distlocal.engine.faults import ClusterError, RunFailed, StageOutOfMemory
 from distlocal.engine.local import LocalExecutor
 from distlocal.engine.ray_executor import RayExecutor
 from distlocal.engine.trainer import Trainer
 from distlocal.model import build_stages
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    """A real single-node Ray with 6 logical CPUs and no GPU, torn down after the module."""
-    os.environ.pop("RAY_ADDRESS", None)
-    ray.init(num_cpus=6, num_gpus=0, include_dashboard=False, configure_logging=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 def _cfg(manifest, tmp_path, *overrides):
@@ -91,7 +84,7 @@ def _fit_and_kill(trainer, stage: int, run_dir) -> dict:
         except Exception as exc:
             outcome["error"] = exc
 
-    thread = threading.Thread(target=fit)
+    thread = threading.Thread(target=fit, daemon=True)  # a hung run must not keep pytest from exiting
     thread.start()
     metrics, deadline = run_dir / "metrics.jsonl", time.monotonic() + 120
     while not (metrics.exists() and metrics.read_text().count("\n") >= 2) and time.monotonic() < deadline:
@@ -202,3 +195,75 @@ def test_sweep_fits_as_many_children_as_the_cluster_has_room_for(local_ray, mani
     assert _auto_parallel([_cfg(manifest, tmp_path)] * 4) == 3
     assert _auto_parallel([_cfg(manifest, tmp_path, "model.k=3", "train.cpus_per_stage=2")]) == 1
     assert _auto_parallel([_cfg(manifest, tmp_path, "train.executor=local")]) == 1
+
+
+def test_gloo_transport_recovers_from_a_killed_stage(local_ray, manifest, tmp_path):
+    """With train.transport=gloo a killed stage is recovered like under the object store: group rebuilt, run done."""
+    cfg = _cfg(manifest, tmp_path, "train.transport=gloo", "train.epochs=2", "train.checkpoint_every=1",
+               "train.max_inflight=2")
+    trainer = Trainer(cfg, tmp_path / "run")
+    assert trainer.executor.transport == "gloo"
+    result = _fit_and_kill(trainer, 1, tmp_path / "run")
+    assert "summary" in result, result.get("error")
+    assert result["summary"]["completed"]
+    assert len(result["summary"]["failures"]) == 1
+    assert result["summary"]["slides_seen"] == 2 * len(_train_records(cfg))
+    assert trainer.executor.transport == "gloo"  # the hops were planned and the group built again
+
+
+def _failing_actor(stage: int, error: BaseException) -> type:
+    """A StageActor whose Stage raises `error` on every training step of stage `stage` (0-based)."""
+
+    class Failing(StageActor):
+        def __init__(self, cfg, num_classes, index):
+            super().__init__(cfg, num_classes, index)
+            if index == stage:
+                def fail(x, y):
+                    raise error
+
+                self.stage.train_step = fail
+
+    return Failing
+
+
+def test_a_stage_that_raises_under_a_direct_transport_reports_its_error(local_ray, manifest, tmp_path):
+    """Stage 1 sends over gloo and raises: the driver gets that error, not a KeyError for the missing metrics."""
+    cfg = _cfg(manifest, tmp_path, "train.transport=gloo", "train.max_inflight=1")
+    executor = RayExecutor(cfg, 2, actor_cls=_failing_actor(0, ValueError("bad slide tensor")))
+    try:
+        assert executor.transport == "gloo"
+        with pytest.raises(ValueError, match="bad slide tensor"):
+            list(executor.train(_train_records(cfg)[:2], SlideLoader(cfg.data, True, 0), 0))
+    finally:
+        executor.close()
+
+
+def test_out_of_memory_in_a_stage_names_the_stage_device_slide_and_fixes(local_ray, manifest, tmp_path):
+    """torch.OutOfMemoryError in stage 2 reaches the driver with where it happened, the input size and the knobs."""
+    cfg = _cfg(manifest, tmp_path, "train.max_inflight=1")
+    oom = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+    executor = RayExecutor(cfg, 2, actor_cls=_failing_actor(1, oom))
+    records = _train_records(cfg)
+    try:
+        with pytest.raises(StageOutOfMemory, match=(
+                rf"stage 2/2 ran out of memory on cpu \(cpu\) on \S+, slide {records[0].slide_id}: its input "
+                r"\(stage 1's activation\) is 1x\d+x\d+x\d+ .*Tried to allocate 20.00 GiB.*model.k \(now 2\).*"
+                r"train.precision=bf16.*train.recompute_activations=true.*predict.max_tile_pixels")):
+            list(executor.train(records[:1], SlideLoader(cfg.data, True, 0), 0))
+    finally:
+        executor.close()
+
+
+def test_a_relative_run_dir_is_resolved_and_checked_on_every_stage(local_ray, manifest, tmp_path, monkeypatch):
+    """run.dir=runs is made absolute on the driver; each actor found the driver's marker there, which is gone."""
+    monkeypatch.chdir(tmp_path)
+    cfg = _cfg(manifest, tmp_path, "run.dir=relative/runs")
+    executor = RayExecutor(cfg, 2)
+    try:
+        assert executor.run_dir == tmp_path / "relative" / "runs"
+        assert list(executor.run_dir.iterdir()) == []  # the marker is removed once every stage has seen it
+        (tmp_path / "relative" / "runs" / "ckpt").mkdir()
+        executor.save_stages(Path("relative/runs/ckpt"))  # written where the driver sees it, not in a worker's cwd
+        assert sorted(p.name for p in (tmp_path / "relative" / "runs" / "ckpt").iterdir()) == ["stage1.pt", "stage2.pt"]
+    finally:
+        executor.close()

@@ -7,18 +7,41 @@ in the transport dtype, and keeps a trace of when it worked on which slide. No m
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import socket
 import time
+from pathlib import Path
 
 import ray
 import torch
 
 from distlocal.config import config_from_dict
 from distlocal.engine.checkpoint import stage_file
+from distlocal.engine.faults import ClusterError, StageOutOfMemory, out_of_memory_message
 from distlocal.model import build_stage
 
-__all__ = ["StageActor"]
+__all__ = ["StageActor", "to_cpu"]
+
+
+def to_cpu(tree):
+    """A state dict with every tensor on the CPU: the driver that receives it may have no GPU at all."""
+    if isinstance(tree, torch.Tensor):
+        return tree.detach().cpu()
+    if isinstance(tree, dict):
+        return {k: to_cpu(v) for k, v in tree.items()}
+    if isinstance(tree, list | tuple):
+        return type(tree)(to_cpu(v) for v in tree)
+    return tree
+
+
+def _cuda_problem() -> str:
+    """Why this process cannot use CUDA, in torch's own words (its init error names the driver / build)."""
+    try:
+        torch.cuda.init()
+    except Exception as exc:  # torch raises RuntimeError / AssertionError with the reason
+        return str(exc).strip().splitlines()[0]
+    return "torch.cuda.is_available() is False"
 
 
 class StageActor:
@@ -29,22 +52,45 @@ class StageActor:
         self.index = index
         torch.set_num_threads(max(1, int(self.cfg.train.cpus_per_stage)))
         gpus = ray.get_gpu_ids()
-        # Ray sets CUDA_VISIBLE_DEVICES to the GPUs it gave this actor, so cuda:0 is ours.
-        self.device = torch.device("cuda:0" if gpus and torch.cuda.is_available() else "cpu")
+        self.problem = ""  # raised by info(): the driver's first call, so start-up fails with the reason
+        if gpus and self.cfg.train.device != "cpu" and not torch.cuda.is_available():
+            # Training on the CPU of a GPU node would be 50-100x slower and look like a hang: refuse instead.
+            self.problem = (
+                f"stage {index + 1} on node {socket.gethostname()} ({_node_id()[:12]}) was given GPU ids {gpus} "
+                f"but cannot use CUDA: {_cuda_problem()} (torch {torch.__version__}, built for CUDA "
+                f"{torch.version.cuda}, CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '')!r}); "
+                f"install an NVIDIA driver that supports CUDA {torch.version.cuda} on that node (check "
+                f"`nvidia-smi`), or set train.device=cpu")
+            return
+        # Ray sets CUDA_VISIBLE_DEVICES to the GPUs it gave this actor, so cuda:0 is ours. train.device=cpu runs
+        # on the CPU even when GPUs are reserved (explicit train.gpus_per_stage).
+        cuda = gpus and self.cfg.train.device != "cpu"
+        self.device = torch.device("cuda:0" if cuda else "cpu")
         self.stage = build_stage(self.cfg, num_classes, index, self.device)
         dtype = self.cfg.train.activation_dtype
         bf16 = dtype == "bf16" or (dtype == "auto" and self.device.type == "cuda")
         self.activation_dtype = torch.bfloat16 if bf16 else torch.float32
         self.trace: list[tuple[str, str, float, float]] = []  # (kind, slide_id, start, end), wall clock
         self.idle_since = time.time()
-        self.results: dict[str, dict | torch.Tensor] = {}  # direct transport: results awaiting pop_result
+        self.results: dict[str, dict | torch.Tensor | BaseException] = {}  # direct transport: awaiting pop_result
 
     def info(self) -> dict:
         """Where this stage runs: reported in the run's log."""
+        if self.problem:
+            raise ClusterError(self.problem)
         name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
-        return {"stage": self.index + 1, "node": socket.gethostname(), "pid": os.getpid(),
+        return {"stage": self.index + 1, "node": socket.gethostname(), "node_id": _node_id(), "pid": os.getpid(),
                 "gpu_ids": [str(g) for g in ray.get_gpu_ids()], "device": str(self.device), "device_name": name,
-                "activation_dtype": str(self.activation_dtype).removeprefix("torch.")}
+                "activation_dtype": str(self.activation_dtype).removeprefix("torch."),
+                "cupy": importlib.util.find_spec("cupy") is not None}
+
+    def sees(self, folder: str, marker: str, token: str) -> bool:
+        """Whether `folder` here holds the marker the driver just wrote there (i.e. the storage is shared)."""
+        path = Path(folder) / marker
+        try:
+            return path.read_text() == token
+        except OSError:
+            return False
 
     def _begin(self) -> tuple[float, float]:
         start = time.time()
@@ -59,51 +105,66 @@ class StageActor:
             return None  # nobody downstream: do not fill the object store with it
         return out.to(self.activation_dtype)
 
+    def _out_of_memory(self, exc: BaseException, x: torch.Tensor, slide_id: str) -> StageOutOfMemory:
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()  # the failed step's blocks: keep the next slide from failing for them
+        name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
+        return StageOutOfMemory(out_of_memory_message(
+            self.index, self.cfg.model.k, f"{self.device} ({name}) on {socket.gethostname()}", slide_id,
+            tuple(x.shape), exc))
+
     @ray.method(num_returns=2)
     def train_step(self, x: torch.Tensor, y: int, slide_id: str):
         """(activation for the next stage, metrics) for one slide."""
         start, waited = self._begin()
-        out, metrics = self.stage.train_step(x, y)
+        try:
+            out, metrics = self.stage.train_step(x, y)
+        except torch.OutOfMemoryError as exc:
+            raise self._out_of_memory(exc, x, slide_id) from None
         sent = self._send(out)
         metrics.update(wait_s=waited, steps=float(self.stage.optim.steps))
         self._end("train", slide_id, start)
         return sent, metrics
 
-    # Direct transport (train.transport nccl / gloo): Ray hands the returned tensor straight to the next actor
-    # through a collective group instead of the object store. Such methods may return one value only, so the
-    # metrics wait here for pop_result, which the driver calls right after.
-    def _direct(self, method: str, x: torch.Tensor, *args) -> torch.Tensor | None:
-        sent, result = getattr(self, method)(x, *args)
-        self.results[args[-1]] = result
-        return sent
-
-    @ray.method(tensor_transport="nccl")
-    def train_step_nccl(self, x, y, slide_id):
-        return self._direct("train_step", x, y, slide_id)
-
-    @ray.method(tensor_transport="gloo")
-    def train_step_gloo(self, x, y, slide_id):
-        return self._direct("train_step", x, y, slide_id)
-
-    @ray.method(tensor_transport="nccl")
-    def eval_step_nccl(self, x, slide_id):
-        return self._direct("eval_step", x, slide_id)
-
-    @ray.method(tensor_transport="gloo")
-    def eval_step_gloo(self, x, slide_id):
-        return self._direct("eval_step", x, slide_id)
-
-    def pop_result(self, slide_id: str):
-        return self.results.pop(slide_id)
-
     @ray.method(num_returns=2)
     def eval_step(self, x: torch.Tensor, slide_id: str):
         """(activation for the next stage, class probabilities) for one slide, forward only."""
         start, _ = self._begin()
-        out, probs, _ = self.stage.eval_step(x)
+        try:
+            out, probs, _ = self.stage.eval_step(x)
+        except torch.OutOfMemoryError as exc:
+            raise self._out_of_memory(exc, x, slide_id) from None
         sent = self._send(out)
         self._end("eval", slide_id, start)
         return sent, probs
+
+    # Direct transport (nccl, cuda_ipc, gloo): the driver calls these with .options(tensor_transport=...), and Ray
+    # hands the returned tensor straight to the next actor instead of through the object store. Such methods
+    # return one value only, so the metrics wait here for pop_result, which the driver calls right after; a step
+    # that raises leaves its error there instead, so the driver sees that error and not a missing result.
+    def _direct(self, method: str, x: torch.Tensor, *args) -> torch.Tensor | None:
+        try:
+            sent, result = getattr(self, method)(x, *args)
+        except Exception as exc:
+            self.results[args[-1]] = exc
+            raise
+        self.results[args[-1]] = result
+        return sent
+
+    def train_direct(self, x, y, slide_id):
+        return self._direct("train_step", x, y, slide_id)
+
+    def eval_direct(self, x, slide_id):
+        return self._direct("eval_step", x, slide_id)
+
+    def pop_result(self, slide_id: str):
+        if slide_id not in self.results:  # the step never ran: its input (an earlier stage's output) failed
+            raise RuntimeError(f"stage {self.index + 1} has no result for slide {slide_id}: its step did not run "
+                               f"because an earlier stage failed on that slide (see that stage's error)")
+        result = self.results.pop(slide_id)
+        if isinstance(result, BaseException):
+            raise result
+        return result
 
     def attend(self, x: torch.Tensor, slide_id: str):
         """(class probabilities, attention map) of this stage's classifier: H's attention for heatmaps."""
@@ -116,7 +177,7 @@ class StageActor:
         self.stage.end_epoch(metric)
 
     def state_dict(self) -> dict:
-        return self.stage.state_dict()
+        return to_cpu(self.stage.state_dict())
 
     def save(self, directory: str) -> str:
         """Write this stage's part of a checkpoint folder (a path every node can reach)."""
@@ -137,3 +198,17 @@ class StageActor:
 
     def ping(self) -> int:
         return os.getpid()
+
+    def leave_collective(self) -> None:
+        """
+        Drop torch's default process group, which Ray's gloo group creates once per process and then reuses:
+        after a peer died, a new group on this survivor would wait for the dead rank for ever.
+        """
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _node_id() -> str:
+    return ray.get_runtime_context().get_node_id()

@@ -49,26 +49,31 @@ def _nodes() -> str:
     return "; ".join(rows) or "no live nodes"
 
 
+def _share(gpus: float) -> float:
+    """A GPU share Ray can pack: Ray rounds resources to 1e-4, so 1/6 would become 0.1667 and six of them 1.0002."""
+    return math.floor(gpus * 1e4 + 1e-6) / 1e4
+
+
 def stage_resources(cfg: TrainConfig, k: int) -> tuple[float, float]:
     """(CPUs, GPUs) for each stage actor; checks at once that the cluster holds K of them in total."""
     cpus, gpus = _totals()
-    per_gpu = cfg.gpus_per_stage
+    per_gpu = _share(cfg.gpus_per_stage) if cfg.gpus_per_stage > 0 else cfg.gpus_per_stage
     if per_gpu == -1:
         per_gpu = 1.0 if gpus > 0 and cfg.device != "cpu" else 0.0
         if 0 < gpus < k and cfg.device != "cpu":
             # Each GPU takes the same whole number of stages, so the fractions always pack.
             whole = math.floor(gpus)
-            per_gpu = 1.0 / math.ceil(k / whole) if whole >= 1 else gpus / k
+            per_gpu = _share(1.0 / math.ceil(k / whole) if whole >= 1 else gpus / k)
             log.warning("%d stages on %g GPU(s): stages share GPUs at %.3g GPU each (memory and compute shared); "
                         "K=%d needs %d GPUs for one stage each, or set train.gpus_per_stage yourself",
                         k, gpus, per_gpu, k, k)
-    if cfg.device == "cpu":
-        per_gpu = 0.0
+    if cfg.device == "cpu" and cfg.gpus_per_stage == -1:
+        per_gpu = 0.0  # an explicit train.gpus_per_stage still reserves GPUs; the stages compute on the CPU
     # train.cpus_per_stage=0 (the default): one CPU each, or K equal shares of a cluster with fewer CPUs than K.
     per_cpu = cfg.cpus_per_stage or min(1.0, cpus / k)
     asked = f"{k} stages x ({per_cpu:g} CPU, {per_gpu:g} GPU)"
     if per_gpu * k > gpus + 1e-9:
-        fit = f"train.gpus_per_stage={gpus / k:.3g} to share them" if gpus else "train.device=cpu"
+        fit = f"train.gpus_per_stage={_share(gpus / k):g} to share them" if gpus else "train.device=cpu"
         raise ClusterError(f"asked for {asked} = {per_gpu * k:g} GPUs, but the cluster has {gpus:g} GPUs "
                            f"({_nodes()}); add GPUs, lower model.k, or set {fit}")
     if per_cpu * k > cpus + 1e-9:

@@ -9,6 +9,7 @@ tasks ahead of the pipeline. The driver only ever fetches the small things: metr
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -25,6 +26,7 @@ from distlocal.data.loader import SkippedSlide
 from distlocal.engine.actor import StageActor
 from distlocal.engine.faults import ClusterError, StageFailure
 from distlocal.engine.placement import connect, place_stages
+from distlocal.engine.transport import log_hops, open_group, plan_hops, summary
 from distlocal.slides import SlideError
 
 __all__ = ["RayExecutor"]
@@ -61,48 +63,72 @@ def _fetch(refs, what: str):
 class RayExecutor:
     """Same interface as LocalExecutor; every stage lives in a Ray actor placed by a placement group."""
 
-    def __init__(self, cfg: Config, num_classes: int):
+    def __init__(self, cfg: Config, num_classes: int, actor_cls: type = StageActor):
         connect()
         self.cfg, self.k = cfg, cfg.model.k
         self.max_inflight = cfg.train.max_inflight or self.k + 1
-        self.group, cpus, gpus = place_stages(cfg.train, self.k)
-        actor_cls = ray.remote(StageActor)
+        # Actors on other nodes run in their own copy of the working dir: a relative run.dir would mean a
+        # different folder on each node. The driver's absolute path is the one every actor uses.
+        self.run_dir = Path(cfg.run.dir).resolve()
         config = config_to_dict(cfg)
-        self.actors = [
-            actor_cls.options(
-                num_cpus=cpus, num_gpus=gpus, max_restarts=cfg.train.max_restarts, max_task_retries=0,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=i),
-            ).remote(config, num_classes, i)
-            for i in range(self.k)
-        ]
-        self.info = _fetch([a.info.remote() for a in self.actors], "starting the stage actors")
+        config["run"]["dir"] = str(self.run_dir)
+        self.actors: list = []
+        self.collective = None  # the collective group's handle (nccl / gloo hops), to destroy it by
+        self.group, cpus, gpus = place_stages(cfg.train, self.k)
+        try:  # a sweep runs many children in one driver: a failed start must not keep the GPUs or the actors
+            # enable_tensor_transport: the direct hops choose their transport per call (.options(tensor_transport))
+            remote_cls = ray.remote(enable_tensor_transport=True)(actor_cls)
+            for i in range(self.k):
+                self.actors.append(remote_cls.options(
+                    num_cpus=cpus, num_gpus=gpus, max_restarts=cfg.train.max_restarts, max_task_retries=0,
+                    scheduling_strategy=PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=i),
+                ).remote(config, num_classes, i))
+            self.info = _fetch([a.info.remote() for a in self.actors], "starting the stage actors")
+            self._check_shared_run_dir()
+        except BaseException:
+            self.close()
+            raise
         for info in self.info:
-            log.info("stage %d on %s (pid %d): %s (%s), GPU ids %s, activations %s", info["stage"], info["node"],
-                     info["pid"], info["device"], info["device_name"], info["gpu_ids"] or "-",
-                     info["activation_dtype"])
-        self.transport = self._direct_transport(cfg.train.transport)
+            log.info("stage %d on %s (node %s, pid %d): %s (%s), GPU ids %s, activations %s", info["stage"],
+                     info["node"], info["node_id"][:12], info["pid"], info["device"], info["device_name"],
+                     info["gpu_ids"] or "-", info["activation_dtype"])
+        self._connect_stages()
 
-    def _direct_transport(self, asked: str) -> str | None:
-        """Direct transport to use: nccl (all stages on GPUs) or gloo (all on CPUs) via a collective group; or None."""
-        if asked == "object_store":
-            return None
-        devices = [i["device"] for i in self.info]
-        wanted = "cuda" if asked == "nccl" else "cpu"
-        if any(not d.startswith(wanted) for d in devices):
-            log.warning("train.transport=%s needs every stage on %s, but the stages run on %s; activations go "
-                        "through Ray's object store instead", asked, "a GPU" if asked == "nccl" else "the CPU",
-                        ", ".join(devices))
-            return None
-        from ray.experimental.collective import create_collective_group
-
+    def _check_shared_run_dir(self) -> None:
+        """Every actor must see the driver's run.dir: checkpoints are written by the actors, read by all."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        token = secrets.token_hex(8)
+        marker = self.run_dir / f".distlocal-shared-{token}"
+        marker.write_text(token)
         try:
-            create_collective_group(self.actors, backend="nccl" if asked == "nccl" else "torch_gloo")
-        except Exception as exc:  # a missing NCCL build, a firewall between nodes, ...
-            log.warning("train.transport=%s: could not create the collective group (%s); activations go through "
-                        "Ray's object store instead", asked, exc)
-            return None
-        log.info("activations travel stage to stage over %s (Ray direct transport)", asked)
-        return asked
+            seen = _fetch([a.sees.remote(str(self.run_dir), marker.name, token) for a in self.actors],
+                          f"checking that the stages see {self.run_dir}")
+        finally:
+            marker.unlink(missing_ok=True)
+        blind = [info for info, ok in zip(self.info, seen, strict=True) if not ok]
+        if blind:
+            where = ", ".join(f"stage {i['stage']} on node {i['node']} ({i['node_id'][:12]})" for i in blind)
+            raise ClusterError(
+                f"run.dir {self.run_dir} is not shared: {where} cannot see the file the driver wrote there, so "
+                f"checkpoints would scatter over the nodes' own disks; put run.dir on storage every node mounts at "
+                f"the same path (NFS, a cluster file system) and pass it as an absolute path")
+
+    def _connect_stages(self) -> None:
+        """Choose each hop's transport (see engine/transport.py), build the group it needs, and say what it got."""
+        asked = self.cfg.train.transport
+        self.collective, self.hops = open_group(self.actors, plan_hops(asked, self.info))
+        log_hops(self.hops, asked)
+
+    @property
+    def transport(self) -> str | None:
+        """The direct transport of the hops (e.g. gloo, cuda_ipc, or cuda_ipc,nccl), or None: the object store."""
+        name = summary(self.hops)
+        return None if name in ("object_store", "none") else name
+
+    @property
+    def transport_summary(self) -> str:
+        """For the run's tags: what each hop really uses."""
+        return summary(self.hops)
 
     # -- streaming ----------------------------------------------------------------------------------------------
 
@@ -133,8 +159,10 @@ class RayExecutor:
         for record, x in slides:
             outputs = []
             for i, actor in enumerate(self.actors):  # x stays an ObjectRef: stage i+1 starts once stage i returns it
-                if self.transport and i < self.k - 1:
-                    x = getattr(actor, f"{method}_{self.transport}").remote(x, *args(record))
+                hop = self.hops[i].transport if i < self.k - 1 else "object_store"
+                if hop != "object_store":
+                    direct = getattr(actor, f"{method.removesuffix('_step')}_direct")
+                    x = direct.options(tensor_transport=hop).remote(x, *args(record))
                     out = actor.pop_result.remote(record.slide_id)
                 else:
                     x, out = getattr(actor, method).remote(x, *args(record))
@@ -172,14 +200,18 @@ class RayExecutor:
     def end_epoch(self, metrics: list[float]) -> None:
         _fetch([a.end_epoch.remote(m) for a, m in zip(self.actors, metrics, strict=True)], "ending the epoch")
 
+    # Paths are resolved here: an actor would resolve a relative one in its own node's working dir.
     def save_stages(self, directory: Path) -> None:
         """Each actor writes its own stage file into `directory` (on storage every node can reach)."""
+        directory = Path(directory).resolve()
         self._all("save", str(directory), what=f"saving a checkpoint to {directory}")
 
     def load_stages(self, directory: Path) -> None:
+        directory = Path(directory).resolve()
         self._all("load", str(directory), what=f"loading the checkpoint {directory}")
 
     def state_dicts(self) -> list[dict]:
+        """Each stage's state, on the CPU (the driver may have no GPU)."""
         return self._all("state_dict", what="collecting the stages' state")
 
     def stats(self) -> list[dict]:
@@ -206,14 +238,28 @@ class RayExecutor:
                     time.sleep(0.5)
         self.load_stages(directory)
         self.info = self._all("info", what="restarting the stage actors")
-        if self.transport:  # a restarted actor is a new process: the collective group must be built again
-            from ray.experimental.collective import destroy_collective_group
+        # A restarted actor is a new process, perhaps on another node or GPU: the group is built again, and
+        # the hops chosen again from where the stages now run.
+        self._destroy_collective()
+        self._connect_stages()
 
-            destroy_collective_group(self.actors)
-            self.transport = self._direct_transport(self.transport)
+    def _destroy_collective(self) -> None:
+        if self.collective is None:
+            return
+        from ray.experimental.collective import destroy_collective_group
+
+        try:
+            destroy_collective_group(self.collective)
+            _fetch([a.leave_collective.remote() for a in self.actors], "leaving the collective group")
+        except (RayError, StageFailure) as exc:  # a member that died again: its half of the group went with it
+            log.warning("destroying the %s group: %s", self.collective.backend, exc)
+        self.collective = None
 
     def close(self) -> None:
-        for actor in self.actors:
-            ray.kill(actor, no_restart=True)
-        remove_placement_group(self.group)
+        try:
+            self._destroy_collective()
+        finally:
+            for actor in self.actors:
+                ray.kill(actor, no_restart=True)
+            remove_placement_group(self.group)
 

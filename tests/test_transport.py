@@ -1,0 +1,55 @@
+"""Which transport each activation hop gets, from where the stages run (no Ray needed)."""
+
+import pytest
+
+from distlocal.engine.transport import plan_hops, summary
+
+
+def _info(stage: int, node: str = "n1", gpu: str | None = "0", cupy: bool = True) -> dict:
+    return {"stage": stage, "node": node, "node_id": f"id-{node}", "gpu_ids": [gpu] if gpu else [],
+            "device": "cuda:0" if gpu else "cpu", "cupy": cupy}
+
+
+def test_stages_sharing_one_gpu_use_cuda_ipc_without_cupy():
+    """K=4 at 0.25 of one GPU: every hop is CUDA IPC, which needs no cupy (NCCL refuses two ranks on one GPU)."""
+    hops = plan_hops("nccl", [_info(s, cupy=False) for s in range(1, 5)])
+    assert [h.transport for h in hops] == ["cuda_ipc"] * 3
+    assert summary(hops) == "cuda_ipc"
+
+
+def test_stages_on_different_gpus_use_nccl_and_shared_gpus_cuda_ipc():
+    """K=4 on two GPUs of one node, two stages each: cuda_ipc inside a GPU, nccl across."""
+    infos = [_info(1), _info(2), _info(3, gpu="1"), _info(4, gpu="1")]
+    hops = plan_hops("nccl", infos)
+    assert [h.transport for h in hops] == ["cuda_ipc", "nccl", "cuda_ipc"]
+    assert summary(hops) == "cuda_ipc,nccl,cuda_ipc"
+
+
+def test_nccl_without_cupy_falls_back_naming_the_node_and_the_extra():
+    """A GPU-to-GPU hop on a node without cupy goes through the object store, and says how to install it."""
+    hops = plan_hops("nccl", [_info(1, node="a"), _info(2, node="b", cupy=False)])
+    assert hops[0].transport == "object_store"
+    assert "needs cupy, which is not installed on node b" in hops[0].why
+    assert "uv sync --extra gpu" in hops[0].why
+
+
+def test_the_same_gpu_on_two_nodes_is_not_shared():
+    """GPU 0 of node a and GPU 0 of node b are different GPUs: nccl, not cuda_ipc."""
+    assert plan_hops("nccl", [_info(1, node="a"), _info(2, node="b")])[0].transport == "nccl"
+
+
+def test_nccl_ranks_that_would_share_a_gpu_fall_back():
+    """Stages 1 and 3 on GPU 0, 2 on GPU 1: both ends of the nccl hops include GPU 0 twice, which NCCL refuses."""
+    hops = plan_hops("nccl", [_info(1), _info(2, gpu="1"), _info(3)])
+    assert [h.transport for h in hops] == ["object_store", "object_store"]
+    assert "one rank per GPU" in hops[0].why
+
+
+@pytest.mark.parametrize(("asked", "gpu", "expected"), [("gloo", None, "gloo"), ("gloo", "0", "object_store"),
+                                                        ("nccl", None, "object_store"),
+                                                        ("object_store", "0", "object_store")])
+def test_each_transport_only_where_it_carries_the_tensors(asked, gpu, expected):
+    """A fallback, always with its cause, wherever the transport cannot carry the tensors (gloo: CPU, nccl: GPU)."""
+    hops = plan_hops(asked, [_info(1, gpu=gpu), _info(2, gpu=gpu)])
+    assert hops[0].transport == expected
+    assert bool(hops[0].why) == (expected != asked)
