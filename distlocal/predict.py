@@ -30,6 +30,7 @@ from distlocal.slides import SlideError
 __all__ = ["Predictor", "elapsed", "predict", "slide_records"]
 
 _SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".scn", ".bif")
+_INDEX_LIMIT = 2**31 - 1  # elements: cuDNN and many CUDA kernels index a tensor with 32 bits
 
 
 @dataclass
@@ -123,7 +124,31 @@ def _fit_tile(parts: list[tuple[nn.Module, nn.Module]], device: torch.device) ->
         per_pixel = max(per_pixel, (torch.cuda.max_memory_allocated(device) - base) / 512**2)
         del probe
     free, _ = torch.cuda.mem_get_info(device)
-    return int(0.5 * free / max(per_pixel, 1.0))
+    # On a large GPU the memory bound alone allows tiles with a tensor past 2**31 elements, which 32-bit indexing
+    # cannot address: a later stage's input alone has 128-512 elements per pixel, conv1's output 16 on the slide.
+    return min(int(0.5 * free / max(per_pixel, 1.0)), _index_tile(parts, device))
+
+
+def _index_tile(parts: list[tuple[nn.Module, nn.Module]], device: torch.device, probe: int = 128) -> int:
+    """The largest tile (pixels) whose every intermediate tensor stays under 2**31 elements, from a small probe."""
+    per_pixel = 0.0
+    for features, _ in parts:
+        channels = next(m for m in features.modules() if isinstance(m, nn.Conv2d)).in_channels
+        largest = [probe * probe * channels]
+
+        def note(module, args, out, largest=largest):
+            if isinstance(out, torch.Tensor):
+                largest[0] = max(largest[0], out.numel())
+
+        hooks = [m.register_forward_hook(note) for m in features.modules() if not list(m.children())]
+        try:
+            with torch.no_grad():
+                features(torch.zeros(1, channels, probe, probe, device=device))
+        finally:
+            for hook in hooks:
+                hook.remove()
+        per_pixel = max(per_pixel, largest[0] / probe**2)
+    return int(_INDEX_LIMIT / per_pixel)
 
 
 def slide_records(inputs: list[str], classes: list[str]) -> list[SlideRecord]:

@@ -150,6 +150,8 @@ def measure(cfg: Config, size: tuple[int, int], device: torch.device) -> list[di
             for hook in hooks:
                 hook.remove()
         seconds = time.perf_counter() - start
+        # Read now: _largest_block below reruns blocks on the device, and their activations are no part of the step.
+        step_peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
         state = _state_bytes(_modules(stage))
         slide = _bytes(x)
         # A later stage's input is held by its caller all step; stage 1's slide only while the stem runs.
@@ -163,7 +165,7 @@ def measure(cfg: Config, size: tuple[int, int], device: torch.device) -> list[di
         row["model_total"] = max(backward, row["stem_peak"]) + sum(state.values())
         if device.type == "cuda":
             # `before` holds every stage's weights (all were built on the device): add back this stage's own.
-            row["cuda_max_allocated"] = torch.cuda.max_memory_allocated(device) - before + state["params"]
+            row["cuda_max_allocated"] = step_peak - before + state["params"]
         del inputs
         rows.append(row)
         x = out.float()  # the next stage's input (E2E has a single stage)

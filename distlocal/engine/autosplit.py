@@ -10,10 +10,21 @@ import torch
 from distlocal.config import Config
 from distlocal.model import resolve_device
 from distlocal.model.balance import best_split, profile_blocks
+from distlocal.model.stage import autocast
 
 __all__ = ["resolve_auto_split"]
 
 log = logging.getLogger(__name__)
+
+
+def _profile(cfg: Config, num_classes: int, slide: torch.Tensor, device: torch.device | str):
+    """
+    profile_blocks under the precision the stages train in: under bf16 the blocks' times and peaks are not their
+    fp32 ones, and a cut balanced on fp32 costs would balance costs the stages never have.
+    """
+    device = torch.device(device)
+    with autocast(device, cfg.train.precision == "bf16"):
+        return profile_blocks(cfg, num_classes, slide, device)
 
 
 def _profile_remote(cfg: Config, num_classes: int, slide: torch.Tensor):
@@ -28,7 +39,7 @@ def _profile_remote(cfg: Config, num_classes: int, slide: torch.Tensor):
     def run(cfg, num_classes, slide):
         torch.set_num_threads(max(1, int(cpus)))
         device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
-        return profile_blocks(cfg, num_classes, slide, device)
+        return _profile(cfg, num_classes, slide, device)
 
     return ray.get(ray.remote(run).options(num_cpus=cpus, num_gpus=gpus).remote(cfg, num_classes, slide))
 
@@ -40,7 +51,7 @@ def resolve_auto_split(cfg: Config, num_classes: int, slide: torch.Tensor) -> Co
     if cfg.train.executor == "ray":
         costs = _profile_remote(cfg, num_classes, slide)
     else:
-        costs = profile_blocks(cfg, num_classes, slide, resolve_device(cfg.train.device))
+        costs = _profile(cfg, num_classes, slide, resolve_device(cfg.train.device))
     sizes, stage_costs = best_split(costs, cfg.model.k)
     rows = [f"block {c.block:2d}: {c.seconds * 1e3:8.1f} ms  classifier {c.classifier_seconds * 1e3:7.1f} ms  "
             f"peak {c.memory_mb:7.0f} MiB" for c in costs]

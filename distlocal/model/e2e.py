@@ -18,7 +18,7 @@ from distlocal.config import Config
 from distlocal.model.backbone import Backbone, StageSpec, freeze_batchnorm, run_blocks
 from distlocal.model.mil import AuxClassifier
 from distlocal.model.optim import LocalOptimizer
-from distlocal.model.stage import autocast, param_dtype, run_stem, step_metrics, wide
+from distlocal.model.stage import autocast, run_stem, step_metrics, wide
 
 __all__ = ["EndToEnd", "WholeSlideNet"]
 
@@ -75,7 +75,9 @@ class EndToEnd:
     def eval_step(self, x: torch.Tensor):
         self.net.eval()
         with self._autocast():
-            logits, attention = self.net(x.to(self.device, param_dtype(self.net)))
+            # The stem in tiles, as in training: whole, its first maps hold several times the slide (run_stem).
+            x = run_stem(self.net.stem, x, self.device, self.bf16)
+            logits, attention = self.net.head(self.net.run_blocks(x))
         return logits, torch.softmax(wide(logits), 1)[0].cpu(), wide(attention).cpu()
 
     def end_epoch(self, metric: float) -> None:
