@@ -5,6 +5,11 @@ it; `tools/gpu_check.sh` runs them on a GPU machine with `pytest -m gpu`).
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
+import time
+
 import pytest
 import ray
 import torch
@@ -110,6 +115,30 @@ def test_ray_on_one_gpu_uses_cuda_ipc_and_matches_the_local_executor(gpu_ray, ma
         for name, tensor in theirs["modules"].items():
             assert ours["modules"][name].device.type == "cpu"
             torch.testing.assert_close(ours["modules"][name], tensor.cpu(), rtol=1e-3, atol=1e-4, msg=name)
+
+
+@pytest.mark.gpu
+@cuda
+def test_a_killed_stage_recovers_on_the_gpu(gpu_ray, manifest, tmp_path):
+    """SIGKILL of a stage actor sharing the GPU: Ray restarts it on the GPU, the stages reload, the run completes."""
+    from distlocal.engine.trainer import Trainer
+
+    cfg = _gpu_cfg(manifest, tmp_path, "train.executor=ray", "train.gpus_per_stage=0.25", "train.epochs=2",
+                   "train.checkpoint_every=1", "train.heatmaps=0", "train.transport=nccl")
+    trainer = Trainer(cfg, tmp_path / "run")
+    victim = trainer.executor.info[2]["pid"]
+    outcome: dict = {}
+    thread = threading.Thread(target=lambda: outcome.update(summary=trainer.fit()), daemon=True)
+    thread.start()
+    metrics, deadline = tmp_path / "run" / "metrics.jsonl", time.monotonic() + 120
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 2) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.kill(victim, signal.SIGKILL)
+    thread.join(timeout=300)
+    assert outcome["summary"]["completed"]
+    assert len(outcome["summary"]["failures"]) == 1
+    assert all(i["device"] == "cuda:0" for i in trainer.executor.info)
+    assert trainer.executor.transport == "cuda_ipc"
 
 
 @pytest.mark.gpu

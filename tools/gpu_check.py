@@ -1,0 +1,187 @@
+"""
+The GPU check behind tools/gpu_check.sh: each step runs in its own process with a time limit, so an
+out-of-memory or a hang in one is recorded and the next still runs; the report is written after every step.
+
+    python tools/gpu_check.py --out DIR [--only "bench memory,out of memory"]
+    python tools/gpu_check.py --probe oom     # one step: a real CUDA OOM inside a stage actor, as the driver sees it
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+PY = sys.executable
+TAIL = 4000  # characters of each step's output kept in the report
+
+
+@dataclass
+class Step:
+    name: str
+    needs_cuda: bool
+    timeout_s: int
+    command: list[str]
+    what: str
+    status: str = "not run"  # passed | failed | timed out | skipped: ...
+    seconds: float = 0.0
+    output: str = field(default="", repr=False)
+
+
+def steps(out: Path) -> list[Step]:
+    bench = [PY, "-m", "distlocal.cli", "bench"]
+    return [
+        Step("environment", False, 120, [PY, __file__, "--probe", "environment"],
+             "CUDA, driver, GPU, torch / Ray / MLflow / cupy versions"),
+        Step("pytest -m gpu", True, 300, [PY, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "-ra",
+                                          "tests/test_gpu.py"],
+             "local K=4 bf16 on 5 Mpx (tiled stem on the device, folded BN, recompute); Ray K=4 at 0.25 GPU: "
+             "cuda_ipc hops asserted, equal to the local executor (fp32, TF32 off); a stage killed and recovered; "
+             "predict whole vs tiled"),
+        Step("out of memory", True, 90, [PY, __file__, "--probe", "oom"],
+             "a real CUDA OOM in stage 2 of a Ray run: the message the driver prints"),
+        Step("bench memory", True, 90, [*bench, "memory", "--device", "cuda", "--sizes", "2048x2048",
+                                        "--out", str(out / "bench_memory")], "one size, E2E / K=4 / K=8"),
+        Step("bench inference", True, 90, [*bench, "inference", "--sizes", "2048x2048", "--repeats", "1",
+                                           "--out", str(out / "bench_inference")], "whole slide against patches"),
+        Step("bench pipeline", True, 120, [*bench, "pipeline", "--slides", "8", "--size", "1024", "1024", "--set",
+                                           "train.device=cuda", "--out", str(out / "bench_pipeline")],
+             "Ray K=2 sharing the GPU against the local executor"),
+    ]
+
+
+def _environment() -> None:
+    import torch
+
+    info = {"python": platform.python_version(), "host": platform.node(), "torch": torch.__version__,
+            "torch_cuda": torch.version.cuda, "cuda_available": torch.cuda.is_available()}
+    if torch.cuda.is_available():
+        info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        info["gpu_memory_gb"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
+    for name in ("ray", "mlflow", "mlflow-skinny", "cupy-cuda13x", "cupy-cuda12x", "pytest", "torchvision"):
+        try:  # the installed version, without importing (mlflow alone takes seconds)
+            info[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            info[name] = None
+    info["cupy"] = info["cupy-cuda13x"] or info["cupy-cuda12x"]
+    try:
+        smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30, check=False)
+        info["nvidia_smi"] = smi.stdout.strip() or smi.stderr.strip()
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        info["nvidia_smi"] = f"not available ({exc})"
+    print(json.dumps(info))
+
+
+def _oom() -> None:
+    """Stage 2 asks the allocator for far more than the GPU has, inside its step: a real torch.OutOfMemoryError."""
+    import tempfile
+
+    import ray
+    import torch
+
+    from distlocal.config import load_config
+    from distlocal.data import SlideLoader, read_manifest
+    from distlocal.engine.actor import StageActor
+    from distlocal.engine.faults import StageOutOfMemory
+    from distlocal.engine.ray_executor import RayExecutor
+    from distlocal.slides import write_synthetic_dataset
+
+    class Greedy(StageActor):
+        def __init__(self, cfg, num_classes, index):
+            super().__init__(cfg, num_classes, index)
+            if index == 1:
+                step = self.stage.train_step
+
+                def greedy(x, y):
+                    torch.empty(2**40, device=self.device)  # 4 TiB of fp32
+                    return step(x, y)
+
+                self.stage.train_step = greedy
+
+    tmp = Path(tempfile.mkdtemp())
+    manifest = write_synthetic_dataset(tmp / "slides", slides=6, classes=2, size=(256, 256), seed=0)
+    cfg = load_config(None, [f"data.manifest={manifest}", f"run.dir={tmp / 'runs'}", "train.executor=ray",
+                             "train.device=cuda", "model.backbone=resnet18", "model.k=2", "model.split=balanced",
+                             "train.gpus_per_stage=0.5", "tracking.enabled=false"])
+    ray.init(include_dashboard=False, configure_logging=False, log_to_driver=False)
+    executor = RayExecutor(cfg, 2, actor_cls=Greedy)
+    try:
+        list(executor.train(read_manifest(manifest).split("train")[:1], SlideLoader(cfg.data, True, 0), 0))
+    except StageOutOfMemory as exc:
+        print(f"the driver got StageOutOfMemory: {exc}")
+        return
+    finally:
+        executor.close()
+        ray.shutdown()
+    raise SystemExit("no out-of-memory error reached the driver")
+
+
+def _run(step: Step, cuda: bool) -> None:
+    if step.needs_cuda and not cuda:
+        step.status = "skipped: no CUDA"
+        return
+    start = time.monotonic()
+    try:
+        done = subprocess.run(step.command, capture_output=True, text=True, timeout=step.timeout_s, check=False,
+                              start_new_session=True)
+        step.output = (done.stdout + done.stderr)[-TAIL:]
+        step.status = "passed" if done.returncode == 0 else f"failed (exit {done.returncode})"
+    except subprocess.TimeoutExpired as exc:
+        step.output = ((exc.stdout or b"").decode(errors="replace") + (exc.stderr or b"").decode(errors="replace"))
+        step.output = step.output[-TAIL:]
+        step.status = f"timed out after {step.timeout_s} s"
+    step.seconds = round(time.monotonic() - start, 1)
+
+
+def _write(out: Path, done: list[Step], env: dict) -> None:
+    (out / "gpu_check.json").write_text(json.dumps({"environment": env, "steps": [asdict(s) for s in done]},
+                                                   indent=2))
+    lines = ["# distlocal GPU check", "", f"Host {env.get('host', '?')}: {env.get('gpus') or 'no CUDA device'}, "
+             f"torch {env.get('torch')} (CUDA {env.get('torch_cuda')}), ray {env.get('ray')}, cupy "
+             f"{env.get('cupy')}, nvidia-smi: {env.get('nvidia_smi')}", "",
+             "| step | result | seconds | what it checks |", "|---|---|---|---|"]
+    lines += [f"| {s.name} | {s.status} | {s.seconds:g} | {s.what} |" for s in done]
+    for s in done:
+        if s.output:
+            lines += ["", f"## {s.name}", "", "```", s.output.strip(), "```"]
+    (out / "gpu_check.md").write_text("\n".join(lines) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("gpu-check"))
+    parser.add_argument("--only", help="comma-separated step names")
+    parser.add_argument("--probe", choices=["environment", "oom"], help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.probe:
+        {"environment": _environment, "oom": _oom}[args.probe]()
+        return 0
+    args.out.mkdir(parents=True, exist_ok=True)
+    # The environment step always runs: it is what tells the others whether there is a CUDA device.
+    todo = [s for s in steps(args.out) if not args.only or s.name in {"environment", *args.only.split(",")}]
+    env: dict = {}
+    done: list[Step] = []
+    for step in todo:
+        print(f"gpu check: {step.name} ...", flush=True)
+        _run(step, env.get("cuda_available", False))
+        if step.name == "environment" and step.status == "passed":
+            env = json.loads(step.output.strip().splitlines()[-1])
+        done.append(step)
+        _write(args.out, done, env)
+        print(f"gpu check: {step.name}: {step.status} ({step.seconds:g} s)", flush=True)
+    print(f"report: {args.out / 'gpu_check.md'}")
+    if not env.get("cuda_available"):
+        print("no CUDA device here: only the environment was checked", file=sys.stderr)
+        return 2
+    return 0 if all(s.status == "passed" for s in done) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
