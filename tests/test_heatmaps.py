@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from distlocal.commands.demo import DATASET
+from distlocal.commands.demo import CONFIG, DATASET
+from distlocal.config import load_config
 from distlocal.data import SlideRecord, read_manifest
 from distlocal.engine.report import heatmap_slides
 from distlocal.slides import write_synthetic_dataset
@@ -30,3 +31,10 @@ def test_the_demo_set_gets_both_classes(tmp_path):
     valid = read_manifest(manifest).split("valid")
     assert {r.label for r in valid[:3]} == {0}
     assert {r.label for r in heatmap_slides(valid, 3)} == {0, 1}
+
+
+def test_shipped_configs_plot_a_heatmap_per_class():
+    """Every shipped config asks for at least as many heatmaps as its task has classes."""
+    for path in sorted(Path(CONFIG).parent.glob("*.yaml")):
+        cfg = load_config(path)
+        assert cfg.train.heatmaps >= len(cfg.data.classes or range(DATASET["classes"])), path.name
