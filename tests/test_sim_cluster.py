@@ -1,0 +1,147 @@
+"""
+The multi-node paths on a simulated cluster: several real raylets on this machine (ray.cluster_utils.Cluster),
+each advertising one GPU that does not exist. Stages reserve those GPUs (explicit train.gpus_per_stage) and compute
+on the CPU (train.device=cpu), so placement, GPU ids, node loss and recovery run as on a cluster.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import ray
+import torch
+from ray.cluster_utils import Cluster
+
+from distlocal.config import load_config
+from distlocal.engine.actor import StageActor
+from distlocal.engine.checkpoint import load_checkpoint
+from distlocal.engine.faults import ClusterError
+from distlocal.engine.ray_executor import RayExecutor
+from distlocal.engine.trainer import Trainer
+
+GPU_NODES = 3
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A head without GPUs (the driver's node) and three nodes with 2 CPUs and one fake GPU each."""
+    ray.shutdown()  # the shared local Ray, if a test before started it: conftest's local_ray starts it again
+    sim = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 0})
+    try:
+        nodes = [sim.add_node(num_cpus=2, num_gpus=1) for _ in range(GPU_NODES)]
+        sim.wait_for_nodes()
+        yield sim, nodes
+    finally:
+        ray.shutdown()
+        sim.shutdown()
+
+
+@pytest.fixture
+def on_cluster(no_shared_ray, cluster):
+    """The driver connected to the simulated cluster for one test."""
+    sim, nodes = cluster
+    ray.init(address=sim.address, configure_logging=False, log_to_driver=False)
+    return sim, nodes
+
+
+def _cfg(manifest, run_dir, *overrides):
+    return load_config(None, [
+        f"data.manifest={manifest}", f"run.dir={run_dir}", "train.device=cpu", "train.executor=ray",
+        "train.gpus_per_stage=1", "train.cpus_per_stage=1", "model.backbone=resnet18", "model.k=2",
+        "model.split=balanced", "train.epochs=1", "train.accumulate=2", "model.rfr.patch_size=16",
+        "train.lr_backbone=1e-3", "train.lr_aux=1e-3", "tracking.enabled=false", "train.placement_timeout_s=20",
+        *overrides])
+
+
+def test_spread_stages_land_on_different_nodes_and_fractions_pack(on_cluster, manifest, tmp_path):
+    """K=4 at half a GPU, spread: every GPU node holds a stage, two share one node's GPU, each reports its id."""
+    executor = RayExecutor(_cfg(manifest, tmp_path, "model.k=4", "train.gpus_per_stage=0.5",
+                                "train.placement=spread"), 2)
+    try:
+        info = executor.info
+    finally:
+        executor.close()
+    by_node: dict[str, list] = {}
+    for i in info:
+        by_node.setdefault(i["node_id"], []).append(i)
+    assert len(by_node) == GPU_NODES
+    assert sorted(len(stages) for stages in by_node.values()) == [1, 1, 2]
+    assert all(i["gpu_ids"] == ["0"] and i["device"] == "cpu" for i in info)  # each node's one (fake) GPU
+
+
+def test_more_stages_than_gpus_fail_at_once(on_cluster, manifest, tmp_path):
+    """K=4 at one GPU each on three GPUs fails in seconds naming the GPUs asked, the nodes, and the share."""
+    start = time.monotonic()
+    with pytest.raises(ClusterError, match=r"= 4 GPUs, but the cluster has 3 GPUs .*train.gpus_per_stage=0.75"):
+        RayExecutor(_cfg(manifest, tmp_path, "model.k=4", "train.placement=spread"), 2)
+    assert time.monotonic() - start < 10
+
+
+def _node_local_disk(node_ids: set[str]) -> type:
+    """A StageActor that, on the nodes `node_ids`, sees its own disk at run.dir (nodes without the shared mount)."""
+
+    class NodeLocalDisk(StageActor):
+        def sees(self, folder, marker, token):
+            node_id = ray.get_runtime_context().get_node_id()
+            if node_id in node_ids:
+                folder = f"{folder}-on-{node_id[:8]}"  # the same path, but another disk: the marker is not there
+            return super().sees(folder, marker, token)
+
+    return NodeLocalDisk
+
+
+def test_run_dir_not_shared_by_a_node_fails_naming_it(on_cluster, manifest, tmp_path):
+    """A node that does not see the driver's run.dir stops the start with its name and the fix; nothing is kept."""
+    _, nodes = on_cluster
+    blind = {n.node_id for n in nodes[1:]}  # two stages on three nodes: at least one lands on a blind node
+    names = "|".join(b[:12] for b in blind)
+    with pytest.raises(ClusterError, match=rf"run.dir {tmp_path} is not shared: stage \d on node \S+ \(({names})\)"
+                                           r".*storage every node mounts at the same path"):
+        RayExecutor(_cfg(manifest, tmp_path, "train.placement=spread"), 2, actor_cls=_node_local_disk(blind))
+    deadline = time.monotonic() + 20  # the placement group goes: its GPUs are free again
+    while ray.available_resources().get("GPU", 0) < GPU_NODES and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert ray.available_resources().get("GPU", 0) == GPU_NODES
+    assert [p.name for p in tmp_path.iterdir()] == []  # the marker is removed
+
+
+def test_losing_a_node_mid_epoch_recovers_and_ends_like_an_uninterrupted_run(on_cluster, manifest, tmp_path):
+    """A node with a stage (gloo hops) is removed mid-epoch: the stage restarts elsewhere, the run equals local."""
+    sim, nodes = on_cluster
+    settings = ("train.max_inflight=1", "train.checkpoint_every=1", "train.transport=gloo",
+                "train.placement=spread", "train.heatmaps=0")
+    trainer = Trainer(_cfg(manifest, tmp_path, *settings), tmp_path / "ray")
+    assert trainer.executor.transport == "gloo"
+    victim = next(n for n in nodes if n.node_id == trainer.executor.info[1]["node_id"])
+    outcome: dict = {}
+
+    def fit():
+        try:
+            outcome["summary"] = trainer.fit()
+        except Exception as exc:
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=fit, daemon=True)  # a hung run must not keep pytest from exiting
+    thread.start()
+    metrics, deadline = tmp_path / "ray" / "metrics.jsonl", time.monotonic() + 120
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 1) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    sim.remove_node(victim)  # after 2 of the 8 training slides
+    thread.join(timeout=300)
+    assert not thread.is_alive()
+    assert "summary" in outcome, outcome.get("error")
+    summary = outcome["summary"]
+    assert summary["completed"]
+    assert len(summary["failures"]) == 1
+    moved = {i["node_id"] for i in trainer.executor.info}
+    assert victim.node_id not in moved  # stage 2 restarted on a node that is still there
+
+    Trainer(_cfg(manifest, tmp_path, *settings, "train.executor=local"), tmp_path / "local").fit()
+    ours = load_checkpoint(tmp_path / "ray" / "checkpoints" / "last").stages
+    theirs = load_checkpoint(tmp_path / "local" / "checkpoints" / "last").stages
+    for a, b in zip(ours, theirs, strict=True):
+        assert a["optim"]["steps"] == b["optim"]["steps"]
+        for name, tensor in b["modules"].items():
+            torch.testing.assert_close(a["modules"][name], tensor, rtol=1e-4, atol=1e-5, msg=name)
