@@ -50,7 +50,8 @@ def local_ray():
     if not (_shared_ray["up"] and ray.is_initialized()):
         ray.shutdown()
         os.environ.pop("RAY_ADDRESS", None)
-        ray.init(num_cpus=6, num_gpus=0, include_dashboard=False, configure_logging=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=6, num_gpus=0, include_dashboard=False, configure_logging=False,
+                 log_to_driver=False)  # "local": a new Ray even where another one runs on this machine
         _shared_ray["up"] = True
 
 

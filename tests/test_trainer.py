@@ -16,8 +16,10 @@ from distlocal.slides import SlideError
 
 
 def _cfg(manifest, tmp_path, *overrides):
+    # resnet18 and no heatmaps: what these tests check is the trainer's bookkeeping, at half the compute
     return load_config(None, [
-        f"data.manifest={manifest}", f"run.dir={tmp_path}", "train.device=cpu", "model.k=2",
+        f"data.manifest={manifest}", f"run.dir={tmp_path}", "train.device=cpu", "model.k=2", "model.backbone=resnet18",
+        "train.heatmaps=0",
         "model.split=balanced", "train.epochs=1", "train.accumulate=2", "model.rfr.patch_size=16",
         "train.lr_backbone=1e-3", "train.lr_aux=1e-3", "tracking.enabled=false", *overrides])
 
