@@ -90,10 +90,12 @@ def test_ray_job_submit_trains_and_tracks(ray_head, tmp_path):
     assert "placed 2 stages x {'CPU': 1.0} (strict_pack)" in log
     assert "stage 1 on " in log
     assert "stage 2 on " in log
+    assert "activations stage 1 -> 2: object_store" in log
     run_id = json.loads((tmp_path / "runs" / "job" / "mlflow_run.json").read_text())["run_id"]
     run = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(run_id)
     assert run.info.status == "FINISHED"
     assert run.data.tags["executor"] == "ray"
+    assert run.data.tags["transport"] == "object_store"
     assert "val/auroc" in run.data.metrics
 
 
@@ -112,7 +114,7 @@ def test_fewer_gpus_than_stages_share_them_with_a_warning(fake_gpu_ray, caplog):
 
 
 def test_a_sixth_of_a_gpu_is_rounded_down_so_the_shares_pack(fake_gpu_ray):
-    """Ray rounds resources to 1e-4: 12 stages at 1/6 of 2 GPUs must ask 0.1666 (0.1667 x 12 > 2 never places)."""
+    """Shares are asked at Ray's 1e-4 precision, rounded down: 12 stages at 1/6 of 2 GPUs ask 0.1666 and place."""
     cfg = load_config(None, ["train.device=cuda", "train.cpus_per_stage=0.5", "train.placement=pack",
                              "train.placement_timeout_s=15"]).train
     assert stage_resources(cfg, 12) == (0.5, 0.1666)

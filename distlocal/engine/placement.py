@@ -50,7 +50,10 @@ def _nodes() -> str:
 
 
 def _share(gpus: float) -> float:
-    """A GPU share Ray can pack: Ray rounds resources to 1e-4, so 1/6 would become 0.1667 and six of them 1.0002."""
+    """
+    A GPU share at Ray's resource precision (1e-4; its docs ask for no finer), rounded down so that K of them
+    never add up to more than the GPUs, however Ray rounds (ray 2.60 was seen placing 6 x 1/6 on one GPU).
+    """
     return math.floor(gpus * 1e4 + 1e-6) / 1e4
 
 
