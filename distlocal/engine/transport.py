@@ -60,9 +60,10 @@ def plan_hops(asked: str, infos: list[dict]) -> list[Hop]:
     ranks = _nccl_ranks(hops)
     gpus = [_gpu(infos[i]) for i in ranks]
     if len(set(gpus)) < len(gpus):
-        hops = [Hop("object_store", "NCCL takes one rank per GPU, but the stages that cross GPUs share some "
-                                    f"(GPU ids {[list(g[1]) for g in gpus]}); give each GPU a run of consecutive "
-                                    "stages (train.placement=pack, K a multiple of the GPUs)")
+        hops = [Hop("object_store", "NCCL takes one rank per GPU, but Ray put stages that send across GPUs on "
+                                    f"the same GPU (GPU ids {[list(g[1]) for g in gpus]}, stages "
+                                    f"{[i + 1 for i in ranks]}); one GPU per stage (train.gpus_per_stage=1) "
+                                    "makes every hop nccl")
                 if h.transport == "nccl" else h for h in hops]
     return hops
 
