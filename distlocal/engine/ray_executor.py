@@ -2,8 +2,9 @@
 The Ray executor: K stage actors training at once, each on a different slide (decoupled greedy learning).
 
 Per slide the driver chains stage_1 -> ... -> stage_K by handing each actor the ObjectRef the previous one
-returned (no ray.get between stages), and keeps at most `train.max_inflight` slides in flight. Slides load in Ray
-tasks ahead of the pipeline. The driver only ever fetches the small things: metrics and class probabilities.
+returned (no ray.get between stages), and keeps at most `train.max_inflight` slides in flight. Slides load ahead
+of the pipeline in one loader actor that lives as long as the executor (loading.py says why). The driver only ever
+fetches the small things: metrics and class probabilities.
 """
 
 from __future__ import annotations
@@ -20,31 +21,17 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskErro
 from ray.util.placement_group import remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from distlocal.config import Config, DataConfig, config_to_dict
+from distlocal.config import Config, config_to_dict
 from distlocal.data import SlideLoader, SlideRecord
-from distlocal.data.loader import SkippedSlide
 from distlocal.engine.actor import StageActor
 from distlocal.engine.faults import ClusterError, StageFailure
+from distlocal.engine.loading import SlideFeed
 from distlocal.engine.placement import connect, place_stages
 from distlocal.engine.transport import log_hops, open_group, plan_hops, summary
-from distlocal.slides import SlideError
 
 __all__ = ["RayExecutor"]
 
 log = logging.getLogger(__name__)
-
-
-# num_cpus=0: the stages' placement group may hold every CPU Ray knows of, and a load that waits for a CPU would
-# stall the pipeline for ever. The driver already bounds how many loads run at once (data.prefetch + in flight).
-@ray.remote(num_returns=2, max_retries=2, num_cpus=0)
-def _load_slide(cfg: DataConfig, train: bool, seed: int, record: SlideRecord, epoch: int):
-    """(slide tensor, None), or (None, the problem) for a bad slide under data.on_error=skip."""
-    try:
-        return SlideLoader(cfg, train, seed).load(record, epoch), None
-    except SlideError as exc:
-        if cfg.on_error == "fail":
-            raise
-        return None, str(exc)
 
 
 def _fetch(refs, what: str):
@@ -73,6 +60,7 @@ class RayExecutor:
         config = config_to_dict(cfg)
         config["run"]["dir"] = str(self.run_dir)
         self.actors: list = []
+        self.feed: SlideFeed | None = None
         self.collective = None  # the collective group's handle (nccl / gloo hops), to destroy it by
         self.group, cpus, gpus = place_stages(cfg.train, self.k)
         try:  # a sweep runs many children in one driver: a failed start must not keep the GPUs or the actors
@@ -83,6 +71,7 @@ class RayExecutor:
                     num_cpus=cpus, num_gpus=gpus, max_restarts=cfg.train.max_restarts, max_task_retries=0,
                     scheduling_strategy=PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=i),
                 ).remote(config, num_classes, i))
+            self.feed = SlideFeed(cfg.data, self.group, _fetch)  # starts while the stages build their models
             self.info = _fetch([a.info.remote() for a in self.actors], "starting the stage actors")
             self._check_shared_run_dir()
         except BaseException:
@@ -134,25 +123,7 @@ class RayExecutor:
 
     def _slides(self, records: Iterable[SlideRecord], loader: SlideLoader, epoch: int) -> Iterator:
         """(record, ObjectRef of its tensor) in order; loads run `data.prefetch` slides ahead of the pipeline."""
-        pending: deque = deque()
-        it = iter(records)
-
-        def submit() -> None:
-            record = next(it, None)
-            if record is not None:
-                pending.append((record, *_load_slide.remote(loader.cfg, loader.train, loader.seed, record, epoch)))
-
-        for _ in range(loader.cfg.prefetch + self.max_inflight):
-            submit()
-        while pending:
-            record, x, problem = pending.popleft()
-            problem = _fetch(problem, f"loading slide {record.slide_id}")
-            submit()
-            if problem is not None:
-                log.warning("skipping slide %s: %s", record.slide_id, problem)
-                loader.skipped.append(SkippedSlide(record.slide_id, str(record.path), problem))
-                continue
-            yield record, x
+        return self.feed.slides(records, loader, epoch, ahead=loader.cfg.prefetch + self.max_inflight)
 
     def _pipeline(self, method: str, slides: Iterator, args) -> Iterator[tuple[str, list]]:
         inflight: deque = deque()
@@ -261,5 +232,7 @@ class RayExecutor:
         finally:
             for actor in self.actors:
                 ray.kill(actor, no_restart=True)
+            if self.feed is not None:
+                self.feed.close()
             remove_placement_group(self.group)
 

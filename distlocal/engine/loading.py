@@ -1,0 +1,99 @@
+"""
+Slide loading for the Ray executor: one long-lived loader actor per run, beside stage 1.
+
+Loads used to be Ray tasks. Ray reaps an idle task worker after a second once a node has more workers than CPUs
+(actors count), so on a small node every phase (each epoch, each validation, the test) started its loaders afresh,
+and each fresh worker imported torch and the model stack before its first slide: 35-46 s of a phase's start on a
+2-core machine. An actor lives for the whole run and imports only what loading needs (this module: no torchvision,
+no model code). Decoding (tifffile / imagecodecs) releases the GIL, so the actor loads `data.prefetch` slides at
+once in threads; it runs in stage 1's placement-group bundle, so a slide is already on stage 1's node.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator
+
+import ray
+from ray.util.placement_group import PlacementGroup
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from distlocal.config import DataConfig
+from distlocal.data import SlideLoader, SlideRecord
+from distlocal.data.loader import SkippedSlide
+from distlocal.slides import SlideError
+
+__all__ = ["SlideFeed", "SlideLoaderActor"]
+
+log = logging.getLogger(__name__)
+
+
+class SlideLoaderActor:
+    """Reads, augments and normalises slides for the pipeline; one instance serves the whole run."""
+
+    def __init__(self):
+        self.started = time.time()
+        self.loads: list[tuple[str, int, float, float]] = []  # (slide_id, pid, start, end): the trace tests read
+
+    @ray.method(num_returns=2)
+    def load(self, cfg: DataConfig, train: bool, seed: int, record: SlideRecord, epoch: int):
+        """(slide tensor, None), or (None, the problem) for a bad slide under data.on_error=skip."""
+        start = time.time()
+        try:
+            return SlideLoader(cfg, train, seed).load(record, epoch), None
+        except SlideError as exc:
+            if cfg.on_error == "fail":
+                raise
+            return None, str(exc)
+        finally:
+            self.loads.append((record.slide_id, os.getpid(), start, time.time()))
+
+    def pop_trace(self) -> dict:
+        """The process's start time and the loads it ran since the last call."""
+        loads, self.loads = self.loads, []
+        return {"pid": os.getpid(), "started": self.started, "loads": loads}
+
+
+class SlideFeed:
+    """The driver's side: submits loads ahead of the pipeline and yields (record, ObjectRef of the tensor)."""
+
+    def __init__(self, cfg: DataConfig, group: PlacementGroup, fetch):
+        # num_cpus=0: the stages' placement group may hold every CPU of the node, and a loader waiting for a CPU
+        # would stall the pipeline for ever; the driver bounds the loads in flight instead.
+        self.actor = ray.remote(SlideLoaderActor).options(
+            num_cpus=0, max_concurrency=max(1, cfg.prefetch), max_restarts=-1, max_task_retries=2,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=0),
+        ).remote()
+        self.fetch = fetch  # the executor's ray.get, which names the failure
+
+    def slides(self, records: Iterable[SlideRecord], loader: SlideLoader, epoch: int,
+               ahead: int) -> Iterator[tuple[SlideRecord, ray.ObjectRef]]:
+        """(record, ObjectRef of its tensor) in order, with `ahead` loads submitted before the first is needed."""
+        pending: deque = deque()
+        it = iter(records)
+
+        def submit() -> None:
+            record = next(it, None)
+            if record is not None:
+                pending.append((record, *self.actor.load.remote(loader.cfg, loader.train, loader.seed, record, epoch)))
+
+        for _ in range(ahead):
+            submit()
+        while pending:
+            record, x, problem = pending.popleft()
+            problem = self.fetch(problem, f"loading slide {record.slide_id}")
+            submit()
+            if problem is not None:
+                log.warning("skipping slide %s: %s", record.slide_id, problem)
+                loader.skipped.append(SkippedSlide(record.slide_id, str(record.path), problem))
+                continue
+            yield record, x
+
+    def trace(self) -> dict:
+        return self.fetch(self.actor.pop_trace.remote(), "collecting the slide loader's trace")
+
+    def close(self) -> None:
+        ray.kill(self.actor, no_restart=True)
