@@ -15,6 +15,7 @@ import torch
 from ray.cluster_utils import Cluster
 
 from distlocal.config import load_config
+from distlocal.data import SlideLoader, read_manifest
 from distlocal.engine.actor import StageActor
 from distlocal.engine.checkpoint import load_checkpoint
 from distlocal.engine.faults import ClusterError
@@ -105,6 +106,29 @@ def test_run_dir_not_shared_by_a_node_fails_naming_it(on_cluster, manifest, tmp_
         time.sleep(0.2)
     assert ray.available_resources().get("GPU", 0) == GPU_NODES
     assert [p.name for p in tmp_path.iterdir()] == []  # the marker is removed
+
+
+def test_a_stage_that_raises_across_nodes_reports_its_error(on_cluster, manifest, tmp_path):
+    """Stage 1 on one node sends to stage 2 on another over gloo and raises: the driver gets that error."""
+
+    class Raising(StageActor):
+        def __init__(self, cfg, num_classes, index):
+            super().__init__(cfg, num_classes, index)
+            if index == 0:
+                def fail(x, y):
+                    raise ValueError("stage 1 cannot read this slide")
+
+                self.stage.train_step = fail
+
+    cfg = _cfg(manifest, tmp_path, "train.placement=spread", "train.transport=gloo", "train.max_inflight=1")
+    executor = RayExecutor(cfg, 2, actor_cls=Raising)
+    try:
+        assert len({i["node_id"] for i in executor.info}) == 2
+        assert executor.transport == "gloo"
+        with pytest.raises(ValueError, match="stage 1 cannot read this slide"):
+            list(executor.train(read_manifest(manifest).split("train")[:1], SlideLoader(cfg.data, True, 0), 0))
+    finally:
+        executor.close()
 
 
 def test_losing_a_node_mid_epoch_recovers_and_ends_like_an_uninterrupted_run(on_cluster, manifest, tmp_path):
