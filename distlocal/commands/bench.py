@@ -1,5 +1,5 @@
 """
-distlocal bench pipeline [--config CONFIG] [--set key=value ...] [--slides N] [--size H W]
+distlocal bench pipeline [--config CONFIG] [--set key=value ...] [--slides N] [--size H W] [--epochs N]
 distlocal bench io [--size H W] [--base-magnification 20] [--repeats 3]
 distlocal bench memory [--sizes HxW,HxW] [--device auto|cpu|cuda] [--set key=value ...]
 distlocal bench inference [SLIDE_OR_MANIFEST ...] [--sizes HxW,HxW] [--checkpoint PATH] [--batch N] [--repeats 3]
@@ -37,6 +37,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", help="inference: time this trained model (default: the config's, random weights)")
     p.add_argument("--batch", type=int, default=0, help="inference: GABMIL tiles per feature batch "
                    "(default 32 on CPU, 256 on CUDA)")
+    p.add_argument("--epochs", type=int, default=0,
+                   help="pipeline: also time a whole run of N epochs with validation and test (each phase's wait for "
+                        "its first result, the run against its slowest stage's busy time)")
     p.add_argument("--out", default="runs/bench", help="folder for pipeline.json, or io.json and io.png")
 
 
@@ -109,13 +112,19 @@ def run(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     cfg = load_config(args.config, [*([] if args.config else _DEFAULTS), *args.overrides])
-    if not cfg.data.manifest:
+    if not cfg.data.manifest:  # a whole run needs validation and test slides too
+        splits = (0.6, 0.2, 0.2) if args.epochs else (1.0, 0.0, 0.0)
         manifest = write_synthetic_dataset(out / "slides", slides=args.slides, classes=2,
-                                           size=tuple(args.size or (384, 384)),
-                                           seed=0, splits=(1.0, 0.0, 0.0))
+                                           size=tuple(args.size or (384, 384)), seed=0, splits=splits)
         cfg = load_config(args.config, [*([] if args.config else _DEFAULTS), *args.overrides,
                                         f"data.manifest={manifest}"])
     result = bench_pipeline(cfg, out)
     print(json.dumps(result, indent=2))
     print(format_result(result))
+    if args.epochs:
+        from distlocal.bench.whole_run import bench_whole_run, format_whole_run
+
+        whole = bench_whole_run(cfg, out, args.epochs)
+        print(format_whole_run(whole))
+        print(f"wrote {out / 'pipeline.json'} and {out / 'whole_run.json'}")
     return 0
