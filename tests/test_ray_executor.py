@@ -267,3 +267,10 @@ def test_a_relative_run_dir_is_resolved_and_checked_on_every_stage(local_ray, ma
         assert sorted(p.name for p in (tmp_path / "relative" / "runs" / "ckpt").iterdir()) == ["stage1.pt", "stage2.pt"]
     finally:
         executor.close()
+
+
+def test_an_unwritable_run_dir_fails_at_start_naming_it(local_ray, manifest, tmp_path):
+    """A run.dir the driver cannot create (a cluster's /shared path on another machine) stops the start clearly."""
+    cfg = _cfg(manifest, tmp_path, "run.dir=/proc/distlocal/runs")
+    with pytest.raises(ClusterError, match=r"cannot write to run.dir /proc/distlocal/runs .*storage every node shares"):
+        RayExecutor(cfg, 2)

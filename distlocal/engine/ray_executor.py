@@ -85,10 +85,14 @@ class RayExecutor:
 
     def _check_shared_run_dir(self) -> None:
         """Every actor must see the driver's run.dir: checkpoints are written by the actors, read by all."""
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         token = secrets.token_hex(8)
         marker = self.run_dir / f".distlocal-shared-{token}"
-        marker.write_text(token)
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            marker.write_text(token)
+        except OSError as exc:  # e.g. evaluating a cluster's checkpoint where its /shared/runs does not exist
+            raise ClusterError(f"cannot write to run.dir {self.run_dir} ({exc}); the stages keep their checkpoints "
+                               f"there: set run.dir to a folder on storage every node shares") from None
         try:
             seen = _fetch([a.sees.remote(str(self.run_dir), marker.name, token) for a in self.actors],
                           f"checking that the stages see {self.run_dir}")
