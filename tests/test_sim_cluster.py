@@ -22,12 +22,12 @@ from distlocal.engine.faults import ClusterError
 from distlocal.engine.ray_executor import RayExecutor
 from distlocal.engine.trainer import Trainer
 
-GPU_NODES = 3
+GPU_NODES = 2
 
 
 @pytest.fixture(scope="module")
 def cluster():
-    """A head without GPUs (the driver's node) and three nodes with 2 CPUs and one fake GPU each."""
+    """A head without GPUs (the driver's node) and two nodes with 2 CPUs and one fake GPU each."""
     ray.shutdown()  # the shared local Ray, if a test before started it: conftest's local_ray starts it again
     sim = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 0})
     try:
@@ -57,7 +57,7 @@ def _cfg(manifest, run_dir, *overrides):
 
 
 def test_spread_stages_land_on_different_nodes_and_fractions_pack(on_cluster, manifest, tmp_path):
-    """K=4 at half a GPU, spread: every GPU node holds a stage, two share one node's GPU, each reports its id."""
+    """K=4 at half a GPU, spread: each GPU node holds two stages sharing its GPU, each reports node and GPU id."""
     executor = RayExecutor(_cfg(manifest, tmp_path, "model.k=4", "train.gpus_per_stage=0.5",
                                 "train.placement=spread"), 2)
     try:
@@ -68,15 +68,15 @@ def test_spread_stages_land_on_different_nodes_and_fractions_pack(on_cluster, ma
     for i in info:
         by_node.setdefault(i["node_id"], []).append(i)
     assert len(by_node) == GPU_NODES
-    assert sorted(len(stages) for stages in by_node.values()) == [1, 1, 2]
+    assert sorted(len(stages) for stages in by_node.values()) == [2, 2]
     assert all(i["gpu_ids"] == ["0"] and i["device"] == "cpu" for i in info)  # each node's one (fake) GPU
 
 
 def test_more_stages_than_gpus_fail_at_once(on_cluster, manifest, tmp_path):
-    """K=4 at one GPU each on three GPUs fails in seconds naming the GPUs asked, the nodes, and the share."""
+    """K=3 at one GPU each on two GPUs fails in seconds naming the GPUs asked, the nodes, and the share."""
     start = time.monotonic()
-    with pytest.raises(ClusterError, match=r"= 4 GPUs, but the cluster has 3 GPUs .*train.gpus_per_stage=0.75"):
-        RayExecutor(_cfg(manifest, tmp_path, "model.k=4", "train.placement=spread"), 2)
+    with pytest.raises(ClusterError, match=r"= 3 GPUs, but the cluster has 2 GPUs .*train.gpus_per_stage=0.6666"):
+        RayExecutor(_cfg(manifest, tmp_path, "model.k=3", "train.placement=spread"), 2)
     assert time.monotonic() - start < 10
 
 
@@ -96,7 +96,7 @@ def _node_local_disk(node_ids: set[str]) -> type:
 def test_run_dir_not_shared_by_a_node_fails_naming_it(on_cluster, manifest, tmp_path):
     """A node that does not see the driver's run.dir stops the start with its name and the fix; nothing is kept."""
     _, nodes = on_cluster
-    blind = {n.node_id for n in nodes[1:]}  # two stages on three nodes: at least one lands on a blind node
+    blind = {nodes[1].node_id}  # two stages at one GPU each: one on each node
     names = "|".join(b[:12] for b in blind)
     with pytest.raises(ClusterError, match=rf"run.dir {tmp_path} is not shared: stage \d on node \S+ \(({names})\)"
                                            r".*storage every node mounts at the same path"):
@@ -134,7 +134,8 @@ def test_a_stage_that_raises_across_nodes_reports_its_error(on_cluster, manifest
 def test_losing_a_node_mid_epoch_recovers_and_ends_like_an_uninterrupted_run(on_cluster, manifest, tmp_path):
     """A node with a stage (gloo hops) is removed mid-epoch: the stage restarts elsewhere, the run equals local."""
     sim, nodes = on_cluster
-    settings = ("train.max_inflight=1", "train.checkpoint_every=1", "train.transport=gloo",
+    # Half a GPU each, spread: one stage per node, and room on the other node's GPU for the one that loses its node.
+    settings = ("train.max_inflight=1", "train.checkpoint_every=1", "train.transport=gloo", "train.gpus_per_stage=0.5",
                 "train.placement=spread", "train.heatmaps=0")
     trainer = Trainer(_cfg(manifest, tmp_path, *settings), tmp_path / "ray")
     assert trainer.executor.transport == "gloo"
