@@ -56,6 +56,19 @@ def local_ray():
 
 
 @pytest.fixture
+def actor_threads():
+    """
+    The local executor with the thread count of a stage actor (1): parity tests then compare the same arithmetic.
+    With another count the convolutions sum in another order, and fp32 rounding, which differs from one CPU to the
+    next, is all that the tolerance would be measuring.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def no_shared_ray():
     """For tests that start a Ray of their own: the shared one is shut down first (and restarted when needed)."""
     ray.shutdown()

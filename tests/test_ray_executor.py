@@ -35,7 +35,7 @@ def _train_records(cfg):
 
 
 @pytest.mark.parametrize(("k", "transport"), [(2, "object_store"), (4, "object_store"), (3, "gloo")])
-def test_one_slide_in_flight_matches_the_local_executor(local_ray, manifest, tmp_path, k, transport):
+def test_one_slide_in_flight_matches_the_local_executor(local_ray, actor_threads, manifest, tmp_path, k, transport):
     """With max_inflight 1 the actors end with the same parameters as the single-process executor."""
     cfg = _cfg(manifest, tmp_path, f"model.k={k}", "train.max_inflight=1", f"train.transport={transport}")
     records = _train_records(cfg)
@@ -166,7 +166,7 @@ def test_bench_pipeline_reports_rates_busy_fractions_and_the_ideal_bound(local_r
     assert "| K | in flight | slides |" in capsys.readouterr().out
 
 
-def test_ray_run_stopped_and_resumed_equals_local_straight_through(local_ray, manifest, tmp_path):
+def test_ray_run_stopped_and_resumed_equals_local_straight_through(local_ray, actor_threads, manifest, tmp_path):
     """A Ray run stopped mid-epoch and resumed with --resume ends where an uninterrupted local run ends."""
     stopped = Trainer(_cfg(manifest, tmp_path, "train.max_inflight=1", "train.max_slides=3"), tmp_path / "ray")
     assert not stopped.fit()["completed"]

@@ -131,7 +131,8 @@ def test_a_stage_that_raises_across_nodes_reports_its_error(on_cluster, manifest
         executor.close()
 
 
-def test_losing_a_node_mid_epoch_recovers_and_ends_like_an_uninterrupted_run(on_cluster, manifest, tmp_path):
+def test_losing_a_node_mid_epoch_recovers_and_ends_like_an_uninterrupted_run(on_cluster, actor_threads, manifest,
+                                                                           tmp_path):
     """A node with a stage (gloo hops) is removed mid-epoch: the stage restarts elsewhere, the run equals local."""
     sim, nodes = on_cluster
     # Half a GPU each, spread: one stage per node, and room on the other node's GPU for the one that loses its node.
