@@ -21,15 +21,12 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from distlocal.config import ConfigError, ModelConfig
+from distlocal.cut import REFERENCE_UNITS  # the paper's units; module k of K runs units (k-1)g+1..kg, g = 8/K
 from distlocal.model.fold import fold_batchnorm
 
 __all__ = ["Backbone", "StageSpec", "build_backbone", "freeze_batchnorm", "run_blocks", "split_backbone"]
 
 log = logging.getLogger(__name__)
-
-# Units of the reference implementation over ResNet34's 16 residual blocks
-# (layer1: 0-2, layer2: 3-6, layer3: 7-12, layer4: 13-15); module k of K runs units (k-1)g+1..kg, g = 8/K.
-REFERENCE_UNITS = [[0], [1], [2], [3, 4], [5, 6], [7, 8, 9], [10, 11, 12], [13, 14, 15]]
 
 
 @dataclass
