@@ -38,21 +38,20 @@ def manifest(tmp_path_factory):
     return write_synthetic_dataset(tmp_path_factory.mktemp("slides"), slides=12, classes=2, size=(96, 96), seed=0)
 
 
-# One local Ray for every test that only needs "a Ray": starting one costs 10-20 s on 2 cores. Tests that need a
-# different Ray (fake GPUs, several raylets, a head in a subprocess) take `no_shared_ray`, which shuts the shared
-# one down first; the next test that asks for `local_ray` starts it again.
-_shared_ray = {"up": False}
+# One local Ray for every test that only needs "a Ray": starting one costs 10-20 s on 2 cores. It carries a custom
+# resource, so a test that finds another Ray (fake GPUs, several raylets, started by `no_shared_ray` users or by a
+# module's own fixture) restarts the shared one instead of using the wrong one.
+_SHARED = "distlocal_shared_test_ray"
 
 
 @pytest.fixture
 def local_ray():
     """A real single-node Ray with 6 logical CPUs and no GPU, shared by the tests that use it."""
-    if not (_shared_ray["up"] and ray.is_initialized()):
+    if not (ray.is_initialized() and ray.cluster_resources().get(_SHARED)):
         ray.shutdown()
         os.environ.pop("RAY_ADDRESS", None)
-        ray.init(address="local", num_cpus=6, num_gpus=0, include_dashboard=False, configure_logging=False,
-                 log_to_driver=False)  # "local": a new Ray even where another one runs on this machine
-        _shared_ray["up"] = True
+        ray.init(address="local", num_cpus=6, num_gpus=0, resources={_SHARED: 1}, include_dashboard=False,
+                 configure_logging=False, log_to_driver=False)  # "local": new, even where another Ray runs here
 
 
 @pytest.fixture
@@ -72,7 +71,6 @@ def actor_threads():
 def no_shared_ray():
     """For tests that start a Ray of their own: the shared one is shut down first (and restarted when needed)."""
     ray.shutdown()
-    _shared_ray["up"] = False
     os.environ.pop("RAY_ADDRESS", None)
     yield
     ray.shutdown()

@@ -6,7 +6,6 @@ import json
 import os
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -27,6 +26,7 @@ from distlocal.engine.faults import ClusterError
 from distlocal.engine.placement import place_stages, stage_resources
 from distlocal.engine.ray_executor import RayExecutor
 from distlocal.slides import write_synthetic_dataset
+from tests.harness import end_process_group
 
 ROOT = Path(__file__).resolve().parent.parent
 CLUSTER = ROOT / "cluster"
@@ -62,11 +62,9 @@ def ray_head():
             time.sleep(2)
         yield address, env
     finally:
-        os.killpg(head.pid, signal.SIGTERM)  # --block: the head's process group holds every Ray process it started
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
+        # --block: the head's process group holds every Ray process it started. Its graceful stop takes ~30 s on
+        # 2 cores; nothing of it is kept, so 5 s, then SIGKILL.
+        end_process_group(head, timeout_s=5)
         shutil.rmtree(temp, ignore_errors=True)
 
 
@@ -99,10 +97,15 @@ def test_ray_job_submit_trains_and_tracks(ray_head, tmp_path):
     assert "val/auroc" in run.data.metrics
 
 
-@pytest.fixture
-def fake_gpu_ray(no_shared_ray):
-    """A real local Ray that advertises 2 GPUs (none exist: Ray hands out their ids all the same)."""
-    ray.init(num_cpus=8, num_gpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+@pytest.fixture(scope="module")
+def fake_gpu_ray():
+    """A real local Ray that advertises 2 GPUs (none exist: only the resource count is used here), for this module."""
+    ray.shutdown()  # the shared Ray, if one runs: the next test that asks for local_ray starts it again
+    os.environ.pop("RAY_ADDRESS", None)
+    ray.init(address="local", num_cpus=8, num_gpus=2, include_dashboard=False, configure_logging=False,
+             log_to_driver=False)
+    yield
+    ray.shutdown()
 
 
 def test_fewer_gpus_than_stages_share_them_with_a_warning(fake_gpu_ray, caplog):

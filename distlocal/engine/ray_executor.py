@@ -62,8 +62,10 @@ class RayExecutor:
         self.actors: list = []
         self.feed: SlideFeed | None = None
         self.collective = None  # the collective group's handle (nccl / gloo hops), to destroy it by
-        self.group, cpus, gpus = place_stages(cfg.train, self.k)
+        self.group = None
+        marker, token = self._write_marker()  # before anything starts: a driver that cannot write there fails at once
         try:  # a sweep runs many children in one driver: a failed start must not keep the GPUs or the actors
+            self.group, cpus, gpus = place_stages(cfg.train, self.k)
             # Direct hops choose their transport per call (.options(tensor_transport)), which the class must allow.
             remote_cls = ray.remote(enable_tensor_transport=cfg.train.transport != "object_store")(actor_cls)
             for i in range(self.k):
@@ -73,18 +75,20 @@ class RayExecutor:
                 ).remote(config, num_classes, i))
             self.feed = SlideFeed(cfg.data, self.group, _fetch)  # starts while the stages build their models
             self.info = _fetch([a.info.remote() for a in self.actors], "starting the stage actors")
-            self._check_shared_run_dir()
+            self._check_shared_run_dir(marker, token)
         except BaseException:
             self.close()
             raise
+        finally:
+            marker.unlink(missing_ok=True)
         for info in self.info:
             log.info("stage %d on %s (node %s, pid %d): %s (%s), GPU ids %s, activations %s", info["stage"],
                      info["node"], info["node_id"][:12], info["pid"], info["device"], info["device_name"],
                      info["gpu_ids"] or "-", info["activation_dtype"])
         self._connect_stages()
 
-    def _check_shared_run_dir(self) -> None:
-        """Every actor must see the driver's run.dir: checkpoints are written by the actors, read by all."""
+    def _write_marker(self) -> tuple[Path, str]:
+        """A file in run.dir that every stage actor must find (_check_shared_run_dir)."""
         token = secrets.token_hex(8)
         marker = self.run_dir / f".distlocal-shared-{token}"
         try:
@@ -93,11 +97,12 @@ class RayExecutor:
         except OSError as exc:  # e.g. evaluating a cluster's checkpoint where its /shared/runs does not exist
             raise ClusterError(f"cannot write to run.dir {self.run_dir} ({exc}); the stages keep their checkpoints "
                                f"there: set run.dir to a folder on storage every node shares") from None
-        try:
-            seen = _fetch([a.sees.remote(str(self.run_dir), marker.name, token) for a in self.actors],
-                          f"checking that the stages see {self.run_dir}")
-        finally:
-            marker.unlink(missing_ok=True)
+        return marker, token
+
+    def _check_shared_run_dir(self, marker: Path, token: str) -> None:
+        """Every actor must see the driver's run.dir: checkpoints are written by the actors, read by all."""
+        seen = _fetch([a.sees.remote(str(self.run_dir), marker.name, token) for a in self.actors],
+                      f"checking that the stages see {self.run_dir}")
         blind = [info for info, ok in zip(self.info, seen, strict=True) if not ok]
         if blind:
             where = ", ".join(f"stage {i['stage']} on node {i['node']} ({i['node_id'][:12]})" for i in blind)
@@ -238,5 +243,6 @@ class RayExecutor:
                 ray.kill(actor, no_restart=True)
             if self.feed is not None:
                 self.feed.close()
-            remove_placement_group(self.group)
+            if self.group is not None:
+                remove_placement_group(self.group)
 
