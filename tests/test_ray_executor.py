@@ -3,7 +3,6 @@
 import json
 import os
 import signal
-import threading
 import time
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from distlocal.engine.local import LocalExecutor
 from distlocal.engine.ray_executor import RayExecutor
 from distlocal.engine.trainer import Trainer
 from distlocal.model import build_stages
+from tests.interrupt import fit_and_interrupt
 
 
 def _cfg(manifest, tmp_path, *overrides):
@@ -75,25 +75,9 @@ def test_stages_work_on_different_slides_at_once(local_ray, manifest, tmp_path):
 
 
 def _fit_and_kill(trainer, stage: int, run_dir) -> dict:
-    """Run trainer.fit() in a thread, SIGKILL stage `stage`'s actor once training has logged; return the outcome."""
+    """Run trainer.fit(), SIGKILL stage `stage`'s actor once training has logged two lines; return the outcome."""
     victim = trainer.executor.info[stage]["pid"]
-    outcome = {}
-
-    def fit():
-        try:
-            outcome["summary"] = trainer.fit()
-        except Exception as exc:
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=fit, daemon=True)  # a hung run must not keep pytest from exiting
-    thread.start()
-    metrics, deadline = run_dir / "metrics.jsonl", time.monotonic() + 120
-    while not (metrics.exists() and metrics.read_text().count("\n") >= 2) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    os.kill(victim, signal.SIGKILL)
-    thread.join(timeout=300)
-    assert not thread.is_alive()
-    return outcome
+    return fit_and_interrupt(trainer, run_dir, 2, lambda: os.kill(victim, signal.SIGKILL))
 
 
 def test_killed_stage_restarts_and_the_run_completes(local_ray, manifest, tmp_path):

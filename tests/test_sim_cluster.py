@@ -6,7 +6,6 @@ on the CPU (train.device=cpu), so placement, GPU ids, node loss and recovery run
 
 from __future__ import annotations
 
-import threading
 import time
 
 import pytest
@@ -21,6 +20,7 @@ from distlocal.engine.checkpoint import load_checkpoint
 from distlocal.engine.faults import ClusterError
 from distlocal.engine.ray_executor import RayExecutor
 from distlocal.engine.trainer import Trainer
+from tests.interrupt import fit_and_interrupt
 
 GPU_NODES = 2
 
@@ -141,22 +141,8 @@ def test_losing_a_node_mid_epoch_recovers_and_ends_like_an_uninterrupted_run(on_
     trainer = Trainer(_cfg(manifest, tmp_path, *settings), tmp_path / "ray")
     assert trainer.executor.transport == "gloo"
     victim = next(n for n in nodes if n.node_id == trainer.executor.info[1]["node_id"])
-    outcome: dict = {}
-
-    def fit():
-        try:
-            outcome["summary"] = trainer.fit()
-        except Exception as exc:
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=fit, daemon=True)  # a hung run must not keep pytest from exiting
-    thread.start()
-    metrics, deadline = tmp_path / "ray" / "metrics.jsonl", time.monotonic() + 120
-    while not (metrics.exists() and metrics.read_text().count("\n") >= 1) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    sim.remove_node(victim)  # after 2 of the 8 training slides
-    thread.join(timeout=300)
-    assert not thread.is_alive()
+    # after 2 of the 8 training slides
+    outcome = fit_and_interrupt(trainer, tmp_path / "ray", 1, lambda: sim.remove_node(victim))
     assert "summary" in outcome, outcome.get("error")
     summary = outcome["summary"]
     assert summary["completed"]
