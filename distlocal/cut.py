@@ -14,7 +14,7 @@ __all__ = ["REFERENCE_UNITS", "stage_sizes"]
 
 # Units of the reference implementation over ResNet34's 16 residual blocks
 # (layer1: 0-2, layer2: 3-6, layer3: 7-12, layer4: 13-15); stage k of K runs units (k-1)g+1..kg, g = 8/K.
-# split_backbone (distlocal.model.backbone) cuts by these same units; tests/test_one_key.py checks both agree.
+# The one place the cut is computed: the config records it, split_backbone (distlocal.model.backbone) uses it.
 REFERENCE_UNITS = [[0], [1], [2], [3, 4], [5, 6], [7, 8, 9], [10, 11, 12], [13, 14, 15]]
 
 

@@ -1,4 +1,4 @@
-"""Interrupting a training run from outside, as a crash or a lost node would: shared by the fault tests."""
+"""Faults injected into a training run (a crash, a lost node, a stage that raises): shared by the fault tests."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["fit_and_interrupt"]
+__all__ = ["failing_actor", "fit_and_interrupt"]
 
 
 def fit_and_interrupt(trainer, run_dir: Path, lines: int, interrupt: Callable[[], None]) -> dict:
@@ -32,3 +32,19 @@ def fit_and_interrupt(trainer, run_dir: Path, lines: int, interrupt: Callable[[]
     thread.join(timeout=300)
     assert not thread.is_alive(), "the run did not end within 300 s of the interruption"
     return outcome
+
+
+def failing_actor(stage: int, error: BaseException) -> type:
+    """A StageActor whose Stage raises `error` on every training step of stage `stage` (0-based)."""
+    from distlocal.engine.actor import StageActor
+
+    class Failing(StageActor):
+        def __init__(self, cfg, num_classes, index):
+            super().__init__(cfg, num_classes, index)
+            if index == stage:
+                def fail(x, y):
+                    raise error
+
+                self.stage.train_step = fail
+
+    return Failing

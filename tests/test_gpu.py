@@ -145,20 +145,11 @@ def test_a_killed_stage_recovers_on_the_gpu(gpu_ray, manifest, tmp_path):
 @cuda
 def test_out_of_memory_on_the_gpu_names_the_gpu(gpu_ray, manifest, tmp_path):
     """A forced CUDA OOM in stage 2 reaches the driver naming the CUDA device and its model."""
-    from distlocal.engine.actor import StageActor
     from distlocal.engine.ray_executor import RayExecutor
-
-    class OutOfMemory(StageActor):
-        def __init__(self, cfg, num_classes, index):
-            super().__init__(cfg, num_classes, index)
-            if index == 1:
-                def fail(x, y):
-                    raise torch.OutOfMemoryError("CUDA out of memory")
-
-                self.stage.train_step = fail
+    from tests.interrupt import failing_actor
 
     cfg = _gpu_cfg(manifest, tmp_path, "train.executor=ray", "train.gpus_per_stage=0.25")
-    executor = RayExecutor(cfg, 2, actor_cls=OutOfMemory)
+    executor = RayExecutor(cfg, 2, actor_cls=failing_actor(1, torch.OutOfMemoryError("CUDA out of memory")))
     try:
         with pytest.raises(StageOutOfMemory, match=r"stage 2/4 ran out of memory on cuda:0 \(.+\)"):
             list(executor.train(read_manifest(cfg.data.manifest).split("train")[:1],

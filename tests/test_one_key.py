@@ -10,12 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from distlocal.config import ModelConfig, config_to_dict, load_config
-from distlocal.cut import stage_sizes
+from distlocal.config import config_to_dict, load_config
 from distlocal.engine.faults import ClusterError
 from distlocal.engine.placement import stage_resources
 from distlocal.model import build_stages
-from distlocal.model.backbone import build_backbone, split_backbone
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 KS = (1, 2, 4, 8, 16)
@@ -69,14 +67,6 @@ def test_every_resolved_config_trains_one_step(path, overrides):
         layer = next(i for i, end in enumerate(LAYER_ENDS) if stage.spec.blocks[-1] < end)
         classifier = stage.net.head if cfg.model.mode == "e2e" else stage.modules["classifier"]
         assert classifier.kernel == cfg.model.classifier_kernels[layer]
-
-
-def test_reference_cut_matches_the_backbones():
-    """The cut a config records for the paper's split is the one split_backbone makes from the split's name."""
-    backbone = build_backbone(ModelConfig(pretrained="none"))
-    for k in (4, 8):
-        specs = split_backbone(backbone, k, "reference")
-        assert [len(s.blocks) for s in specs] == stage_sizes(16, k, "reference")
 
 
 def test_reference_split_falls_back_to_balanced_with_a_note(caplog):

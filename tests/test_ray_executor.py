@@ -12,14 +12,13 @@ import torch
 
 from distlocal.config import load_config
 from distlocal.data import SlideLoader, read_manifest
-from distlocal.engine.actor import StageActor
 from distlocal.engine.checkpoint import load_checkpoint
 from distlocal.engine.faults import ClusterError, RunFailed, StageOutOfMemory
 from distlocal.engine.local import LocalExecutor
 from distlocal.engine.ray_executor import RayExecutor
 from distlocal.engine.trainer import Trainer
 from distlocal.model import build_stages
-from tests.interrupt import fit_and_interrupt
+from tests.interrupt import failing_actor, fit_and_interrupt
 
 
 def _cfg(manifest, tmp_path, *overrides):
@@ -170,26 +169,11 @@ def test_sweep_fits_as_many_children_as_the_cluster_has_room_for(local_ray, mani
     assert _auto_parallel([_cfg(manifest, tmp_path, "train.executor=local")]) == 1
 
 
-def _failing_actor(stage: int, error: BaseException) -> type:
-    """A StageActor whose Stage raises `error` on every training step of stage `stage` (0-based)."""
-
-    class Failing(StageActor):
-        def __init__(self, cfg, num_classes, index):
-            super().__init__(cfg, num_classes, index)
-            if index == stage:
-                def fail(x, y):
-                    raise error
-
-                self.stage.train_step = fail
-
-    return Failing
-
-
 def test_out_of_memory_in_a_stage_names_the_stage_device_slide_and_fixes(local_ray, manifest, tmp_path):
     """torch.OutOfMemoryError in stage 2 reaches the driver with where it happened, the input size and the knobs."""
     cfg = _cfg(manifest, tmp_path, "train.max_inflight=1")
     oom = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
-    executor = RayExecutor(cfg, 2, actor_cls=_failing_actor(1, oom))
+    executor = RayExecutor(cfg, 2, actor_cls=failing_actor(1, oom))
     records = _train_records(cfg)
     try:
         with pytest.raises(StageOutOfMemory, match=(

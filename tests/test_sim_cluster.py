@@ -20,7 +20,7 @@ from distlocal.engine.checkpoint import load_checkpoint
 from distlocal.engine.faults import ClusterError
 from distlocal.engine.ray_executor import RayExecutor
 from distlocal.engine.trainer import Trainer
-from tests.interrupt import fit_and_interrupt
+from tests.interrupt import failing_actor, fit_and_interrupt
 
 GPU_NODES = 2
 
@@ -110,18 +110,8 @@ def test_run_dir_not_shared_by_a_node_fails_naming_it(on_cluster, manifest, tmp_
 
 def test_a_stage_that_raises_across_nodes_reports_its_error(on_cluster, manifest, tmp_path):
     """Stage 1 on one node sends to stage 2 on another over gloo and raises: the driver gets that error."""
-
-    class Raising(StageActor):
-        def __init__(self, cfg, num_classes, index):
-            super().__init__(cfg, num_classes, index)
-            if index == 0:
-                def fail(x, y):
-                    raise ValueError("stage 1 cannot read this slide")
-
-                self.stage.train_step = fail
-
     cfg = _cfg(manifest, tmp_path, "train.placement=spread", "train.transport=gloo", "train.max_inflight=1")
-    executor = RayExecutor(cfg, 2, actor_cls=Raising)
+    executor = RayExecutor(cfg, 2, actor_cls=failing_actor(0, ValueError("stage 1 cannot read this slide")))
     try:
         assert len({i["node_id"] for i in executor.info}) == 2
         assert executor.transport == "gloo"

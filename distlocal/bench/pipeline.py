@@ -23,7 +23,7 @@ from distlocal.data import SlideLoader, read_manifest
 from distlocal.engine.local import LocalExecutor
 from distlocal.model import build_stages, resolve_device
 
-__all__ = ["bench_pipeline"]
+__all__ = ["bench_pipeline", "busy_seconds"]
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +38,9 @@ def _timed_run(executor, records, loader, warmup: int) -> tuple[float, list[list
     return (len(records) - warmup) / (time.time() - start), metrics, start
 
 
-def _busy(trace: list[tuple[str, str, float, float]], begin: float, end: float) -> float:
-    busy = sum(max(0.0, min(e, end) - max(s, begin)) for _, _, s, e in trace)
-    return busy / (end - begin)
+def busy_seconds(trace: list[tuple[str, str, float, float]], begin: float, end: float) -> float:
+    """Seconds of an actor's trace (kind, slide, start, end) that fall within [begin, end]."""
+    return sum(max(0.0, min(e, end) - max(s, begin)) for _, _, s, e in trace)
 
 
 def bench_pipeline(cfg: Config, out_dir: Path, warmup: int = 3) -> dict:
@@ -80,7 +80,7 @@ def bench_pipeline(cfg: Config, out_dir: Path, warmup: int = 3) -> dict:
         "local_slides_per_s": local_rate, "ray_slides_per_s": ray_rate, "speedup": ray_rate / local_rate,
         "stage_s": stage_s.tolist(), "ideal_speedup": float(stage_s.sum() / stage_s.max()),
         "ideal_slides_per_s": ideal_rate, "efficiency": ray_rate / ideal_rate,
-        "busy_fraction": [_busy(t, begin, end) for t in traces],
+        "busy_fraction": [busy_seconds(t, begin, end) / (end - begin) for t in traces],
         # Stage times as the actors measured them while sharing the machine: against these, the pipeline's own
         # overhead (scheduling, transfers, waiting) shows apart from the slowdown of co-running stages.
         "ray_stage_s": ray_stage_s.tolist(), "efficiency_vs_actor_times": ray_rate * ray_stage_s.max(),

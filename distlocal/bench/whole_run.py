@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from distlocal.bench.pipeline import busy_seconds
 from distlocal.config import Config
 from distlocal.data import SlideLoader, read_manifest
 
@@ -67,7 +68,7 @@ def bench_whole_run(cfg: Config, out_dir: Path, epochs: int, executor=None) -> d
         if owned:
             executor.close()
     begin, end = phases[0]["start"], phases[-1]["end"]
-    busy = [sum(max(0.0, min(e, end) - max(s, begin)) for _, _, s, e in trace) for trace in traces]
+    busy = [busy_seconds(trace, begin, end) for trace in traces]
     slides = sum(len(p["slides"]) for p in phases)
     for p in phases:
         p["own_step_s"] = _own_step_s(traces, p)

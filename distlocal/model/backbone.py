@@ -8,10 +8,8 @@ downsamples 6x. The remaining residual blocks are grouped into K contiguous stag
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
-import operator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +19,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from distlocal.config import ConfigError, ModelConfig
-from distlocal.cut import REFERENCE_UNITS  # the paper's units; module k of K runs units (k-1)g+1..kg, g = 8/K
+from distlocal.cut import stage_sizes  # the paper's units (reference) or equal counts (balanced)
 from distlocal.model.fold import fold_batchnorm
 
 __all__ = ["Backbone", "StageSpec", "build_backbone", "freeze_batchnorm", "run_blocks", "split_backbone"]
@@ -141,14 +139,8 @@ def _block_channels(block: nn.Module) -> int:
 
 
 def _groups(n_blocks: int, k: int, split: str, sizes: list[int] | None) -> list[list[int]]:
-    if sizes:  # an explicit cut (model.blocks_per_stage, e.g. chosen by split=auto)
-        starts = [sum(sizes[:i]) for i in range(k)]
-        return [list(range(s, s + n)) for s, n in zip(starts, sizes, strict=True)]
-    if split == "reference":
-        g = len(REFERENCE_UNITS) // k
-        return [functools.reduce(operator.iadd, REFERENCE_UNITS[i * g:(i + 1) * g], []) for i in range(k)]
-    # Equal block counts; the extra blocks go to the last stages, whose activations are smallest.
-    sizes = [n_blocks // k + (1 if i >= k - n_blocks % k else 0) for i in range(k)]
+    """Contiguous block indices per stage: `sizes` when given (model.blocks_per_stage), else the split's cut."""
+    sizes = sizes or stage_sizes(n_blocks, k, split)
     starts = [sum(sizes[:i]) for i in range(k)]
     return [list(range(s, s + n)) for s, n in zip(starts, sizes, strict=True)]
 
