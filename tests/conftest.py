@@ -44,14 +44,19 @@ def manifest(tmp_path_factory):
 _SHARED = "distlocal_shared_test_ray"
 
 
-@pytest.fixture
-def local_ray():
-    """A real single-node Ray with 6 logical CPUs and no GPU, shared by the tests that use it."""
+def shared_ray() -> None:
+    """Connect to the shared local Ray, starting it if another Ray (or none) is connected."""
     if not (ray.is_initialized() and ray.cluster_resources().get(_SHARED)):
         ray.shutdown()
         os.environ.pop("RAY_ADDRESS", None)
         ray.init(address="local", num_cpus=6, num_gpus=0, resources={_SHARED: 1}, include_dashboard=False,
                  configure_logging=False, log_to_driver=False)  # "local": new, even where another Ray runs here
+
+
+@pytest.fixture
+def local_ray():
+    """A real single-node Ray with 6 logical CPUs and no GPU, shared by the tests that use it."""
+    shared_ray()
 
 
 @pytest.fixture

@@ -34,17 +34,32 @@ def fit_and_interrupt(trainer, run_dir: Path, lines: int, interrupt: Callable[[]
     return outcome
 
 
-def failing_actor(stage: int, error: BaseException) -> type:
-    """A StageActor whose Stage raises `error` on every training step of stage `stage` (0-based)."""
+def failing_actor(stage: int, error: BaseException, slides: set[str] | None = None) -> type:
+    """
+    A StageActor whose Stage raises `error` in the training steps of stage `stage` (0-based): on every slide, or on
+    the slides `slides` only (so one executor can serve a test of the failure and tests of normal work).
+    """
+    import ray
+
     from distlocal.engine.actor import StageActor
 
     class Failing(StageActor):
         def __init__(self, cfg, num_classes, index):
             super().__init__(cfg, num_classes, index)
+            self.slide_id = None
             if index == stage:
+                step = self.stage.train_step
+
                 def fail(x, y):
-                    raise error
+                    if slides is None or self.slide_id in slides:
+                        raise error
+                    return step(x, y)
 
                 self.stage.train_step = fail
+
+        @ray.method(num_returns=2)  # as the method it overrides: (activation, metrics)
+        def train_step(self, x, y, slide_id):
+            self.slide_id = slide_id
+            return super().train_step(x, y, slide_id)
 
     return Failing

@@ -228,9 +228,9 @@ def test_k1_local_equals_end_to_end(make_cfg):
     """Local training with K=1 gives the same parameters as end-to-end training (same seed, slides)."""
     gen = torch.Generator().manual_seed(5)
     slides = [(_randn(1, 3, 96 + 8 * i, 80, generator=gen), i % 2) for i in range(4)]
-    local = _float64(build_stages(make_cfg("model.k=1", "model.split=balanced", "train.accumulate=2"), 2))[0]
-    e2e = _float64(build_stages(make_cfg("model.k=1", "model.split=balanced", "model.mode=e2e",
-                                         "train.accumulate=2"), 2))[0]
+    common = ["model.k=1", "model.backbone=resnet18", "model.split=balanced", "train.accumulate=2"]
+    local = _float64(build_stages(make_cfg(*common), 2))[0]
+    e2e = _float64(build_stages(make_cfg(*common, "model.mode=e2e"), 2))[0]
     for x, y in slides:
         local.train_step(x, y)
         e2e.train_step(x, y)
@@ -243,7 +243,7 @@ def test_k1_local_equals_end_to_end(make_cfg):
     for name, p in theirs.items():
         torch.testing.assert_close(ours[name], p, **EXACT, msg=name)
     assert not torch.equal(theirs["head.classify.2.weight"], _float64(build_stages(make_cfg(
-        "model.k=1", "model.split=balanced", "model.mode=e2e"), 2))[0].net.head.classify[2].weight)
+        *common, "model.mode=e2e"), 2))[0].net.head.classify[2].weight)
 
 
 @pytest.mark.parametrize(("mode", "fold", "ratio"), [("local", False, 0.6), ("e2e", False, 0.6), ("local", True, 0.8)])
@@ -256,8 +256,8 @@ def test_recomputed_activations_give_the_same_training(make_cfg, mode, fold, rat
 
     k = "model.k=1" if mode == "e2e" else "model.k=2"
     gen = torch.Generator().manual_seed(3)
-    slides = [(_randn(1, 3, 240, 208, generator=gen), i % 2) for i in range(3)]
-    common = [k, "model.split=balanced", f"model.mode={mode}", "model.rfr.patch_size=8",  # RFR small beside F_i
+    slides = [(_randn(1, 3, 176, 160, generator=gen), i % 2) for i in range(3)]
+    common = [k, "model.backbone=resnet18", "model.split=balanced", f"model.mode={mode}", "model.rfr.patch_size=8",  # RFR small beside F_i
               f"train.fold_batchnorm={str(fold).lower()}"]
     plain = _float64(build_stages(make_cfg(*common), 2))
     again = _float64(build_stages(make_cfg(*common, "train.recompute_activations=true"), 2))
@@ -287,9 +287,9 @@ def test_folded_batchnorm_gives_the_same_training(make_cfg, mode):
     """
     k = "model.k=1" if mode == "e2e" else "model.k=2"
     gen = torch.Generator().manual_seed(5)
-    slides = [(_randn(1, 3, 240, 208, generator=gen), i % 2) for i in range(2)]
+    slides = [(_randn(1, 3, 176, 160, generator=gen), i % 2) for i in range(2)]
     # No optimizer step: AdamW would turn rounding-sized gradient differences into lr-sized parameter ones.
-    common = [k, "model.split=balanced", f"model.mode={mode}", "model.rfr.patch_size=8", "train.accumulate=8"]
+    common = [k, "model.backbone=resnet18", "model.split=balanced", f"model.mode={mode}", "model.rfr.patch_size=8", "train.accumulate=8"]
     plain = _float64(build_stages(make_cfg(*common, "train.fold_batchnorm=false"), 2))
     folded = _float64(build_stages(make_cfg(*common, "train.fold_batchnorm=true"), 2))
     for bn in (m for s in plain for m in _modules(s).modules() if isinstance(m, torch.nn.BatchNorm2d)):
@@ -333,7 +333,7 @@ def _saved_maps(step):
 def test_stem_in_tiles_gives_the_same_stage_1(make_cfg):
     """Stage 1 runs the frozen stem in tiles on large slides (run_stem): the same output and loss as in one pass."""
     slide = _randn(1, 3, 300, 262, generator=torch.Generator().manual_seed(7))
-    cfg = make_cfg("model.k=2", "model.split=balanced", "model.rfr.patch_size=8")
+    cfg = make_cfg("model.k=2", "model.backbone=resnet18", "model.split=balanced", "model.rfr.patch_size=8")
     whole, tiled = _float64(build_stages(cfg, 2))[0], _float64(build_stages(cfg, 2))[0]
     tiled.stem_tile_pixels = 70 * 70  # about 16 tiles with their halos
     x_whole, m_whole = whole.train_step(slide, 1)

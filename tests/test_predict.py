@@ -16,23 +16,26 @@ from distlocal.model.tiling import footprint, tile_plan, tiled_forward
 from distlocal.predict import Predictor
 
 
-@pytest.mark.parametrize("backbone", ["resnet34", "resnet50"])
+@pytest.mark.parametrize("backbone", ["resnet18", "resnet50"])  # BasicBlock and Bottleneck
 def test_tiled_inference_equals_whole_slide(make_cfg, backbone):
     """Every stage over overlapping tiles gives the whole-map output, on odd sizes, with many tiles per axis."""
-    split = "reference" if backbone == "resnet34" else "balanced"
-    stages = build_stages(make_cfg(f"model.backbone={backbone}", f"model.split={split}", "model.k=4"), 2)
+    stages = build_stages(make_cfg(f"model.backbone={backbone}", "model.split=balanced", "model.k=4"), 2)
     # float64: tiles and the whole map sum the same products in other orders; fp32 rounding through 16 blocks
     # differs from one CPU to the next, float64's is far below the 1e-9 asked here.
-    x = torch.randn(1, 3, 421, 389, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x = torch.randn(1, 3, 293, 261, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     for stage in stages:
         features = torch.nn.Sequential(*([stage.modules["stem"]] if "stem" in stage.modules else []),
                                        stage.modules["backbone"]).eval().double()
         fp = footprint(features)
-        side = 2 * (-(-fp.reach // fp.stride) * fp.stride) + 3 * fp.stride  # three outputs per tile
-        tiles = len(list(tile_plan(x.shape[2], fp, 3))) * len(list(tile_plan(x.shape[3], fp, 3)))
         with torch.no_grad():
-            whole, tiled = features(x), tiled_forward(features, x, side * side)
-        assert tiles >= 4
+            whole = features(x)
+        # Three tiles per axis (a middle tile has neighbours on both sides); more cost seconds and prove no more.
+        outputs = -(-min(whole.shape[2:]) // 3)
+        side = 2 * (-(-fp.reach // fp.stride) * fp.stride) + outputs * fp.stride
+        tiles = len(list(tile_plan(x.shape[2], fp, outputs))) * len(list(tile_plan(x.shape[3], fp, outputs)))
+        with torch.no_grad():
+            tiled = tiled_forward(features, x, side * side)
+        assert tiles >= 9
         assert tiled.shape == whole.shape
         torch.testing.assert_close(tiled, whole, rtol=1e-9, atol=1e-11)
         x = whole

@@ -56,12 +56,20 @@ def _cfg(manifest, run_dir, *overrides):
         *overrides])
 
 
-def test_spread_stages_land_on_different_nodes_and_fractions_pack(on_cluster, manifest, tmp_path):
-    """K=4 at half a GPU, spread: each GPU node holds two stages sharing its GPU, each reports node and GPU id."""
-    executor = RayExecutor(_cfg(manifest, tmp_path, "model.k=4", "train.gpus_per_stage=0.5",
-                                "train.placement=spread"), 2)
+def test_spread_stages_land_on_different_nodes_and_a_raising_stage_is_reported(on_cluster, manifest, tmp_path):
+    """
+    K=4 at half a GPU, spread: each GPU node holds two stages sharing its GPU, each reports node and GPU id. Stage 1
+    sends to stage 2 on the other node over gloo and raises: the driver gets that error, not a missing result.
+    """
+    cfg = _cfg(manifest, tmp_path, "model.k=4", "train.gpus_per_stage=0.5", "train.placement=spread",
+               "train.transport=gloo", "train.max_inflight=1")
+    executor = RayExecutor(cfg, 2, actor_cls=failing_actor(0, ValueError("stage 1 cannot read this slide")))
     try:
         info = executor.info
+        assert executor.transport == "gloo"
+        assert info[0]["node_id"] != info[1]["node_id"]  # the failing hop crosses nodes
+        with pytest.raises(ValueError, match="stage 1 cannot read this slide"):
+            list(executor.train(read_manifest(manifest).split("train")[:1], SlideLoader(cfg.data, True, 0), 0))
     finally:
         executor.close()
     by_node: dict[str, list] = {}
@@ -106,19 +114,6 @@ def test_run_dir_not_shared_by_a_node_fails_naming_it(on_cluster, manifest, tmp_
         time.sleep(0.2)
     assert ray.available_resources().get("GPU", 0) == GPU_NODES
     assert [p.name for p in tmp_path.iterdir()] == []  # the marker is removed
-
-
-def test_a_stage_that_raises_across_nodes_reports_its_error(on_cluster, manifest, tmp_path):
-    """Stage 1 on one node sends to stage 2 on another over gloo and raises: the driver gets that error."""
-    cfg = _cfg(manifest, tmp_path, "train.placement=spread", "train.transport=gloo", "train.max_inflight=1")
-    executor = RayExecutor(cfg, 2, actor_cls=failing_actor(0, ValueError("stage 1 cannot read this slide")))
-    try:
-        assert len({i["node_id"] for i in executor.info}) == 2
-        assert executor.transport == "gloo"
-        with pytest.raises(ValueError, match="stage 1 cannot read this slide"):
-            list(executor.train(read_manifest(manifest).split("train")[:1], SlideLoader(cfg.data, True, 0), 0))
-    finally:
-        executor.close()
 
 
 def test_losing_a_node_mid_epoch_recovers_and_ends_like_an_uninterrupted_run(on_cluster, actor_threads, manifest,

@@ -1,0 +1,104 @@
+"""
+One Ray executor streaming slides, shared by the tests of its normal work and of a stage's error: starting one
+costs 15-20 s on 2 cores, and none of these tests breaks it. It is started as a user on a CPU machine might: run.dir
+given relative, train.transport=nccl, and stage 2 runs out of memory on one chosen slide.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from distlocal.config import load_config
+from distlocal.data import SlideLoader, read_manifest
+from distlocal.engine.faults import StageOutOfMemory
+from distlocal.engine.ray_executor import RayExecutor
+from tests.conftest import shared_ray
+from tests.interrupt import failing_actor
+
+
+class _Messages(logging.Handler):
+    """The log lines of the executor's start (caplog is per test; the executor is per module)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lines: list[str] = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
+@pytest.fixture(scope="module")
+def streaming(manifest, tmp_path_factory):
+    """A K=2 executor (run.dir relative, nccl asked on CPU stages, stage 2 OOM on one test slide), for this module."""
+    shared_ray()
+    root = tmp_path_factory.mktemp("streaming")
+    records = read_manifest(manifest)
+    oom_slide = records.split("test")[0]
+    oom = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+    cfg = load_config(None, [
+        f"data.manifest={manifest}", "run.dir=relative/runs", "train.device=cpu", "train.executor=ray",
+        "model.backbone=resnet18", "model.k=2", "model.split=balanced", "train.epochs=1", "train.accumulate=2",
+        "model.rfr.patch_size=16", "train.lr_backbone=1e-3", "train.lr_aux=1e-3", "tracking.enabled=false",
+        "train.placement_timeout_s=20", "train.transport=nccl", "train.max_inflight=3"])
+    messages, cwd = _Messages(), os.getcwd()
+    logging.getLogger("distlocal").addHandler(messages)
+    os.chdir(root)
+    try:
+        executor = RayExecutor(cfg, 2, actor_cls=failing_actor(1, oom, {oom_slide.slide_id}))
+    finally:
+        os.chdir(cwd)
+        logging.getLogger("distlocal").removeHandler(messages)
+    try:
+        yield SimpleNamespace(executor=executor, cfg=cfg, root=root, log="\n".join(messages.lines),
+                              train=records.split("train"), oom_slide=oom_slide)
+    finally:
+        executor.close()
+
+
+def test_stages_work_on_different_slides_at_once(streaming):
+    """With slides in flight, stage 1 trains on slide n+1 while stage 2 trains on slide n (actor traces)."""
+    executor, records = streaming.executor, streaming.train
+    executor.traces()  # only this test's work
+    order = [slide_id for slide_id, _ in executor.train(records, SlideLoader(streaming.cfg.data, True, 0), 0)]
+    first, second = executor.traces()
+    assert order == [r.slide_id for r in records]  # results come back in slide order
+    spans1 = {slide: (start, end) for _, slide, start, end in first}
+    spans2 = {slide: (start, end) for _, slide, start, end in second}
+    overlaps = [n for n in range(len(order) - 1)
+                if spans1[order[n + 1]][0] < spans2[order[n]][1] and spans2[order[n]][0] < spans1[order[n + 1]][1]]
+    assert overlaps, f"no overlap of stage 1 on slide n+1 with stage 2 on slide n: {spans1} {spans2}"
+
+
+def test_out_of_memory_in_a_stage_names_the_stage_device_slide_and_fixes(streaming):
+    """torch.OutOfMemoryError in stage 2 reaches the driver with where it happened, the input size and the knobs."""
+    slide = streaming.oom_slide
+    with pytest.raises(StageOutOfMemory, match=(
+            rf"stage 2/2 ran out of memory on cpu \(cpu\) on \S+, slide {slide.slide_id}: its input "
+            r"\(stage 1's activation\) is 1x\d+x\d+x\d+ .*Tried to allocate 20.00 GiB.*model.k \(now 2\).*"
+            r"train.precision=bf16.*train.recompute_activations=true.*predict.max_tile_pixels")):
+        list(streaming.executor.train([slide], SlideLoader(streaming.cfg.data, True, 0), 0))
+    # The stage that failed on one slide still trains the next: the driver decides what the run does about it.
+    assert len(list(streaming.executor.train(streaming.train[:1], SlideLoader(streaming.cfg.data, True, 0), 0))) == 1
+
+
+def test_a_relative_run_dir_is_resolved_and_nccl_on_cpus_falls_back(streaming, monkeypatch):
+    """
+    run.dir=relative/runs is made absolute on the driver; each actor found the driver's marker there, which is gone.
+    train.transport=nccl on CPU stages says why it cannot be and uses the object store; training still works.
+    """
+    executor, root = streaming.executor, streaming.root
+    assert executor.transport is None
+    assert "train.transport=nccl" in streaming.log
+    assert len(list(executor.train(streaming.train[:2], SlideLoader(streaming.cfg.data, True, 0), 0))) == 2
+    assert executor.run_dir == root / "relative" / "runs"
+    assert list(executor.run_dir.iterdir()) == []  # the marker is removed once every stage has seen it
+    monkeypatch.chdir(root)
+    (root / "relative" / "runs" / "ckpt").mkdir()
+    executor.save_stages(Path("relative/runs/ckpt"))  # written where the driver sees it, not in a worker's cwd
+    assert sorted(p.name for p in (root / "relative" / "runs" / "ckpt").iterdir()) == ["stage1.pt", "stage2.pt"]
