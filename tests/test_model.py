@@ -257,7 +257,8 @@ def test_recomputed_activations_give_the_same_training(make_cfg, mode, fold, rat
     k = "model.k=1" if mode == "e2e" else "model.k=2"
     gen = torch.Generator().manual_seed(3)
     slides = [(_randn(1, 3, 176, 160, generator=gen), i % 2) for i in range(3)]
-    common = [k, "model.backbone=resnet18", "model.split=balanced", f"model.mode={mode}", "model.rfr.patch_size=8",  # RFR small beside F_i
+    common = [k, "model.backbone=resnet18", "model.split=balanced", f"model.mode={mode}",
+              "model.rfr.patch_size=8",  # RFR small beside F_i
               f"train.fold_batchnorm={str(fold).lower()}"]
     plain = _float64(build_stages(make_cfg(*common), 2))
     again = _float64(build_stages(make_cfg(*common, "train.recompute_activations=true"), 2))
@@ -289,7 +290,8 @@ def test_folded_batchnorm_gives_the_same_training(make_cfg, mode):
     gen = torch.Generator().manual_seed(5)
     slides = [(_randn(1, 3, 176, 160, generator=gen), i % 2) for i in range(2)]
     # No optimizer step: AdamW would turn rounding-sized gradient differences into lr-sized parameter ones.
-    common = [k, "model.backbone=resnet18", "model.split=balanced", f"model.mode={mode}", "model.rfr.patch_size=8", "train.accumulate=8"]
+    common = [k, "model.backbone=resnet18", "model.split=balanced", f"model.mode={mode}", "model.rfr.patch_size=8",
+              "train.accumulate=8"]
     plain = _float64(build_stages(make_cfg(*common, "train.fold_batchnorm=false"), 2))
     folded = _float64(build_stages(make_cfg(*common, "train.fold_batchnorm=true"), 2))
     for bn in (m for s in plain for m in _modules(s).modules() if isinstance(m, torch.nn.BatchNorm2d)):

@@ -4,7 +4,6 @@ import json
 import os
 import signal
 import time
-from pathlib import Path
 
 import pytest
 import ray
@@ -13,12 +12,12 @@ import torch
 from distlocal.config import load_config
 from distlocal.data import SlideLoader, read_manifest
 from distlocal.engine.checkpoint import load_checkpoint
-from distlocal.engine.faults import ClusterError, RunFailed, StageOutOfMemory
+from distlocal.engine.faults import ClusterError, RunFailed
 from distlocal.engine.local import LocalExecutor
 from distlocal.engine.ray_executor import RayExecutor
 from distlocal.engine.trainer import Trainer
 from distlocal.model import build_stages
-from tests.interrupt import failing_actor, fit_and_interrupt
+from tests.interrupt import fit_and_interrupt
 
 
 def _cfg(manifest, tmp_path, *overrides):
