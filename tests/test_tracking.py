@@ -135,6 +135,23 @@ def test_server_down_training_finishes_and_says_what_was_lost(manifest, tmp_path
     assert client.get_run(run_id).info.status == "FINISHED"
 
 
+def _wait_for_server(port: int, server: subprocess.Popen, timeout_s: float = 600) -> None:
+    """Until the MLflow server answers /health: the sender's flush timeout is for sending, not for its start."""
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        assert server.poll() is None, "mlflow server exited"
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as answer:
+                if answer.status == 200:
+                    return
+        except OSError:
+            pass
+        assert time.monotonic() < deadline, f"mlflow server did not answer within {timeout_s:g} s"
+        time.sleep(0.5)
+
+
 def test_sender_buffers_until_a_late_server_comes_up(tmp_path):
     """A real `mlflow server` that starts after logging began still receives every metric, in order."""
     port = _free_port()
@@ -149,6 +166,7 @@ def test_sender_buffers_until_a_late_server_comes_up(tmp_path):
                                "--default-artifact-root", str(tmp_path / "artifacts"), "--workers", "1"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
+        _wait_for_server(port, server)  # its start takes 10-20 s on 2 idle cores, minutes on a busy machine
         report = tracker.finish()
         assert report["sent"]["metrics"] == 50
         assert sum(report["unsent"].values()) == 0
