@@ -1,15 +1,66 @@
-"""Pick the executor named by train.executor; Ray is imported only when it is asked for."""
+"""
+The executor interface the trainer, evaluation and benchmarks use, and the choice of one by train.executor.
+
+Two executors implement it: LocalExecutor (every stage in this process: the reference numerics) and RayExecutor (a
+Ray actor per stage, or per replica of a stage). Ray is imported only when it is asked for.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
 from distlocal.config import Config
+from distlocal.data import SlideLoader, SlideRecord
 from distlocal.engine.local import LocalExecutor
 from distlocal.model import build_stages, resolve_device
 
-__all__ = ["make_executor"]
+__all__ = ["Executor", "make_executor"]
 
 
-def make_executor(cfg: Config, num_classes: int):
+class Executor(Protocol):
+    """What an executor does for a run; every result comes back in slide order."""
+
+    def train(self, records: Iterable[SlideRecord], loader: SlideLoader,
+              epoch: int) -> Iterator[tuple[str, list[dict]]]:
+        """Train on each slide: (slide_id, one metrics dict per stage)."""
+
+    def evaluate(self, records: Iterable[SlideRecord], loader: SlideLoader) -> Iterator[tuple[str, list[torch.Tensor]]]:
+        """Forward only: (slide_id, class probabilities of every stage's classifier)."""
+
+    def evaluate_next(self, records: list[SlideRecord], loader: SlideLoader) -> None:
+        """
+        Say that the next call is evaluate(records, loader), right after the training now under way: its slides may
+        enter the pipeline while training's last slides leave it (each stage evaluates after its own last training
+        step, so the results are those of evaluating afterwards). An executor may ignore it.
+        """
+
+    def attention(self, records: Iterable[SlideRecord], loader: SlideLoader) -> Iterator[tuple[str, tuple]]:
+        """(slide_id, (H's probabilities, H's attention map)), for heatmaps."""
+
+    def end_epoch(self, metrics: list[float]) -> None:
+        """Each stage's schedulers step on its classifier's validation metric."""
+
+    def save_stages(self, directory: Path) -> None:
+        """One file per stage into a checkpoint folder."""
+
+    def load_stages(self, directory: Path) -> None:
+        """Every stage from a checkpoint folder."""
+
+    def state_dicts(self) -> list[dict]:
+        """Each stage's state, on the CPU."""
+
+    def stats(self) -> list[dict]:
+        """Each stage's counters: optimizer steps, RFR patches clamped."""
+
+    def close(self) -> None:
+        """Release what the executor holds (actors, placement groups)."""
+
+
+def make_executor(cfg: Config, num_classes: int) -> Executor:
     """LocalExecutor (all stages in this process) or RayExecutor (one actor per stage)."""
     if cfg.train.executor == "ray":
         from distlocal.engine.ray_executor import RayExecutor

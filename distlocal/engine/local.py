@@ -43,6 +43,9 @@ class LocalExecutor:
                 probs.append(p)
             yield record.slide_id, probs
 
+    def evaluate_next(self, records: list[SlideRecord], loader: SlideLoader) -> None:
+        """One process runs one slide at a time: there is no pipeline for the next phase to enter early."""
+
     def attention(self, records: Iterable[SlideRecord], loader: SlideLoader) -> Iterator[tuple[str, tuple]]:
         """For each slide (slide_id, (H's probabilities, H's attention map)), for heatmaps."""
         for record, x in loader.stream(records):
