@@ -95,10 +95,10 @@ def test_bench_inference_command_times_slides_of_a_manifest(tmp_path, capsys):
     manifest = write_synthetic_dataset(tmp_path / "slides", slides=2, classes=2, size=(480, 400), seed=0)
     out = tmp_path / "bench"
     sets = [arg for key in _SMALL for arg in ("--set", key)]
-    assert main(["bench", "inference", str(manifest), "--repeats", "1", "--device", "cpu", "--out", str(out),
-                 *sets]) == 0
+    assert main(["bench", "inference", str(manifest), "--mode", "memory", "--repeats", "1", "--device", "cpu",
+                 "--out", str(out), *sets]) == 0
     report = json.loads((out / "inference.json").read_text())
-    assert len(report["images"]) == 2
+    assert (len(report["images"]), report["deployed"]) == (2, [])
     assert all(e["read_s"] > 0 for e in report["images"])
     assert "| Read (both, not in total) |" in capsys.readouterr().out
 
@@ -111,3 +111,23 @@ def test_bench_inference_input_errors_name_the_problem(tmp_path, capsys):
     assert main(["bench", "inference", "--sizes", "300x300", "--checkpoint", str(tmp_path / "nope"),
                  "--out", str(tmp_path)]) == 2
     assert "nope" in capsys.readouterr().err
+
+
+def test_bench_inference_deployed_times_both_pipelines_from_the_written_file(tmp_path, capsys):
+    """Deployed (the default): synthetic slides become SVS files; both tables, from the file and in memory."""
+    out = tmp_path / "bench"
+    sets = [arg for key in _SMALL for arg in ("--set", key)]
+    assert main(["bench", "inference", "--sizes", "480x400", "--repeats", "1", "--workers", "0", "--device", "cpu",
+                 "--out", str(out), *sets]) == 0
+    assert (out / "slides" / "synthetic_480x400_20x_seed0.svs").is_file()
+    report = json.loads((out / "inference.json").read_text())
+    (entry,) = report["deployed"]
+    g, o = entry["gabmil"], entry["ours"]
+    assert (g["level"], g["read_size"], report["workers"]) == (1, 224, 0)
+    assert g["total_s"] == pytest.approx(g["tiling_s"] + g["features_s"] + g["prediction_s"])
+    assert o["total_s"] >= o["read_s"] + o["forward_s"] > 0
+    assert entry["size"] == report["images"][0]["size"]  # the compute race runs on the crop ours read
+    printed = capsys.readouterr().out
+    assert "| Read (file to 5X tissue crop) | (in features) |" in printed
+    assert "480x400: CLAM + GABMIL | Ours | Speed gain |" in printed
+    assert "In memory:" in printed

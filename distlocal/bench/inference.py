@@ -1,9 +1,13 @@
 """
 distlocal bench inference: whole-slide prediction against patch-based GABMIL, in the layout of the paper's Table 3.
 
-Both methods start from the same decoded 5X slide in host memory; reading it is the same for both (it is timed
-and reported apart, and ``bench io`` measures it). The baseline (``bench.patch_mil``) then tiles, extracts
-features and runs GABMIL; ours runs what ``distlocal predict`` runs: normalisation, F_1 .. F_K and H over the
+Two tables. The first, with slide files (``records``): both methods from the file on disk to the prediction, the
+baseline as CLAM + GABMIL reading tiles through OpenSlide (``bench.deployed``, ``bench.clam``). The second, the
+compute race below, on the 5X images in memory.
+
+In the compute race both methods start from the same decoded 5X slide in host memory; reading it is the same for
+both (it is timed and reported apart, and ``bench io`` measures it). The baseline (``bench.patch_mil``) then tiles,
+extracts features and runs GABMIL; ours runs what ``distlocal predict`` runs: normalisation, F_1 .. F_K and H over the
 whole slide (exact tiles only where the device is too small). Weights are random unless ``--checkpoint`` is
 given: the time of a forward pass does not depend on them.
 
@@ -25,13 +29,13 @@ from torch import nn
 
 from distlocal.bench.patch_mil import PATCH, PatchMIL
 from distlocal.config import Config
-from distlocal.data import SlideLoader
+from distlocal.data import SlideLoader, SlideRecord
 from distlocal.model import build_stages, resolve_device
-from distlocal.predict import Predictor, slide_records
+from distlocal.predict import Predictor
 from distlocal.progress import progress
 from distlocal.slides.synthetic_tissue import plan_slide, render_region
 
-__all__ = ["bench_inference", "format_inference", "gflops", "slide_images", "synthetic_images"]
+__all__ = ["bench_inference", "format_inference", "gflops", "ours_from_image", "slide_images", "synthetic_images"]
 
 _BAND = 1024  # rows rendered at a time: a paper-sized synthetic slide stays a few hundred MB while painted
 
@@ -49,11 +53,11 @@ def synthetic_images(sizes: list[tuple[int, int]], seed: int = 0) -> list[dict]:
     return images
 
 
-def slide_images(inputs: list[str], cfg: Config) -> list[dict]:
-    """The 5X tissue crops of slide files and manifests' slides, read as ``distlocal predict`` reads them."""
+def slide_images(records: list[SlideRecord], cfg: Config) -> list[dict]:
+    """The 5X tissue crops of slide files (``predict.slide_records``), read as ``distlocal predict`` reads them."""
     loader = SlideLoader(cfg.data, train=False)
     images = []
-    for record in slide_records(inputs, cfg.data.classes):
+    for record in records:
         start = time.perf_counter()
         image = loader.read(record)
         images.append({"name": f"{record.slide_id} ({image.shape[0]} x {image.shape[1]})", "image": image,
@@ -61,7 +65,8 @@ def slide_images(inputs: list[str], cfg: Config) -> list[dict]:
     return images
 
 
-def _ours(predictor: Predictor, loader: SlideLoader, image: np.ndarray) -> dict:
+def ours_from_image(predictor: Predictor, loader: SlideLoader, image: np.ndarray) -> dict:
+    """``distlocal predict``'s steps after the read: normalisation, F_1 .. F_K and H (seconds and probabilities)."""
     start = time.perf_counter()
     x = loader.to_input(image, device=predictor.input_device(*image.shape[:2]))
     result = predictor(x)  # synchronises the device before it returns
@@ -103,8 +108,12 @@ def _median(runs: list[dict], key: str) -> float:
 
 
 def bench_inference(out_dir: Path, images: list[dict], cfg: Config, repeats: int = 3, batch: int = 0,
-                    checkpoint: str | None = None, overrides: list[str] = ()) -> dict:
-    """Time both methods on every image; write inference.json and inference.png into ``out_dir``."""
+                    checkpoint: str | None = None, overrides: list[str] = (), records: list | None = None,
+                    workers: int | None = None) -> dict:
+    """
+    Time both methods on every image (and first from every slide file of ``records``, with ``workers`` tile
+    loaders for the baseline); write inference.json and inference.png into ``out_dir``.
+    """
     if checkpoint:
         predictor = Predictor.load(checkpoint, list(overrides), str(resolve_device(cfg.train.device)))
     else:
@@ -122,17 +131,24 @@ def bench_inference(out_dir: Path, images: list[dict], cfg: Config, repeats: int
     else:
         crop = images[0]["image"][:512, :512]
         baseline(crop)
-        _ours(predictor, loader, crop)
+        ours_from_image(predictor, loader, crop)
+    deployed = []
+    if records:
+        from distlocal.bench.clam import default_workers
+        from distlocal.bench.deployed import run_deployed
+
+        workers = default_workers(device) if workers is None else workers
+        deployed = run_deployed(predictor, baseline, records, repeats, workers)
     results = []
-    for item in progress(images, desc="bench inference", unit="slide"):
+    for item in progress(images, desc="bench inference (in memory)", unit="slide"):
         image = item["image"]
         if device.type == "cuda":
             baseline(image)
-            _ours(predictor, loader, image)
+            ours_from_image(predictor, loader, image)
         patch_runs, our_runs = [], []
         for _ in range(repeats):
             patch_runs.append(baseline(image))
-            our_runs.append(_ours(predictor, loader, image))
+            our_runs.append(ours_from_image(predictor, loader, image))
         gabmil = {k: _median(patch_runs, k) for k in ("tiling_s", "features_s", "prediction_s", "total_s")}
         gabmil.update(tiles=patch_runs[0]["tiles"], grid_tiles=patch_runs[0]["grid_tiles"],
                       tiles_per_s=patch_runs[0]["tiles"] / gabmil["features_s"])
@@ -150,7 +166,8 @@ def bench_inference(out_dir: Path, images: list[dict], cfg: Config, repeats: int
     report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "threads": torch.get_num_threads(), "backbone": cfg.model.backbone, "mode": cfg.model.mode,
               "k": cfg.model.k, "bf16": bf16, "patch": PATCH, "batch": batch, "repeats": repeats,
-              "max_tile_pixels": predictor.max_tile_pixels, "checkpoint": checkpoint, "images": results}
+              "max_tile_pixels": predictor.max_tile_pixels, "checkpoint": checkpoint, "workers": workers,
+              "deployed": deployed, "images": results}
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "inference.json").write_text(json.dumps(report, indent=2))
     from distlocal.plots import inference_bars
@@ -170,7 +187,7 @@ def _seconds(value: float) -> str:
 def format_inference(report: dict) -> str:
     """Table 3's layout: per slide, GABMIL / ours / speed gain for tiling, features, prediction and total."""
     where = f"{report['device']}" + ("" if report["bf16"] else ", fp32") + f", {report['threads']} threads"
-    lines = [f"{where}; {report['backbone']}, K = {report['k']}; GABMIL tiles {report['patch']} px, "
+    lines = [f"In memory: {where}; {report['backbone']}, K = {report['k']}; GABMIL tiles {report['patch']} px, "
              f"batch {report['batch']}; median of {report['repeats']}"]
     header, rule = "| step |", "|---|"
     for entry in report["images"]:
