@@ -34,11 +34,12 @@ def write_bench_slides(out_dir: Path, sizes: list[tuple[int, int]], base_magnifi
     """One synthetic slide file per 5X size (tissue on 40-65 % of it), written once and reused by later runs."""
     records = []
     out_dir.mkdir(parents=True, exist_ok=True)
-    for height, width in progress(sizes, desc="writing bench slides", unit="slide"):
+    for height, width in sizes:
         path = out_dir / f"synthetic_{height}x{width}_{base_magnification:g}x_seed{seed}.svs"
         if not path.exists():  # a paper-sized slide takes minutes to paint and compress
             partial = path.with_suffix(".partial")
-            write_synthetic_slide(partial, 1, (height, width), (seed, height, width), base_magnification, "detect")
+            write_synthetic_slide(partial, 1, (height, width), (seed, height, width), base_magnification, "detect",
+                                  show_progress=True)
             partial.rename(path)
         records.append(SlideRecord(f"{height}x{width}", path.resolve(), -1, "", f"{height}x{width}"))
     return records
