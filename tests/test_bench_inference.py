@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from distlocal.bench import inference
 from distlocal.bench.inference import bench_inference, format_inference, synthetic_images
 from distlocal.bench.patch_mil import PatchMIL, tile_slide
 from distlocal.cli import main
@@ -62,8 +63,9 @@ def test_patch_features_do_not_depend_on_the_batch_and_gabmil_attends_over_tiles
     assert attention.sum().item() == pytest.approx(1.0, abs=1e-5)
 
 
-def test_bench_inference_on_synthetic_slides_reports_table_3(make_cfg, tmp_path):
+def test_bench_inference_on_synthetic_slides_reports_table_3(make_cfg, tmp_path, monkeypatch):
     """Medians of the repeats, tile counts from the grid, the speed gain and the JSON / PNG outputs."""
+    monkeypatch.setattr(inference, "CPU_TILE_PIXELS", 365 * 365)  # only the first slide is larger: also tiled
     images = synthetic_images([(460, 300), (256, 512)])
     assert images[0]["image"].shape == (460, 300, 3)
     report = bench_inference(tmp_path, images, make_cfg(*_SMALL, "model.pretrained=none"), repeats=3)
@@ -79,6 +81,10 @@ def test_bench_inference_on_synthetic_slides_reports_table_3(make_cfg, tmp_path)
         assert g["total_s"] >= g["features_s"] > 0
         assert o["total_s"] >= o["forward_s"] > 0
         assert entry["speed_gain"] == pytest.approx(g["total_s"] / o["total_s"])
+    first, second = report["images"]
+    assert first["ours"]["tiled_pixels"] == 365 * 365
+    assert len(first["runs"]["ours_tiled"]) == 3
+    assert "tiled_total_s" not in second["ours"]  # 256 x 512 is not larger than a tile
     saved = json.loads((tmp_path / "inference.json").read_text())
     assert saved["backbone"] == "resnet18"
     assert saved["k"] == 2
@@ -88,6 +94,7 @@ def test_bench_inference_on_synthetic_slides_reports_table_3(make_cfg, tmp_path)
         assert row in table
     assert "460 x 300: GABMIL | Ours | Speed gain |" in table
     assert f"{report['images'][1]['speed_gain']:.1f}x" in table
+    assert "(365² px tiles)" in table
 
 
 def test_bench_inference_command_times_slides_of_a_manifest(tmp_path, capsys):
