@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from distlocal.bench import inference
 from distlocal.bench.inference import bench_inference, format_inference, synthetic_images
 from distlocal.bench.patch_mil import PatchMIL, tile_slide
 from distlocal.cli import main
@@ -62,8 +63,9 @@ def test_patch_features_do_not_depend_on_the_batch_and_gabmil_attends_over_tiles
     assert attention.sum().item() == pytest.approx(1.0, abs=1e-5)
 
 
-def test_bench_inference_on_synthetic_slides_reports_table_3(make_cfg, tmp_path):
+def test_bench_inference_on_synthetic_slides_reports_table_3(make_cfg, tmp_path, monkeypatch):
     """Medians of the repeats, tile counts from the grid, the speed gain and the JSON / PNG outputs."""
+    monkeypatch.setattr(inference, "CPU_TILE_PIXELS", 365 * 365)  # only the first slide is larger: also tiled
     images = synthetic_images([(460, 300), (256, 512)])
     assert images[0]["image"].shape == (460, 300, 3)
     report = bench_inference(tmp_path, images, make_cfg(*_SMALL, "model.pretrained=none"), repeats=3)
@@ -79,6 +81,10 @@ def test_bench_inference_on_synthetic_slides_reports_table_3(make_cfg, tmp_path)
         assert g["total_s"] >= g["features_s"] > 0
         assert o["total_s"] >= o["forward_s"] > 0
         assert entry["speed_gain"] == pytest.approx(g["total_s"] / o["total_s"])
+    first, second = report["images"]
+    assert first["ours"]["tiled_pixels"] == 365 * 365
+    assert len(first["runs"]["ours_tiled"]) == 3
+    assert "tiled_total_s" not in second["ours"]  # 256 x 512 is not larger than a tile
     saved = json.loads((tmp_path / "inference.json").read_text())
     assert saved["backbone"] == "resnet18"
     assert saved["k"] == 2
@@ -88,6 +94,7 @@ def test_bench_inference_on_synthetic_slides_reports_table_3(make_cfg, tmp_path)
         assert row in table
     assert "460 x 300: GABMIL | Ours | Speed gain |" in table
     assert f"{report['images'][1]['speed_gain']:.1f}x" in table
+    assert "(365² px tiles)" in table
 
 
 def test_bench_inference_command_times_slides_of_a_manifest(tmp_path, capsys):
@@ -95,10 +102,10 @@ def test_bench_inference_command_times_slides_of_a_manifest(tmp_path, capsys):
     manifest = write_synthetic_dataset(tmp_path / "slides", slides=2, classes=2, size=(480, 400), seed=0)
     out = tmp_path / "bench"
     sets = [arg for key in _SMALL for arg in ("--set", key)]
-    assert main(["bench", "inference", str(manifest), "--repeats", "1", "--device", "cpu", "--out", str(out),
-                 *sets]) == 0
+    assert main(["bench", "inference", str(manifest), "--mode", "memory", "--repeats", "1", "--device", "cpu",
+                 "--out", str(out), *sets]) == 0
     report = json.loads((out / "inference.json").read_text())
-    assert len(report["images"]) == 2
+    assert (len(report["images"]), report["deployed"]) == (2, [])
     assert all(e["read_s"] > 0 for e in report["images"])
     assert "| Read (both, not in total) |" in capsys.readouterr().out
 
@@ -111,3 +118,23 @@ def test_bench_inference_input_errors_name_the_problem(tmp_path, capsys):
     assert main(["bench", "inference", "--sizes", "300x300", "--checkpoint", str(tmp_path / "nope"),
                  "--out", str(tmp_path)]) == 2
     assert "nope" in capsys.readouterr().err
+
+
+def test_bench_inference_deployed_times_both_pipelines_from_the_written_file(tmp_path, capsys):
+    """Deployed (the default): synthetic slides become SVS files; both tables, from the file and in memory."""
+    out = tmp_path / "bench"
+    sets = [arg for key in _SMALL for arg in ("--set", key)]
+    assert main(["bench", "inference", "--sizes", "480x400", "--repeats", "1", "--workers", "0", "--device", "cpu",
+                 "--out", str(out), *sets]) == 0
+    assert (out / "slides" / "synthetic_480x400_20x_seed0.svs").is_file()
+    report = json.loads((out / "inference.json").read_text())
+    (entry,) = report["deployed"]
+    g, o = entry["gabmil"], entry["ours"]
+    assert (g["level"], g["read_size"], report["workers"]) == (1, 224, 0)
+    assert g["total_s"] == pytest.approx(g["tiling_s"] + g["features_s"] + g["prediction_s"])
+    assert o["total_s"] >= o["read_s"] + o["forward_s"] > 0
+    assert entry["size"] == report["images"][0]["size"]  # the compute race runs on the crop ours read
+    printed = capsys.readouterr().out
+    assert "| Read (file to 5X tissue crop) | (in features) |" in printed
+    assert "480x400: CLAM + GABMIL | Ours | Speed gain |" in printed
+    assert "In memory:" in printed

@@ -22,7 +22,8 @@ def test_gpu_check_without_cuda_reports_the_environment_and_skips_the_rest(tmp_p
     assert report["environment"]["cuda_available"] is False
     assert report["environment"]["torch"] == torch.__version__
     assert {s["status"] for name, s in steps.items() if name != "environment"} == {"skipped: no CUDA"}
-    assert {"pytest -m gpu", "out of memory", "bench memory", "bench inference", "bench pipeline"} <= set(steps)
+    assert {"pytest -m gpu", "out of memory", "bench memory", "bench inference", "bench inference deployed",
+            "bench pipeline"} <= set(steps)
     markdown = (tmp_path / "out" / "gpu_check.md").read_text()
     assert "| pytest -m gpu | skipped: no CUDA |" in markdown
     assert "no CUDA device" in markdown

@@ -2,7 +2,8 @@
 # Every GPU path of distlocal in one command, for the first GPU machine a session is lent: writes
 # OUT/gpu_check.md and OUT/gpu_check.json (what ran, pass / fail / skipped, timings, the output's tail).
 #
-#   tools/gpu_check.sh [OUT]            # default: gpu-check-<UTC time>; about 5-10 minutes on one H100 / H200
+#   tools/gpu_check.sh [OUT]            # default: gpu-check-<UTC time>; about 10-15 minutes on one H100 / H200, of
+#                                       # which up to 8 for bench inference deployed (it paints 20X slide files)
 #
 # On a GPU machine whose image has torch but not Ray / MLflow, carry them in first (from the CPU machine):
 #   ../shared/device/pack-site.sh       # EXTRA_PACKAGES=pytest if the image has no pytest

@@ -2,7 +2,8 @@
 distlocal bench pipeline [--config CONFIG] [--set key=value ...] [--slides N] [--size H W] [--epochs N]
 distlocal bench io [--size H W] [--base-magnification 20] [--repeats 3]
 distlocal bench memory [--sizes HxW,HxW] [--device auto|cpu|cuda] [--set key=value ...]
-distlocal bench inference [SLIDE_OR_MANIFEST ...] [--sizes HxW,HxW] [--checkpoint PATH] [--batch N] [--repeats 3]
+distlocal bench inference [SLIDE_OR_MANIFEST ...] [--sizes HxW,HxW] [--mode deployed|memory] [--workers N]
+                          [--checkpoint PATH] [--batch N] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -28,7 +29,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"),
                    help="synthetic slide size: at 5X for pipeline (default 384 384), at the base magnification for io "
                         "(default 40000 40000)")
-    p.add_argument("--base-magnification", type=float, default=20.0, help="io: the slide's scan magnification")
+    p.add_argument("--base-magnification", type=float, default=20.0,
+                   help="io, inference: the scan magnification of the synthetic slide files written")
+    p.add_argument("--mode", choices=["deployed", "memory"], default="deployed",
+                   help="inference: deployed (default): from the slide file to the prediction, the patch baseline as "
+                        "CLAM reading tiles through OpenSlide, then the compute race on the 5X images in memory; "
+                        "memory: the compute race only, synthetic slides rendered in memory")
+    p.add_argument("--workers", type=int, help="inference: the patch baseline's DataLoader workers (default: 8 on "
+                   "CUDA as CLAM, 1 on a CPU)")
     p.add_argument("--repeats", type=int, default=3, help="io, inference: runs per way (the median is reported)")
     p.add_argument("--sizes", help="memory, inference: synthetic slide sizes at 5X, e.g. 1024x1024,2048x1536 "
                    "(default on CPU: 1024x1024,2048x1536 for memory, 2048x2048,4096x3072 for inference; on CUDA: "
@@ -50,19 +58,32 @@ _DEFAULTS = ["model.backbone=resnet18", "model.k=2", "model.split=balanced", "mo
 
 def _inference(args: argparse.Namespace) -> int:
     from distlocal.bench import base_overrides
+    from distlocal.bench.deployed import format_deployed, write_bench_slides
     from distlocal.bench.inference import bench_inference, format_inference, slide_images, synthetic_images
     from distlocal.bench.memory import PAPER_SIZES
-    from distlocal.config import load_config
+    from distlocal.config import ConfigError, load_config
     from distlocal.model import resolve_device
+    from distlocal.predict import slide_records
 
     device = resolve_device(args.device)
     cfg = load_config(args.config, [*base_overrides(device), *args.overrides])
+    if args.workers is not None and args.workers < 0:
+        raise ConfigError(f"--workers {args.workers}: give 0 (tiles read in the main process) or more")
+    default = PAPER_SIZES if device.type == "cuda" else [(2048, 2048), (4096, 3072)]
+    sizes = _sizes(args.sizes) if args.sizes else default
+    records = None
     if args.inputs:
-        images = slide_images(args.inputs, cfg)
+        records = slide_records(args.inputs, cfg.data.classes)
+        images = slide_images(records, cfg)
+    elif args.mode == "deployed":  # real pyramidal files, so both pipelines read what they read on a scanner's
+        records = write_bench_slides(Path(args.out) / "slides", sizes, args.base_magnification)
+        images = slide_images(records, cfg)
     else:
-        default = PAPER_SIZES if device.type == "cuda" else [(2048, 2048), (4096, 3072)]
-        images = synthetic_images(_sizes(args.sizes) if args.sizes else default)
-    report = bench_inference(Path(args.out), images, cfg, args.repeats, args.batch, args.checkpoint, args.overrides)
+        images = synthetic_images(sizes)
+    report = bench_inference(Path(args.out), images, cfg, args.repeats, args.batch, args.checkpoint, args.overrides,
+                             records=records if args.mode == "deployed" else None, workers=args.workers)
+    if report["deployed"]:
+        print(format_deployed(report))
     print(format_inference(report))
     print(f"wrote {Path(args.out) / 'inference.json'} and {Path(args.out) / 'inference.png'}")
     return 0

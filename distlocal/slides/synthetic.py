@@ -73,8 +73,11 @@ def write_synthetic_dataset(out_dir: str | os.PathLike, slides: int, classes: in
 
 
 def write_synthetic_slide(path: str | os.PathLike, label: int, size: tuple[int, int], seed: tuple[int, ...] | int,
-                          base_magnification: float = 20.0, task: str = "subtype") -> Path:
-    """Write one synthetic slide of class ``label`` (``size`` at 5X) as an SVS-like pyramidal TIFF."""
+                          base_magnification: float = 20.0, task: str = "subtype", show_progress: bool = False) -> Path:
+    """
+    Write one synthetic slide of class ``label`` (``size`` at 5X) as an SVS-like pyramidal TIFF; ``show_progress``:
+    a bar over its tiles (a paper-sized slide at 20X takes minutes).
+    """
     ratio = base_magnification / 5.0
     if ratio < 1 or not math.log2(ratio).is_integer():
         raise ValueError(f"base_magnification must be 5 times a power of two (5, 10, 20, 40, ...), got "
@@ -90,6 +93,13 @@ def write_synthetic_slide(path: str | os.PathLike, label: int, size: tuple[int, 
     header = f"Aperio Image Library v12.0.15 (distlocal synthetic)\r\n{width}x{height} [0,0 {width}x{height}]"
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    bar = None
+    if show_progress:
+        from distlocal.progress import progress
+
+        tiles = sum(math.ceil(height / (f * _TILE)) * math.ceil(width / (f * _TILE))
+                    for f in (base_magnification / m for m in magnifications))
+        bar = progress(total=tiles, desc=f"writing {path.name}", unit="tile")
     with tifffile.TiffWriter(path, bigtiff=height * width * 3 > 2**32) as tiff:
         for level, magnification in enumerate(magnifications):
             factor = base_magnification / magnification
@@ -98,10 +108,12 @@ def write_synthetic_slide(path: str | os.PathLike, label: int, size: tuple[int, 
                            f"|MPP = {mpp:g}|Filename = {path.stem}|Class = {label}")
             if level > 0:
                 description = f"{header} ({_TILE}x{_TILE}) -> {shape[1]}x{shape[0]} JPEG/RGB Q={_JPEG_QUALITY}"
-            tiff.write(_tiles(plan, magnification, shape, (*seed, level + 1)), shape=(*shape, 3), dtype=np.uint8,
+            tiff.write(_tiles(plan, magnification, shape, (*seed, level + 1), bar), shape=(*shape, 3), dtype=np.uint8,
                        tile=(_TILE, _TILE), **_page_args(description, mpp * factor))
             if level == 0:  # SVS readers expect the thumbnail as the second page
                 tiff.write(_thumbnail(plan, seed), description=f"{header} -> thumbnail", **_page_args(None, None))
+    if bar is not None:
+        bar.close()
     return path
 
 
@@ -115,12 +127,15 @@ def _page_args(description: str | None, mpp: float | None) -> dict:
     return args
 
 
-def _tiles(plan: SlidePlan, magnification: float, shape: tuple[int, int],
-           seed: tuple[int, ...]) -> Iterator[np.ndarray]:
+def _tiles(plan: SlidePlan, magnification: float, shape: tuple[int, int], seed: tuple[int, ...],
+           bar=None) -> Iterator[np.ndarray]:
     for y in range(0, shape[0], _TILE):
         for x in range(0, shape[1], _TILE):
             rng = np.random.default_rng([*seed, y // _TILE, x // _TILE])
-            yield render_region(plan, magnification, y, x, _TILE, _TILE, rng)
+            tile = render_region(plan, magnification, y, x, _TILE, _TILE, rng)
+            if bar is not None:  # before the yield: tifffile stops asking once it has a level's last tile
+                bar.update()
+            yield tile
 
 
 def _thumbnail(plan: SlidePlan, seed: tuple[int, ...]) -> np.ndarray:

