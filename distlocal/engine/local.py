@@ -30,7 +30,7 @@ class LocalExecutor:
         for record, x in loader.stream(records, epoch):
             metrics = []
             for stage in self.stages:
-                x, m = stage.train_step(x, record.label)
+                x, m = stage.train_step(x, record.label, (epoch, record.slide_id))
                 metrics.append(m)
             yield record.slide_id, metrics
 

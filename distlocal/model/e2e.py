@@ -18,7 +18,7 @@ from distlocal.config import Config
 from distlocal.model.backbone import Backbone, StageSpec, freeze_batchnorm, run_blocks
 from distlocal.model.mil import AuxClassifier
 from distlocal.model.optim import LocalOptimizer
-from distlocal.model.stage import autocast, run_stem, step_metrics, wide
+from distlocal.model.stage import autocast, reseed, run_stem, step_metrics, wide
 
 __all__ = ["EndToEnd", "WholeSlideNet"]
 
@@ -50,14 +50,17 @@ class EndToEnd:
         self.net.recompute = cfg.train.recompute_activations
         self.optim = LocalOptimizer(nn.ModuleList([net.stem, net.blocks]), net.head, cfg.train)
         self.bf16 = cfg.train.precision == "bf16"
+        self.seed = generator_seed
         self.generator = torch.Generator().manual_seed(generator_seed)
         self.rfr_clamped = 0
+        self.driver_steps = False  # a replica: the driver decides when the window steps (optim.step with a reduce)
 
     def _autocast(self):
         return autocast(self.device, self.bf16)
 
-    def train_step(self, x: torch.Tensor, y: int) -> tuple[torch.Tensor, dict]:
+    def train_step(self, x: torch.Tensor, y: int, slide: tuple[int, str] | None = None) -> tuple[torch.Tensor, dict]:
         start = time.perf_counter()
+        reseed(self.generator, self.seed, slide)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         self.net.train()
@@ -67,7 +70,9 @@ class EndToEnd:
             x = run_stem(self.net.stem, x, self.device, self.bf16)
             logits, _ = self.net.head(self.net.run_blocks(x), self.generator)
             loss = F.cross_entropy(wide(logits), torch.tensor([y], device=self.device))
-        stepped = self.optim.backward(loss)
+        if self.driver_steps:
+            self.optim.add(loss)
+        stepped = False if self.driver_steps else self.optim.backward(loss)
         metrics = step_metrics(self.optim, self.device, start, logits, y, loss, torch.zeros(()), loss, stepped)
         return logits.detach(), metrics
 

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
 from distlocal.config import TrainConfig
 
-__all__ = ["LocalOptimizer"]
+__all__ = ["LocalOptimizer", "Reduce"]
+
+# Sums the gradients (None: this replica has none for that parameter) and slide counts over a stage's replicas;
+# returns the sums, None where no replica had a gradient. The engine supplies it (model/ knows no torch.distributed).
+Reduce = Callable[[list[torch.Tensor | None], int], tuple[list[torch.Tensor | None], int]]
 
 
 class LocalOptimizer:
@@ -15,7 +21,9 @@ class LocalOptimizer:
     Owns one AdamW, its ReduceLROnPlateau, and the accumulation counter.
 
     `backward(loss)` adds loss / accumulate to the gradients and steps every `accumulate` calls:
-    slides are batches of one, so accumulation stands in for the batch.
+    slides are batches of one, so accumulation stands in for the batch. Replicas of a stage instead call
+    `add(loss)` per slide and `step(reduce)` when the driver says a window is complete: the loss is still divided
+    by the whole window's `accumulate`, so the summed gradients of R replicas are one stage's.
     """
 
     def __init__(self, backbone: nn.Module, auxiliary: nn.Module, cfg: TrainConfig):
@@ -36,15 +44,53 @@ class LocalOptimizer:
 
     def backward(self, loss: torch.Tensor) -> bool:
         """Accumulate the gradients of `loss`; return True when this call took an optimizer step."""
+        self.add(loss)
+        if self.accumulated < self.accumulate:
+            return False
+        return self.step()
+
+    def add(self, loss: torch.Tensor) -> None:
+        """Accumulate the gradients of one slide's `loss` without stepping."""
         (loss / self.accumulate).backward()
         self.accumulated += 1
-        if self.accumulated < self.accumulate:
+
+    def _pool(self, reduce: Reduce) -> int:
+        """Replace each gradient by its sum over the replicas; return the window's slide count over them all."""
+        params = self.params()
+        grads, count = reduce([p.grad for p in params], self.accumulated)
+        for p, g in zip(params, grads, strict=True):
+            # None where no replica had a gradient: AdamW then leaves that parameter alone (no weight decay, no
+            # moment update), as one stage that never computed it would.
+            p.grad = g
+        return count
+
+    def step(self, reduce: Reduce | None = None) -> bool:
+        """Take the optimizer step of a window (summing it over the replicas first); False if it was empty."""
+        count = self._pool(reduce) if reduce is not None else self.accumulated
+        if count == 0:  # a window no replica trained a slide of: one stage would not have stepped either
             return False
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.accumulated = 0
         self.steps += 1
         return True
+
+    def pool(self, reduce: Reduce, keep: bool) -> None:
+        """
+        Gather an open window's gradients and count on the replica that `keep`s them (rank 0, which then holds
+        one stage's state, the state it saves); the others start from nothing, so no slide is counted twice.
+        """
+        count = self._pool(reduce)
+        if keep:
+            self.accumulated = count
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.accumulated = 0
+
+    def drop_pending(self) -> None:
+        """Forget an open window (a replica other than rank 0 loading a checkpoint: rank 0 holds the window)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.accumulated = 0
 
     def end_epoch(self, metric: float) -> None:
         """Lower the learning rates when the validation metric stops improving."""
@@ -54,7 +100,7 @@ class LocalOptimizer:
     def lrs(self) -> dict[str, float]:
         return {g["name"]: g["lr"] for g in self.optimizer.param_groups}
 
-    def _params(self) -> list[torch.Tensor]:
+    def params(self) -> list[torch.Tensor]:
         return [p for g in self.optimizer.param_groups for p in g["params"]]
 
     def state_dict(self) -> dict:
@@ -64,12 +110,12 @@ class LocalOptimizer:
             "scheduler": self.scheduler.state_dict(),
             "accumulated": self.accumulated,
             "steps": self.steps,
-            "pending_grads": [None if p.grad is None else p.grad.detach().clone() for p in self._params()],
+            "pending_grads": [None if p.grad is None else p.grad.detach().clone() for p in self.params()],
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.accumulated, self.steps = state["accumulated"], state["steps"]
-        for p, g in zip(self._params(), state["pending_grads"], strict=True):
+        for p, g in zip(self.params(), state["pending_grads"], strict=True):
             p.grad = None if g is None else g.to(p.device)

@@ -6,6 +6,7 @@ The executors (local, Ray) only move tensors between stages; everything that lea
 
 from __future__ import annotations
 
+import hashlib
 import time
 
 import torch
@@ -19,7 +20,8 @@ from distlocal.model.optim import LocalOptimizer
 from distlocal.model.rfr import FeatureReconstruction
 from distlocal.model.tiling import tiled_forward
 
-__all__ = ["STEM_TILE_PIXELS", "Stage", "autocast", "param_dtype", "peak_memory_mb", "run_stem", "step_metrics", "wide"]
+__all__ = ["STEM_TILE_PIXELS", "Stage", "autocast", "param_dtype", "peak_memory_mb", "reseed", "run_stem",
+           "step_metrics", "wide"]
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -40,6 +42,18 @@ def wide(t: torch.Tensor) -> torch.Tensor:
 def param_dtype(module: nn.Module) -> torch.dtype:
     """The dtype a stage computes in outside autocast: its parameters' (fp32; float64 in the exactness tests)."""
     return next(module.parameters()).dtype
+
+
+def reseed(generator: torch.Generator, seed: int, slide: tuple[int, str] | None) -> None:
+    """
+    Seed `generator` from (stage seed, epoch, slide_id) when the slide is known: what a slide draws (RFR locations,
+    attention dropout) then does not depend on which slides this process saw before, so R replicas of a stage
+    draw what one stage would, and a replay draws what the first pass drew.
+    """
+    if slide is not None:
+        epoch, slide_id = slide
+        digest = hashlib.blake2b(f"{seed}/{epoch}/{slide_id}".encode(), digest_size=8).digest()
+        generator.manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
 
 
 # The frozen stem run whole would hold the slide plus two 64-channel maps at 1/3 scale (conv1's and bn1's outputs:
@@ -98,7 +112,9 @@ class Stage:
         self.alpha = cfg.model.rfr.alpha
         self.bf16 = cfg.train.precision == "bf16"
         self.recompute = cfg.train.recompute_activations
+        self.seed = generator_seed
         self.generator = torch.Generator().manual_seed(generator_seed)  # RFR locations, attention dropout
+        self.driver_steps = False  # a replica: the driver decides when the window steps (optim.step with a reduce)
         self.rfr_clamped = 0  # slides whose maps were smaller than the RFR patch
         self.stem_tile_pixels = STEM_TILE_PIXELS
 
@@ -110,9 +126,13 @@ class Stage:
             return run_stem(self.modules["stem"], x, self.device, self.bf16, self.stem_tile_pixels)
         return x.to(self.device, param_dtype(self.modules), non_blocking=True)
 
-    def train_step(self, x: torch.Tensor, y: int) -> tuple[torch.Tensor, dict]:
-        """Forward, local loss, backward; step every `accumulate` slides. Returns (detached output, metrics)."""
+    def train_step(self, x: torch.Tensor, y: int, slide: tuple[int, str] | None = None) -> tuple[torch.Tensor, dict]:
+        """
+        Forward, local loss, backward; step every `accumulate` slides (unless `driver_steps`). `slide` is
+        (epoch, slide_id), from which the slide's random draws are seeded. Returns (detached output, metrics).
+        """
         start = time.perf_counter()
+        reseed(self.generator, self.seed, slide)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         self.modules.train()
@@ -128,7 +148,11 @@ class Stage:
                 loss_rec, patch = self.modules["rfr"](out, x, self.generator)
                 self.rfr_clamped += patch < self.modules["rfr"].patch
             loss = loss_cls + self.alpha * wide(loss_rec)
-        stepped = self.optim.backward(loss)
+        if self.driver_steps:
+            self.optim.add(loss)
+            stepped = False
+        else:
+            stepped = self.optim.backward(loss)
         metrics = step_metrics(self.optim, self.device, start, logits, y, loss_cls, loss_rec, loss, stepped, patch)
         return out.detach(), metrics
 
