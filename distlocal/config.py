@@ -26,7 +26,8 @@ import yaml
 
 from distlocal.cut import stage_sizes
 
-__all__ = ["Config", "ConfigError", "load_config", "config_from_dict", "config_to_dict", "save_config"]
+__all__ = ["Config", "ConfigError", "load_config", "config_from_dict", "config_to_dict", "save_config",
+           "stage_replicas"]
 
 # Residual blocks per backbone: the finest split possible is one block per stage.
 BACKBONE_BLOCKS = {"resnet18": 8, "resnet34": 16, "resnet50": 16}
@@ -101,6 +102,16 @@ class TrainConfig:
     placement: str = "strict_pack"  # ray executor: strict_pack (one node) | pack | spread (across nodes)
     placement_timeout_s: float = 60.0  # ray executor: give up placing the stages after this long
     max_restarts: int = 3  # ray executor: stage failures survived (restart, reload, replay) before the run ends
+    # Ray executor: data-parallel replicas of each stage, each an actor with its own device: one number for every
+    # stage, or a list of K (the slow stage gets more). Their gradients are summed at each optimizer step, so R
+    # replicas learn what one stage learns from the same slides. 1: no replicas.
+    replicas: int | list[int] = 1
+    # manual: model.k, the cut and train.replicas as given | auto: the planner chooses the cut (with
+    # model.split=auto) and the replicas per stage that train fastest on train.gpus devices (engine/planner.py).
+    plan: str = "manual"
+    gpus: int = 0  # train.plan=auto: devices to plan for; 0: every GPU of the cluster
+    allreduce_gb_per_s: float = 10.0  # train.plan=auto: all-reduce bandwidth assumed between replicas (GB/s)
+    collective_timeout_s: float = 300.0  # ray executor: a replica waiting this long for its group's all-reduce fails
     # Validation slides whose H attention heatmaps are plotted at the end (plots/attention/), taking the classes in
     # turn: as many as there are classes shows each one. 0: none.
     heatmaps: int = 3
@@ -164,6 +175,7 @@ _CHOICES = {
     "train.monitor": ("acc", "balanced_acc", "auroc"),
     "train.activation_dtype": ("auto", "fp32", "bf16"),
     "train.transport": ("object_store", "nccl", "gloo"),
+    "train.plan": ("manual", "auto"),
     "data.on_error": ("fail", "skip"),
 }
 
@@ -175,8 +187,13 @@ def _check_type(key: str, value: Any, hint: Any) -> Any:
         args = typing.get_args(hint)
         if value is None and type(None) in args:
             return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _check_type(key, value, inner)
+        *others, last = [a for a in args if a is not type(None)]
+        for inner in others:  # e.g. int | list[int]: the first that fits
+            try:
+                return _check_type(key, value, inner)
+            except ConfigError:
+                pass
+        return _check_type(key, value, last)
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"config key '{key}' must be a list, got {value!r}; write e.g. {key}=[1,2,3]")
@@ -297,12 +314,37 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"train.device={t.device!r}; choose auto, cpu, cuda or cuda:N")
 
 
+def stage_replicas(t: TrainConfig, k: int) -> list[int]:
+    """train.replicas as one count per stage."""
+    return [t.replicas] * k if isinstance(t.replicas, int) else list(t.replicas)
+
+
+def _validate_replicas(cfg: Config) -> None:
+    t, k = cfg.train, cfg.model.k
+    replicas = stage_replicas(t, k)
+    if len(replicas) != k:
+        raise ConfigError(f"train.replicas={t.replicas} gives {len(replicas)} counts for K={k} stages; give one "
+                          f"count per stage (a list of {k}) or one number for every stage, e.g. train.replicas=2")
+    if min(replicas) < 1:
+        raise ConfigError(f"train.replicas={t.replicas}: every stage needs at least 1 replica (1: no replicas)")
+    if max(replicas) > 1 and t.executor != "ray":
+        raise ConfigError(f"train.replicas={t.replicas} needs train.executor=ray (each replica is an actor with its "
+                          f"own device); set train.executor=ray or train.replicas=1")
+    if max(replicas) > 1 and t.transport != "object_store":
+        raise ConfigError(f"train.transport={t.transport} carries activations between single stage actors; with "
+                          f"train.replicas={t.replicas} set train.transport=object_store")
+    if t.gpus < 0 or t.allreduce_gb_per_s <= 0 or t.collective_timeout_s <= 0:
+        raise ConfigError(f"train.gpus ({t.gpus}) must be >= 0, train.allreduce_gb_per_s ({t.allreduce_gb_per_s}) "
+                          f"and train.collective_timeout_s ({t.collective_timeout_s}) > 0")
+
+
 def config_from_dict(data: dict) -> Config:
     """Build and validate a Config from nested dicts (as read from YAML)."""
     cfg = _build(Config, data or {}, "")
     _validate_choices(cfg)
     _resolve(cfg.model)
     _validate(cfg)
+    _validate_replicas(cfg)
     return cfg
 
 

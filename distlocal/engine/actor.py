@@ -7,6 +7,7 @@ in the transport dtype, and keeps a trace of when it worked on which slide. No m
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 import socket
@@ -18,7 +19,8 @@ import torch
 
 from distlocal.config import config_from_dict
 from distlocal.engine.checkpoint import stage_file
-from distlocal.engine.faults import ClusterError, StageOutOfMemory, out_of_memory_message
+from distlocal.engine.faults import ClusterError, GroupFailure, StageOutOfMemory, out_of_memory_message
+from distlocal.engine.replicas import ReplicaGroup
 from distlocal.model import build_stage
 
 __all__ = ["StageActor", "to_cpu"]
@@ -47,9 +49,11 @@ def _cuda_problem() -> str:
 class StageActor:
     """Wraps one Stage; methods are called by the RayExecutor only."""
 
-    def __init__(self, cfg: dict, num_classes: int, index: int):
+    def __init__(self, cfg: dict, num_classes: int, index: int, rank: int = 0, size: int = 1):
         self.cfg = config_from_dict(cfg)
-        self.index = index
+        self.index, self.rank, self.size = index, rank, size  # replica `rank` of `size` of stage `index`
+        self.group: ReplicaGroup | None = None
+        self.store = None  # rank 0 hosts its group's TCPStore
         torch.set_num_threads(max(1, int(self.cfg.train.cpus_per_stage)))
         gpus = ray.get_gpu_ids()
         self.problem = ""  # raised by info(): the driver's first call, so start-up fails with the reason
@@ -67,6 +71,7 @@ class StageActor:
         cuda = gpus and self.cfg.train.device != "cpu"
         self.device = torch.device("cuda:0" if cuda else "cpu")
         self.stage = build_stage(self.cfg, num_classes, index, self.device)
+        self.stage.driver_steps = size > 1  # replicas step when the driver says their window is complete
         dtype = self.cfg.train.activation_dtype
         bf16 = dtype == "bf16" or (dtype == "auto" and self.device.type == "cuda")
         self.activation_dtype = torch.bfloat16 if bf16 else torch.float32
@@ -79,7 +84,8 @@ class StageActor:
         if self.problem:
             raise ClusterError(self.problem)
         name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
-        return {"stage": self.index + 1, "node": socket.gethostname(), "node_id": _node_id(), "pid": os.getpid(),
+        return {"stage": self.index + 1, "replica": self.rank, "node": socket.gethostname(), "node_id": _node_id(),
+                "pid": os.getpid(),
                 "gpu_ids": [str(g) for g in ray.get_gpu_ids()], "device": str(self.device), "device_name": name,
                 "activation_dtype": str(self.activation_dtype).removeprefix("torch."),
                 "cupy": importlib.util.find_spec("cupy") is not None}
@@ -114,15 +120,15 @@ class StageActor:
             tuple(x.shape), exc))
 
     @ray.method(num_returns=2)
-    def train_step(self, x: torch.Tensor, y: int, slide_id: str):
-        """(activation for the next stage, metrics) for one slide."""
+    def train_step(self, x: torch.Tensor, y: int, slide_id: str, epoch: int | None = None):
+        """(activation for the next stage, metrics) for one slide; `epoch` seeds the slide's random draws."""
         start, waited = self._begin()
         try:
-            out, metrics = self.stage.train_step(x, y)
+            out, metrics = self.stage.train_step(x, y, None if epoch is None else (epoch, slide_id))
         except torch.OutOfMemoryError as exc:
             raise self._out_of_memory(exc, x, slide_id) from None
         sent = self._send(out)
-        metrics.update(wait_s=waited, steps=float(self.stage.optim.steps))
+        metrics.update(wait_s=waited, steps=float(self.stage.optim.steps), replica=float(self.rank))
         self._end("train", slide_id, start)
         return sent, metrics
 
@@ -142,20 +148,20 @@ class StageActor:
     # hands the returned tensor straight to the next actor instead of through the object store. Such methods
     # return one value only, so the metrics wait here for pop_result, which the driver calls right after; a step
     # that raises leaves its error there instead, so the driver sees that error and not a missing result.
-    def _direct(self, method: str, x: torch.Tensor, *args) -> torch.Tensor | None:
+    def _direct(self, method: str, slide_id: str, x: torch.Tensor, *args) -> torch.Tensor | None:
         try:
             sent, result = getattr(self, method)(x, *args)
         except Exception as exc:
-            self.results[args[-1]] = exc
+            self.results[slide_id] = exc
             raise
-        self.results[args[-1]] = result
+        self.results[slide_id] = result
         return sent
 
-    def train_direct(self, x, y, slide_id):
-        return self._direct("train_step", x, y, slide_id)
+    def train_direct(self, x, y, slide_id, epoch=None):
+        return self._direct("train_step", slide_id, x, y, slide_id, epoch)
 
     def eval_direct(self, x, slide_id):
-        return self._direct("eval_step", x, slide_id)
+        return self._direct("eval_step", slide_id, x, slide_id)
 
     def pop_result(self, slide_id: str):
         if slide_id not in self.results:  # the step never ran: its input (an earlier stage's output) failed
@@ -176,6 +182,57 @@ class StageActor:
     def end_epoch(self, metric: float) -> None:
         self.stage.end_epoch(metric)
 
+    # -- replicas (engine/replicas.py) ----------------------------------------------------------------------------
+
+    def host_group(self) -> tuple[str, int]:
+        """Rank 0: host a fresh TCPStore for the group; returns its address for the other ranks."""
+        host = ray.util.get_node_ip_address()
+        self.store, port = ReplicaGroup.host_store(host, self.size, self.cfg.train.collective_timeout_s)
+        return host, port
+
+    def join_group(self, address: tuple[str, int], generation: int) -> None:
+        """Join the stage's group; every rank is called at once (the constructor waits for all of them)."""
+        backend = "nccl" if self.device.type == "cuda" else "gloo"
+        self.group = ReplicaGroup(self.rank, self.size, tuple(address), generation, backend,
+                                  self.cfg.train.collective_timeout_s, self.store if self.rank == 0 else None)
+
+    def _reduce(self):
+        return self.group.reduce_params(self.stage.optim.params())
+
+    def step(self, window: int) -> bool:
+        """The optimizer step of `window`, its gradients summed over the replicas; True when it stepped."""
+        start, _ = self._begin()
+        try:
+            stepped = self.stage.optim.step(self._reduce())
+        except RuntimeError as exc:  # gloo / NCCL: a partner died, or did not come within the timeout
+            raise GroupFailure(f"stage {self.index + 1} replica {self.rank}: all-reduce of window {window} "
+                               f"failed: {exc}") from None
+        self._end("step", str(window), start)
+        return stepped
+
+    def pool(self) -> None:
+        """Gather an open window's gradients and counts on rank 0 (which then saves one stage's state)."""
+        try:
+            self.stage.optim.pool(self._reduce(), keep=self.rank == 0)
+        except RuntimeError as exc:
+            raise GroupFailure(f"stage {self.index + 1} replica {self.rank}: pooling gradients failed: {exc}") from None
+
+    def fingerprint(self) -> str:
+        """A digest of what must be equal over replicas: parameters, frozen buffers and the optimizer's moments."""
+        digest = hashlib.blake2b(digest_size=16)
+        for name, tensor in self.stage.state_dict()["modules"].items():
+            # RFR's own BatchNorm trains in train mode on this replica's slides only; its statistics are not used
+            # in any forward pass, so they may differ.
+            if name.startswith("rfr.") and ("running_" in name or "num_batches" in name):
+                continue
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        for state in self.stage.optim.optimizer.state.values():
+            for value in state.values():
+                if isinstance(value, torch.Tensor):
+                    digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
+
     def state_dict(self) -> dict:
         return to_cpu(self.stage.state_dict())
 
@@ -185,9 +242,15 @@ class StageActor:
         torch.save(self.stage.state_dict(), path)
         return str(path)
 
-    def load(self, directory: str) -> None:
+    def load(self, directory: str) -> int:
+        """Load this stage's file; returns the open window's slide count (rank 0 holds it, the others drop it)."""
         path = stage_file(directory, self.index)
         self.stage.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        filled = self.stage.optim.accumulated
+        if self.rank > 0:
+            self.stage.optim.drop_pending()
+            self.stage.rfr_clamped = 0
+        return filled
 
     def stats(self) -> dict:
         return {"steps": self.stage.optim.steps, "rfr_clamped": getattr(self.stage, "rfr_clamped", 0)}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["ClusterError", "RunFailed", "StageFailure", "StageOutOfMemory", "out_of_memory_message"]
+__all__ = ["ClusterError", "GroupFailure", "RunFailed", "StageFailure", "StageOutOfMemory", "out_of_memory_message"]
 
 
 class ClusterError(RuntimeError):
@@ -11,6 +11,10 @@ class ClusterError(RuntimeError):
 
 class StageFailure(RuntimeError):
     """A stage actor died (process killed, node lost); the trainer restarts from the last checkpoint."""
+
+
+class GroupFailure(RuntimeError):
+    """A replica's all-reduce failed or timed out (a partner died): like a dead actor, the run recovers."""
 
 
 class RunFailed(RuntimeError):

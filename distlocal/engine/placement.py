@@ -57,10 +57,18 @@ def _share(gpus: float) -> float:
     return math.floor(gpus * 1e4 + 1e-6) / 1e4
 
 
-def stage_resources(cfg: TrainConfig, k: int) -> tuple[float, float]:
-    """(CPUs, GPUs) for each stage actor; checks at once that the cluster holds K of them in total."""
+def stage_resources(cfg: TrainConfig, k: int, replicated: bool = False) -> tuple[float, float]:
+    """
+    (CPUs, GPUs) for each stage actor; checks at once that the cluster holds `k` of them in total (K stages, or
+    with replicas every replica of every stage).
+    """
     cpus, gpus = _totals()
     per_gpu = _share(cfg.gpus_per_stage) if cfg.gpus_per_stage > 0 else cfg.gpus_per_stage
+    if replicated and per_gpu == -1 and 0 < gpus < k and cfg.device != "cpu":
+        # Sharing GPUs as below would put two replicas of a stage on one GPU, where NCCL refuses two ranks.
+        raise ClusterError(f"train.replicas={cfg.replicas} asks for {k} stage replicas, one GPU each, but the cluster "
+                           f"has {gpus:g} GPUs ({_nodes()}); lower train.replicas (or model.k) to fit {gpus:g} GPUs, "
+                           f"or let the planner choose: train.plan=auto")
     if per_gpu == -1:
         per_gpu = 1.0 if gpus > 0 and cfg.device != "cpu" else 0.0
         if 0 < gpus < k and cfg.device != "cpu":
@@ -86,9 +94,9 @@ def stage_resources(cfg: TrainConfig, k: int) -> tuple[float, float]:
     return per_cpu, per_gpu
 
 
-def place_stages(cfg: TrainConfig, k: int) -> tuple[PlacementGroup, float, float]:
-    """Reserve one bundle per stage; raise ClusterError if that does not happen within the timeout."""
-    cpus, gpus = stage_resources(cfg, k)
+def place_stages(cfg: TrainConfig, k: int, replicated: bool = False) -> tuple[PlacementGroup, float, float]:
+    """Reserve one bundle per stage actor (replica); raise ClusterError if that does not happen within the timeout."""
+    cpus, gpus = stage_resources(cfg, k, replicated)
     bundle = {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
     group = placement_group([dict(bundle) for _ in range(k)], strategy=cfg.placement.upper())
     ready, _ = ray.wait([group.ready()], timeout=cfg.placement_timeout_s)

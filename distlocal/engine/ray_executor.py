@@ -5,6 +5,9 @@ Per slide the driver chains stage_1 -> ... -> stage_K by handing each actor the 
 returned (no ray.get between stages), and keeps at most `train.max_inflight` slides in flight. Slides load ahead
 of the pipeline in one loader actor that lives as long as the executor (loading.py says why). The driver only ever
 fetches the small things: metrics and class probabilities.
+
+With `train.replicas`, a stage is R actors, each on its own device (engine/replicas.py): a slide goes to one of
+them, and the driver issues every replicated stage's optimizer step right after the last slide of a window.
 """
 
 from __future__ import annotations
@@ -21,13 +24,14 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskErro
 from ray.util.placement_group import remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from distlocal.config import Config, config_to_dict
+from distlocal.config import Config, config_to_dict, stage_replicas
 from distlocal.data import SlideLoader, SlideRecord
 from distlocal.engine.actor import StageActor
-from distlocal.engine.faults import ClusterError, StageFailure
+from distlocal.engine.faults import ClusterError, GroupFailure, StageFailure
 from distlocal.engine.loading import SlideFeed
 from distlocal.engine.placement import connect, place_stages
-from distlocal.engine.transport import log_hops, open_group, plan_hops, summary
+from distlocal.engine.replicas import Schedule
+from distlocal.engine.transport import Hop, log_hops, open_group, plan_hops, summary
 
 __all__ = ["RayExecutor"]
 
@@ -40,7 +44,7 @@ def _fetch(refs, what: str):
         return ray.get(refs)
     except RayTaskError as exc:
         cause = exc.cause
-        if isinstance(cause, RayError):
+        if isinstance(cause, RayError | GroupFailure):
             raise StageFailure(f"{what}: {cause}") from None
         raise cause from None
     except RayError as exc:  # RayActorError, ObjectLostError, OwnerDiedError, WorkerCrashedError, ...
@@ -53,39 +57,75 @@ class RayExecutor:
     def __init__(self, cfg: Config, num_classes: int, actor_cls: type = StageActor):
         connect()
         self.cfg, self.k = cfg, cfg.model.k
-        self.max_inflight = cfg.train.max_inflight or self.k + 1
+        self.replicas = stage_replicas(cfg.train, self.k)
+        self.replicated = max(self.replicas) > 1
+        # Replicas share a window: with R of them a stage takes up to R slides at once, so more may be in flight.
+        self.max_inflight = cfg.train.max_inflight or self.k + max(self.replicas)
+        self.schedule = Schedule(self.replicas, cfg.train.accumulate)
+        self.generation, self.window, self.steps = 0, 0, []  # replica groups; windows stepped; step refs pending
+        self.num_classes = num_classes
         # Actors on other nodes run in their own copy of the working dir: a relative run.dir would mean a
         # different folder on each node. The driver's absolute path is the one every actor uses.
         self.run_dir = Path(cfg.run.dir).resolve()
         config = config_to_dict(cfg)
         config["run"]["dir"] = str(self.run_dir)
-        self.actors: list = []
+        self.config, self.actor_cls = config, actor_cls
+        self.actors: list = []  # every actor, stage by stage (replicas of a stage side by side)
+        self.stages: list[list] = []  # stage -> its replicas
         self.feed: SlideFeed | None = None
         self.collective = None  # the collective group's handle (nccl / gloo hops), to destroy it by
         self.group = None
         marker, token = self._write_marker()  # before anything starts: a driver that cannot write there fails at once
         try:  # a sweep runs many children in one driver: a failed start must not keep the GPUs or the actors
-            self.group, cpus, gpus = place_stages(cfg.train, self.k)
-            # Direct hops choose their transport per call (.options(tensor_transport)), which the class must allow.
-            remote_cls = ray.remote(enable_tensor_transport=cfg.train.transport != "object_store")(actor_cls)
-            for i in range(self.k):
-                self.actors.append(remote_cls.options(
-                    num_cpus=cpus, num_gpus=gpus, max_restarts=cfg.train.max_restarts, max_task_retries=0,
-                    scheduling_strategy=PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=i),
-                ).remote(config, num_classes, i))
+            self.group, self.cpus, self.gpus = place_stages(cfg.train, sum(self.replicas), self.replicated)
+            self._start_actors()
             self.feed = SlideFeed(cfg.data, self.group, _fetch)  # starts while the stages build their models
             self.info = _fetch([a.info.remote() for a in self.actors], "starting the stage actors")
             self._check_shared_run_dir(marker, token)
+            self._form_groups()
         except BaseException:
             self.close()
             raise
         finally:
             marker.unlink(missing_ok=True)
         for info in self.info:
-            log.info("stage %d on %s (node %s, pid %d): %s (%s), GPU ids %s, activations %s", info["stage"],
-                     info["node"], info["node_id"][:12], info["pid"], info["device"], info["device_name"],
-                     info["gpu_ids"] or "-", info["activation_dtype"])
+            log.info("stage %d replica %d on %s (node %s, pid %d): %s (%s), GPU ids %s, activations %s",
+                     info["stage"], info["replica"], info["node"], info["node_id"][:12], info["pid"], info["device"],
+                     info["device_name"], info["gpu_ids"] or "-", info["activation_dtype"])
         self._connect_stages()
+
+    def _start_actors(self) -> None:
+        """One actor per replica, each in its own bundle (flat index: stage by stage)."""
+        # Direct hops choose their transport per call (.options(tensor_transport)), which the class must allow.
+        remote_cls = ray.remote(enable_tensor_transport=self.cfg.train.transport != "object_store")(self.actor_cls)
+        # A restarted replica is not in its group: replicas are never restarted by Ray, the executor starts the
+        # whole pipeline afresh instead (recover).
+        restarts = 0 if self.replicated else self.cfg.train.max_restarts
+        self.actors, self.stages = [], []
+        for i, count in enumerate(self.replicas):
+            self.stages.append([remote_cls.options(
+                num_cpus=self.cpus, num_gpus=self.gpus, max_restarts=restarts, max_task_retries=0,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    self.group, placement_group_bundle_index=len(self.actors) + r),
+            ).remote(self.config, self.num_classes, i, r, count) for r in range(count)])
+            self.actors += self.stages[-1]
+
+    def _form_groups(self) -> None:
+        """A torch process group per replicated stage, under a new generation number."""
+        self.generation += 1
+        for i, replicas in enumerate(self.stages):
+            if len(replicas) == 1:
+                continue
+            where = [(info["node_id"], tuple(info["gpu_ids"])) for info in self.info if info["stage"] == i + 1]
+            if self.info[self.actors.index(replicas[0])]["device"].startswith("cuda") and \
+                    len(set(where)) < len(where):
+                raise ClusterError(
+                    f"the {len(replicas)} replicas of stage {i + 1} share GPUs ({[list(w[1]) for w in where]}), but "
+                    f"NCCL takes one rank per GPU; give each replica a whole GPU (train.gpus_per_stage=1) or lower "
+                    f"train.replicas={self.cfg.train.replicas}")
+            address = _fetch(replicas[0].host_group.remote(), f"hosting stage {i + 1}'s replica group")
+            _fetch([a.join_group.remote(address, self.generation) for a in replicas],
+                   f"forming stage {i + 1}'s replica group")
 
     def _write_marker(self) -> tuple[Path, str]:
         """A file in run.dir that every stage actor must find (_check_shared_run_dir)."""
@@ -114,6 +154,9 @@ class RayExecutor:
     def _connect_stages(self) -> None:
         """Choose each hop's transport (see engine/transport.py), build the group it needs, and say what it got."""
         asked = self.cfg.train.transport
+        if self.replicated:  # config.py allows only the object store with replicas
+            self.collective, self.hops = None, [Hop("object_store", "")] * (self.k - 1)
+            return
         self.collective, self.hops = open_group(self.actors, plan_hops(asked, self.info))
         log_hops(self.hops, asked)
 
@@ -134,11 +177,41 @@ class RayExecutor:
         """(record, ObjectRef of its tensor) in order; loads run `data.prefetch` slides ahead of the pipeline."""
         return self.feed.slides(records, loader, epoch, ahead=loader.cfg.prefetch + self.max_inflight)
 
+    def _route(self, method: str, n: int) -> list:
+        """The actor of each stage for the n-th slide of a pass; a training window's step is issued after its last."""
+        if method != "train_step":  # replicas are equal: forward passes go to them in turn
+            return [replicas[n % len(replicas)] for replicas in self.stages]
+        route = self.schedule.next()
+        return [replicas[r] for replicas, r in zip(self.stages, route.replicas, strict=True)], route.closes
+
+    def _step_window(self) -> None:
+        """Every replica of every replicated stage steps: each actor's queue already holds the window's slides."""
+        self.window += 1
+        self.steps += [a.step.remote(self.window) for replicas in self.stages if len(replicas) > 1 for a in replicas]
+
+    def _wait(self, refs: list, what: str):
+        """
+        ray.get of `refs`, watching the pending steps meanwhile: a replica stuck in an all-reduce with a dead partner
+        would otherwise hide the death until the collective's timeout.
+        """
+        while self.steps:
+            done, self.steps = ray.wait(self.steps, num_returns=len(self.steps), timeout=0)
+            _fetch(done, "stepping the replicas")
+            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0.5)
+            if len(ready) == len(refs):
+                break
+        return _fetch(refs, what)
+
+    def _drain_steps(self) -> None:
+        steps, self.steps = self.steps, []
+        _fetch(steps, "stepping the replicas")
+
     def _pipeline(self, method: str, slides: Iterator, args) -> Iterator[tuple[str, list]]:
         inflight: deque = deque()
-        for record, x in slides:
+        for n, (record, x) in enumerate(slides):
             outputs = []
-            for i, actor in enumerate(self.actors):  # x stays an ObjectRef: stage i+1 starts once stage i returns it
+            actors, closes = self._route(method, n) if method == "train_step" else (self._route(method, n), False)
+            for i, actor in enumerate(actors):  # x stays an ObjectRef: stage i+1 starts once stage i returns it
                 hop = self.hops[i].transport if i < self.k - 1 else "object_store"
                 if hop != "object_store":
                     direct = getattr(actor, f"{method.removesuffix('_step')}_direct")
@@ -148,18 +221,21 @@ class RayExecutor:
                     x, out = getattr(actor, method).remote(x, *args(record))
                 outputs.append(out)
             inflight.append((record.slide_id, outputs))
+            if closes and self.replicated:
+                self._step_window()
             if len(inflight) >= self.max_inflight:
                 slide_id, outputs = inflight.popleft()
-                yield slide_id, _fetch(outputs, f"slide {slide_id}")
+                yield slide_id, self._wait(outputs, f"slide {slide_id}")
         while inflight:
             slide_id, outputs = inflight.popleft()
-            yield slide_id, _fetch(outputs, f"slide {slide_id}")
+            yield slide_id, self._wait(outputs, f"slide {slide_id}")
+        self._drain_steps()
 
     def train(self, records: Iterable[SlideRecord], loader: SlideLoader,
               epoch: int) -> Iterator[tuple[str, list[dict]]]:
         """For each slide, in order, (slide_id, one metrics dict per stage); stages overlap on different slides."""
         return self._pipeline("train_step", self._slides(records, loader, epoch),
-                              lambda r: (r.label, r.slide_id))
+                              lambda r: (r.label, r.slide_id, epoch))
 
     def evaluate(self, records: Iterable[SlideRecord], loader: SlideLoader) -> Iterator[tuple[str, list]]:
         """For each slide (slide_id, class probabilities of every stage's classifier), forward only."""
@@ -168,41 +244,76 @@ class RayExecutor:
     def attention(self, records: Iterable[SlideRecord], loader: SlideLoader) -> Iterator[tuple[str, tuple]]:
         """For each slide (slide_id, (H's probabilities, H's attention map)); one slide at a time (for plots)."""
         for record, x in self._slides(records, loader, 0):
-            for actor in self.actors[:-1]:
-                x, _ = actor.eval_step.remote(x, record.slide_id)
-            yield record.slide_id, _fetch(self.actors[-1].attend.remote(x, record.slide_id), f"slide {record.slide_id}")
+            for replicas in self.stages[:-1]:
+                x, _ = replicas[0].eval_step.remote(x, record.slide_id)
+            yield record.slide_id, _fetch(self.stages[-1][0].attend.remote(x, record.slide_id),
+                                          f"slide {record.slide_id}")
 
     # -- state --------------------------------------------------------------------------------------------------
 
-    def _all(self, method: str, *args, what: str) -> list:
-        return _fetch([getattr(a, method).remote(*args) for a in self.actors], what)
+    def _all(self, method: str, *args, what: str, actors: list | None = None) -> list:
+        return _fetch([getattr(a, method).remote(*args) for a in (self.actors if actors is None else actors)], what)
+
+    def _firsts(self) -> list:
+        """Rank 0 of every stage: after `_pool` it holds its stage's whole state."""
+        return [replicas[0] for replicas in self.stages]
 
     def end_epoch(self, metrics: list[float]) -> None:
-        _fetch([a.end_epoch.remote(m) for a, m in zip(self.actors, metrics, strict=True)], "ending the epoch")
+        _fetch([a.end_epoch.remote(m) for replicas, m in zip(self.stages, metrics, strict=True) for a in replicas],
+               "ending the epoch")
+
+    def _pool(self) -> None:
+        """
+        Gather each replicated stage's open window on rank 0 and check that its replicas are equal: rank 0's state
+        is then one stage's state, the file one stage would write.
+        """
+        replicated = [replicas for replicas in self.stages if len(replicas) > 1]
+        if not replicated:
+            return
+        self._drain_steps()
+        _fetch([a.pool.remote() for replicas in replicated for a in replicas], "pooling the replicas' gradients")
+        for replicas in replicated:
+            prints = self._all("fingerprint", what="comparing the replicas", actors=replicas)
+            if len(set(prints)) > 1:
+                stage = self.stages.index(replicas) + 1
+                raise RuntimeError(f"the replicas of stage {stage} differ ({prints}); their steps were not the same "
+                                   f"all-reduced update: this is a bug, please report it")
 
     # Paths are resolved here: an actor would resolve a relative one in its own node's working dir.
     def save_stages(self, directory: Path) -> None:
-        """Each actor writes its own stage file into `directory` (on storage every node can reach)."""
+        """Each stage's rank 0 writes its stage file into `directory` (on storage every node can reach)."""
         directory = Path(directory).resolve()
-        self._all("save", str(directory), what=f"saving a checkpoint to {directory}")
+        self._pool()
+        self._all("save", str(directory), what=f"saving a checkpoint to {directory}", actors=self._firsts())
 
     def load_stages(self, directory: Path) -> None:
+        """Every replica loads its stage's file (any replica count); routing resumes at the window's fill."""
         directory = Path(directory).resolve()
-        self._all("load", str(directory), what=f"loading the checkpoint {directory}")
+        self._drain_steps()
+        filled = self._all("load", str(directory), what=f"loading the checkpoint {directory}")
+        self.schedule.filled = filled[0]  # every stage counted the same trained slides
 
     def state_dicts(self) -> list[dict]:
         """Each stage's state, on the CPU (the driver may have no GPU)."""
-        return self._all("state_dict", what="collecting the stages' state")
+        self._pool()
+        return self._all("state_dict", what="collecting the stages' state", actors=self._firsts())
 
     def stats(self) -> list[dict]:
-        return self._all("stats", what="collecting the stages' counters")
+        stats = self._all("stats", what="collecting the stages' counters")
+        per_stage = [stats[self.actors.index(replicas[0])] for replicas in self.stages]
+        return [{"steps": s["steps"], "rfr_clamped": sum(stats[self.actors.index(a)]["rfr_clamped"]
+                                                         for a in replicas)}
+                for s, replicas in zip(per_stage, self.stages, strict=True)]
 
     def traces(self) -> list[list[tuple[str, str, float, float]]]:
-        """Per stage, (kind, slide_id, start, end) of the work done since the last call."""
+        """Per actor (stage by stage, replicas side by side), (kind, slide_id, start, end) since the last call."""
         return self._all("pop_trace", what="collecting the stages' traces")
 
     def recover(self, directory: Path, timeout_s: float = 60.0) -> None:
         """After a StageFailure: wait for Ray to restart the dead actors, then reload every stage from `directory`."""
+        if self.replicated:
+            self._restart_replicas(directory)
+            return
         deadline = time.monotonic() + timeout_s
         for i, actor in enumerate(self.actors):
             while True:  # a restarting actor queues the ping; one that is dead for good keeps failing it
@@ -222,6 +333,19 @@ class RayExecutor:
         # the hops chosen again from where the stages now run.
         self._destroy_collective()
         self._connect_stages()
+
+    def _restart_replicas(self, directory: Path) -> None:
+        """
+        A dead replica broke its group, and a survivor may wait in an all-reduce: end every actor, start fresh ones
+        in the same bundles, form the groups under a new generation, and reload the checkpoint.
+        """
+        self.steps = []
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)
+        self._start_actors()
+        self.info = self._all("info", what="restarting the stage actors")
+        self._form_groups()
+        self.load_stages(directory)
 
     def _destroy_collective(self) -> None:
         if self.collective is None:

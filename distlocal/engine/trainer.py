@@ -69,6 +69,12 @@ class _Window:
                 out[f"stage{i + 1}/{name}"] = float(np.mean([m[key] for m in stage]))
             if "wait_s" in stage[0]:  # Ray: time the actor sat idle waiting for its input
                 out[f"stage{i + 1}/wait_s"] = float(np.mean([m["wait_s"] for m in stage]))
+            seen = {int(m.get("replica", 0)) for m in stage}
+            for replica in sorted(seen) if seen != {0} else []:
+                # Replicas (train.replicas): the stage's series above combine them; each one's pace shows here.
+                mine = [m for m in stage if int(m["replica"]) == replica]
+                out[f"stage{i + 1}/replica{replica}/step_s"] = float(np.mean([m["step_s"] for m in mine]))
+                out[f"stage{i + 1}/replica{replica}/wait_s"] = float(np.mean([m["wait_s"] for m in mine]))
             out[f"stage{i + 1}/lr"] = stage[-1]["lr"]
             out[f"stage{i + 1}/peak_mem_mb"] = max(m["peak_mem_mb"] for m in stage)
         self.rows = []
@@ -168,6 +174,10 @@ class Trainer:
         """Train the rest of `epoch`; return False when train.max_slides stopped the run."""
         t, order = self.cfg.train, epoch_order(len(self.train_set), self.cfg.train.seed, epoch)
         records = [self.train_set[i] for i in order[self.state.position:]]
+        # The pipeline runs ahead of the results: slides past train.max_slides would train, uncounted, if handed to it.
+        limited = bool(t.max_slides) and len(records) >= t.max_slides - self.state.slides_seen
+        if limited:
+            records = records[:max(0, t.max_slides - self.state.slides_seen)]
         position_after = {r.slide_id: self.state.position + n + 1 for n, r in enumerate(records)}
         window, log_every = _Window(), max(1, t.accumulate)
         bar = progress(total=len(order), initial=self.state.position, desc=f"epoch {epoch + 1}/{t.epochs}",
@@ -187,7 +197,7 @@ class Trainer:
             if t.checkpoint_every and self.state.position < len(order):
                 self._save("last")
         bar.close()
-        return True
+        return not limited  # (a skipped slide leaves the limit unreached: the run stops all the same)
 
     def _validate(self, epoch: int) -> None:
         result = evaluate(self.executor, self.valid_set, self.valid_loader, len(self.classes), desc="validate")
