@@ -333,6 +333,9 @@ def _validate_replicas(cfg: Config) -> None:
     if max(replicas) > 1 and t.transport != "object_store":
         raise ConfigError(f"train.transport={t.transport} carries activations between single stage actors; with "
                           f"train.replicas={t.replicas} set train.transport=object_store")
+    if t.plan == "auto" and t.executor != "ray":
+        raise ConfigError("train.plan=auto plans stage replicas on several devices, which needs train.executor=ray; "
+                          "set train.executor=ray, or train.plan=manual")
     if t.gpus < 0 or t.allreduce_gb_per_s <= 0 or t.collective_timeout_s <= 0:
         raise ConfigError(f"train.gpus ({t.gpus}) must be >= 0, train.allreduce_gb_per_s ({t.allreduce_gb_per_s}) "
                           f"and train.collective_timeout_s ({t.collective_timeout_s}) > 0")

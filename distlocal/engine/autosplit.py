@@ -1,4 +1,7 @@
-"""Resolve model.split=auto before the stages are built: profile on the hardware the stages will use."""
+"""
+Resolve model.split=auto and train.plan=auto before the stages are built: profile on the hardware the stages will
+use, then cut (best_split) or plan the cut and the replicas per stage (plan_pipeline).
+"""
 
 from __future__ import annotations
 
@@ -7,12 +10,12 @@ import logging
 
 import torch
 
-from distlocal.config import Config
+from distlocal.config import Config, ConfigError, config_from_dict, config_to_dict
 from distlocal.model import resolve_device
-from distlocal.model.balance import best_split, profile_blocks
+from distlocal.model.balance import Plan, best_split, plan_pipeline, profile_blocks
 from distlocal.model.stage import autocast
 
-__all__ = ["resolve_auto_split"]
+__all__ = ["resolve_auto_split", "resolve_plan"]
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +42,8 @@ def _profile_remote(cfg: Config, num_classes: int, slide: torch.Tensor):
     def run(cfg, num_classes, slide):
         torch.set_num_threads(max(1, int(cpus)))
         device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
-        return _profile(cfg, num_classes, slide, device)
+        memory = torch.cuda.get_device_properties(0).total_memory / 2**20 if device == "cuda" else float("inf")
+        return _profile(cfg, num_classes, slide, device), memory
 
     return ray.get(ray.remote(run).options(num_cpus=cpus, num_gpus=gpus).remote(cfg, num_classes, slide))
 
@@ -49,7 +53,7 @@ def resolve_auto_split(cfg: Config, num_classes: int, slide: torch.Tensor) -> Co
     if cfg.model.split != "auto" or cfg.model.blocks_per_stage:
         return cfg
     if cfg.train.executor == "ray":
-        costs = _profile_remote(cfg, num_classes, slide)
+        costs, _ = _profile_remote(cfg, num_classes, slide)
     else:
         costs = _profile(cfg, num_classes, slide, resolve_device(cfg.train.device))
     sizes, stage_costs = best_split(costs, cfg.model.k)
@@ -61,3 +65,40 @@ def resolve_auto_split(cfg: Config, num_classes: int, slide: torch.Tensor) -> Co
              "%.2fx", "x".join(map(str, slide.shape[-2:])), "\n".join(rows), sizes,
              [round(c * 1e3, 1) for c in stage_costs], total / max(stage_costs))
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, blocks_per_stage=sizes))
+
+
+def _devices(cfg: Config) -> int:
+    """train.gpus, or every GPU of the cluster."""
+    if cfg.train.gpus:
+        return cfg.train.gpus
+    import ray
+
+    from distlocal.engine.placement import connect
+
+    connect()
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    if not gpus:
+        raise ConfigError("train.plan=auto plans for the cluster's GPUs, but it has none; set train.gpus=N to plan "
+                          "for N devices (on CPUs: N stage actors)")
+    return gpus
+
+
+def resolve_plan(cfg: Config, num_classes: int, slide: torch.Tensor) -> tuple[Config, Plan | None]:
+    """
+    A copy of `cfg` with the planner's cut (with model.split=auto) and train.replicas, and the plan (None unless
+    train.plan=auto). K stays model.k: K and the cut change what is learned, the replicas do not.
+    """
+    if cfg.train.plan != "auto":
+        return resolve_auto_split(cfg, num_classes, slide), None
+    devices = _devices(cfg)
+    costs, memory = _profile_remote(cfg, num_classes, slide)
+    fixed = None if cfg.model.split == "auto" else cfg.model.blocks_per_stage
+    plan = plan_pipeline(costs, devices, cfg.train.accumulate, cfg.model.k, fixed, 0.9 * memory,
+                         cfg.train.allreduce_gb_per_s * 1e9)
+    log.info("train.plan=auto on %d device(s): blocks per stage %s, replicas %s; predicted %.3g slides/s, stage "
+             "ms per slide %s, busy %s", devices, plan.blocks_per_stage, plan.replicas, plan.slides_per_s,
+             [round(s * 1e3, 1) for s in plan.stage_s], [round(b, 2) for b in plan.busy])
+    data = config_to_dict(cfg)
+    data["model"]["blocks_per_stage"], data["train"]["replicas"] = plan.blocks_per_stage, plan.replicas
+    data["train"]["plan"] = "manual"  # the resolved config records the plan itself: a resume keeps it
+    return config_from_dict(data), plan  # validated again: e.g. a direct transport does not go with replicas

@@ -20,7 +20,7 @@ import numpy as np
 
 from distlocal.config import Config, save_config
 from distlocal.data import ManifestError, SlideLoader, read_manifest
-from distlocal.engine.autosplit import resolve_auto_split
+from distlocal.engine.autosplit import resolve_plan
 from distlocal.engine.checkpoint import for_restoring, load_checkpoint, save_checkpoint
 from distlocal.engine.evaluate import evaluate, metrics_line, monitored
 from distlocal.engine.executor import make_executor
@@ -116,9 +116,11 @@ class Trainer:
             resolve_device(cfg.train.device)  # fail on a missing GPU before reading anything
         self.train_loader = SlideLoader(cfg.data, train=True, seed=cfg.train.seed)
         self.valid_loader = SlideLoader(cfg.data, train=False)
-        if cfg.model.split == "auto" and not resume:  # a resumed run keeps the cut its config records
+        self.plan = None
+        if (cfg.model.split == "auto" or cfg.train.plan == "auto") and not resume:  # a resumed run keeps its config's
             sample = self.valid_loader.load(self.train_set[0])
-            self.cfg = cfg = resolve_auto_split(cfg, len(self.classes), sample)
+            cfg, self.plan = resolve_plan(cfg, len(self.classes), sample)
+            self.cfg = cfg
         self.state = TrainState()
         if resume:
             ckpt = load_checkpoint(self.ckpt_dir / "last", stages=False)  # checks the folder before Ray starts
@@ -134,6 +136,9 @@ class Trainer:
         self.logged = _logged_steps(self.run_dir / "metrics.jsonl") if resume else {}
         self.tracker = make_tracker(cfg, self.run_dir, resume, parent_run_id)
         self.tracker.log_params(flatten(cfg))
+        if self.plan is not None:  # what the planner predicted, beside what the run will measure
+            self.tracker.log_params({"plan.slides_per_s": round(self.plan.slides_per_s, 4),
+                                     "plan.busy": json.dumps([round(b, 3) for b in self.plan.busy])})
         self.tracker.set_tags({**self._tags(), **(extra_tags or {})})
 
     def _tags(self) -> dict:
