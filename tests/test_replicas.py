@@ -10,12 +10,15 @@ import torch
 from distlocal.config import ConfigError, load_config
 from distlocal.data import SlideLoader, read_manifest
 from distlocal.engine.actor import StageActor
+from distlocal.engine import autosplit
 from distlocal.engine.checkpoint import load_checkpoint
+from distlocal.engine.faults import ClusterError
 from distlocal.engine.local import LocalExecutor
 from distlocal.engine.ray_executor import RayExecutor
 from distlocal.engine.replicas import Schedule
 from distlocal.engine.trainer import Trainer
 from distlocal.model import build_stages
+from distlocal.model.balance import BlockCost
 from tests.interrupt import fit_and_interrupt
 
 # R replicas sum the same per-slide gradients as one stage, in another order (gloo's ring against one running
@@ -87,6 +90,28 @@ def test_bad_replica_settings_name_the_key_and_the_fix():
         load_config(None, ["train.replicas=2"])
     with pytest.raises(ConfigError, match=r"train.transport=gloo .*set train.transport=object_store"):
         load_config(None, ["train.executor=ray", "train.replicas=2", "train.transport=gloo"])
+
+
+def test_plan_auto_records_its_cut_and_replicas_in_a_valid_config(make_cfg, slide, monkeypatch):
+    """train.plan=auto on 3 devices: the plan's cut and replicas are in the resolved (validated) config."""
+    # The profile (a Ray task on a stage's resources) is what test_planner covers; here its plumbing only.
+    profile = [BlockCost(b, 2.0 if b < 4 else 1.0, 0.0, 0.0) for b in range(8)]
+    monkeypatch.setattr(autosplit, "_profile_remote", lambda *a: (profile, float("inf")))
+    cfg, plan = autosplit.resolve_plan(make_cfg("train.executor=ray", "model.backbone=resnet18", "model.k=2",
+                                                "model.split=auto", "train.plan=auto", "train.gpus=3",
+                                                "train.accumulate=8"), 2, slide)
+    assert (cfg.model.blocks_per_stage, cfg.train.replicas) == (plan.blocks_per_stage, plan.replicas)
+    assert sum(plan.replicas) == 3, f"a third device halves one stage's time: {plan}"
+    assert cfg.train.plan == "manual", "a resumed run keeps the plan its config records"
+    assert plan.slides_per_s == pytest.approx(1 / 4.0)
+    with pytest.raises(ConfigError, match=r"train.plan=auto .* needs train.executor=ray"):
+        make_cfg("train.plan=auto")
+
+
+def test_more_replicas_than_gpus_fail_at_once(local_ray, manifest, tmp_path):
+    """Replicas at one GPU each on a cluster without GPUs: the start fails before any actor, naming the count."""
+    with pytest.raises(ClusterError, match=r"asked for 3 stage replicas x \(1 CPU, 1 GPU\) = 3 GPUs.*has 0 GPUs"):
+        RayExecutor(_cfg(manifest, tmp_path, "train.replicas=[2,1]", "train.device=auto", "train.gpus_per_stage=1"), 2)
 
 
 def test_k4_replicas_equal_one_stage_overlap_and_keep_slide_order(local_ray, actor_threads, manifest, tmp_path):

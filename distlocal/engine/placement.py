@@ -82,7 +82,7 @@ def stage_resources(cfg: TrainConfig, k: int, replicated: bool = False) -> tuple
         per_gpu = 0.0  # an explicit train.gpus_per_stage still reserves GPUs; the stages compute on the CPU
     # train.cpus_per_stage=0 (the default): one CPU each, or K equal shares of a cluster with fewer CPUs than K.
     per_cpu = cfg.cpus_per_stage or min(1.0, cpus / k)
-    asked = f"{k} stages x ({per_cpu:g} CPU, {per_gpu:g} GPU)"
+    asked = f"{k} {'stage replicas' if replicated else 'stages'} x ({per_cpu:g} CPU, {per_gpu:g} GPU)"
     if per_gpu * k > gpus + 1e-9:
         fit = f"train.gpus_per_stage={_share(gpus / k):g} to share them" if gpus else "train.device=cpu"
         raise ClusterError(f"asked for {asked} = {per_gpu * k:g} GPUs, but the cluster has {gpus:g} GPUs "
