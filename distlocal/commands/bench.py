@@ -1,5 +1,6 @@
 """
 distlocal bench pipeline [--config CONFIG] [--set key=value ...] [--slides N] [--size H W] [--epochs N]
+                         [--replicas 2,1 | --plan auto]
 distlocal bench io [--size H W] [--base-magnification 20] [--repeats 3]
 distlocal bench memory [--sizes HxW,HxW] [--device auto|cpu|cuda] [--set key=value ...]
 distlocal bench inference [SLIDE_OR_MANIFEST ...] [--sizes HxW,HxW] [--mode deployed|memory] [--workers N]
@@ -48,6 +49,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, default=0,
                    help="pipeline: also time a whole run of N epochs with validation and test (each phase's wait for "
                         "its first result, the run against its slowest stage's busy time)")
+    p.add_argument("--replicas", help="pipeline: also run with these replicas per stage, e.g. 2,1 (stage 1 twice)")
+    p.add_argument("--plan", choices=["auto"], help="pipeline: also run the planner's replicas on train.gpus devices "
+                   "(default K+1), planned from the stage times measured alone")
     p.add_argument("--out", default="runs/bench", help="folder for pipeline.json, or io.json and io.png")
 
 
@@ -139,9 +143,17 @@ def run(args: argparse.Namespace) -> int:
                                            size=tuple(args.size or (384, 384)), seed=0, splits=splits)
         cfg = load_config(args.config, [*([] if args.config else _DEFAULTS), *args.overrides,
                                         f"data.manifest={manifest}"])
-    result = bench_pipeline(cfg, out)
+    replicas = [int(r) for r in args.replicas.split(",")] if args.replicas else None
+    if replicas and len(replicas) != cfg.model.k:
+        raise ConfigError(f"--replicas {args.replicas} gives {len(replicas)} counts for K={cfg.model.k} stages; "
+                          f"give one per stage, e.g. --replicas {','.join(['2'] + ['1'] * (cfg.model.k - 1))}")
+    result = bench_pipeline(cfg, out, replicas=replicas, plan=args.plan == "auto")
     print(json.dumps(result, indent=2))
     print(format_result(result))
+    if "replicas" in result:
+        from distlocal.bench.pipeline import format_replicas
+
+        print(format_replicas(result))
     if args.epochs:
         from distlocal.bench.whole_run import bench_whole_run, format_whole_run
 
