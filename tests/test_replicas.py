@@ -9,8 +9,8 @@ import torch
 
 from distlocal.config import ConfigError, load_config
 from distlocal.data import SlideLoader, read_manifest
-from distlocal.engine.actor import StageActor
 from distlocal.engine import autosplit
+from distlocal.engine.actor import StageActor
 from distlocal.engine.checkpoint import load_checkpoint
 from distlocal.engine.faults import ClusterError
 from distlocal.engine.local import LocalExecutor
