@@ -1,8 +1,10 @@
 """Replicas per stage (train.replicas) on a real local Ray with gloo: they learn what one stage learns."""
 
+import copy
 import json
 import os
 import signal
+import threading
 
 import pytest
 import torch
@@ -15,10 +17,11 @@ from distlocal.engine.checkpoint import load_checkpoint
 from distlocal.engine.faults import ClusterError
 from distlocal.engine.local import LocalExecutor
 from distlocal.engine.ray_executor import RayExecutor
-from distlocal.engine.replicas import Schedule
+from distlocal.engine.replicas import ReplicaGroup, Schedule
 from distlocal.engine.trainer import Trainer
 from distlocal.model import build_stages
 from distlocal.model.balance import BlockCost
+from distlocal.model.optim import LocalOptimizer
 from tests.interrupt import fit_and_interrupt
 
 # R replicas sum the same per-slide gradients as one stage, in another order (gloo's ring against one running
@@ -78,6 +81,37 @@ def test_schedule_routes_in_turn_within_a_window_and_closes_it():
     assert [r.replicas for r in routes] == [(0, 0, 0), (1, 0, 1), (0, 0, 2), (1, 0, 0), (0, 0, 0)]
     assert [r.closes for r in routes] == [False, False, False, True, False]
     assert Schedule([2, 1, 3], accumulate=4, filled=3).next() == routes[3]
+
+
+def test_an_empty_replica_adds_zeros_and_an_unused_weight_is_not_decayed(make_cfg):
+    """
+    Two replicas over a real gloo group (threads): one trains both slides of a window, the other none. Their step
+    equals one optimizer's over the same slides, and a parameter no slide reached keeps its value (no decay).
+    """
+    cfg = make_cfg("train.accumulate=2", "train.weight_decay=0.1").train
+    torch.manual_seed(0)
+    model = torch.nn.ModuleDict({"used": torch.nn.Linear(4, 1).double(), "unused": torch.nn.Linear(4, 1).double()})
+    copies = [copy.deepcopy(model) for _ in range(3)]
+    optims = [LocalOptimizer(m, torch.nn.Identity(), cfg) for m in copies]
+    slides = [torch.randn(1, 4, dtype=torch.float64) for _ in range(2)]
+    for x in slides:
+        optims[0].backward(copies[0]["used"](x).square().sum())  # one stage
+        optims[1].add(copies[1]["used"](x).square().sum())  # replica 0; replica 1 (optims[2]) gets none
+    store, port = ReplicaGroup.host_store("127.0.0.1", 2, 30)
+    stepped = {}
+
+    def replica(rank):
+        group = ReplicaGroup(rank, 2, ("127.0.0.1", port), 1, "gloo", 30, store if rank == 0 else None)
+        stepped[rank] = optims[1 + rank].step(group.reduce_params(optims[1 + rank].params()))
+
+    threads = [threading.Thread(target=replica, args=(r,)) for r in range(2)]
+    [t.start() for t in threads]
+    [t.join(timeout=60) for t in threads]
+    assert stepped == {0: True, 1: True}, "both replicas step the window"
+    for name, tensor in copies[0].state_dict().items():
+        for rank in (0, 1):
+            torch.testing.assert_close(copies[1 + rank].state_dict()[name], tensor, **EXACT, msg=f"{rank}: {name}")
+    torch.testing.assert_close(copies[2]["unused"].weight, model["unused"].weight, rtol=0, atol=0)
 
 
 def test_bad_replica_settings_name_the_key_and_the_fix():

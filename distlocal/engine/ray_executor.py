@@ -177,10 +177,10 @@ class RayExecutor:
         """(record, ObjectRef of its tensor) in order; loads run `data.prefetch` slides ahead of the pipeline."""
         return self.feed.slides(records, loader, epoch, ahead=loader.cfg.prefetch + self.max_inflight)
 
-    def _route(self, method: str, n: int) -> list:
-        """The actor of each stage for the n-th slide of a pass; a training window's step is issued after its last."""
+    def _route(self, method: str, n: int) -> tuple[list, bool]:
+        """The actor of each stage for the n-th slide of a pass, and whether a training window closes after it."""
         if method != "train_step":  # replicas are equal: forward passes go to them in turn
-            return [replicas[n % len(replicas)] for replicas in self.stages]
+            return [replicas[n % len(replicas)] for replicas in self.stages], False
         route = self.schedule.next()
         return [replicas[r] for replicas, r in zip(self.stages, route.replicas, strict=True)], route.closes
 
@@ -210,7 +210,7 @@ class RayExecutor:
         inflight: deque = deque()
         for n, (record, x) in enumerate(slides):
             outputs = []
-            actors, closes = self._route(method, n) if method == "train_step" else (self._route(method, n), False)
+            actors, closes = self._route(method, n)
             for i, actor in enumerate(actors):  # x stays an ObjectRef: stage i+1 starts once stage i returns it
                 hop = self.hops[i].transport if i < self.k - 1 else "object_store"
                 if hop != "object_store":
