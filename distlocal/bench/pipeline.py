@@ -119,15 +119,19 @@ def bench_pipeline(cfg: Config, out_dir: Path, warmup: int = 3, replicas: list[i
     }
     if replicas or plan:
         result["replicas"] = _bench_replicas(cfg, classes, records, warmup, local, stage_s.tolist(), replicas, ray_rate,
-                                             local_rate)
+                                             local_rate, ray_stage_s.tolist())
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "pipeline.json").write_text(json.dumps(result, indent=2))
     return result
 
 
 def _bench_replicas(cfg: Config, classes: int, records, warmup: int, local: LocalExecutor, stage_s: list[float],
-                    replicas: list[int] | None, single_rate: float, local_rate: float) -> dict:
-    """The replicated pipeline on the same slides, against R = 1 and the local executor, with its prediction."""
+                    replicas: list[int] | None, single_rate: float, local_rate: float, actor_s: list[float]) -> dict:
+    """
+    The replicated pipeline on the same slides, against R = 1 and the local executor, with the prediction from the
+    stage times alone (the planner's profile) and from the R = 1 actors' times: on a machine whose cores the
+    actors share, the latter are the times the replicas will really have.
+    """
     param_bytes = [sum(p.numel() * p.element_size() for p in s.optim.params()) for s in local.stages]
     devices = cfg.train.gpus or cfg.model.k + 1
     predicted = predict_replicas(cfg, stage_s, param_bytes, devices, replicas)
@@ -135,7 +139,10 @@ def _bench_replicas(cfg: Config, classes: int, records, warmup: int, local: Loca
     run_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, replicas=predicted.replicas))
     log.info("Ray executor with replicas %s (predicted %.3g slides/s)", predicted.replicas, predicted.slides_per_s)
     run = _ray_run(run_cfg, classes, records, warmup)
+    in_actors = predict_replicas(cfg, actor_s, param_bytes, devices, predicted.replicas)
     return {
+        "predicted_from_actor_times": in_actors.slides_per_s,
+        "prediction_error_from_actor_times": run["rate"] / in_actors.slides_per_s - 1,
         "replicas": predicted.replicas, "planned": replicas is None, "devices": devices,
         "slides_per_s": run["rate"], "predicted_slides_per_s": predicted.slides_per_s,
         "predicted_stage_s": predicted.stage_s, "predicted_busy": predicted.busy,
@@ -154,11 +161,12 @@ def format_replicas(r: dict) -> str:
     rep = r["replicas"]
     busy = ", ".join(f"{k} {v:.2f}" for k, v in rep["busy_fraction"].items())
     return "\n".join([
-        "| replicas | accumulate | local slides/s | R=1 Ray slides/s | replicated slides/s | predicted | vs R=1 | "
-        "vs local | busy |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| replicas | accumulate | local slides/s | R=1 Ray slides/s | replicated slides/s | predicted (times alone) | "
+        "predicted (actor times) | vs R=1 | vs local | busy |",
+        "|---|---|---|---|---|---|---|---|---|---|",
         f"| {rep['replicas']} | {rep['accumulate']} | {r['local_slides_per_s']:.2f} | {r['ray_slides_per_s']:.2f} | "
         f"{rep['slides_per_s']:.2f} | {rep['predicted_slides_per_s']:.2f} ({rep['prediction_error']:+.0%}) | "
+        f"{rep['predicted_from_actor_times']:.2f} ({rep['prediction_error_from_actor_times']:+.0%}) | "
         f"{rep['speedup_vs_unreplicated']:.2f}x | {rep['speedup_vs_local']:.2f}x | {busy} |",
     ])
 
