@@ -44,22 +44,22 @@ def failing_actor(stage: int, error: BaseException, slides: set[str] | None = No
     from distlocal.engine.actor import StageActor
 
     class Failing(StageActor):
-        def __init__(self, cfg, num_classes, index):
-            super().__init__(cfg, num_classes, index)
+        def __init__(self, cfg, num_classes, index, *replica):  # replica: (rank, size) of a replicated stage
+            super().__init__(cfg, num_classes, index, *replica)
             self.slide_id = None
             if index == stage:
                 step = self.stage.train_step
 
-                def fail(x, y):
+                def fail(x, y, slide=None):
                     if slides is None or self.slide_id in slides:
                         raise error
-                    return step(x, y)
+                    return step(x, y, slide)
 
                 self.stage.train_step = fail
 
         @ray.method(num_returns=2)  # as the method it overrides: (activation, metrics)
-        def train_step(self, x, y, slide_id):
+        def train_step(self, x, y, slide_id, epoch=None):
             self.slide_id = slide_id
-            return super().train_step(x, y, slide_id)
+            return super().train_step(x, y, slide_id, epoch)
 
     return Failing
