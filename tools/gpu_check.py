@@ -101,14 +101,14 @@ def _oom() -> None:
     from distlocal.slides import write_synthetic_dataset
 
     class Greedy(StageActor):
-        def __init__(self, cfg, num_classes, index):
-            super().__init__(cfg, num_classes, index)
+        def __init__(self, cfg, num_classes, index, *replica):  # replica: (rank, size) of a replicated stage
+            super().__init__(cfg, num_classes, index, *replica)
             if index == 1:
                 step = self.stage.train_step
 
-                def greedy(x, y):
+                def greedy(x, y, slide=None):
                     torch.empty(2**40, device=self.device)  # 4 TiB of fp32
-                    return step(x, y)
+                    return step(x, y, slide)
 
                 self.stage.train_step = greedy
 
