@@ -102,3 +102,25 @@ def test_a_relative_run_dir_is_resolved_and_nccl_on_cpus_falls_back(streaming, m
     (root / "relative" / "runs" / "ckpt").mkdir()
     executor.save_stages(Path("relative/runs/ckpt"))  # written where the driver sees it, not in a worker's cwd
     assert sorted(p.name for p in (root / "relative" / "runs" / "ckpt").iterdir()) == ["stage1.pt", "stage2.pt"]
+
+
+def test_validation_enters_the_pipeline_while_training_drains(streaming, manifest):
+    """
+    After evaluate_next, stage 1 evaluates the first validation slide while stage 2 still trains the last training
+    slide; each stage evaluates after its own last step, so the probabilities equal those of evaluating afterwards.
+    """
+    executor, cfg = streaming.executor, streaming.cfg
+    valid, loader = read_manifest(manifest).split("valid"), SlideLoader(cfg.data, False)
+    executor.traces()  # only this test's work
+    executor.evaluate_next(valid, loader)
+    assert len(list(executor.train(streaming.train[:4], SlideLoader(cfg.data, True, 0), 0))) == 4
+    overlapped = dict(executor.evaluate(valid, loader))
+    first, second = executor.traces()
+    last_training = max(end for kind, _, _, end in second if kind == "train")
+    first_evaluation = min(start for kind, _, start, _ in first if kind == "eval")
+    assert first_evaluation < last_training, "validation waited for the pipeline to drain"
+    after = dict(executor.evaluate(valid, SlideLoader(cfg.data, False)))
+    assert list(overlapped) == [r.slide_id for r in valid]
+    for slide_id, probs in after.items():
+        for ours, theirs in zip(overlapped[slide_id], probs, strict=True):
+            assert torch.equal(ours, theirs), slide_id  # the same actors, the same arithmetic

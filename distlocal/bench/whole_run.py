@@ -58,9 +58,11 @@ def bench_whole_run(cfg: Config, out_dir: Path, epochs: int, executor=None) -> d
     try:
         phases = []
         for epoch in range(epochs):
+            valid_loader = SlideLoader(cfg.data, False)
+            executor.evaluate_next(valid, valid_loader)  # as the trainer does: validation follows without a drain
             phases.append(_phase(f"epoch {epoch + 1} train",
                                  executor.train(train, SlideLoader(cfg.data, True, cfg.train.seed), epoch)))
-            phases.append(_phase(f"epoch {epoch + 1} valid", executor.evaluate(valid, SlideLoader(cfg.data, False))))
+            phases.append(_phase(f"epoch {epoch + 1} valid", executor.evaluate(valid, valid_loader)))
         phases.append(_phase("test", executor.evaluate(test, SlideLoader(cfg.data, False))))
         traces = executor.traces()
         loader = executor.feed.trace()

@@ -51,6 +51,31 @@ def _fetch(refs, what: str):
         raise StageFailure(f"{what}: {type(exc).__name__}: {exc}") from None
 
 
+def _eval_args(record: SlideRecord) -> tuple:
+    return (record.slide_id,)
+
+
+class _Entering:
+    """
+    An evaluation entering the pipeline while the training before it drains (evaluate_next): every actor runs its
+    calls in order, so each stage evaluates after its own last training step, as it would after a full drain.
+    """
+
+    def __init__(self, executor: RayExecutor, records: list[SlideRecord], loader: SlideLoader):
+        self.executor, self.loader = executor, loader
+        self.ids = [r.slide_id for r in records]
+        self.slides = executor._slides(records, loader, 0)
+        self.inflight: deque = deque()
+        self.n = 0
+
+    def enter_one(self) -> None:
+        item = next(self.slides, None)
+        if item is not None:
+            record, x = item
+            self.inflight.append((record.slide_id, self.executor._submit("eval_step", self.n, record, x, _eval_args)))
+            self.n += 1
+
+
 class RayExecutor:
     """Same interface as LocalExecutor; every stage lives in a Ray actor placed by a placement group."""
 
@@ -73,6 +98,8 @@ class RayExecutor:
         self.actors: list = []  # every actor, stage by stage (replicas of a stage side by side)
         self.stages: list[list] = []  # stage -> its replicas
         self.feed: SlideFeed | None = None
+        self.asked: tuple | None = None  # evaluate_next's pass, until training drains
+        self.entered: _Entering | None = None  # that pass, entering the pipeline
         self.collective = None  # the collective group's handle (nccl / gloo hops), to destroy it by
         self.group = None
         marker, token = self._write_marker()  # before anything starts: a driver that cannot write there fails at once
@@ -89,9 +116,11 @@ class RayExecutor:
         finally:
             marker.unlink(missing_ok=True)
         for info in self.info:
-            log.info("stage %d replica %d on %s (node %s, pid %d): %s (%s), GPU ids %s, activations %s",
-                     info["stage"], info["replica"], info["node"], info["node_id"][:12], info["pid"], info["device"],
-                     info["device_name"], info["gpu_ids"] or "-", info["activation_dtype"])
+            count = self.replicas[info["stage"] - 1]
+            where = f"stage {info['stage']}" + (f" replica {info['replica'] + 1}/{count}" if count > 1 else "")
+            log.info("%s on %s (node %s, pid %d): %s (%s), GPU ids %s, activations %s", where, info["node"],
+                     info["node_id"][:12], info["pid"], info["device"], info["device_name"], info["gpu_ids"] or "-",
+                     info["activation_dtype"])
         self._connect_stages()
 
     def _start_actors(self) -> None:
@@ -206,27 +235,36 @@ class RayExecutor:
         steps, self.steps = self.steps, []
         _fetch(steps, "stepping the replicas")
 
-    def _pipeline(self, method: str, slides: Iterator, args) -> Iterator[tuple[str, list]]:
-        inflight: deque = deque()
-        for n, (record, x) in enumerate(slides):
-            outputs = []
-            actors, closes = self._route(method, n)
-            for i, actor in enumerate(actors):  # x stays an ObjectRef: stage i+1 starts once stage i returns it
-                hop = self.hops[i].transport if i < self.k - 1 else "object_store"
-                if hop != "object_store":
-                    direct = getattr(actor, f"{method.removesuffix('_step')}_direct")
-                    x = direct.options(tensor_transport=hop).remote(x, *args(record))
-                    out = actor.pop_result.remote(record.slide_id)
-                else:
-                    x, out = getattr(actor, method).remote(x, *args(record))
-                outputs.append(out)
-            inflight.append((record.slide_id, outputs))
-            if closes and self.replicated:
-                self._step_window()
+    def _submit(self, method: str, n: int, record: SlideRecord, x, args) -> list:
+        """Chain the n-th slide of a pass through the stages; the refs of each stage's small result."""
+        outputs = []
+        actors, closes = self._route(method, n)
+        for i, actor in enumerate(actors):  # x stays an ObjectRef: stage i+1 starts once stage i returns it
+            hop = self.hops[i].transport if i < self.k - 1 else "object_store"
+            if hop != "object_store":
+                direct = getattr(actor, f"{method.removesuffix('_step')}_direct")
+                x = direct.options(tensor_transport=hop).remote(x, *args(record))
+                out = actor.pop_result.remote(record.slide_id)
+            else:
+                x, out = getattr(actor, method).remote(x, *args(record))
+            outputs.append(out)
+        if closes and self.replicated:
+            self._step_window()
+        return outputs
+
+    def _pipeline(self, method: str, slides: Iterator, args, inflight: deque | None = None,
+                  n: int = 0) -> Iterator[tuple[str, list]]:
+        inflight = deque() if inflight is None else inflight
+        for record, x in slides:
+            inflight.append((record.slide_id, self._submit(method, n, record, x, args)))
+            n += 1
             if len(inflight) >= self.max_inflight:
                 slide_id, outputs = inflight.popleft()
                 yield slide_id, self._wait(outputs, f"slide {slide_id}")
+        following = self._enter_next() if method == "train_step" else None
         while inflight:
+            if following is not None:  # one slide of the next pass enters as one of this pass leaves
+                following.enter_one()
             slide_id, outputs = inflight.popleft()
             yield slide_id, self._wait(outputs, f"slide {slide_id}")
         self._drain_steps()
@@ -234,12 +272,28 @@ class RayExecutor:
     def train(self, records: Iterable[SlideRecord], loader: SlideLoader,
               epoch: int) -> Iterator[tuple[str, list[dict]]]:
         """For each slide, in order, (slide_id, one metrics dict per stage); stages overlap on different slides."""
+        self.entered = None  # an evaluation entered before an earlier pass failed: its results are not wanted
         return self._pipeline("train_step", self._slides(records, loader, epoch),
                               lambda r: (r.label, r.slide_id, epoch))
 
+    def evaluate_next(self, records: list[SlideRecord], loader: SlideLoader) -> None:
+        """The next call is evaluate(records, loader): its slides enter as the training under way drains."""
+        self.asked, self.entered = (list(records), loader), None
+
+    def _enter_next(self) -> _Entering | None:
+        if self.asked is None:
+            return None
+        records, loader = self.asked
+        self.asked, self.entered = None, _Entering(self, records, loader)
+        return self.entered
+
     def evaluate(self, records: Iterable[SlideRecord], loader: SlideLoader) -> Iterator[tuple[str, list]]:
         """For each slide (slide_id, class probabilities of every stage's classifier), forward only."""
-        return self._pipeline("eval_step", self._slides(records, loader, 0), lambda r: (r.slide_id,))
+        records = list(records)
+        entered, self.entered, self.asked = self.entered, None, None
+        if entered is not None and entered.loader is loader and entered.ids == [r.slide_id for r in records]:
+            return self._pipeline("eval_step", entered.slides, _eval_args, entered.inflight, entered.n)
+        return self._pipeline("eval_step", self._slides(records, loader, 0), _eval_args)
 
     def attention(self, records: Iterable[SlideRecord], loader: SlideLoader) -> Iterator[tuple[str, tuple]]:
         """For each slide (slide_id, (H's probabilities, H's attention map)); one slide at a time (for plots)."""
@@ -311,6 +365,7 @@ class RayExecutor:
 
     def recover(self, directory: Path, timeout_s: float = 60.0) -> None:
         """After a StageFailure: wait for Ray to restart the dead actors, then reload every stage from `directory`."""
+        self.asked = self.entered = None  # an evaluation entered before the failure ran on the lost state
         if self.replicated:
             self._restart_replicas(directory)
             return

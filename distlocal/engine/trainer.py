@@ -188,7 +188,10 @@ class Trainer:
         bar = progress(total=len(order), initial=self.state.position, desc=f"epoch {epoch + 1}/{t.epochs}",
                        unit="slide")
         # The pipeline drains between chunks, so every stage has seen exactly the same slides when it saves.
-        for chunk in _chunks(records, t.checkpoint_every * t.accumulate):
+        chunks = _chunks(records, t.checkpoint_every * t.accumulate)
+        for n, chunk in enumerate(chunks):
+            if n == len(chunks) - 1 and not limited:  # validation's slides follow the last ones without a drain
+                self.executor.evaluate_next(self.valid_set, self.valid_loader)
             for slide_id, metrics in self.executor.train(chunk, self.train_loader, epoch):
                 self.state.position, self.state.slides_seen = position_after[slide_id], self.state.slides_seen + 1
                 window.add(metrics)
