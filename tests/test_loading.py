@@ -43,7 +43,10 @@ def test_no_phase_of_a_run_starts_a_worker_process(no_shared_ray, manifest, tmp_
         ("epoch 1 train", len(records.split("train"))), ("epoch 1 valid", len(records.split("valid"))),
         ("test", len(records.split("test")))]
     for phase in result["phases"]:
-        assert 0 < phase["own_step_s"] <= phase["first_result_s"] <= phase["wall_s"]
+        assert 0 < phase["own_step_s"]
+        assert 0 < phase["first_result_s"] <= phase["wall_s"]
+        if phase["phase"] != "epoch 1 valid":  # validation enters as training drains: it may be done at once
+            assert phase["own_step_s"] <= phase["first_result_s"]
     assert all(0 < b <= 1 for b in result["busy_fraction"])
     assert 0 < result["efficiency"] <= 1
     assert result["ideal_slides_per_s"] >= result["slides_per_s"]

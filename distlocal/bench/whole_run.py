@@ -33,13 +33,16 @@ def _phase(name: str, results: Iterator) -> dict:
 
 
 def _own_step_s(traces: list[list[tuple]], phase: dict) -> float:
-    """The first slide's own time through the pipeline: the sum of its stages' step times in that phase."""
+    """
+    The first slide's own time through the pipeline: the sum of its stages' step times in that phase. A validation
+    may begin before its call (evaluate_next), so a stage's span is its last one for that slide before the end.
+    """
     if not phase["slides"]:
         return 0.0
-    slide, total = phase["slides"][0], 0.0
+    slide, kind, total = phase["slides"][0], "train" if phase["phase"].endswith("train") else "eval", 0.0
     for trace in traces:
-        spans = [(s, e) for _, sid, s, e in trace if sid == slide and phase["start"] <= s <= phase["end"]]
-        total += spans[0][1] - spans[0][0] if spans else 0.0
+        spans = [(s, e) for k, sid, s, e in trace if k == kind and sid == slide and s <= phase["end"]]
+        total += spans[-1][1] - spans[-1][0] if spans else 0.0
     return total
 
 
@@ -74,7 +77,7 @@ def bench_whole_run(cfg: Config, out_dir: Path, epochs: int, executor=None) -> d
     slides = sum(len(p["slides"]) for p in phases)
     for p in phases:
         p["own_step_s"] = _own_step_s(traces, p)
-        p["stall_s"] = p["first_result_s"] - p["own_step_s"]
+        p["stall_s"] = max(0.0, p["first_result_s"] - p["own_step_s"])  # 0: its first slide entered early
         p["slides"] = len(p["slides"])
         del p["start"], p["end"]
     result = {

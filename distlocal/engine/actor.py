@@ -19,7 +19,7 @@ import torch
 
 from distlocal.config import config_from_dict
 from distlocal.engine.checkpoint import stage_file
-from distlocal.engine.faults import ClusterError, GroupFailure, StageOutOfMemory, out_of_memory_message
+from distlocal.engine.faults import ClusterError, GroupFailure, InputFailed, StageOutOfMemory, out_of_memory_message
 from distlocal.engine.replicas import ReplicaGroup
 from distlocal.model import build_stage
 
@@ -165,8 +165,8 @@ class StageActor:
 
     def pop_result(self, slide_id: str):
         if slide_id not in self.results:  # the step never ran: its input (an earlier stage's output) failed
-            raise RuntimeError(f"stage {self.index + 1} has no result for slide {slide_id}: its step did not run "
-                               f"because an earlier stage failed on that slide (see that stage's error)")
+            raise InputFailed(f"stage {self.index + 1} has no result for slide {slide_id}: its step did not run "
+                              f"because an earlier stage failed on that slide (see that stage's error)")
         result = self.results.pop(slide_id)
         if isinstance(result, BaseException):
             raise result

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-__all__ = ["ClusterError", "GroupFailure", "RunFailed", "StageFailure", "StageOutOfMemory", "out_of_memory_message"]
+__all__ = ["ClusterError", "GroupFailure", "InputFailed", "RunFailed", "StageFailure", "StageOutOfMemory",
+           "out_of_memory_message"]
 
 
 class ClusterError(RuntimeError):
@@ -15,6 +16,10 @@ class StageFailure(RuntimeError):
 
 class GroupFailure(RuntimeError):
     """A replica's all-reduce failed or timed out (a partner died): like a dead actor, the run recovers."""
+
+
+class InputFailed(RuntimeError):
+    """A stage's step did not run because an earlier stage failed on that slide: that stage's error is the news."""
 
 
 class RunFailed(RuntimeError):

@@ -27,7 +27,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from distlocal.config import Config, config_to_dict, stage_replicas
 from distlocal.data import SlideLoader, SlideRecord
 from distlocal.engine.actor import StageActor
-from distlocal.engine.faults import ClusterError, GroupFailure, StageFailure
+from distlocal.engine.faults import ClusterError, GroupFailure, InputFailed, StageFailure
 from distlocal.engine.loading import SlideFeed
 from distlocal.engine.placement import connect, place_stages
 from distlocal.engine.replicas import Schedule
@@ -44,6 +44,8 @@ def _fetch(refs, what: str):
         return ray.get(refs)
     except RayTaskError as exc:
         cause = exc.cause
+        if isinstance(cause, InputFailed) and isinstance(refs, list):  # the stage whose error it is, not a later one
+            cause = _first_error(refs) or cause
         if isinstance(cause, RayError | GroupFailure):
             raise StageFailure(f"{what}: {cause}") from None
         raise cause from None
@@ -74,6 +76,19 @@ class _Entering:
             record, x = item
             self.inflight.append((record.slide_id, self.executor._submit("eval_step", self.n, record, x, _eval_args)))
             self.n += 1
+
+
+def _first_error(refs: list) -> BaseException | None:
+    """The error of the earliest stage that failed on its own (a slide's refs are in stage order)."""
+    for ref in refs:
+        try:
+            ray.get(ref)
+        except RayTaskError as exc:
+            if not isinstance(exc.cause, InputFailed):
+                return exc.cause
+        except RayError as exc:
+            return exc
+    return None
 
 
 class RayExecutor:
