@@ -39,8 +39,9 @@ def steps(out: Path) -> list[Step]:
     return [
         Step("environment", False, 120, [PY, __file__, "--probe", "environment"],
              "CUDA, driver, GPU, torch / Ray / MLflow / cupy versions"),
-        Step("pytest -m gpu", True, 300, [PY, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "-ra",
-                                          "tests/test_gpu.py"],
+        # -o addopts=: the project's two xdist workers need pytest-xdist, which the GPU image may not have.
+        Step("pytest -m gpu", True, 300, [PY, "-m", "pytest", "-o", "addopts=", "-m", "gpu", "-q", "-p",
+                                          "no:cacheprovider", "-ra", "tests/test_gpu.py"],
              "local K=4 bf16 on 5 Mpx (tiled stem on the device, folded BN, recompute); Ray K=4 at 0.25 GPU: "
              "cuda_ipc hops asserted, equal to the local executor (fp32, TF32 off); a stage killed and recovered; "
              "predict whole vs tiled"),
