@@ -1,4 +1,4 @@
-"""distlocal synth OUT_DIR --slides N --classes C --size H W --seed S [--task subtype|detect]"""
+"""distlocal synth OUT_DIR --slides N --classes C --size H W --seed S [--task subtype|detect|texture]"""
 
 from __future__ import annotations
 
@@ -13,9 +13,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--base-magnification", type=float, default=20.0, choices=(20.0, 40.0),
                    help="magnification of level 0 of the written files")
-    p.add_argument("--task", default="subtype", choices=("subtype", "detect"),
+    p.add_argument("--task", default="subtype", choices=("subtype", "detect", "texture"),
                    help="subtype: every class has its own structure shape; detect: class 0 has none (tumour vs "
-                        "normal, easier to learn from scratch)")
+                        "normal, easier to learn from scratch); texture: two classes, the same nodules, smooth "
+                        "or finely textured (low-level texture decides)")
+
+
+    p.add_argument("--fraction", type=float, help="share of the tissue the class structures cover (default 0.03; "
+                   "texture: 0.12); smaller is harder")
+    p.add_argument("--checker", type=float, help="texture: grey levels of class 1's fine texture (default 45); "
+                   "smaller is harder")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -23,6 +30,7 @@ def run(args: argparse.Namespace) -> int:
 
     manifest = write_synthetic_dataset(args.out_dir, slides=args.slides, classes=args.classes,
                                        size=tuple(args.size), seed=args.seed,
-                                       base_magnification=args.base_magnification, task=args.task)
+                                       base_magnification=args.base_magnification, task=args.task,
+                                       fraction=args.fraction, checker=args.checker)
     print(f"wrote {args.slides} slides and {manifest}")
     return 0

@@ -32,24 +32,29 @@ _SPLITS = ("train", "valid", "test")
 
 def write_synthetic_dataset(out_dir: str | os.PathLike, slides: int, classes: int, size: tuple[int, int], seed: int,
                             base_magnification: float = 20.0,
-                            splits: tuple[float, float, float] = (0.6, 0.2, 0.2), task: str = "subtype") -> Path:
+                            splits: tuple[float, float, float] = (0.6, 0.2, 0.2), task: str = "subtype",
+                            fraction: float | None = None, checker: float | None = None) -> Path:
     """
     Write ``slides`` synthetic slides of ``classes`` classes and ``out_dir/manifest.csv``; return its path.
 
     ``size`` is (rows, cols) of a slide at 5X; the file is written at ``base_magnification`` (level 0 is ``size``
     times ``base_magnification / 5``) with pyramid levels down to below 5X. Classes are balanced and the
     train/valid/test split is stratified by class; everything is deterministic for ``seed``.
-    ``task`` is "subtype" (each class its own structure, same ink area) or "detect" (class 0 has no structures,
-    class c has structure c - 1): see ``synthetic_tissue.TASKS``.
+    ``task`` is "subtype" (each class its own structure, same ink area), "detect" (class 0 has no structures,
+    class c has structure c - 1) or "texture" (two classes: smooth or finely textured nodules): see
+    ``synthetic_tissue.TASKS``. ``fraction`` (share of the tissue the structures cover) and ``checker`` (the texture
+    task's amplitude) make a task harder when smaller; None keeps each task's default.
     """
     if task not in TASKS:
         raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
     if slides < 1:
         raise ValueError(f"slides must be at least 1, got {slides}")
-    most = len(MOTIFS) + (task == "detect")
+    most = {"detect": len(MOTIFS) + 1, "texture": 2}.get(task, len(MOTIFS))
     if not 1 <= classes <= most:
         raise ValueError(f"classes must be between 1 and {most} for task={task} (structures: "
-                         f"{', '.join(MOTIFS)}), got {classes}")
+                         f"{'smooth, textured nodules' if task == 'texture' else ', '.join(MOTIFS)}), got {classes}")
+    if fraction is not None and not 0 < fraction < 1:
+        raise ValueError(f"fraction is the share of the tissue the structures cover, in (0, 1); got {fraction}")
     if len(splits) != 3 or min(splits) < 0 or not math.isclose(sum(splits), 1.0):
         raise ValueError(f"splits must be three non-negative fractions (train, valid, test) summing to 1, got {splits}")
     out_dir = Path(out_dir)
@@ -61,7 +66,8 @@ def write_synthetic_dataset(out_dir: str | os.PathLike, slides: int, classes: in
     for index, label in enumerate(labels):
         slide_id = f"slide_{index:04d}"
         relative = Path("slides") / f"{slide_id}.tiff"
-        write_synthetic_slide(out_dir / relative, int(label), size, (seed, index), base_magnification, task)
+        write_synthetic_slide(out_dir / relative, int(label), size, (seed, index), base_magnification, task,
+                              fraction=fraction, checker=checker)
         rows.append({"slide_id": slide_id, "path": relative.as_posix(), "label": f"class{label}",
                      "split": split_of[index], "patient_id": f"patient_{index:04d}"})
     manifest = out_dir / "manifest.csv"
@@ -73,7 +79,8 @@ def write_synthetic_dataset(out_dir: str | os.PathLike, slides: int, classes: in
 
 
 def write_synthetic_slide(path: str | os.PathLike, label: int, size: tuple[int, int], seed: tuple[int, ...] | int,
-                          base_magnification: float = 20.0, task: str = "subtype", show_progress: bool = False) -> Path:
+                          base_magnification: float = 20.0, task: str = "subtype", show_progress: bool = False,
+                          fraction: float | None = None, checker: float | None = None) -> Path:
     """
     Write one synthetic slide of class ``label`` (``size`` at 5X) as an SVS-like pyramidal TIFF; ``show_progress``:
     a bar over its tiles (a paper-sized slide at 20X takes minutes).
@@ -83,7 +90,7 @@ def write_synthetic_slide(path: str | os.PathLike, label: int, size: tuple[int, 
         raise ValueError(f"base_magnification must be 5 times a power of two (5, 10, 20, 40, ...), got "
                          f"{base_magnification}")
     seed = tuple(np.atleast_1d(seed).tolist())
-    plan = plan_slide(size, label, np.random.default_rng([*seed, 0]), task)
+    plan = plan_slide(size, label, np.random.default_rng([*seed, 0]), task, fraction, checker)
     downsample = 4 if math.log2(ratio) % 2 == 0 else 2  # 20X: 20, 5, 1.25; 40X: 40, 20, 10, 5, 2.5
     height, width = round(size[0] * ratio), round(size[1] * ratio)
     magnifications = [base_magnification]

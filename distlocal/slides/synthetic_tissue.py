@@ -12,17 +12,21 @@ Two tasks (``TASKS``):
 - "detect": class 0 is normal tissue without structures, class c has structures of shape c - 1 (like tumour vs
   normal, the standard MIL assumption: a slide is positive when some of its regions are). Easier to learn from
   scratch; the demo and the learning test use it.
+- "texture": two classes with the same round nodules over ``NODULE_FRACTION`` of the tissue, in the same mean
+  colour; class 1's nodules are finely textured (a 2-pixel checker at 5X), class 0's smooth. Low-level texture
+  alone decides: the task where the shallow classifiers A_1 / A_2 see the evidence first.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["INK", "INK_FRACTION", "MOTIFS", "STROMA", "TASKS", "SlidePlan", "plan_slide", "render_region"]
+__all__ = ["INK", "INK_FRACTION", "MOTIFS", "NODULE", "NODULE_FRACTION", "STROMA", "TASKS", "SlidePlan", "plan_slide",
+           "render_region"]
 
 STROMA = np.array([232.0, 164.0, 200.0], dtype=np.float32)  # eosin pink
 _LAVENDER = np.array([200.0, 152.0, 212.0], dtype=np.float32)  # haematoxylin-tinged stroma, mixed in by texture
@@ -31,10 +35,13 @@ _BACKGROUND = np.array([243.0, 241.0, 244.0], dtype=np.float32)  # glass
 INK_FRACTION = 0.03  # share of the tissue area covered by class structures, the same for every class
 _TISSUE_CELLS = 40  # tissue field nodes along the long side: a handful of blobs per slide
 _TEXTURE_CELL = 3.0  # 5X pixels between texture nodes
+NODULE = np.array([150.0, 104.0, 176.0], dtype=np.float32)  # the texture task's nodules: mid purple
+NODULE_FRACTION = 0.12  # share of the tissue the texture task's nodules cover, in both classes
+_CHECKER = 45.0  # grey levels either side of NODULE in class 1's texture: zero mean, so the mean colour is equal
 _DISK, _RING, _ELLIPSE = 0, 1, 2  # primitive kinds; a primitive row is (kind, y, x, a, b, angle) in 5X pixels
 
 
-@dataclass
+@dataclasses.dataclass
 class SlidePlan:
     """Everything needed to paint one slide at any magnification; coordinates in pixels at 5X."""
 
@@ -45,6 +52,8 @@ class SlidePlan:
     texture: np.ndarray  # float32 in [0, 1] on nodes every _TEXTURE_CELL pixels
     primitives: np.ndarray  # float64 (n, 6) rows (kind, y, x, a, b, angle), sorted by y
     reach: float  # largest distance from a primitive's centre to its ink
+    ink: np.ndarray = dataclasses.field(default_factory=lambda: INK.copy())  # the structures' colour
+    checker: float = 0.0  # amplitude of the fine texture on the structures (texture task, class 1)
 
 
 def _gland(rng: np.random.Generator, y: float, x: float) -> tuple[list, float]:
@@ -78,6 +87,11 @@ def _cross(rng: np.random.Generator, y: float, x: float) -> tuple[list, float]:
     return rows, 2 * math.pi * half_length * 2.0 - 16.0
 
 
+def _nodule(rng: np.random.Generator, y: float, x: float) -> tuple[list, float]:
+    radius = rng.uniform(8, 14)
+    return [(_DISK, y, x, radius, 0.0, 0.0)], math.pi * radius**2
+
+
 def _chain(rng: np.random.Generator, y: float, x: float) -> tuple[list, float]:
     count, angle = int(rng.integers(4, 7)), rng.uniform(0, math.pi)
     offsets = (np.arange(count) - (count - 1) / 2) * 6.0
@@ -91,13 +105,20 @@ MOTIFS: dict[str, Callable[[np.random.Generator, float, float], tuple[list, floa
     "glands": _gland, "spindles": _spindle, "dot clusters": _dot_cluster, "nests": _nest, "crosses": _cross,
     "chains": _chain,
 }
+_MOTIF = list(MOTIFS.values())
 
 
-TASKS = ("subtype", "detect")
+TASKS = ("subtype", "detect", "texture")
 
 
-def plan_slide(shape: tuple[int, int], label: int, rng: np.random.Generator, task: str = "subtype") -> SlidePlan:
-    """Plan a slide of ``shape`` pixels at 5X: blobby tissue on 45-65% of it, structures of class ``label``."""
+def plan_slide(shape: tuple[int, int], label: int, rng: np.random.Generator, task: str = "subtype",
+               fraction: float | None = None, checker: float | None = None) -> SlidePlan:
+    """
+    Plan a slide of ``shape`` pixels at 5X: blobby tissue on 45-65% of it, structures of class ``label``.
+
+    ``fraction``: share of the tissue the structures cover (default ``INK_FRACTION``, or ``NODULE_FRACTION`` for
+    the texture task); ``checker``: the texture task's grey-level amplitude (default 45). Smaller is harder.
+    """
     height, width = shape
     cell = max(height, width) / _TISSUE_CELLS
     nodes = (math.ceil(height / cell) + 2, math.ceil(width / cell) + 2)
@@ -111,12 +132,18 @@ def plan_slide(shape: tuple[int, int], label: int, rng: np.random.Generator, tas
     texture_nodes = (math.ceil(height / _TEXTURE_CELL) + 2, math.ceil(width / _TEXTURE_CELL) + 2)
     texture = _blur(rng.standard_normal(texture_nodes, dtype=np.float32), radius=1, passes=2)
     texture = np.clip(0.5 + 0.25 * texture / (texture.std() + 1e-12), 0.0, 1.0)
+    ink = INK
     if task == "detect":  # class 0 is normal tissue; class c carries the structures of shape c - 1
-        rows, reach = _place_structures(shape, label - 1, field, cell, rng) if label else (np.zeros((0, 6)), 1.0)
+        rows, reach = _place_structures(shape, _MOTIF[label - 1], field, cell, rng, fraction or INK_FRACTION) \
+            if label else (np.zeros((0, 6)), 1.0)
+    elif task == "texture":  # the same nodules in both classes; class 1's are finely textured
+        rows, reach = _place_structures(shape, _nodule, field, cell, rng, fraction or NODULE_FRACTION)
+        ink, checker = NODULE, (_CHECKER if checker is None else checker) * (label == 1)
     else:
-        rows, reach = _place_structures(shape, label, field, cell, rng)
+        rows, reach = _place_structures(shape, _MOTIF[label], field, cell, rng, fraction or INK_FRACTION)
     order = np.argsort(rows[:, 1], kind="stable")
-    return SlidePlan(shape, label, field.astype(np.float32), cell, texture.astype(np.float32), rows[order], reach)
+    return SlidePlan(shape, label, field.astype(np.float32), cell, texture.astype(np.float32), rows[order], reach,
+                     ink.copy(), float(checker or 0.0) if task == "texture" else 0.0)
 
 
 def render_region(plan: SlidePlan, magnification: float, y0: int, x0: int, height: int, width: int,
@@ -132,15 +159,18 @@ def render_region(plan: SlidePlan, magnification: float, y0: int, x0: int, heigh
         texture = _bilinear(plan.texture, ys / _TEXTURE_CELL, xs / _TEXTURE_CELL)[..., None]
         tissue = STROMA + texture * (_LAVENDER - STROMA) + 6.0 * grain
         ink = _ink(plan, ys, xs, scale)[..., None]
-        tissue += ink * (INK - tissue)
+        colour = plan.ink
+        if plan.checker:  # 2 x 2-pixel checker at 5X: (-1) ** (floor(y / 2) + floor(x / 2)), zero mean
+            sign = 1.0 - 2.0 * ((np.floor(ys / 2)[:, None] + np.floor(xs / 2)[None, :]) % 2)
+            colour = colour + plan.checker * sign[..., None].astype(np.float32)
+        tissue += ink * (colour - tissue)
         out = np.where(inside[..., None], tissue, out)
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
-def _place_structures(shape: tuple[int, int], label: int, field: np.ndarray, cell: float,
-                      rng: np.random.Generator) -> tuple[np.ndarray, float]:
-    motif = list(MOTIFS.values())[label]
-    target = INK_FRACTION * (field > 0).mean() * shape[0] * shape[1]
+def _place_structures(shape: tuple[int, int], motif: Callable, field: np.ndarray, cell: float,
+                      rng: np.random.Generator, fraction: float) -> tuple[np.ndarray, float]:
+    target = fraction * (field > 0).mean() * shape[0] * shape[1]
     depth = min(0.3, 0.5 * float(field.max()))  # centres well inside the tissue, so whole structures show
     rows: list = []
     ink = 0.0

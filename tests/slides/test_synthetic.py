@@ -140,5 +140,31 @@ def test_detect_task_leaves_class_zero_without_structures(tmp_path):
         image = read_slide(path, magnification=5.0).image.reshape(-1, 3).astype(float)
         images[label] = (np.abs(image - INK).sum(1) < 60).mean()  # share of ink-coloured pixels
     assert images[0] < 0.001 < images[1]
-    with pytest.raises(ValueError, match=r"task must be one of subtype, detect"):
+    with pytest.raises(ValueError, match=r"task must be one of subtype, detect, texture"):
         write_synthetic_dataset(tmp_path / "x", slides=2, classes=2, size=(32, 32), seed=0, task="grade")
+
+
+def test_texture_task_differs_in_fine_texture_only(tmp_path):
+    """
+    task=texture: both classes carry the same kind of nodules, in the same mean colour; class 1's vary from pixel
+    to pixel (a 2-pixel checker at 5X), class 0's are flat.
+    """
+    from distlocal.slides.synthetic_tissue import NODULE, plan_slide
+
+    rng = np.random.default_rng
+    plans = [plan_slide((128, 128), label, rng(0), "texture") for label in (0, 1)]
+    assert plans[0].primitives.shape == plans[1].primitives.shape  # the same draws: the same nodules
+    assert plans[0].checker == 0.0 < plans[1].checker
+    found = {}
+    for label in (0, 1):
+        path = write_synthetic_slide(tmp_path / f"{label}.tiff", label, (192, 192), 0, task="texture")
+        image = read_slide(path, magnification=5.0, crop_tissue=False).image.astype(float)
+        plan = plan_slide((192, 192), label, rng([0, 0]), "texture")
+        y, x = int(plan.primitives[0, 1]), int(plan.primitives[0, 2])  # inside the first nodule
+        core = image[y - 4:y + 4, x - 4:x + 4]
+        found[label] = (core.reshape(-1, 3).mean(0), core.mean(2).std())
+    for label in (0, 1):
+        assert np.abs(found[label][0] - NODULE).max() < 12  # the nodule's colour, on average
+    assert found[0][1] < 8 < 25 < found[1][1]  # flat vs a +-45 grey-level checker
+    with pytest.raises(ValueError, match=r"between 1 and 2 for task=texture"):
+        write_synthetic_dataset(tmp_path / "y", slides=2, classes=3, size=(32, 32), seed=0, task="texture")
