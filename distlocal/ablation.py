@@ -1,6 +1,7 @@
 """
 The ablation table (the paper's Table 4): accuracy and AUROC of H per combination (e.g. K x RFR), mean and spread
-over seeds, as markdown and CSV. Built from finished training summaries or from MLflow runs alike.
+over seeds, as markdown and CSV; beside them, where the runs have them, the classifier that decided
+(predict.classifier) with its metrics and the ensemble's. Built from finished training summaries or from MLflow runs.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from pathlib import Path
 __all__ = ["AblationRow", "ablation_rows", "format_markdown", "write_csv"]
 
 METRICS = ("acc", "balanced_acc", "auroc")
+# Beside H's: the deciding classifier's and the ensemble's (runs made before predict.classifier lack them)
+EXTRA = ("chosen/acc", "chosen/auroc", "ensemble/acc", "ensemble/auroc")
 
 
 @dataclass
@@ -21,7 +24,7 @@ class AblationRow:
     """One combination of the swept settings and the metrics of each of its runs (one per seed)."""
 
     settings: dict[str, str]
-    runs: list[dict[str, float]] = field(default_factory=list)
+    runs: list[dict[str, float | str]] = field(default_factory=list)  # metrics, and "classifier" (which decided)
 
     def stat(self, metric: str) -> tuple[float, float]:
         """(mean, sample standard deviation) over the runs that have `metric`; std is 0 for a single run."""
@@ -29,6 +32,14 @@ class AblationRow:
         if not values:
             return math.nan, math.nan
         return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+    def deciders(self) -> str:
+        """Which classifier decided in the runs, with counts: e.g. "A_2 ×2, H"."""
+        counts: dict[str, int] = {}
+        for run in self.runs:
+            if "classifier" in run:
+                counts[run["classifier"]] = counts.get(run["classifier"], 0) + 1
+        return ", ".join(name + (f" ×{n}" if n > 1 else "") for name, n in counts.items()) or "n/a"
 
 
 def ablation_rows(runs: list[tuple[dict[str, str], dict[str, float]]], by: list[str]) -> list[AblationRow]:
@@ -44,14 +55,24 @@ def _cell(mean: float, std: float) -> str:
     return "n/a" if math.isnan(mean) else f"{mean:.4f} ± {std:.4f}"
 
 
+def _extra(rows: list[AblationRow]) -> bool:
+    return any(metric in run for row in rows for run in row.runs for metric in EXTRA)
+
+
 def format_markdown(rows: list[AblationRow], source: str = "test") -> str:
-    """A markdown table: one row per combination, H's metrics on `source` as mean ± std over seeds."""
+    """
+    A markdown table: one row per combination, H's metrics on `source` as mean ± std over seeds, then (test only)
+    the deciding classifier and its metrics, and the ensemble's.
+    """
     by = list(rows[0].settings) if rows else []
+    extra = _extra(rows)
     header = [*by, "runs", *[f"{source} {m}" for m in METRICS]]
+    header += ["decides", *[f"{m.replace('chosen/', 'decided ')}".replace("/", " ") for m in EXTRA]] if extra else []
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         cells = [row.settings[name] for name in by] + [str(len(row.runs))]
         cells += [_cell(*row.stat(m)) for m in METRICS]
+        cells += [row.deciders(), *[_cell(*row.stat(m)) for m in EXTRA]] if extra else []
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -61,8 +82,11 @@ def write_csv(rows: list[AblationRow], path: Path) -> Path:
     by = list(rows[0].settings) if rows else []
     with Path(path).open("w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow([*by, "runs", *[f"{m}_{s}" for m in METRICS for s in ("mean", "std")]])
+        metrics = METRICS + (EXTRA if _extra(rows) else ())
+        writer.writerow([*by, "runs", *[f"{m.replace('/', '_')}_{s}" for m in metrics for s in ("mean", "std")],
+                         *(["decides"] if _extra(rows) else [])])
         for row in rows:
-            stats = [v for m in METRICS for v in row.stat(m)]
-            writer.writerow([*(row.settings[name] for name in by), len(row.runs), *stats])
+            stats = [v for m in metrics for v in row.stat(m)]
+            writer.writerow([*(row.settings[name] for name in by), len(row.runs), *stats,
+                             *([row.deciders()] if _extra(rows) else [])])
     return Path(path)

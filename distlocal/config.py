@@ -146,6 +146,10 @@ class PredictConfig:
     # overlapping tiles. 0: whole slides on the CPU, and on CUDA a size fitted to the free GPU memory.
     max_tile_pixels: int = 0
     aux_heatmaps: bool = False  # also plot the attention of every auxiliary classifier A_i
+    # The classifier that decides (distlocal/classifiers.py): best (the one that validated best, as the checkpoint
+    # records) | H | A_i (runs stages 1..i only) | ensemble (mean probabilities of A_1 .. A_{K-1} and H). In training
+    # it picks the best checkpoint too: by that classifier's validation metric (best: the best of any classifier's).
+    classifier: str = "best"
 
 
 @dataclass
@@ -312,6 +316,11 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"data.mean and data.std need 3 values (RGB), std > 0; got {d.mean} / {d.std}")
     if not (t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:")):
         raise ConfigError(f"train.device={t.device!r}; choose auto, cpu, cuda or cuda:N")
+    from distlocal.classifiers import check_choice  # it raises this module's ConfigError
+
+    problem = check_choice(cfg.predict.classifier, m.k)
+    if problem:
+        raise ConfigError(problem)
 
 
 def stage_replicas(t: TrainConfig, k: int) -> list[int]:

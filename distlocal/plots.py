@@ -10,7 +10,8 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["accuracy_by_depth", "attention_heatmap", "confusion_matrix", "roc_curves"]
+__all__ = ["accuracy_by_depth", "attention_heatmap", "classifiers_by_epoch", "confusion_matrix", "deployed_bars",
+           "inference_bars", "roc_curves"]
 
 
 def _pyplot():
@@ -72,6 +73,31 @@ def accuracy_by_depth(by_split: dict[str, list[dict]], path: Path, metric: str =
     return _save(fig, path)
 
 
+def classifiers_by_epoch(history: list[dict], path: Path, metric: str = "auroc", best_epoch: int = -1) -> Path:
+    """
+    Validation `metric` of every classifier (A_1 .. A_{K-1}, H, the ensemble) per epoch: which one is right when,
+    and so what predict.classifier=best chose (the best epoch is marked).
+    """
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.6, 3.8))
+    epochs = [h["epoch"] for h in history]
+    k = len(history[0]["stages"]) if history else 0
+    for i in range(k):
+        name = "H" if i == k - 1 else f"A_{i + 1}"
+        ax.plot(epochs, [h["stages"][i][metric] for h in history], marker="o", label=name,
+                linewidth=2.2 if name == "H" else 1.2)
+    if history and all(h.get("ensemble") for h in history):
+        ax.plot(epochs, [h["ensemble"][metric] for h in history], marker="s", linestyle="--", color="black",
+                label="ensemble")
+    if best_epoch > 0:
+        ax.axvline(best_epoch, color="grey", linestyle=":", label="best checkpoint")
+    ax.set(xlabel="epoch", ylabel=f"validation {metric}", title=f"validation {metric} of every classifier",
+           ylim=(0, 1.02))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
 def attention_heatmap(image, attention: torch.Tensor, path: Path, title: str, label: str = "H attention") -> Path:
     """The slide (uint8 H x W x 3) beside H's attention over it: where the classifier looked."""
     plt = _pyplot()
@@ -122,28 +148,48 @@ def memory_bars(report: dict, path: Path) -> Path:
 
 def inference_bars(report: dict, path: Path) -> Path:
     """Seconds per slide: GABMIL's tiling / features / prediction stacked against whole-slide prediction."""
-    plt = _pyplot()
-    images = report["images"]
-    fig, ax = plt.subplots(figsize=(7, 1.2 + 0.9 * len(images)))
     steps = (("tiling_s", "tiling", "#bbbbbb"), ("features_s", "features", "#ff7f0e"),
              ("prediction_s", "prediction", "#1f77b4"))
+    return _time_bars(report["images"], steps, (("total_s", "ours: whole-slide prediction", "#1f77b4"),),
+                      "seconds per slide (from the decoded 5X image)",
+                      f"Inference time, {report['backbone']} K = {report['k']} ({report['device']})", path, "GABMIL")
+
+
+def deployed_bars(report: dict, path: Path) -> Path:
+    """
+    Seconds per slide from the file on disk: CLAM's tiling / features (tile reads, transforms, ResNet) /
+    prediction stacked against our read of the 5X tissue crop and whole-slide prediction.
+    """
+    steps = (("tiling_s", "tiling (segmentation, grid)", "#bbbbbb"),
+             ("features_s", "features (OpenSlide reads + ResNet)", "#ff7f0e"),
+             ("prediction_s", "GABMIL", "#1f77b4"))
+    ours = (("read_s", "ours: read to the 5X crop", "#6baed6"), ("prediction_s", "ours: prediction", "#08519c"))
+    return _time_bars(report["deployed"], steps, ours, "seconds per slide, from the slide file",
+                      f"From the file: CLAM + GABMIL against whole-slide prediction, {report['backbone']} "
+                      f"K = {report['k']} ({report['device']}, {report['workers']} loader workers)", path, "CLAM")
+
+
+def _time_bars(entries: list[dict], baseline_steps: tuple, our_steps: tuple, xlabel: str, title: str, path: Path,
+               baseline: str) -> Path:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 1.2 + 0.9 * len(entries)))
     labels = []
-    for i, entry in enumerate(images):
-        left = 0.0
-        for key, name, colour in steps:
-            value = entry["gabmil"][key]
-            ax.barh(2 * i + 1, value, left=left, color=colour, label=name if i == 0 else None)
-            left += value
-        ax.barh(2 * i, entry["ours"]["total_s"], color="#1f77b4")
+    for i, entry in enumerate(entries):
+        for row, method, steps in ((2 * i + 1, "gabmil", baseline_steps), (2 * i, "ours", our_steps)):
+            left = 0.0
+            for key, name, colour in steps:
+                value = entry[method][key]
+                ax.barh(row, value, left=left, color=colour, label=name if i == 0 else None)
+                left += value
         gain = entry["speed_gain"]
         text = f"  {gain:.1f}x faster" if gain >= 1 else f"  {1 / gain:.1f}x slower"
         ax.text(entry["ours"]["total_s"], 2 * i, text, va="center", fontsize=8)
-        labels += [f"ours\n{entry['name']}", f"GABMIL\n{entry['name']}"]
+        labels += [f"ours\n{entry['name']}", f"{baseline}\n{entry['name']}"]
     ax.set_yticks(range(len(labels)), labels, fontsize=7)
     ax.invert_yaxis()  # the first slide on top
-    ax.set_xlim(0, 1.3 * max(max(e["gabmil"]["total_s"], e["ours"]["total_s"]) for e in images))
-    ax.set_xlabel("seconds per slide (from the decoded 5X image)")
-    ax.set_title(f"Inference time, {report['backbone']} K = {report['k']} ({report['device']})", fontsize=9)
+    ax.set_xlim(0, 1.3 * max(max(e["gabmil"]["total_s"], e["ours"]["total_s"]) for e in entries))
+    ax.set_xlabel(xlabel)
+    ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return _save(fig, path)
 

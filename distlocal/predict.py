@@ -1,8 +1,9 @@
 """
 Prediction on new slides with a trained checkpoint: class probabilities and attention heatmaps.
 
-Inference is the paper's: F_1 .. F_K then H, on the whole slide at once (the auxiliary classifiers only when their
-heatmaps are asked for). A slide too large for the device runs each stage as exact overlapping tiles
+Inference runs F_1 .. F_i on the whole slide at once and then the deciding classifier (``predict.classifier``): H
+after F_K as in the paper, an auxiliary A_i after F_i (early exit: the later stages never run), the run's best
+validated one, or the ensemble of all. A slide too large for the device runs each stage as exact overlapping tiles
 (``model.tiling``), with the maps between stages kept in host memory.
 """
 
@@ -17,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from distlocal.classifiers import Choice, choose, classifier_name
 from distlocal.config import Config, load_config
 from distlocal.data import ManifestError, SlideLoader, SlideRecord, read_manifest
 from distlocal.engine.checkpoint import for_restoring, load_checkpoint
@@ -35,13 +37,18 @@ _INDEX_LIMIT = 2**31 - 1  # elements: cuDNN and many CUDA kernels index a tensor
 
 @dataclass
 class Predictor:
-    """The checkpoint's network as (feature extractor, classifier) pairs: F_1/A_1 .. F_K/H."""
+    """
+    The checkpoint's network as (feature extractor, classifier) pairs, F_1/A_1 .. F_K/H, and the classifier that
+    decides (``choice``).
+    """
 
     cfg: Config
     classes: list[str]
     parts: list[tuple[nn.Module, nn.Module]]
     device: torch.device
     max_tile_pixels: int | None
+    choice: Choice
+    best_classifier: str = "H"  # the one the checkpoint records as validated best
 
     @classmethod
     def load(cls, checkpoint: str | Path, overrides: list[str] = (), device: str | None = None) -> Predictor:
@@ -51,11 +58,15 @@ class Predictor:
         stages = build_stages(for_restoring(cfg), len(ckpt.classes), device)
         for stage, state in zip(stages, ckpt.stages, strict=True):
             stage.load_state_dict(state)
-        return cls.from_stages(cfg, ckpt.classes, stages, device)
+        return cls.from_stages(cfg, ckpt.classes, stages, device, ckpt.trainer.get("best_classifier", "H"))
 
     @classmethod
-    def from_stages(cls, cfg: Config, classes: list[str], stages: list, device: torch.device) -> Predictor:
-        """The inference parts of built stages (local stages or one end-to-end network), in eval mode."""
+    def from_stages(cls, cfg: Config, classes: list[str], stages: list, device: torch.device,
+                    best_classifier: str = "H") -> Predictor:
+        """
+        The inference parts of built stages (local stages or one end-to-end network), in eval mode;
+        ``best_classifier`` is what predict.classifier=best means.
+        """
         parts = []
         for stage in stages:
             if cfg.model.mode == "e2e":
@@ -68,8 +79,9 @@ class Predictor:
             # NHWC: oneDNN's and cuDNN's fast layout for convolutions (~25 % faster on a CPU, tensor cores on GPUs)
             features.eval().to(memory_format=torch.channels_last)
             classifier.eval()
-        tile = cfg.predict.max_tile_pixels or _fit_tile(parts, device)
-        return cls(cfg, classes, parts, device, tile)
+        choice = choose(cfg.predict.classifier, len(parts), best_classifier)
+        tile = cfg.predict.max_tile_pixels or _fit_tile(parts[:choice.depth], device)
+        return cls(cfg, classes, parts, device, tile, choice, best_classifier)
 
     def input_device(self, height: int, width: int) -> torch.device | None:
         """
@@ -81,23 +93,33 @@ class Predictor:
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, aux: bool = False) -> dict:
-        """Probabilities and attention of H (and of every A_i with ``aux``) for one 1 x 3 x H x W slide tensor."""
+        """
+        For one 1 x 3 x H x W slide tensor: ``probs``, the deciding classifier's probabilities, and ``attention``,
+        its attention map (H's for the ensemble, named by ``attention_of``); ``classifiers`` / ``attentions`` by
+        name for every classifier computed (with ``aux``, every one up to the deciding depth); seconds in the
+        stages, the deciding classifiers (``head_s``) and the others (``aux_s``).
+        """
         bf16 = self.cfg.train.precision == "bf16" and self.device.type == "cuda"
-        out = {"forward_s": 0.0, "head_s": 0.0, "aux_s": 0.0, "probs": [], "attention": []}
-        last = len(self.parts) - 1
-        for i, (features, classifier) in enumerate(self.parts):
+        out = {"forward_s": 0.0, "head_s": 0.0, "aux_s": 0.0, "classifiers": {}, "attentions": {}}
+        k, probs = len(self.parts), {}
+        for i, (features, classifier) in enumerate(self.parts[:self.choice.depth]):  # A_i: stages 1..i only
             start = time.perf_counter()
             x = x.contiguous(memory_format=torch.channels_last)  # copies the slide only: stage outputs are NHWC
             with autocast(self.device, bf16):
                 x = tiled_forward(features, x, self.max_tile_pixels, self.device)
             out["forward_s"] += elapsed(start, self.device)
-            if i == last or aux:
+            deciding = i in self.choice.members
+            if deciding or aux:
                 start = time.perf_counter()
                 with autocast(self.device, bf16):
                     logits, attention = classifier(x.to(self.device))
-                out["probs"].append(torch.softmax(logits.float(), 1)[0].cpu())
-                out["attention"].append(attention.float().cpu())
-                out["head_s" if i == last else "aux_s"] += elapsed(start, self.device)
+                name = classifier_name(i, k)
+                probs[i] = out["classifiers"][name] = torch.softmax(logits.float(), 1)[0].cpu()
+                out["attentions"][name] = attention.float().cpu()
+                out["head_s" if deciding else "aux_s"] += elapsed(start, self.device)
+        out["probs"] = self.choice.combine(probs)
+        out["attention_of"] = classifier_name(self.choice.depth - 1, k)
+        out["attention"] = out["attentions"][out["attention_of"]]
         return out
 
 
@@ -196,23 +218,26 @@ def predict(checkpoint: str | Path, inputs: list[str], out_dir: str | Path, over
         x = loader.to_input(image, record, device=predictor.input_device(*image.shape[:2]))
         read_s = time.perf_counter() - start
         result = predictor(x, aux=aux)
-        probs = result["probs"][-1]
+        probs, decided = result["probs"], predictor.choice.name
         predicted = int(probs.argmax())
         row = {"slide_id": record.slide_id, "path": str(record.path), "predicted": classes[predicted],
                **{f"prob_{c}": round(float(p), 6) for c, p in zip(classes, probs, strict=True)},
                "label": classes[record.label] if record.label >= 0 else "",
-               "correct": "" if record.label < 0 else int(predicted == record.label),
+               "correct": "" if record.label < 0 else int(predicted == record.label), "classifier": decided,
                "height": image.shape[0], "width": image.shape[1], "read_s": round(read_s, 4),
                "forward_s": round(result["forward_s"], 4), "head_s": round(result["head_s"], 4)}
         rows.append(row)
         bar.set_postfix(read=f"{read_s:.2f}s", forward=f"{result['forward_s']:.2f}s", head=f"{result['head_s']:.3f}s")
         if heatmaps:
-            title = f"{record.slide_id}: {classes[predicted]} (p = {float(probs[predicted]):.2f})"
+            title = f"{record.slide_id}: {classes[predicted]} (p = {float(probs[predicted]):.2f}, {decided})"
             title += f", label {row['label']}" if row["label"] else ""
-            attention_heatmap(image, result["attention"][-1], out_dir / "heatmaps" / f"{record.slide_id}.png", title)
-            for i, attention in enumerate(result["attention"][:-1] if aux else []):
-                attention_heatmap(image, attention, out_dir / "heatmaps" / f"{record.slide_id}_A{i + 1}.png",
-                                  f"{title} - A_{i + 1}", label=f"A_{i + 1} attention")
+            shown = result["attention_of"]
+            attention_heatmap(image, result["attention"], out_dir / "heatmaps" / f"{record.slide_id}.png", title,
+                              label=f"{shown} attention")
+            for name, attention in result["attentions"].items() if aux else ():
+                if name != shown:
+                    attention_heatmap(image, attention, out_dir / "heatmaps" / f"{record.slide_id}_{name}.png",
+                                      f"{title} - {name}", label=f"{name} attention")
     _write_csv(out_dir / "predictions.csv", rows)
     summary = _summary(rows, [asdict(s) for s in loader.skipped], predictor, checkpoint)
     (out_dir / "predictions.json").write_text(json.dumps(summary, indent=2))
@@ -231,6 +256,7 @@ def _summary(rows: list[dict], skipped: list[dict], predictor: Predictor, checkp
     labelled = [r for r in rows if r["correct"] != ""]
     mean = {k: sum(r[k] for r in rows) / len(rows) if rows else 0.0 for k in ("read_s", "forward_s", "head_s")}
     return {"checkpoint": str(checkpoint), "slides": len(rows), "skipped": skipped, "device": str(predictor.device),
-            "max_tile_pixels": predictor.max_tile_pixels,
+            "max_tile_pixels": predictor.max_tile_pixels, "classifier": predictor.choice.name,
+            "stages_run": predictor.choice.depth, "best_classifier": predictor.best_classifier,
             "accuracy": sum(r["correct"] for r in labelled) / len(labelled) if labelled else None,
             "labelled": len(labelled), "mean_seconds": mean}

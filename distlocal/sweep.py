@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from distlocal.ablation import ablation_rows, format_markdown, write_csv
+from distlocal.ablation import EXTRA, ablation_rows, format_markdown, write_csv
 from distlocal.config import Config, ConfigError, load_config
 from distlocal.engine.faults import RunFailed
 from distlocal.tracking import RUN_ID_FILE, flatten, make_tracker, tracking_uri
@@ -185,7 +185,9 @@ def _table(children: list[Child], summaries: dict, configs: dict[str, Config], g
         if summary is None:
             continue
         if summary.get("test"):
-            metrics = {k.removeprefix("test/"): v for k, v in summary["test"].items() if k.count("/") == 1}
+            metrics = {k.removeprefix("test/"): v for k, v in summary["test"].items()
+                       if k.count("/") == 1 or k.removeprefix("test/") in EXTRA}
+            metrics["classifier"] = summary.get("classifier", "H")
         else:  # no test split: the last validation of H
             source = "valid"
             metrics = dict(summary["last_val"][-1]) if summary.get("last_val") else {}

@@ -68,7 +68,8 @@ def test_bench_inference_on_synthetic_slides_reports_table_3(make_cfg, tmp_path,
     monkeypatch.setattr(inference, "CPU_TILE_PIXELS", 365 * 365)  # only the first slide is larger: also tiled
     images = synthetic_images([(460, 300), (256, 512)])
     assert images[0]["image"].shape == (460, 300, 3)
-    report = bench_inference(tmp_path, images, make_cfg(*_SMALL, "model.pretrained=none"), repeats=3)
+    report = bench_inference(tmp_path, images, make_cfg(*_SMALL, "model.pretrained=none"), repeats=3,
+                             classifiers=["A_1", "ensemble"])
     assert [e["size"] for e in report["images"]] == [[460, 300], [256, 512]]
     for entry in report["images"]:
         g, o = entry["gabmil"], entry["ours"]
@@ -85,6 +86,12 @@ def test_bench_inference_on_synthetic_slides_reports_table_3(make_cfg, tmp_path,
     assert first["ours"]["tiled_pixels"] == 365 * 365
     assert len(first["runs"]["ours_tiled"]) == 3
     assert "tiled_total_s" not in second["ours"]  # 256 x 512 is not larger than a tile
+    # Early exit: A_1 runs stage 1 of 2 only, so it computes less than H; the ensemble computes both classifiers
+    early = second["by_classifier"]
+    assert list(early) == ["A_1", "ensemble"]
+    assert (early["A_1"]["stages_run"], early["ensemble"]["stages_run"]) == (1, 2)
+    assert early["A_1"]["gflop"] < second["ours"]["gflop"] < early["ensemble"]["gflop"]
+    assert early["A_1"]["speed_gain"] == pytest.approx(second["gabmil"]["total_s"] / early["A_1"]["total_s"])
     saved = json.loads((tmp_path / "inference.json").read_text())
     assert saved["backbone"] == "resnet18"
     assert saved["k"] == 2
@@ -95,6 +102,7 @@ def test_bench_inference_on_synthetic_slides_reports_table_3(make_cfg, tmp_path,
     assert "460 x 300: GABMIL | Ours | Speed gain |" in table
     assert f"{report['images'][1]['speed_gain']:.1f}x" in table
     assert "(365² px tiles)" in table
+    assert "| Ours deciding by A_1 (stages 1..1), total | - |" in table
 
 
 def test_bench_inference_command_times_slides_of_a_manifest(tmp_path, capsys):
@@ -138,3 +146,4 @@ def test_bench_inference_deployed_times_both_pipelines_from_the_written_file(tmp
     assert "| Read (file to 5X tissue crop) | (in features) |" in printed
     assert "480x400: CLAM + GABMIL | Ours | Speed gain |" in printed
     assert "In memory:" in printed
+    assert (out / "inference_deployed.png").stat().st_size > 5000  # the file-to-prediction table as a plot

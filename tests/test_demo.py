@@ -65,11 +65,14 @@ def test_paper_configs_load_with_the_papers_settings():
 def test_demo_report_names_every_classifier_and_the_mlflow_command(tmp_path):
     cfg = load_config(CONFIG, [])
     test = {"test/acc": 0.875, "test/auroc": 1.0, **{f"test/stage{i}/acc": 0.75 for i in (1, 2, 3)},
-            **{f"test/stage{i}/auroc": 0.9 for i in (1, 2, 3)}}
-    text = report({"test": test, "epochs": 5, "slides_seen": 120, "best_epoch": 4}, cfg, tmp_path / "demo-x", 150.0,
-                  "sqlite:////abs/runs/mlflow.db")
-    assert "  H              0.875  1.000" in text
-    assert "  A_3            0.750  0.900" in text
+            **{f"test/stage{i}/auroc": 0.9 for i in (1, 2, 3)}, "test/ensemble/acc": 0.8,
+            "test/ensemble/auroc": 0.95, "test/stage2/auroc_ci_low": 0.8, "test/stage2/auroc_ci_high": 0.97}
+    text = report({"test": test, "epochs": 5, "slides_seen": 120, "best_epoch": 4, "classifier": "A_2"}, cfg,
+                  tmp_path / "demo-x", 150.0, "sqlite:////abs/runs/mlflow.db")
+    assert "  H              0.875  1.000\n" in text
+    assert "  A_3            0.750  0.900\n" in text
+    assert "  A_2            0.750  0.900  (0.80-0.97)  <- decides (predict.classifier)\n" in text
+    assert "  ensemble       0.800  0.950\n" in text
     assert "uv run mlflow ui --backend-store-uri sqlite:////abs/runs/mlflow.db" in text
     assert "in 2.5 min" in text
 

@@ -60,23 +60,29 @@ def checkpoint(manifest, tmp_path_factory):
 
 
 def test_predict_writes_csv_heatmaps_and_matches_evaluation(checkpoint, manifest, tmp_path, capsys):
-    """Manifest and bare slide inputs; probabilities equal the trained stages' own eval_step; tiling changes nothing."""
+    """
+    Manifest and bare slide inputs; the ensemble's probabilities are the mean of the trained stages' own eval_step
+    ones; the recorded best classifier decides by default; tiling changes nothing.
+    """
     slide = next(manifest.parent.glob("slides/*.tiff"))
     lone = tmp_path / "new_slide.tiff"
     lone.write_bytes(slide.read_bytes())
     out = tmp_path / "pred"
     assert main(["predict", "--checkpoint", str(checkpoint), "--out", str(out), str(manifest), str(lone),
-                 "--set", "predict.aux_heatmaps=true"]) == 0
+                 "--set", "predict.aux_heatmaps=true", "--set", "predict.classifier=ensemble"]) == 0
     rows = list(csv.DictReader((out / "predictions.csv").open()))
     assert len(rows) == 13
     assert rows[-1]["slide_id"] == "new_slide"
     assert rows[-1]["label"] == ""
     assert {r["correct"] for r in rows[:-1]} <= {"0", "1"}
+    assert {r["classifier"] for r in rows} == {"ensemble"}
     assert all(abs(float(r["prob_class0"]) + float(r["prob_class1"]) - 1) < 1e-4 for r in rows)
-    assert (out / "heatmaps" / "new_slide.png").stat().st_size > 1000
-    assert (out / "heatmaps" / "new_slide_A3.png").is_file()
+    assert (out / "heatmaps" / "new_slide.png").stat().st_size > 1000  # H's attention: the ensemble's deepest
+    assert sorted(p.name for p in (out / "heatmaps").glob("new_slide_*.png")) == [
+        "new_slide_A_1.png", "new_slide_A_2.png", "new_slide_A_3.png"]
     summary = json.loads((out / "predictions.json").read_text())
     assert summary["labelled"] == 12
+    assert (summary["classifier"], summary["stages_run"]) == ("ensemble", 4)
     assert "12 labelled" in capsys.readouterr().out
 
     from distlocal.data import SlideLoader, read_manifest
@@ -88,13 +94,20 @@ def test_predict_writes_csv_heatmaps_and_matches_evaluation(checkpoint, manifest
         stage.load_state_dict(state)
     record = read_manifest(manifest).records[0]
     x = SlideLoader(ckpt.config.data, train=False).load(record)
+    every = []
     for stage in stages:
         x, probs, _ = stage.eval_step(x)
-    assert float(rows[0]["prob_class1"]) == pytest.approx(float(probs[1]), abs=1e-5)
+        every.append(probs)
+    assert float(rows[0]["prob_class1"]) == pytest.approx(float(torch.stack(every).mean(0)[1]), abs=1e-5)
 
     x = SlideLoader(ckpt.config.data, train=False).load(record)
-    whole = Predictor.load(checkpoint)(x)["probs"][-1]
-    tiled = Predictor.load(checkpoint, ["predict.max_tile_pixels=6400"])(x)["probs"][-1]
+    best = Predictor.load(checkpoint)
+    recorded = ckpt.trainer["best_classifier"]
+    assert best.choice.name == recorded
+    depth = 4 if recorded == "H" else int(recorded[2:])
+    torch.testing.assert_close(best(x)["probs"], every[depth - 1], rtol=1e-4, atol=1e-5)
+    whole = Predictor.load(checkpoint, ["predict.classifier=H"])(x)["probs"]
+    tiled = Predictor.load(checkpoint, ["predict.max_tile_pixels=6400", "predict.classifier=H"])(x)["probs"]
     torch.testing.assert_close(tiled, whole, rtol=1e-4, atol=1e-5)
 
 

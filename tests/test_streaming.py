@@ -124,3 +124,24 @@ def test_validation_enters_the_pipeline_while_training_drains(streaming, manifes
     for slide_id, probs in after.items():
         for ours, theirs in zip(overlapped[slide_id], probs, strict=True):
             assert torch.equal(ours, theirs), slide_id  # the same actors, the same arithmetic
+
+
+def test_an_early_exit_stops_the_pipeline_at_that_stage(streaming, manifest):
+    """evaluate(depth=1) (predict.classifier=A_1): A_1's probabilities as a full pass computes them; stage 2 idles."""
+    executor, cfg = streaming.executor, streaming.cfg
+    valid = read_manifest(manifest).split("valid")
+    full = dict(executor.evaluate(valid, SlideLoader(cfg.data, False)))
+    executor.traces()
+    early = dict(executor.evaluate(valid, SlideLoader(cfg.data, False), depth=1))
+    first, second = executor.traces()
+    assert list(early) == [r.slide_id for r in valid]
+    assert [kind for kind, *_ in first] == ["eval"] * len(valid)
+    assert second == []
+    for slide_id, probs in early.items():
+        assert len(probs) == 1
+        assert torch.equal(probs[0], full[slide_id][0]), slide_id
+    # the heatmaps of an A_1 run: A_1's attention, from stage 1 alone
+    [(slide_id, (probs, attention))] = list(executor.attention(valid[:1], SlideLoader(cfg.data, False), depth=1))
+    assert torch.equal(probs, early[slide_id][0])
+    assert attention.ndim == 2
+    assert [kind for kind, *_ in executor.traces()[1]] == []

@@ -64,6 +64,11 @@ def test_table_has_each_childs_numbers(sweep):
         assert float(row["acc_mean"]) == pytest.approx(test["test/acc"])
         assert float(row["auroc_mean"]) == pytest.approx(test["test/auroc"])
         assert float(row["acc_std"]) == 0.0
+        # beside H: the classifier that decided (predict.classifier=best), its metrics and the ensemble's
+        summary = json.loads((child / "summary.json").read_text())
+        assert row["decides"] == summary["classifier"] == summary["best_classifier"]
+        assert float(row["chosen_auroc_mean"]) == pytest.approx(test["test/chosen/auroc"])
+        assert float(row["ensemble_acc_mean"]) == pytest.approx(test["test/ensemble/acc"])
 
 
 def test_compare_prints_the_same_table(sweep, capsys):
@@ -71,7 +76,9 @@ def test_compare_prints_the_same_table(sweep, capsys):
     runs, _ = sweep
     capsys.readouterr()
     assert main(["compare", "distlocal", "--run-dir", str(runs), "--by", "model.k,model.rfr.enabled"]) == 0
-    assert capsys.readouterr().out.strip() == (runs / "abl" / "ablation.md").read_text().strip()
+    table = capsys.readouterr().out.strip()
+    assert table == (runs / "abl" / "ablation.md").read_text().strip()
+    assert "| decides | decided acc | decided auroc | ensemble acc | ensemble auroc |" in table.splitlines()[0]
 
 
 def test_rerun_redoes_nothing_and_finishes_an_interrupted_child(sweep):

@@ -64,9 +64,17 @@ def test_training_logs_params_metrics_tags_and_artifacts(manifest, tmp_path):
     expected = {f"stage{i}/{name}" for i in (1, 2) for name in
                 ("loss_cls", "loss_rec", "acc", "lr", "step_s", "peak_mem_mb")}
     expected |= {"val/acc", "val/balanced_acc", "val/auroc", "val/stage1/acc", "test/acc", "test/auroc",
-                 "test/acc_ci_low", "test/acc_ci_high", "test/auroc_ci_low", "test/stage1/acc"}
+                 "test/acc_ci_low", "test/acc_ci_high", "test/auroc_ci_low", "test/stage1/acc", "val/ensemble/auroc",
+                 "val/best_stage", "test/stage1/auroc_ci_high", "test/ensemble/acc", "test/ensemble/auroc_ci_low",
+                 "test/chosen/acc", "test/chosen/acc_ci_low"}
     assert expected <= set(run.data.metrics)
-    assert run.data.metrics["test/acc_ci_low"] <= run.data.metrics["test/acc"] <= run.data.metrics["test/acc_ci_high"]
+    metrics = run.data.metrics
+    for prefix in ("test/", "test/stage1/", "test/ensemble/", "test/chosen/"):
+        assert metrics[f"{prefix}acc_ci_low"] <= metrics[f"{prefix}acc"] <= metrics[f"{prefix}acc_ci_high"], prefix
+    # the deciding classifier (predict.classifier=best: the one the best epoch validated best) is named in a tag
+    assert tags["classifier"] == tags["best_classifier"] == summary["best_classifier"] in ("A_1", "H")
+    decided = "test/" if tags["classifier"] == "H" else "test/stage1/"
+    assert metrics["test/chosen/auroc"] == metrics[f"{decided}auroc"]
     val_history = client.get_metric_history(run_id, "val/acc")
     assert len(val_history) == 2  # one per epoch, across the resume
     local = [json.loads(line) for line in (tmp_path / "first" / "metrics.jsonl").read_text().splitlines()]
@@ -74,7 +82,8 @@ def test_training_logs_params_metrics_tags_and_artifacts(manifest, tmp_path):
                                                                            if "val/acc" in r]
     artifacts = _artifacts(client, run_id)
     for name in ("config.yaml", "summary.json", "metrics.jsonl", "plots/roc_test.png", "plots/confusion_test.png",
-                 "plots/accuracy_by_depth.png", "checkpoint_best/config.yaml", "checkpoint_best/trainer.pt"):
+                 "plots/accuracy_by_depth.png", "plots/classifiers_by_epoch.png", "checkpoint_best/config.yaml",
+                 "checkpoint_best/trainer.pt"):
         assert name in artifacts, f"{name} not among {sorted(artifacts)}"
     heatmaps = {name for name in artifacts if name.startswith("plots/attention/")}
     assert len(heatmaps) == min(3, len(read_manifest(manifest).split("valid")))  # train.heatmaps slides

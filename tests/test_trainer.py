@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+from distlocal.classifiers import best_index, classifier_name
 from distlocal.cli import main
 from distlocal.config import load_config, save_config
 from distlocal.data import ManifestError
@@ -58,6 +59,13 @@ def test_resume_equals_training_straight_through(manifest, tmp_path):
     assert resumed.state.slides_seen == 5
     resumed.fit()
     assert resumed.state.slides_seen == straight.state.slides_seen
+    # predict.classifier=best: the best checkpoint is the epoch whose best classifier validated best (ties: the
+    # earlier epoch, the shallower classifier), and it records that classifier.
+    state = straight.state
+    scores = [[m["auroc"] if m["auroc"] == m["auroc"] else m["acc"] for m in h["stages"]] for h in state.history]
+    assert state.best_epoch == 1 + max(range(2), key=lambda e: (max(scores[e]), -e))
+    assert state.best_classifier == classifier_name(best_index(scores[state.best_epoch - 1]), 2)
+    assert load_checkpoint(tmp_path / "a" / "checkpoints" / "best").trainer["best_classifier"] == state.best_classifier
     for ours, theirs in zip(_params(resumed), _params(straight), strict=True):
         for key in theirs:
             torch.testing.assert_close(ours[key], theirs[key], rtol=0, atol=0, msg=key)
@@ -69,13 +77,33 @@ def test_train_and_eval_commands(manifest, tmp_path, capsys):
     save_config(_cfg(manifest, tmp_path, "run.name=cli"), config)
     assert main(["train", str(config)]) == 0
     best = tmp_path / "cli" / "checkpoints" / "best"
-    assert main(["eval", str(config), "--checkpoint", str(best)]) == 0
+    assert main(["eval", str(config), "--checkpoint", str(best), "--set", "predict.classifier=ensemble"]) == 0
     out = capsys.readouterr().out
-    assert "A_1" in out
-    assert "\nH " in out
+    assert "\nA_1 " in out
+    assert "\nensemble* " in out
     report = json.loads((best / "eval_test.json").read_text())
     assert len(report["stages"]) == 2
+    assert list(report["classifiers"]) == ["A_1", "H", "ensemble"]
+    assert report["best_classifier"] == load_checkpoint(best).trainer["best_classifier"]
     assert report["slides"] == sum(1 for r in csv.DictReader(manifest.open()) if r["split"] == "test")
+    final = json.loads((tmp_path / "cli" / "test_metrics.json").read_text())
+    assert list(final["classifiers"]) == list(report["classifiers"])
+    for name, metrics in final["classifiers"].items():
+        assert metrics == pytest.approx(report["classifiers"][name], abs=1e-6, nan_ok=True)  # the same checkpoint
+        low, high = final["ci95"][name]["acc"]
+        assert low <= metrics["acc"] <= high, name
+    # By default the recorded best decides; A_1 exits after stage 1, so stage 2 never runs
+    assert main(["eval", str(config), "--checkpoint", str(best)]) == 0
+    default = json.loads((best / "eval_test.json").read_text())
+    assert default["classifier"] == report["best_classifier"]
+    assert f"* decides (predict.classifier): {default['classifier']}" in capsys.readouterr().out
+    assert main(["eval", str(config), "--checkpoint", str(best), "--set", "predict.classifier=A_1"]) == 0
+    early = json.loads((best / "eval_test.json").read_text())
+    assert (early["classifier"], list(early["classifiers"])) == ("A_1", ["A_1"])
+    assert early["decided"] == pytest.approx(report["classifiers"]["A_1"], abs=1e-6, nan_ok=True)
+    assert main(["eval", str(config), "--checkpoint", str(best), "--set", "predict.classifier=A_2"]) == 2
+    said = capsys.readouterr()
+    assert "predict.classifier='A_2' is not a classifier of this run (K=2 has A_1 and H)" in said.out + said.err
     assert main(["train", str(config)]) == 2  # the run folder exists: told to --resume instead
 
 

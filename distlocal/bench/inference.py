@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from distlocal.bench.patch_mil import PATCH, PatchMIL
+from distlocal.classifiers import choose
 from distlocal.config import Config
 from distlocal.data import SlideLoader, SlideRecord
 from distlocal.model import build_stages, resolve_device
@@ -78,7 +79,7 @@ def ours_from_image(predictor: Predictor, loader: SlideLoader, image: np.ndarray
     total = time.perf_counter() - start
     return {"prediction_s": total, "input_s": total - result["forward_s"] - result["head_s"],
             "forward_s": result["forward_s"], "head_s": result["head_s"], "total_s": total,
-            "probs": result["probs"][-1]}
+            "probs": result["probs"]}
 
 
 @torch.no_grad()
@@ -97,10 +98,11 @@ def gflops(predictor: Predictor, baseline: PatchMIL, height: int, width: int, ti
         return counter.get_total_flops() / 1e9, out
 
     ours, x = 0.0, torch.empty(1, 3, height, width, device="meta")
-    for features, _ in predictor.parts:
+    for i, (features, classifier) in enumerate(predictor.parts[:predictor.choice.depth]):  # early exit at A_i
         flops, x = count(features, x)
         ours += flops
-    ours += count(predictor.parts[-1][1], x)[0]
+        if i in predictor.choice.members:
+            ours += count(classifier, x)[0]
     tile = torch.empty(1, 3, PATCH, PATCH, device="meta")
     dim = baseline.classifier.embed[0].in_features
     patch = tiles * count(baseline.features, tile)[0]
@@ -114,10 +116,11 @@ def _median(runs: list[dict], key: str) -> float:
 
 def bench_inference(out_dir: Path, images: list[dict], cfg: Config, repeats: int = 3, batch: int = 0,
                     checkpoint: str | None = None, overrides: list[str] = (), records: list | None = None,
-                    workers: int | None = None) -> dict:
+                    workers: int | None = None, classifiers: list[str] = ()) -> dict:
     """
     Time both methods on every image (and first from every slide file of ``records``, with ``workers`` tile
-    loaders for the baseline); write inference.json and inference.png into ``out_dir``.
+    loaders for the baseline); write inference.json and inference.png into ``out_dir``. ``classifiers``: also time
+    ours deciding by each of these predict.classifier choices (A_i exits after stage i).
     """
     if checkpoint:
         predictor = Predictor.load(checkpoint, list(overrides), str(resolve_device(cfg.train.device)))
@@ -144,6 +147,8 @@ def bench_inference(out_dir: Path, images: list[dict], cfg: Config, repeats: int
 
         workers = default_workers(device) if workers is None else workers
         deployed = run_deployed(predictor, baseline, records, repeats, workers)
+    variants = [dataclasses.replace(predictor, choice=choose(c, len(predictor.parts), predictor.best_classifier))
+                for c in classifiers]
     results = []
     for item in progress(images, desc="bench inference (in memory)", unit="slide"):
         image = item["image"]
@@ -169,8 +174,16 @@ def bench_inference(out_dir: Path, images: list[dict], cfg: Config, repeats: int
         work = gflops(predictor, baseline, *image.shape[:2], gabmil["tiles"])
         for name, timing in (("gabmil", gabmil), ("ours", ours)):
             timing.update(gflop=work[name], gflop_per_s=work[name] / timing["total_s"])
+        by_classifier = {}
+        for variant in variants:
+            runs = [ours_from_image(variant, loader, image) for _ in range(repeats)]
+            total = _median(runs, "total_s")
+            by_classifier[variant.choice.name] = {
+                "total_s": total, "speed_gain": gabmil["total_s"] / total, "stages_run": variant.choice.depth,
+                "gflop": gflops(variant, baseline, *image.shape[:2], gabmil["tiles"])["ours"]}
         results.append({"name": item["name"], "size": list(image.shape[:2]), "read_s": item["read_s"],
                         "gabmil": gabmil, "ours": ours, "speed_gain": gabmil["total_s"] / ours["total_s"],
+                        "by_classifier": by_classifier,
                         "gflop_ratio": work["gabmil"] / work["ours"],
                         "runs": {"gabmil": [_plain(r) for r in patch_runs], "ours": [_plain(r) for r in our_runs],
                                  "ours_tiled": [_plain(r) for r in tiled_runs]}})
@@ -180,12 +193,15 @@ def bench_inference(out_dir: Path, images: list[dict], cfg: Config, repeats: int
               "threads": torch.get_num_threads(), "backbone": cfg.model.backbone, "mode": cfg.model.mode,
               "k": cfg.model.k, "bf16": bf16, "patch": PATCH, "batch": batch, "repeats": repeats,
               "max_tile_pixels": predictor.max_tile_pixels, "checkpoint": checkpoint, "workers": workers,
+              "classifier": predictor.choice.name,
               "deployed": deployed, "images": results}
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "inference.json").write_text(json.dumps(report, indent=2))
-    from distlocal.plots import inference_bars
+    from distlocal.plots import deployed_bars, inference_bars
 
     inference_bars(report, out_dir / "inference.png")
+    if deployed:
+        deployed_bars(report, out_dir / "inference_deployed.png")
     return report
 
 
@@ -200,7 +216,8 @@ def _seconds(value: float) -> str:
 def format_inference(report: dict) -> str:
     """Table 3's layout: per slide, GABMIL / ours / speed gain for tiling, features, prediction and total."""
     where = f"{report['device']}" + ("" if report["bf16"] else ", fp32") + f", {report['threads']} threads"
-    lines = [f"In memory: {where}; {report['backbone']}, K = {report['k']}; GABMIL tiles {report['patch']} px, "
+    lines = [f"In memory: {where}; {report['backbone']}, K = {report['k']}, ours decided by "
+             f"{report.get('classifier', 'H')}; GABMIL tiles {report['patch']} px, "
              f"batch {report['batch']}; median of {report['repeats']}"]
     header, rule = "| step |", "|---|"
     for entry in report["images"]:
@@ -224,5 +241,11 @@ def format_inference(report: dict) -> str:
         rows["Ours as exact tiles (CPU), total"] += ["-", "-" if tiled is None else
                                                      f"{_seconds(tiled)} ({math.isqrt(o['tiled_pixels'])}² px tiles)",
                                                      "-" if tiled is None else f"{g['total_s'] / tiled:.1f}x"]
+    for name, first in report["images"][0].get("by_classifier", {}).items() if report["images"] else ():
+        cells = rows.setdefault(f"Ours deciding by {name} (stages 1..{first['stages_run']}), total", [])
+        for entry in report["images"]:
+            timing = entry["by_classifier"][name]
+            cells += ["-", f"{_seconds(timing['total_s'])} ({timing['gflop']:,.0f} GFLOP)",
+                      f"{timing['speed_gain']:.1f}x"]
     lines += [header, rule] + [f"| {name} | " + " | ".join(cells) + " |" for name, cells in rows.items()]
     return "\n".join(lines)

@@ -44,6 +44,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "the paper's 8698x7496,12223x10057,23849x10257)")
     p.add_argument("--device", default="auto", help="memory, inference: auto (CUDA when present), cpu or cuda")
     p.add_argument("--checkpoint", help="inference: time this trained model (default: the config's, random weights)")
+    p.add_argument("--classifiers", help="inference: also time ours deciding by each of these predict.classifier "
+                   "choices, e.g. A_1,A_2,H,ensemble (A_i runs stages 1..i only: the early exit's time per slide)")
     p.add_argument("--batch", type=int, default=0, help="inference: GABMIL tiles per feature batch "
                    "(default 32 on CPU, 256 on CUDA)")
     p.add_argument("--epochs", type=int, default=0,
@@ -84,12 +86,15 @@ def _inference(args: argparse.Namespace) -> int:
         images = slide_images(records, cfg)
     else:
         images = synthetic_images(sizes)
+    classifiers = [c.strip() for c in args.classifiers.split(",")] if args.classifiers else []
     report = bench_inference(Path(args.out), images, cfg, args.repeats, args.batch, args.checkpoint, args.overrides,
-                             records=records if args.mode == "deployed" else None, workers=args.workers)
+                             records=records if args.mode == "deployed" else None, workers=args.workers,
+                             classifiers=classifiers)
     if report["deployed"]:
         print(format_deployed(report))
     print(format_inference(report))
-    print(f"wrote {Path(args.out) / 'inference.json'} and {Path(args.out) / 'inference.png'}")
+    plots = "inference.png" + (" and inference_deployed.png" if report["deployed"] else "")
+    print(f"wrote {Path(args.out) / 'inference.json'} and {plots} in {args.out}")
     return 0
 
 

@@ -51,19 +51,28 @@ def run(args: argparse.Namespace) -> int:
 
 
 def report(summary: dict, cfg, run_dir: Path, seconds: float, uri: str) -> str:
-    """The demo's closing summary: test accuracy and AUROC of every classifier, where everything is."""
-    from distlocal.engine.evaluate import classifier_name
+    """
+    The demo's closing summary: test accuracy and AUROC (with 95 % CIs) of every classifier and of their ensemble,
+    which one decides (predict.classifier), where everything is.
+    """
+    from distlocal.classifiers import classifier_name
 
     test, k = summary.get("test") or {}, cfg.model.k
     split = "test" if any(key.startswith("test/") for key in test) else "valid"
+    decided = summary.get("classifier", "H")
     lines = [f"distlocal demo: K={k} stages ({cfg.train.executor} executor), {summary['epochs']} epochs, "
              f"{summary['slides_seen']} training slides seen, in {seconds / 60:.1f} min",
              f"{split} split, best checkpoint (epoch {summary['best_epoch']}); chance is accuracy 0.50, AUROC 0.50:",
-             "  classifier  accuracy  AUROC"]
-    for i in range(k):
-        key = f"{split}/" if i == k - 1 else f"{split}/stage{i + 1}/"
+             "  classifier  accuracy  AUROC  (95 % CI)"]
+    names = [classifier_name(i, k) for i in range(k)] + (["ensemble"] if k > 1 else [])
+    for name in names:
+        key = f"{split}/" if name == "H" else f"{split}/ensemble/" if name == "ensemble" else \
+            f"{split}/stage{name[2:]}/"
         acc, auroc = test.get(key + "acc", float("nan")), test.get(key + "auroc", float("nan"))
-        lines.append(f"  {classifier_name(i, k):<10}  {acc:8.3f}  {auroc:5.3f}")
+        low, high = test.get(key + "auroc_ci_low"), test.get(key + "auroc_ci_high")
+        ci = f"  ({low:.2f}-{high:.2f})" if low is not None and high is not None else ""
+        mark = "  <- decides (predict.classifier)" if name == decided else ""
+        lines.append(f"  {name:<10}  {acc:8.3f}  {auroc:5.3f}{ci}{mark}")
     ui = f"uv run mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite:") else f"open {uri}"
     lines += [f"run folder:  {run_dir}", f"checkpoint:  {run_dir / 'checkpoints' / 'best'}",
               f"plots:       {run_dir / 'plots'} (ROC, confusion matrix, accuracy by depth, attention heatmaps)",

@@ -17,6 +17,7 @@ def run(args: argparse.Namespace) -> int:
     from distlocal.engine.evaluate import evaluate_checkpoint, format_metrics
 
     report = evaluate_checkpoint(args.checkpoint, load_config(args.config, args.overrides), args.split)
-    print(f"{args.split}: {report['slides']} slides, checkpoint {report['checkpoint']}")
-    print(format_metrics(report["stages"]))
+    print(f"{args.split}: {report['slides']} slides, checkpoint {report['checkpoint']} (validated best: "
+          f"{report['best_classifier']})")
+    print(format_metrics(report["classifiers"], report["classifier"]))
     return 0

@@ -12,7 +12,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="folder for predictions.csv, predictions.json and heatmaps/")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override the checkpoint's data or predict settings, e.g. data.cache_dir=cache or "
-                        "predict.max_tile_pixels=4000000 or predict.aux_heatmaps=true")
+                        "predict.max_tile_pixels=4000000, predict.aux_heatmaps=true or predict.classifier=A_2 "
+                        "(best: the classifier that validated best; H; A_i: stages 1..i only; ensemble)")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: the checkpoint's train.device)")
     p.add_argument("--no-heatmaps", action="store_true", help="only the CSV: no attention heatmap PNGs")
 
@@ -24,7 +25,8 @@ def run(args: argparse.Namespace) -> int:
                       device=args.device)
     accuracy = f", accuracy {summary['accuracy']:.3f} on {summary['labelled']} labelled" if summary["labelled"] else ""
     mean = summary["mean_seconds"]
-    print(f"{summary['slides']} slides predicted on {summary['device']}{accuracy}; mean per slide: read "
+    print(f"{summary['slides']} slides predicted by {summary['classifier']} (stages 1..{summary['stages_run']}; "
+          f"validated best: {summary['best_classifier']}) on {summary['device']}{accuracy}; mean per slide: read "
           f"{mean['read_s']:.3f} s, forward {mean['forward_s']:.3f} s, head {mean['head_s']:.4f} s")
     if summary["skipped"]:
         print(f"skipped {len(summary['skipped'])}: " + ", ".join(s["slide_id"] for s in summary["skipped"]))

@@ -133,14 +133,17 @@ class StageActor:
         return sent, metrics
 
     @ray.method(num_returns=2)
-    def eval_step(self, x: torch.Tensor, slide_id: str):
-        """(activation for the next stage, class probabilities) for one slide, forward only."""
+    def eval_step(self, x: torch.Tensor, slide_id: str, exits: bool = False):
+        """
+        (activation for the next stage, class probabilities) for one slide, forward only; ``exits``: the evaluation
+        stops at this stage (predict.classifier=A_i), so no activation is sent on.
+        """
         start, _ = self._begin()
         try:
             out, probs, _ = self.stage.eval_step(x)
         except torch.OutOfMemoryError as exc:
             raise self._out_of_memory(exc, x, slide_id) from None
-        sent = self._send(out)
+        sent = None if exits else self._send(out)
         self._end("eval", slide_id, start)
         return sent, probs
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from distlocal.classifiers import choose, classifier_name
 from distlocal.config import Config
 from distlocal.data import ManifestError, SlideLoader, SlideRecord, read_manifest
 from distlocal.engine.checkpoint import for_restoring, load_checkpoint
@@ -16,16 +17,21 @@ from distlocal.engine.executor import make_executor
 from distlocal.engine.metrics import classification_metrics
 from distlocal.progress import progress
 
-__all__ = ["classifier_name", "evaluate", "evaluate_checkpoint", "format_metrics", "metrics_line"]
+__all__ = ["by_classifier", "ensemble_probs", "evaluate", "evaluate_checkpoint", "format_metrics", "metrics_line"]
 
 log = logging.getLogger(__name__)
 
 
-def evaluate(executor, records: list[SlideRecord], loader: SlideLoader, num_classes: int, desc: str = "eval") -> dict:
-    """Return {"stages": [metrics of stage 1 .. K], "probs": [...], "labels": [...], "slide_ids": [...]}."""
+def evaluate(executor, records: list[SlideRecord], loader: SlideLoader, num_classes: int, desc: str = "eval",
+             depth: int | None = None) -> dict:
+    """
+    {"stages": [metrics of stage 1 .. depth], "probs": [...], "labels": [...], "slide_ids": [...]}; every stage by
+    default, else the evaluation stops after stage `depth` (early exit).
+    """
     labels = {r.slide_id: r.label for r in records}
     ids, per_stage = [], None
-    for slide_id, probs in progress(executor.evaluate(records, loader), total=len(records), desc=desc, leave=False):
+    for slide_id, probs in progress(executor.evaluate(records, loader, depth), total=len(records), desc=desc,
+                                    leave=False):
         per_stage = per_stage or [[] for _ in probs]
         for acc, p in zip(per_stage, probs, strict=True):
             acc.append(p)
@@ -36,45 +42,57 @@ def evaluate(executor, records: list[SlideRecord], loader: SlideLoader, num_clas
     return {"stages": metrics, "probs": stacked, "labels": y, "slide_ids": ids}
 
 
+def by_classifier(result: dict, num_classes: int, k: int) -> dict[str, dict]:
+    """Metrics by classifier name (A_1 .., H) of an `evaluate` result, and of the ensemble when every stage ran."""
+    out = {classifier_name(i, k): m for i, m in enumerate(result["stages"])}
+    if result["probs"] and len(result["probs"]) == k > 1:
+        out["ensemble"] = classification_metrics(ensemble_probs(result["probs"]), result["labels"], num_classes)
+    return out
+
+
+def ensemble_probs(probs: list[torch.Tensor]) -> torch.Tensor:
+    """The ensemble's class probabilities: the mean of every classifier's."""
+    return torch.stack(probs).mean(0)
+
+
 def monitored(metrics: dict, name: str) -> float:
     """The monitored metric, falling back to accuracy where AUROC is undefined (a class absent)."""
     value = metrics[name]
     return metrics["acc"] if math.isnan(value) else value
 
 
-def classifier_name(index: int, k: int) -> str:
-    """The paper's name of stage ``index``'s classifier: A_1 .. A_{K-1}, then H."""
-    return "H" if index == k - 1 else f"A_{index + 1}"
-
-
-def format_metrics(stage_metrics: list[dict]) -> str:
-    """A small table: one row per classifier, A_1 .. A_{K-1}, then H."""
-    k = len(stage_metrics)
+def format_metrics(named: dict[str, dict], decided: str | None = None) -> str:
+    """A small table: one row per classifier (A_1 .. A_{K-1}, H, ensemble); `decided` is marked with a *."""
     rows = ["classifier  accuracy  balanced_acc  auroc"]
-    for i, m in enumerate(stage_metrics):
-        rows.append(f"{classifier_name(i, k):<10}  {m['acc']:8.4f}  {m['balanced_acc']:12.4f}  {m['auroc']:5.4f}")
+    for name, m in named.items():
+        mark = "*" if name == decided else " "
+        rows.append(f"{name + mark:<10}  {m['acc']:8.4f}  {m['balanced_acc']:12.4f}  {m['auroc']:5.4f}")
+    if decided:
+        rows.append(f"* decides (predict.classifier): {decided}")
     return "\n".join(rows)
 
 
-def metrics_line(stage_metrics: list[dict]) -> str:
-    """One line for a log: accuracy / AUROC of H first, then of every A_i."""
-    k = len(stage_metrics)
-    parts = [f"{classifier_name(i, k)} {stage_metrics[i]['acc']:.3f}/{stage_metrics[i]['auroc']:.3f}"
-             for i in (k - 1, *range(k - 1))]
-    return ", ".join(parts) + " (accuracy/AUROC)"
+def metrics_line(named: dict[str, dict]) -> str:
+    """One line for a log: accuracy / AUROC of H first, then of every A_i and the ensemble."""
+    order = ["H", *(name for name in named if name != "H")]
+    return ", ".join(f"{name} {named[name]['acc']:.3f}/{named[name]['auroc']:.3f}" for name in order) + \
+        " (accuracy/AUROC)"
 
 
 def evaluate_checkpoint(checkpoint: str | Path, cfg: Config | None = None, split: str = "test") -> dict:
     """
-    Evaluate a saved checkpoint on a manifest split; the model comes from the checkpoint, the data
-    settings from `cfg` when given (so a model can be scored on another manifest).
+    Evaluate a saved checkpoint on a manifest split; the model comes from the checkpoint, the data and predict
+    settings from `cfg` when given (so a model can be scored on another manifest, or by another classifier).
+    The stages run up to the deciding classifier's (predict.classifier): A_i stops after stage i.
     """
     ckpt = load_checkpoint(checkpoint, stages=False)
     run_cfg = ckpt.config
     if cfg is not None:
         if cfg.model != run_cfg.model:
             log.warning("the model settings of the config differ from the checkpoint's; using the checkpoint's")
-        run_cfg.data = cfg.data
+        run_cfg.data, run_cfg.predict = cfg.data, cfg.predict
+    k, recorded = run_cfg.model.k, ckpt.trainer.get("best_classifier", "H")
+    choice = choose(run_cfg.predict.classifier, k, recorded)
     manifest = read_manifest(run_cfg.data.manifest, ckpt.classes)
     records = manifest.split(split)
     if not records:
@@ -83,10 +101,13 @@ def evaluate_checkpoint(checkpoint: str | Path, cfg: Config | None = None, split
     try:
         executor.load_stages(ckpt.path)
         loader = SlideLoader(run_cfg.data, train=False)
-        result = evaluate(executor, records, loader, len(ckpt.classes), desc=f"eval {split}")
+        result = evaluate(executor, records, loader, len(ckpt.classes), desc=f"eval {split}", depth=choice.depth)
     finally:
         executor.close()
+    named = by_classifier(result, len(ckpt.classes), k)
     report = {"checkpoint": str(ckpt.path), "split": split, "slides": len(result["slide_ids"]),
-              "skipped": [s.__dict__ for s in loader.skipped], "stages": result["stages"]}
+              "skipped": [s.__dict__ for s in loader.skipped], "classifier": choice.name,
+              "best_classifier": recorded, "decided": named.get(choice.name), "classifiers": named,
+              "stages": result["stages"]}
     (ckpt.path / f"eval_{split}.json").write_text(json.dumps(report, indent=2))
     return report

@@ -28,8 +28,12 @@ class Executor(Protocol):
               epoch: int) -> Iterator[tuple[str, list[dict]]]:
         """Train on each slide: (slide_id, one metrics dict per stage)."""
 
-    def evaluate(self, records: Iterable[SlideRecord], loader: SlideLoader) -> Iterator[tuple[str, list[torch.Tensor]]]:
-        """Forward only: (slide_id, class probabilities of every stage's classifier)."""
+    def evaluate(self, records: Iterable[SlideRecord], loader: SlideLoader,
+                 depth: int | None = None) -> Iterator[tuple[str, list[torch.Tensor]]]:
+        """
+        Forward only: (slide_id, class probabilities of the classifiers of stages 1..depth); by default every stage,
+        else the evaluation stops after stage ``depth`` (early exit at A_depth).
+        """
 
     def evaluate_next(self, records: list[SlideRecord], loader: SlideLoader) -> None:
         """
@@ -38,8 +42,9 @@ class Executor(Protocol):
         step, so the results are those of evaluating afterwards). An executor may ignore it.
         """
 
-    def attention(self, records: Iterable[SlideRecord], loader: SlideLoader) -> Iterator[tuple[str, tuple]]:
-        """(slide_id, (H's probabilities, H's attention map)), for heatmaps."""
+    def attention(self, records: Iterable[SlideRecord], loader: SlideLoader,
+                  depth: int | None = None) -> Iterator[tuple[str, tuple]]:
+        """(slide_id, (probabilities, attention map)) of stage ``depth``'s classifier (H's by default), for heatmaps."""
 
     def end_epoch(self, metrics: list[float]) -> None:
         """Each stage's schedulers step on its classifier's validation metric."""

@@ -34,11 +34,12 @@ class LocalExecutor:
                 metrics.append(m)
             yield record.slide_id, metrics
 
-    def evaluate(self, records: Iterable[SlideRecord], loader: SlideLoader) -> Iterator[tuple[str, list[torch.Tensor]]]:
-        """For each slide (slide_id, class probabilities of every stage's classifier), forward only."""
+    def evaluate(self, records: Iterable[SlideRecord], loader: SlideLoader,
+                 depth: int | None = None) -> Iterator[tuple[str, list[torch.Tensor]]]:
+        """For each slide (slide_id, class probabilities of stage 1..depth's classifiers), forward only."""
         for record, x in loader.stream(records):
             probs = []
-            for stage in self.stages:
+            for stage in self.stages[:depth]:
                 x, p, _ = stage.eval_step(x)
                 probs.append(p)
             yield record.slide_id, probs
@@ -46,10 +47,11 @@ class LocalExecutor:
     def evaluate_next(self, records: list[SlideRecord], loader: SlideLoader) -> None:
         """One process runs one slide at a time: there is no pipeline for the next phase to enter early."""
 
-    def attention(self, records: Iterable[SlideRecord], loader: SlideLoader) -> Iterator[tuple[str, tuple]]:
-        """For each slide (slide_id, (H's probabilities, H's attention map)), for heatmaps."""
+    def attention(self, records: Iterable[SlideRecord], loader: SlideLoader,
+                  depth: int | None = None) -> Iterator[tuple[str, tuple]]:
+        """Each slide's (slide_id, (probabilities, attention map)) of stage ``depth``'s classifier (H's by default)."""
         for record, x in loader.stream(records):
-            for stage in self.stages:
+            for stage in self.stages[:depth]:
                 x, probs, attention = stage.eval_step(x)
             yield record.slide_id, (probs, attention)
 

@@ -250,28 +250,33 @@ class RayExecutor:
         steps, self.steps = self.steps, []
         _fetch(steps, "stepping the replicas")
 
-    def _submit(self, method: str, n: int, record: SlideRecord, x, args) -> list:
-        """Chain the n-th slide of a pass through the stages; the refs of each stage's small result."""
+    def _submit(self, method: str, n: int, record: SlideRecord, x, args, depth: int | None = None) -> list:
+        """
+        Chain the n-th slide of a pass through stages 1..depth (all by default); the refs of each stage's small
+        result.
+        """
         outputs = []
         actors, closes = self._route(method, n)
+        actors = actors[:depth]
         for i, actor in enumerate(actors):  # x stays an ObjectRef: stage i+1 starts once stage i returns it
-            hop = self.hops[i].transport if i < self.k - 1 else "object_store"
+            hop = self.hops[i].transport if i < len(actors) - 1 else "object_store"
             if hop != "object_store":
                 direct = getattr(actor, f"{method.removesuffix('_step')}_direct")
                 x = direct.options(tensor_transport=hop).remote(x, *args(record))
                 out = actor.pop_result.remote(record.slide_id)
             else:
-                x, out = getattr(actor, method).remote(x, *args(record))
+                exits = (True,) if i == len(actors) - 1 < self.k - 1 else ()  # early exit: no activation onwards
+                x, out = getattr(actor, method).remote(x, *args(record), *exits)
             outputs.append(out)
         if closes and self.replicated:
             self._step_window()
         return outputs
 
-    def _pipeline(self, method: str, slides: Iterator, args, inflight: deque | None = None,
-                  n: int = 0) -> Iterator[tuple[str, list]]:
+    def _pipeline(self, method: str, slides: Iterator, args, inflight: deque | None = None, n: int = 0,
+                  depth: int | None = None) -> Iterator[tuple[str, list]]:
         inflight = deque() if inflight is None else inflight
         for record, x in slides:
-            inflight.append((record.slide_id, self._submit(method, n, record, x, args)))
+            inflight.append((record.slide_id, self._submit(method, n, record, x, args, depth)))
             n += 1
             if len(inflight) >= self.max_inflight:
                 slide_id, outputs = inflight.popleft()
@@ -302,20 +307,27 @@ class RayExecutor:
         self.asked, self.entered = None, _Entering(self, records, loader)
         return self.entered
 
-    def evaluate(self, records: Iterable[SlideRecord], loader: SlideLoader) -> Iterator[tuple[str, list]]:
-        """For each slide (slide_id, class probabilities of every stage's classifier), forward only."""
+    def evaluate(self, records: Iterable[SlideRecord], loader: SlideLoader,
+                 depth: int | None = None) -> Iterator[tuple[str, list]]:
+        """For each slide (slide_id, class probabilities of stage 1..depth's classifiers), forward only."""
         records = list(records)
         entered, self.entered, self.asked = self.entered, None, None
-        if entered is not None and entered.loader is loader and entered.ids == [r.slide_id for r in records]:
+        if entered is not None and entered.loader is loader and entered.ids == [r.slide_id for r in records] \
+                and depth in (None, self.k):
             return self._pipeline("eval_step", entered.slides, _eval_args, entered.inflight, entered.n)
-        return self._pipeline("eval_step", self._slides(records, loader, 0), _eval_args)
+        return self._pipeline("eval_step", self._slides(records, loader, 0), _eval_args, depth=depth)
 
-    def attention(self, records: Iterable[SlideRecord], loader: SlideLoader) -> Iterator[tuple[str, tuple]]:
-        """For each slide (slide_id, (H's probabilities, H's attention map)); one slide at a time (for plots)."""
+    def attention(self, records: Iterable[SlideRecord], loader: SlideLoader,
+                  depth: int | None = None) -> Iterator[tuple[str, tuple]]:
+        """
+        For each slide (slide_id, (probabilities, attention map)) of stage ``depth``'s classifier (H's by default);
+        one slide at a time (for plots).
+        """
+        last = (depth or self.k) - 1
         for record, x in self._slides(records, loader, 0):
-            for replicas in self.stages[:-1]:
+            for replicas in self.stages[:last]:
                 x, _ = replicas[0].eval_step.remote(x, record.slide_id)
-            yield record.slide_id, _fetch(self.stages[-1][0].attend.remote(x, record.slide_id),
+            yield record.slide_id, _fetch(self.stages[last][0].attend.remote(x, record.slide_id),
                                           f"slide {record.slide_id}")
 
     # -- state --------------------------------------------------------------------------------------------------

@@ -18,15 +18,17 @@ from pathlib import Path
 
 import numpy as np
 
+from distlocal.classifiers import best_index, choose, classifier_name
 from distlocal.config import Config, save_config
 from distlocal.data import ManifestError, SlideLoader, read_manifest
 from distlocal.engine.autosplit import resolve_plan
 from distlocal.engine.checkpoint import for_restoring, load_checkpoint, save_checkpoint
-from distlocal.engine.evaluate import evaluate, metrics_line, monitored
+from distlocal.engine.evaluate import by_classifier, evaluate, metrics_line, monitored
 from distlocal.engine.executor import make_executor
 from distlocal.engine.faults import RunFailed, StageFailure
 from distlocal.engine.report import final_report
 from distlocal.model import resolve_device
+from distlocal.plots import classifiers_by_epoch
 from distlocal.progress import progress
 from distlocal.tracking import flatten, git_commit, make_tracker
 
@@ -42,6 +44,7 @@ class TrainState:
     slides_seen: int = 0
     best: float = -math.inf
     best_epoch: int = -1
+    best_classifier: str = "H"  # the classifier that validated best in the best epoch (predict.classifier=best)
     history: list[dict] = field(default_factory=list)  # validation metrics per epoch
     failures: list[dict] = field(default_factory=list)  # stage failures survived (Ray executor)
 
@@ -209,17 +212,25 @@ class Trainer:
 
     def _validate(self, epoch: int) -> None:
         result = evaluate(self.executor, self.valid_set, self.valid_loader, len(self.classes), desc="validate")
-        stages, monitor = result["stages"], self.cfg.train.monitor
-        self.executor.end_epoch([monitored(m, monitor) for m in stages])
-        record = {f"val/{k}": v for k, v in stages[-1].items()}
+        stages, monitor, k = result["stages"], self.cfg.train.monitor, self.cfg.model.k
+        scores = [monitored(m, monitor) for m in stages]
+        self.executor.end_epoch(scores)
+        named = by_classifier(result, len(self.classes), k)
+        best = classifier_name(best_index(scores), k)  # ties go to the shallower, cheaper one
+        record = {f"val/{key}": v for key, v in stages[-1].items()}
         for i, m in enumerate(stages[:-1]):
-            record.update({f"val/stage{i + 1}/{k}": v for k, v in m.items()})
+            record.update({f"val/stage{i + 1}/{key}": v for key, v in m.items()})
+        record.update({f"val/ensemble/{key}": v for key, v in named.get("ensemble", {}).items()})
+        record["val/best_stage"] = best_index(scores) + 1  # the stage whose classifier validated best (K: H)
         self._log({"step": self.state.slides_seen, "epoch": epoch, **record})
-        self.state.history.append({"epoch": epoch + 1, "stages": stages})
-        log.info("epoch %d validation: %s", epoch + 1, metrics_line(stages))
-        score = monitored(stages[-1], monitor)
+        self.state.history.append({"epoch": epoch + 1, "stages": stages, "ensemble": named.get("ensemble"),
+                                   "best_classifier": best})
+        log.info("epoch %d validation: %s; best %s", epoch + 1, metrics_line(named), best)
+        # The best checkpoint is the epoch where the classifier that will predict validated best.
+        selected = choose(self.cfg.predict.classifier, k, best).name
+        score = monitored(named[selected], monitor)
         if score > self.state.best:
-            self.state.best, self.state.best_epoch = score, epoch + 1
+            self.state.best, self.state.best_epoch, self.state.best_classifier = score, epoch + 1, best
             self._save("best")
 
     def _loop(self) -> None:
@@ -273,6 +284,8 @@ class Trainer:
         summary = {
             "run_dir": str(self.run_dir), "completed": completed, "epochs": self.state.epoch,
             "slides_seen": self.state.slides_seen, "best_epoch": self.state.best_epoch,
+            "best_classifier": self.state.best_classifier,
+            "classifier": choose(self.cfg.predict.classifier, self.cfg.model.k, self.state.best_classifier).name,
             f"best_val_{self.cfg.train.monitor}": self.state.best,
             "last_val": self.state.history[-1]["stages"] if self.state.history else None, "test": test,
             "skipped": [asdict(s) for s in skipped], "rfr_clamped": clamped, "failures": self.state.failures,
@@ -292,8 +305,13 @@ class Trainer:
             return {}
         self.executor.load_stages(best)
         best_val = self.state.history[self.state.best_epoch - 1]["stages"] if self.state.best_epoch > 0 else None
+        choice = choose(self.cfg.predict.classifier, self.cfg.model.k, self.state.best_classifier)
         flat = final_report(self.executor, self.manifest.split("test"), self.valid_set, self.valid_loader,
-                            self.classes, best_val, self.run_dir, self.cfg.train.seed, self.cfg.train.heatmaps)
+                            self.classes, best_val, self.run_dir, self.cfg.train.seed, self.cfg.train.heatmaps,
+                            choice)
+        self.tracker.set_tags({"classifier": choice.name, "best_classifier": self.state.best_classifier})
+        classifiers_by_epoch(self.state.history, self.run_dir / "plots" / "classifiers_by_epoch.png",
+                             self.cfg.train.monitor, self.state.best_epoch)
         if flat:
             self.tracker.log_metrics(flat, step=self.state.slides_seen)
         return flat
