@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import csv
 import math
+import re
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["AblationRow", "ablation_rows", "format_markdown", "write_csv"]
+__all__ = ["AblationRow", "ablation_rows", "by_classifier", "format_markdown", "table_metric", "write_csv"]
 
 METRICS = ("acc", "balanced_acc", "auroc")
 # Beside H's: the deciding classifier's and the ensemble's (runs made before predict.classifier lack them)
 EXTRA = ("chosen/acc", "chosen/auroc", "ensemble/acc", "ensemble/auroc")
+_STAGE = re.compile(r"stage\d+/(acc|auroc)")  # A_i's, for the table by classifier
 
 
 @dataclass
@@ -51,12 +53,35 @@ def ablation_rows(runs: list[tuple[dict[str, str], dict[str, float]]], by: list[
     return list(rows.values())
 
 
+def table_metric(name: str) -> bool:
+    """Whether a test metric (its name after "test/") goes into the tables: H's, the decided and ensemble's, A_i's."""
+    return name in METRICS or name in EXTRA or _STAGE.fullmatch(name) is not None
+
+
 def _cell(mean: float, std: float) -> str:
     return "n/a" if math.isnan(mean) else f"{mean:.4f} ± {std:.4f}"
 
 
 def _extra(rows: list[AblationRow]) -> bool:
     return any(metric in run for row in rows for run in row.runs for metric in EXTRA)
+
+
+def by_classifier(rows: list[AblationRow], metric: str = "auroc") -> str:
+    """
+    A second table: `metric` of every classifier (A_1 .. A_{K-1}, H, the ensemble) per combination, mean ± std over
+    seeds; a K without some A_i shows n/a there.
+    """
+    deepest = max((int(key.split("/")[0].removeprefix("stage")) for row in rows for run in row.runs for key in run
+                   if key.startswith("stage") and key.endswith(f"/{metric}")), default=0)
+    by = list(rows[0].settings) if rows else []
+    columns = [(f"A_{i}", f"stage{i}/{metric}") for i in range(1, deepest + 1)]
+    columns += [("H", metric), ("ensemble", f"ensemble/{metric}")]
+    header = [*by, *[f"{name} {metric}" for name, _ in columns]]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        cells = [row.settings[name] for name in by] + [_cell(*row.stat(key)) for _, key in columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def format_markdown(rows: list[AblationRow], source: str = "test") -> str:
@@ -74,6 +99,8 @@ def format_markdown(rows: list[AblationRow], source: str = "test") -> str:
         cells += [_cell(*row.stat(m)) for m in METRICS]
         cells += [row.deciders(), *[_cell(*row.stat(m)) for m in EXTRA]] if extra else []
         lines.append("| " + " | ".join(cells) + " |")
+    if extra and source == "test":
+        lines += ["", "Test AUROC of every classifier:", "", by_classifier(rows)]
     return "\n".join(lines)
 
 

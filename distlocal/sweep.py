@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from distlocal.ablation import EXTRA, ablation_rows, format_markdown, write_csv
+from distlocal.ablation import ablation_rows, format_markdown, table_metric, write_csv
 from distlocal.config import Config, ConfigError, load_config
 from distlocal.engine.faults import RunFailed
 from distlocal.tracking import RUN_ID_FILE, flatten, make_tracker, tracking_uri
@@ -186,7 +186,7 @@ def _table(children: list[Child], summaries: dict, configs: dict[str, Config], g
             continue
         if summary.get("test"):
             metrics = {k.removeprefix("test/"): v for k, v in summary["test"].items()
-                       if k.count("/") == 1 or k.removeprefix("test/") in EXTRA}
+                       if table_metric(k.removeprefix("test/"))}
             metrics["classifier"] = summary.get("classifier", "H")
         else:  # no test split: the last validation of H
             source = "valid"

@@ -79,6 +79,11 @@ def test_compare_prints_the_same_table(sweep, capsys):
     table = capsys.readouterr().out.strip()
     assert table == (runs / "abl" / "ablation.md").read_text().strip()
     assert "| decides | decided acc | decided auroc | ensemble acc | ensemble auroc |" in table.splitlines()[0]
+    # and every classifier's test AUROC: K=2 has A_1 only, so its A_2 is n/a
+    lines = table.splitlines()
+    assert "| model.k | model.rfr.enabled | A_1 auroc | A_2 auroc | H auroc | ensemble auroc |" in lines
+    k2 = next(line for line in lines[lines.index("Test AUROC of every classifier:"):] if line.startswith("| 2 |"))
+    assert k2.split(" | ")[3] == "n/a"
 
 
 def test_rerun_redoes_nothing_and_finishes_an_interrupted_child(sweep):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from distlocal.ablation import EXTRA, AblationRow, ablation_rows
+from distlocal.ablation import AblationRow, ablation_rows, table_metric
 from distlocal.config import ConfigError
 
 __all__ = ["compare_experiment"]
@@ -50,8 +50,8 @@ def compare_experiment(experiment: str, uri: str, by: list[str] | None = None,
     prefix = "test/" if source == "test" else "val/"
     pairs = []
     for run in runs[::-1]:  # search_runs returns newest first; the table reads in the order runs were made
-        metrics = {k.removeprefix(prefix): v for k, v in run.data.metrics.items() if k.startswith(prefix)
-                   and (k.count("/") == 1 or k.removeprefix(prefix) in EXTRA)}
+        metrics = {k.removeprefix(prefix): v for k, v in run.data.metrics.items()
+                   if k.startswith(prefix) and table_metric(k.removeprefix(prefix))}
         if "classifier" in run.data.tags:
             metrics["classifier"] = run.data.tags["classifier"]
         pairs.append(({k: run.data.params.get(k, "") for k in by}, metrics))
