@@ -56,6 +56,7 @@ def test_paper_configs_load_with_the_papers_settings():
             cfg = load_config(Path(CONFIG).parent / f"{name}_k{k}.yaml", [])
             assert (cfg.model.k, cfg.model.split, cfg.model.pretrained) == (k, "reference", "imagenet")
             assert cfg.model.rfr.enabled
+            assert cfg.predict.classifier == "H"  # the paper's classifier decides and picks the checkpoint
             assert cfg.data.classes == classes
             assert (cfg.train.lr_backbone, cfg.train.lr_aux, cfg.train.accumulate) == (lr_backbone, lr_aux, 8)
             no_rfr = load_config(Path(CONFIG).parent / f"{name}_k{k}.yaml", ["model.rfr.enabled=false"])
