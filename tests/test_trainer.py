@@ -170,3 +170,33 @@ def test_missing_checkpoint_names_the_fix(tmp_path):
     with pytest.raises(CheckpointError, match="checkpoints/best"):
         evaluate_checkpoint(tmp_path / "nothing")
 
+
+
+def test_a_stage_failing_while_the_epoch_checkpoint_is_saved_is_recovered(manifest, tmp_path):
+    """
+    A stage that dies while the end-of-epoch checkpoint is written (a Ray actor lost mid-save) sends the run back
+    to the previous checkpoint and the epoch is replayed, as a failure while training is: the run still finishes.
+    """
+    from distlocal.engine.faults import StageFailure
+    from distlocal.engine.local import LocalExecutor
+
+    class DiesWhileSaving(LocalExecutor):
+        lasts = 0
+
+        def save_stages(self, directory):
+            DiesWhileSaving.lasts += directory.name.startswith("last")
+            if DiesWhileSaving.lasts == 2 and directory.name.startswith("last"):  # epoch 2's "last", once
+                DiesWhileSaving.lasts += 1
+                raise StageFailure("stage 2: RayActorError: the actor died unexpectedly")
+            super().save_stages(directory)
+
+        def recover(self, directory):
+            self.load_stages(directory)
+
+    trainer = Trainer(_cfg(manifest, tmp_path, "train.epochs=2"), tmp_path / "run")
+    trainer.executor = DiesWhileSaving(trainer.executor.stages)
+    summary = trainer.fit()
+    assert summary["completed"]
+    assert [f["epoch"] for f in summary["failures"]] == [3]  # after epoch 2: epoch 2 is replayed from epoch 1's
+    assert summary["epochs"] == 2 and DiesWhileSaving.lasts == 4
+    assert "the actor died" in summary["failures"][0]["error"]

@@ -244,7 +244,10 @@ class Trainer:
                 self._recover(exc)
                 continue
             self.state.epoch, self.state.position = self.state.epoch + 1, 0
-            self._save("last")
+            try:
+                self._save("last")
+            except StageFailure as exc:  # a stage died while saving: the previous "last" is intact (atomic swap)
+                self._recover(exc)
 
     def _recover(self, exc: Exception) -> None:
         """Reload every stage from the last checkpoint and replay from there, at most train.max_restarts times."""
