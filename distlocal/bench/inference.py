@@ -147,8 +147,9 @@ def bench_inference(out_dir: Path, images: list[dict], cfg: Config, repeats: int
 
         workers = default_workers(device) if workers is None else workers
         deployed = run_deployed(predictor, baseline, records, repeats, workers)
-    variants = [dataclasses.replace(predictor, choice=choose(c, len(predictor.parts), predictor.best_classifier))
-                for c in classifiers]
+    variants = {c if c != "best" else f"best ({predictor.best_classifier})":
+                dataclasses.replace(predictor, choice=choose(c, len(predictor.parts), predictor.best_classifier))
+                for c in classifiers}
     results = []
     for item in progress(images, desc="bench inference (in memory)", unit="slide"):
         image = item["image"]
@@ -175,10 +176,10 @@ def bench_inference(out_dir: Path, images: list[dict], cfg: Config, repeats: int
         for name, timing in (("gabmil", gabmil), ("ours", ours)):
             timing.update(gflop=work[name], gflop_per_s=work[name] / timing["total_s"])
         by_classifier = {}
-        for variant in variants:
+        for label, variant in variants.items():
             runs = [ours_from_image(variant, loader, image) for _ in range(repeats)]
             total = _median(runs, "total_s")
-            by_classifier[variant.choice.name] = {
+            by_classifier[label] = {
                 "total_s": total, "speed_gain": gabmil["total_s"] / total, "stages_run": variant.choice.depth,
                 "gflop": gflops(variant, baseline, *image.shape[:2], gabmil["tiles"])["ours"]}
         results.append({"name": item["name"], "size": list(image.shape[:2]), "read_s": item["read_s"],
