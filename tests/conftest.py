@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import os
 
+# First: distlocal.engine sets RAY_ENABLE_UV_RUN_RUNTIME_ENV=0, which Ray reads once, when it is imported. Imported
+# after ray, every Ray session of the run rebuilt this project's venv for its workers (`uv run` in a copy of the
+# working directory: 18,000 files linked and byte-compiled, tens of CPU-seconds per session).
+import distlocal.engine  # noqa: F401
+
+# isort: split
 import pytest
 import ray
 import torch
 
-import distlocal.engine  # noqa: F401  (sets Ray's environment before any test module imports ray)
 from distlocal.config import load_config
 from distlocal.slides import write_synthetic_dataset
 from tests.harness import become_subreaper, end_leftovers

@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+import sys
 import time
 
 import pytest
@@ -30,6 +31,18 @@ def _cfg(manifest, tmp_path, *overrides):
 
 def _train_records(cfg):
     return read_manifest(cfg.data.manifest).split("train")
+
+
+def test_workers_run_the_drivers_interpreter_in_place(local_ray):
+    """Ray's workers use this environment as it is, not a copy `uv run` builds for every Ray session."""
+
+    @ray.remote(num_cpus=0)
+    def interpreter() -> str:
+        import sys
+
+        return sys.executable
+
+    assert ray.get(interpreter.remote()) == sys.executable
 
 
 # K=3 has a middle stage; gloo sends stage to stage directly. Hops through the object store are compared with the
