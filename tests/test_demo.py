@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 from pathlib import Path
 
@@ -20,6 +22,25 @@ def detect_slides(tmp_path_factory):
                                    task="detect")
 
 
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    """`distlocal demo` as a newcomer runs it (one epoch here), once for the tests that read what it did."""
+    import ray
+
+    from distlocal.cli import main
+
+    root = tmp_path_factory.mktemp("demo")
+    out = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out):
+            code = main(["demo", "--set", f"data.manifest={root / 'demo' / 'manifest.csv'}", "--set",
+                         "train.epochs=1", "--set", f"run.dir={root / 'runs'}", "--set", "train.heatmaps=1"])
+    finally:
+        ray.shutdown()  # the command leaves its local Ray to the process's exit; later test modules start their own
+    assert code == 0
+    return {"dir": root, "out": out.getvalue()}
+
+
 def test_local_training_k4_learns_the_synthetic_task(detect_slides, tmp_path):
     """K = 4 from random init, the demo's settings, local executor: held-out slides well above chance."""
     cfg = load_config(CONFIG, [f"data.manifest={detect_slides}", "train.executor=local", "train.device=cpu",
@@ -32,14 +53,15 @@ def test_local_training_k4_learns_the_synthetic_task(detect_slides, tmp_path):
     assert max(test["test/acc"], test["test/stage1/acc"]) >= 5 / 6, test
 
 
-def test_demo_slides_are_written_once(tmp_path):
-    manifest, written = ensure_slides(tmp_path / "demo" / "manifest.csv")
-    assert written
+def test_demo_slides_are_written_once(demo_run):
+    """The demo wrote its slide set and marked it; a second call finds the set and leaves every file as it is."""
+    manifest = demo_run["dir"] / "demo" / "manifest.csv"
+    assert "wrote 40 synthetic slides" in demo_run["out"]
     assert json.loads((manifest.parent / "demo.json").read_text()) == DATASET
-    stamp = manifest.stat().st_mtime_ns
-    again, written = ensure_slides(tmp_path / "demo" / "manifest.csv")
+    stamps = {p: p.stat().st_mtime_ns for p in manifest.parent.rglob("*")}
+    again, written = ensure_slides(manifest)
     assert (again, written) == (manifest, False)
-    assert manifest.stat().st_mtime_ns == stamp
+    assert {p: p.stat().st_mtime_ns for p in manifest.parent.rglob("*")} == stamps
 
 
 def test_demo_config_is_valid_and_k4_on_ray():
@@ -78,30 +100,20 @@ def test_demo_report_names_every_classifier_and_the_mlflow_command(tmp_path):
     assert "in 2.5 min" in text
 
 
-def test_demo_command_end_to_end(tmp_path, capsys):
-    """`distlocal demo` as a newcomer runs it (one epoch here): slides, Ray K = 4, MLflow, the summary."""
-    import ray
-
-    from distlocal.cli import main
-
-    manifest = tmp_path / "demo" / "manifest.csv"
-    try:
-        assert main(["demo", "--set", f"data.manifest={manifest}", "--set", "train.epochs=1",
-                     "--set", f"run.dir={tmp_path / 'runs'}", "--set", "train.heatmaps=1"]) == 0
-    finally:
-        ray.shutdown()  # the command leaves its local Ray to the process's exit; later test modules start their own
-    out = capsys.readouterr().out
+def test_demo_command_end_to_end(demo_run):
+    """`distlocal demo` end to end: slides, Ray K = 4, MLflow, the summary."""
+    out, root = demo_run["out"], demo_run["dir"]
     assert "wrote 40 synthetic slides" in out
     assert "K=4 stages (ray executor), 1 epochs, 24 training slides seen" in out
     for name in ("A_1", "A_2", "A_3", "H"):
         assert f"  {name} " in out
-    assert f"--backend-store-uri sqlite:///{tmp_path / 'runs' / 'mlflow.db'}" in out
-    (run_dir,) = (tmp_path / "runs").glob("demo-*")
+    assert f"--backend-store-uri sqlite:///{root / 'runs' / 'mlflow.db'}" in out
+    (run_dir,) = (root / "runs").glob("demo-*")
     assert (run_dir / "checkpoints" / "best" / "stage4.pt").is_file()
     assert (run_dir / "plots" / "roc_test.png").is_file()
     import mlflow
 
-    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    client = mlflow.MlflowClient(f"sqlite:///{root / 'runs' / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("distlocal").experiment_id])
     assert runs[0].data.tags["executor"] == "ray"
     assert "test/auroc" in runs[0].data.metrics
