@@ -198,5 +198,6 @@ def test_a_stage_failing_while_the_epoch_checkpoint_is_saved_is_recovered(manife
     summary = trainer.fit()
     assert summary["completed"]
     assert [f["epoch"] for f in summary["failures"]] == [3]  # after epoch 2: epoch 2 is replayed from epoch 1's
-    assert summary["epochs"] == 2 and DiesWhileSaving.lasts == 4
+    assert summary["epochs"] == 2
+    assert DiesWhileSaving.lasts == 4
     assert "the actor died" in summary["failures"][0]["error"]
