@@ -165,7 +165,7 @@ def deployed_bars(report: dict, path: Path) -> Path:
              ("prediction_s", "GABMIL", "#1f77b4"))
     ours = (("read_s", "ours: read to the 5X crop", "#6baed6"), ("prediction_s", "ours: prediction", "#08519c"))
     return _time_bars(report["deployed"], steps, ours, "seconds per slide, from the slide file",
-                      f"From the file: CLAM + GABMIL against whole-slide prediction, {report['backbone']} "
+                      f"From the slide file: CLAM + GABMIL against whole-slide prediction\n{report['backbone']} "
                       f"K = {report['k']} ({report['device']}, {report['workers']} loader workers)", path, "CLAM")
 
 
