@@ -92,7 +92,7 @@ def format_markdown(rows: list[AblationRow], source: str = "test") -> str:
     by = list(rows[0].settings) if rows else []
     extra = _extra(rows)
     header = [*by, "runs", *[f"{source} {m}" for m in METRICS]]
-    header += ["decides", *[f"{m.replace('chosen/', 'decided ')}".replace("/", " ") for m in EXTRA]] if extra else []
+    header += ["decides", *[m.replace("chosen/", "decided ").replace("/", " ") for m in EXTRA]] if extra else []
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         cells = [row.settings[name] for name in by] + [str(len(row.runs))]
@@ -109,11 +109,12 @@ def write_csv(rows: list[AblationRow], path: Path) -> Path:
     by = list(rows[0].settings) if rows else []
     with Path(path).open("w", newline="") as handle:
         writer = csv.writer(handle)
-        metrics = METRICS + (EXTRA if _extra(rows) else ())
+        extra = _extra(rows)
+        metrics = METRICS + (EXTRA if extra else ())
         writer.writerow([*by, "runs", *[f"{m.replace('/', '_')}_{s}" for m in metrics for s in ("mean", "std")],
-                         *(["decides"] if _extra(rows) else [])])
+                         *(["decides"] if extra else [])])
         for row in rows:
             stats = [v for m in metrics for v in row.stat(m)]
             writer.writerow([*(row.settings[name] for name in by), len(row.runs), *stats,
-                             *([row.deciders()] if _extra(rows) else [])])
+                             *([row.deciders()] if extra else [])])
     return Path(path)

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 from distlocal.config import ConfigError
 
-__all__ = ["CHOICES", "Choice", "best_index", "check_choice", "choose", "classifier_index", "classifier_name"]
+__all__ = ["CHOICES", "Choice", "best_index", "check_choice", "choose", "classifier_index", "classifier_name",
+           "metric_prefix"]
 
 CHOICES = ("best", "H", "ensemble")  # and A_1 .. A_{K-1}
 _AUX = re.compile(r"A_(\d+)")
@@ -42,8 +43,8 @@ def check_choice(choice: str, k: int) -> str | None:
     match = _AUX.fullmatch(choice)
     if choice in CHOICES or (match and 1 <= int(match.group(1)) <= k - 1):
         return None
-    aux = f", or A_1 .. A_{k - 1}" if k > 2 else ", or A_1" if k == 2 else ""
     has = "A_1" if k == 2 else f"A_1 .. A_{k - 1}"
+    aux = f", or {has}" if k > 1 else ""
     why = " (an end-to-end run has one classifier, H)" if k == 1 and match else f" (K={k} has {has} and H)" if match \
         else ""
     return (f"predict.classifier={choice!r} is not a classifier of this run{why}; choose best (the one that "
@@ -62,6 +63,10 @@ class Choice:
         """Stages to run: 1..depth (early exit for an A_i)."""
         return max(self.members) + 1
 
+    def attention_of(self, k: int) -> str:
+        """The classifier whose attention a heatmap shows: the deciding one, H's for the ensemble."""
+        return classifier_name(self.depth - 1, k)
+
     def combine(self, probs: Sequence):
         """The deciding probabilities from every computed classifier's (``probs[i]`` of stage i, 0-based)."""
         if len(self.members) == 1:
@@ -79,6 +84,11 @@ def choose(choice: str, k: int, recorded: str = "H") -> Choice:
     if choice == "ensemble":  # of one classifier (an end-to-end run): H
         return Choice("ensemble", tuple(range(k))) if k > 1 else Choice("H", (0,))
     return Choice(choice, (classifier_index(choice, k),))
+
+
+def metric_prefix(name: str) -> str:
+    """Where a classifier's metrics go under test/ or val/: H's at the top, A_i's in stage{i}/, the ensemble's."""
+    return "" if name == "H" else "ensemble/" if name == "ensemble" else f"stage{name.removeprefix('A_')}/"
 
 
 def best_index(scores: Sequence[float]) -> int:

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from distlocal.classifiers import classifier_name
+
 __all__ = ["accuracy_by_depth", "attention_heatmap", "classifiers_by_epoch", "confusion_matrix", "deployed_bars",
            "inference_bars", "roc_curves"]
 
@@ -65,7 +67,7 @@ def accuracy_by_depth(by_split: dict[str, list[dict]], path: Path, metric: str =
     fig, ax = plt.subplots(figsize=(4.8, 3.6))
     for split, stages in by_split.items():
         k = len(stages)
-        names = [f"A_{i + 1}" for i in range(k - 1)] + ["H"]
+        names = [classifier_name(i, k) for i in range(k)]
         ax.plot(names, [m[metric] for m in stages], marker="o", label=split)
     ax.set(xlabel="classifier (stage depth)", ylabel=metric, title=f"{metric} by stage depth", ylim=(0, 1.02))
     ax.grid(alpha=0.3)
@@ -83,7 +85,7 @@ def classifiers_by_epoch(history: list[dict], path: Path, metric: str = "auroc",
     epochs = [h["epoch"] for h in history]
     k = len(history[0]["stages"]) if history else 0
     for i in range(k):
-        name = "H" if i == k - 1 else f"A_{i + 1}"
+        name = classifier_name(i, k)
         ax.plot(epochs, [h["stages"][i][metric] for h in history], marker="o", label=name,
                 linewidth=2.2 if name == "H" else 1.2)
     if history and all(h.get("ensemble") for h in history):

@@ -118,7 +118,7 @@ class Predictor:
                 out["attentions"][name] = attention.float().cpu()
                 out["head_s" if deciding else "aux_s"] += elapsed(start, self.device)
         out["probs"] = self.choice.combine(probs)
-        out["attention_of"] = classifier_name(self.choice.depth - 1, k)
+        out["attention_of"] = self.choice.attention_of(k)
         out["attention"] = out["attentions"][out["attention_of"]]
         return out
 

@@ -55,7 +55,7 @@ def report(summary: dict, cfg, run_dir: Path, seconds: float, uri: str) -> str:
     The demo's closing summary: test accuracy and AUROC (with 95 % CIs) of every classifier and of their ensemble,
     which one decides (predict.classifier), where everything is.
     """
-    from distlocal.classifiers import classifier_name
+    from distlocal.classifiers import classifier_name, metric_prefix
 
     test, k = summary.get("test") or {}, cfg.model.k
     split = "test" if any(key.startswith("test/") for key in test) else "valid"
@@ -66,8 +66,7 @@ def report(summary: dict, cfg, run_dir: Path, seconds: float, uri: str) -> str:
              "  classifier  accuracy  AUROC  (95 % CI)"]
     names = [classifier_name(i, k) for i in range(k)] + (["ensemble"] if k > 1 else [])
     for name in names:
-        key = f"{split}/" if name == "H" else f"{split}/ensemble/" if name == "ensemble" else \
-            f"{split}/stage{name[2:]}/"
+        key = f"{split}/{metric_prefix(name)}"
         acc, auroc = test.get(key + "acc", float("nan")), test.get(key + "auroc", float("nan"))
         low, high = test.get(key + "auroc_ci_low"), test.get(key + "auroc_ci_high")
         ci = f"  ({low:.2f}-{high:.2f})" if low is not None and high is not None else ""

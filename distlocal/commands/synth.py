@@ -17,8 +17,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="subtype: every class has its own structure shape; detect: class 0 has none (tumour vs "
                         "normal, easier to learn from scratch); texture: two classes, the same nodules, smooth "
                         "or finely textured (low-level texture decides)")
-
-
     p.add_argument("--fraction", type=float, help="share of the tissue the class structures cover (default 0.03; "
                    "texture: 0.12); smaller is harder")
     p.add_argument("--checker", type=float, help="texture: grey levels of class 1's fine texture (default 45); "

@@ -17,7 +17,7 @@ from distlocal.engine.executor import make_executor
 from distlocal.engine.metrics import classification_metrics
 from distlocal.progress import progress
 
-__all__ = ["by_classifier", "ensemble_probs", "evaluate", "evaluate_checkpoint", "format_metrics", "metrics_line"]
+__all__ = ["by_classifier", "evaluate", "evaluate_checkpoint", "format_metrics", "metrics_line"]
 
 log = logging.getLogger(__name__)
 
@@ -46,13 +46,9 @@ def by_classifier(result: dict, num_classes: int, k: int) -> dict[str, dict]:
     """Metrics by classifier name (A_1 .., H) of an `evaluate` result, and of the ensemble when every stage ran."""
     out = {classifier_name(i, k): m for i, m in enumerate(result["stages"])}
     if result["probs"] and len(result["probs"]) == k > 1:
-        out["ensemble"] = classification_metrics(ensemble_probs(result["probs"]), result["labels"], num_classes)
+        ensemble = choose("ensemble", k).combine(result["probs"])
+        out["ensemble"] = classification_metrics(ensemble, result["labels"], num_classes)
     return out
-
-
-def ensemble_probs(probs: list[torch.Tensor]) -> torch.Tensor:
-    """The ensemble's class probabilities: the mean of every classifier's."""
-    return torch.stack(probs).mean(0)
 
 
 def monitored(metrics: dict, name: str) -> float:

@@ -10,9 +10,9 @@ import json
 import logging
 from pathlib import Path
 
-from distlocal.classifiers import Choice, classifier_index, classifier_name
+from distlocal.classifiers import Choice, choose, classifier_name, metric_prefix
 from distlocal.data import SlideLoader, SlideRecord
-from distlocal.engine.evaluate import by_classifier, ensemble_probs, evaluate, format_metrics
+from distlocal.engine.evaluate import by_classifier, evaluate, format_metrics
 from distlocal.engine.metrics import bootstrap_ci
 from distlocal.plots import accuracy_by_depth, attention_heatmap, confusion_matrix, roc_curves
 
@@ -43,7 +43,7 @@ def final_report(executor, test_set: list[SlideRecord], valid_set: list[SlideRec
     named = by_classifier(result, len(classes), k)
     probs = {classifier_name(i, k): p for i, p in enumerate(result["probs"])}
     if "ensemble" in named:
-        probs["ensemble"] = ensemble_probs(result["probs"])
+        probs["ensemble"] = choose("ensemble", k).combine(result["probs"])
     plots = run_dir / "plots"
     decided = probs[choice.name]
     roc_curves(decided, labels, classes, plots / f"roc_{split}.png", f"{choice.name} on {split} ({len(labels)} slides)")
@@ -58,21 +58,21 @@ def final_report(executor, test_set: list[SlideRecord], valid_set: list[SlideRec
         ci = {name: bootstrap_ci(p, labels, len(classes), seed=seed) for name, p in probs.items()}
         report["ci95"] = {name: {metric: list(bounds) for metric, bounds in c.items()} for name, c in ci.items()}
         for name in probs:
-            for prefix in _prefixes(name, choice.name, k):
+            for prefix in _prefixes(name, choice.name):
                 for metric, value in named[name].items():
                     flat[f"{prefix}{metric}"] = value
                     flat[f"{prefix}{metric}_ci_low"], flat[f"{prefix}{metric}_ci_high"] = ci[name][metric]
         log.info("test split, best checkpoint (%s decides: 95%% CI acc %.3f-%.3f, auroc %.3f-%.3f):\n%s",
                  choice.name, *ci[choice.name]["acc"], *ci[choice.name]["auroc"], format_metrics(named, choice.name))
     (run_dir / "test_metrics.json").write_text(json.dumps(report, indent=2))
-    _heatmaps(executor, heatmap_slides(valid_set, heatmaps), loader, classes, plots / "attention", choice)
+    _heatmaps(executor, heatmap_slides(valid_set, heatmaps), loader, classes, plots / "attention", choice.depth,
+              choice.attention_of(k))
     return flat
 
 
-def _prefixes(name: str, decided: str, k: int) -> list[str]:
-    """Where a classifier's test metrics go: H at test/, A_i at test/stage{i}/, the ensemble at test/ensemble/."""
-    own = "test/" if name == "H" else "test/ensemble/" if name == "ensemble" else \
-        f"test/stage{classifier_index(name, k) + 1}/"
+def _prefixes(name: str, decided: str) -> list[str]:
+    """Where a classifier's test metrics go (`metric_prefix`), and the deciding one's under test/chosen/ too."""
+    own = f"test/{metric_prefix(name)}"
     return [own, "test/chosen/"] if name == decided else [own]
 
 
@@ -89,11 +89,10 @@ def heatmap_slides(records: list[SlideRecord], n: int) -> list[SlideRecord]:
 
 
 def _heatmaps(executor, records: list[SlideRecord], loader: SlideLoader, classes: list[str], folder: Path,
-              choice: Choice) -> None:
-    """The deciding classifier's attention (H's for the ensemble) over a few validation slides, one PNG each."""
+              depth: int, shown: str) -> None:
+    """Stage `depth`'s classifier's attention (`shown`) over a few validation slides, one PNG each."""
     by_id = {r.slide_id: r for r in records}
-    shown = "H" if choice.name == "ensemble" else choice.name
-    for slide_id, (probs, attention) in executor.attention(records, loader, choice.depth):
+    for slide_id, (probs, attention) in executor.attention(records, loader, depth):
         record = by_id[slide_id]
         predicted = int(probs.argmax())
         title = (f"{slide_id}: true {classes[record.label]}, {shown} predicts {classes[predicted]} "

@@ -216,12 +216,13 @@ class Trainer:
         scores = [monitored(m, monitor) for m in stages]
         self.executor.end_epoch(scores)
         named = by_classifier(result, len(self.classes), k)
-        best = classifier_name(best_index(scores), k)  # ties go to the shallower, cheaper one
+        best_stage = best_index(scores)  # ties go to the shallower, cheaper one
+        best = classifier_name(best_stage, k)
         record = {f"val/{key}": v for key, v in stages[-1].items()}
         for i, m in enumerate(stages[:-1]):
             record.update({f"val/stage{i + 1}/{key}": v for key, v in m.items()})
         record.update({f"val/ensemble/{key}": v for key, v in named.get("ensemble", {}).items()})
-        record["val/best_stage"] = best_index(scores) + 1  # the stage whose classifier validated best (K: H)
+        record["val/best_stage"] = best_stage + 1  # the stage whose classifier validated best (K: H)
         self._log({"step": self.state.slides_seen, "epoch": epoch, **record})
         self.state.history.append({"epoch": epoch + 1, "stages": stages, "ensemble": named.get("ensemble"),
                                    "best_classifier": best})
