@@ -52,7 +52,7 @@ class StageActor:
     def __init__(self, cfg: dict, num_classes: int, index: int, rank: int = 0, size: int = 1):
         self.cfg = config_from_dict(cfg)
         self.index, self.rank, self.size = index, rank, size  # replica `rank` of `size` of stage `index`
-        self.group: ReplicaGroup | None = None
+        self.replica_group: ReplicaGroup | None = None
         self.store = None  # rank 0 hosts its group's TCPStore
         torch.set_num_threads(max(1, int(self.cfg.train.cpus_per_stage)))
         gpus = ray.get_gpu_ids()
@@ -187,20 +187,20 @@ class StageActor:
 
     # -- replicas (engine/replicas.py) ----------------------------------------------------------------------------
 
-    def host_group(self) -> tuple[str, int]:
+    def host_replica_group(self) -> tuple[str, int]:
         """Rank 0: host a fresh TCPStore for the group; returns its address for the other ranks."""
         host = ray.util.get_node_ip_address()
         self.store, port = ReplicaGroup.host_store(host, self.size, self.cfg.train.collective_timeout_s)
         return host, port
 
-    def join_group(self, address: tuple[str, int], generation: int) -> None:
+    def join_replica_group(self, address: tuple[str, int], generation: int) -> None:
         """Join the stage's group; every rank is called at once (the constructor waits for all of them)."""
         backend = "nccl" if self.device.type == "cuda" else "gloo"
-        self.group = ReplicaGroup(self.rank, self.size, tuple(address), generation, backend,
+        self.replica_group = ReplicaGroup(self.rank, self.size, tuple(address), generation, backend,
                                   self.cfg.train.collective_timeout_s, self.store if self.rank == 0 else None)
 
     def _reduce(self):
-        return self.group.reduce_params(self.stage.optim.params())
+        return self.replica_group.reduce_params(self.stage.optim.params())
 
     def step(self, window: int) -> bool:
         """The optimizer step of `window`, its gradients summed over the replicas; True when it stepped."""

@@ -15,6 +15,7 @@ import torch
 
 from distlocal.config import Config
 from distlocal.data import SlideLoader, SlideRecord
+from distlocal.engine.handover import NextPass
 from distlocal.engine.local import LocalExecutor
 from distlocal.model import build_stages, resolve_device
 
@@ -35,11 +36,12 @@ class Executor(Protocol):
         else the evaluation stops after stage ``depth`` (early exit at A_depth).
         """
 
-    def evaluate_next(self, records: list[SlideRecord], loader: SlideLoader) -> None:
+    def evaluate_next(self, records: list[SlideRecord], loader: SlideLoader) -> NextPass | None:
         """
         Say that the next call is evaluate(records, loader), right after the training now under way: its slides may
         enter the pipeline while training's last slides leave it (each stage evaluates after its own last training
-        step, so the results are those of evaluating afterwards). An executor may ignore it.
+        step, so the results are those of evaluating afterwards). Returns the handle evaluate() consumes, or None
+        from an executor without a pipeline to enter early (it ignores the call).
         """
 
     def attention(self, records: Iterable[SlideRecord], loader: SlideLoader,

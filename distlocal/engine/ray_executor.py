@@ -1,94 +1,40 @@
 """
 The Ray executor: K stage actors training at once, each on a different slide (decoupled greedy learning).
 
-Per slide the driver chains stage_1 -> ... -> stage_K by handing each actor the ObjectRef the previous one
-returned (no ray.get between stages), and keeps at most `train.max_inflight` slides in flight. Slides load ahead
-of the pipeline in one loader actor that lives as long as the executor (loading.py says why). The driver only ever
-fetches the small things: metrics and class probabilities.
-
-With `train.replicas`, a stage is R actors, each on its own device (engine/replicas.py): a slide goes to one of
-them, and the driver issues every replicated stage's optimizer step right after the last slide of a window.
+This module is the Executor interface over the parts that do the work:
+- stage_actors.py starts the actors (one per replica of each stage) in a placement group;
+- streaming.py chains each slide through them, at most `train.max_inflight` slides in flight, and handover.py lets
+  validation enter while training drains (evaluate_next);
+- replica_driver.py routes slides to a stage's replicas (train.replicas) and steps them window by window;
+- transport.py chooses how activations travel; recovery.py waits for restarted actors after a failure.
+Slides load ahead of the pipeline in one loader actor that lives as long as the executor (loading.py says why).
 """
 
 from __future__ import annotations
 
 import logging
-import secrets
-import time
-from collections import deque
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-import ray
-from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
-from ray.util.placement_group import remove_placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+from ray.exceptions import RayError
 
 from distlocal.config import Config, config_to_dict, stage_replicas
 from distlocal.data import SlideLoader, SlideRecord
 from distlocal.engine.actor import StageActor
-from distlocal.engine.faults import ClusterError, GroupFailure, InputFailed, StageFailure
+from distlocal.engine.faults import StageFailure
+from distlocal.engine.handover import NextPass
 from distlocal.engine.loading import SlideFeed
-from distlocal.engine.placement import connect, place_stages
-from distlocal.engine.replicas import Schedule
+from distlocal.engine.placement import connect
+from distlocal.engine.recovery import await_restarts
+from distlocal.engine.remote import fetch
+from distlocal.engine.replica_driver import ReplicaDriver
+from distlocal.engine.stage_actors import StageActors, write_marker
+from distlocal.engine.streaming import EVALUATION, TRAINING, SlideStream, evaluation_inputs
 from distlocal.engine.transport import Hop, log_hops, open_group, plan_hops, summary
 
 __all__ = ["RayExecutor"]
 
 log = logging.getLogger(__name__)
-
-
-def _fetch(refs, what: str):
-    """ray.get that turns a dead actor into StageFailure and a task's own error into that error."""
-    try:
-        return ray.get(refs)
-    except RayTaskError as exc:
-        cause = exc.cause
-        if isinstance(cause, InputFailed) and isinstance(refs, list):  # the stage whose error it is, not a later one
-            cause = _first_error(refs) or cause
-        if isinstance(cause, RayError | GroupFailure):
-            raise StageFailure(f"{what}: {cause}") from None
-        raise cause from None
-    except RayError as exc:  # RayActorError, ObjectLostError, OwnerDiedError, WorkerCrashedError, ...
-        raise StageFailure(f"{what}: {type(exc).__name__}: {exc}") from None
-
-
-def _eval_args(record: SlideRecord) -> tuple:
-    return (record.slide_id,)
-
-
-class _Entering:
-    """
-    An evaluation entering the pipeline while the training before it drains (evaluate_next): every actor runs its
-    calls in order, so each stage evaluates after its own last training step, as it would after a full drain.
-    """
-
-    def __init__(self, executor: RayExecutor, records: list[SlideRecord], loader: SlideLoader):
-        self.executor, self.loader = executor, loader
-        self.ids = [r.slide_id for r in records]
-        self.slides = executor._slides(records, loader, 0)
-        self.inflight: deque = deque()
-        self.n = 0
-
-    def enter_one(self) -> None:
-        item = next(self.slides, None)
-        if item is not None:
-            record, x = item
-            self.inflight.append((record.slide_id, self.executor._submit("eval_step", self.n, record, x, _eval_args)))
-            self.n += 1
-
-
-def _first_error(refs: list) -> BaseException | None:
-    """The error of the earliest stage that failed on its own (a slide's refs are in stage order)."""
-    for ref in refs:
-        try:
-            ray.get(ref)
-        except RayTaskError as exc:
-            if not isinstance(exc.cause, InputFailed):
-                return exc.cause
-        except RayError as exc:
-            return exc
-    return None
 
 
 class RayExecutor:
@@ -97,111 +43,52 @@ class RayExecutor:
     def __init__(self, cfg: Config, num_classes: int, actor_cls: type = StageActor):
         connect()
         self.cfg, self.k = cfg, cfg.model.k
-        self.replicas = stage_replicas(cfg.train, self.k)
-        self.replicated = max(self.replicas) > 1
+        counts = stage_replicas(cfg.train, self.k)
         # Replicas share a window: with R of them a stage takes up to R slides at once, so more may be in flight.
-        self.max_inflight = cfg.train.max_inflight or self.k + max(self.replicas)
-        self.schedule = Schedule(self.replicas, cfg.train.accumulate)
-        self.generation, self.window, self.steps = 0, 0, []  # replica groups; windows stepped; step refs pending
-        self.num_classes = num_classes
+        self.max_inflight = cfg.train.max_inflight or self.k + max(counts)
         # Actors on other nodes run in their own copy of the working dir: a relative run.dir would mean a
         # different folder on each node. The driver's absolute path is the one every actor uses.
         self.run_dir = Path(cfg.run.dir).resolve()
         config = config_to_dict(cfg)
         config["run"]["dir"] = str(self.run_dir)
-        self.config, self.actor_cls = config, actor_cls
-        self.actors: list = []  # every actor, stage by stage (replicas of a stage side by side)
-        self.stages: list[list] = []  # stage -> its replicas
+        self.actors = StageActors(cfg, config, num_classes, actor_cls, counts)
+        self.replicas = ReplicaDriver(self.actors, cfg.train.accumulate)
         self.feed: SlideFeed | None = None
-        self.asked: tuple | None = None  # evaluate_next's pass, until training drains
-        self.entered: _Entering | None = None  # that pass, entering the pipeline
+        self.next_pass: NextPass | None = None  # evaluate_next's pass, until evaluate consumes it
         self.collective = None  # the collective group's handle (nccl / gloo hops), to destroy it by
-        self.group = None
-        marker, token = self._write_marker()  # before anything starts: a driver that cannot write there fails at once
+        marker, token = write_marker(self.run_dir)  # before anything starts: a driver that cannot write there fails
         try:  # a sweep runs many children in one driver: a failed start must not keep the GPUs or the actors
-            self.group, self.cpus, self.gpus = place_stages(cfg.train, sum(self.replicas), self.replicated)
-            self._start_actors()
-            self.feed = SlideFeed(cfg.data, self.group, _fetch)  # starts while the stages build their models
-            self.info = _fetch([a.info.remote() for a in self.actors], "starting the stage actors")
-            self._check_shared_run_dir(marker, token)
-            self._form_groups()
+            self.actors.place()
+            self.actors.start()
+            self.feed = SlideFeed(cfg.data, self.actors.placement, fetch)  # starts while the stages build models
+            self.actors.refresh_info("starting the stage actors")
+            self.actors.check_shared_run_dir(self.run_dir, marker, token)
+            self.replicas.form_groups()
         except BaseException:
             self.close()
             raise
         finally:
             marker.unlink(missing_ok=True)
-        for info in self.info:
-            count = self.replicas[info["stage"] - 1]
-            where = f"stage {info['stage']}" + (f" replica {info['replica'] + 1}/{count}" if count > 1 else "")
-            log.info("%s on %s (node %s, pid %d): %s (%s), GPU ids %s, activations %s", where, info["node"],
-                     info["node_id"][:12], info["pid"], info["device"], info["device_name"], info["gpu_ids"] or "-",
-                     info["activation_dtype"])
+        self.actors.log_where()
+        self.stream = SlideStream(self.actors, self.replicas, self.feed, self.k, self.max_inflight)
         self._connect_stages()
 
-    def _start_actors(self) -> None:
-        """One actor per replica, each in its own bundle (flat index: stage by stage)."""
-        # Direct hops choose their transport per call (.options(tensor_transport)), which the class must allow.
-        remote_cls = ray.remote(enable_tensor_transport=self.cfg.train.transport != "object_store")(self.actor_cls)
-        # A restarted replica is not in its group: replicas are never restarted by Ray, the executor starts the
-        # whole pipeline afresh instead (recover).
-        restarts = 0 if self.replicated else self.cfg.train.max_restarts
-        self.actors, self.stages = [], []
-        for i, count in enumerate(self.replicas):
-            self.stages.append([remote_cls.options(
-                num_cpus=self.cpus, num_gpus=self.gpus, max_restarts=restarts, max_task_retries=0,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(
-                    self.group, placement_group_bundle_index=len(self.actors) + r),
-            ).remote(self.config, self.num_classes, i, r, count) for r in range(count)])
-            self.actors += self.stages[-1]
+    @property
+    def info(self) -> list[dict]:
+        """Where each actor runs, stage by stage, replicas side by side (StageActor.info)."""
+        return self.actors.info
 
-    def _form_groups(self) -> None:
-        """A torch process group per replicated stage, under a new generation number."""
-        self.generation += 1
-        for i, replicas in enumerate(self.stages):
-            if len(replicas) == 1:
-                continue
-            where = [(info["node_id"], tuple(info["gpu_ids"])) for info in self.info if info["stage"] == i + 1]
-            if self.info[self.actors.index(replicas[0])]["device"].startswith("cuda") and \
-                    len(set(where)) < len(where):
-                raise ClusterError(
-                    f"the {len(replicas)} replicas of stage {i + 1} share GPUs ({[list(w[1]) for w in where]}), but "
-                    f"NCCL takes one rank per GPU; give each replica a whole GPU (train.gpus_per_stage=1) or lower "
-                    f"train.replicas={self.cfg.train.replicas}")
-            address = _fetch(replicas[0].host_group.remote(), f"hosting stage {i + 1}'s replica group")
-            _fetch([a.join_group.remote(address, self.generation) for a in replicas],
-                   f"forming stage {i + 1}'s replica group")
-
-    def _write_marker(self) -> tuple[Path, str]:
-        """A file in run.dir that every stage actor must find (_check_shared_run_dir)."""
-        token = secrets.token_hex(8)
-        marker = self.run_dir / f".distlocal-shared-{token}"
-        try:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            marker.write_text(token)
-        except OSError as exc:  # e.g. evaluating a cluster's checkpoint where its /shared/runs does not exist
-            raise ClusterError(f"cannot write to run.dir {self.run_dir} ({exc}); the stages keep their checkpoints "
-                               f"there: set run.dir to a folder on storage every node shares") from None
-        return marker, token
-
-    def _check_shared_run_dir(self, marker: Path, token: str) -> None:
-        """Every actor must see the driver's run.dir: checkpoints are written by the actors, read by all."""
-        seen = _fetch([a.sees.remote(str(self.run_dir), marker.name, token) for a in self.actors],
-                      f"checking that the stages see {self.run_dir}")
-        blind = [info for info, ok in zip(self.info, seen, strict=True) if not ok]
-        if blind:
-            where = ", ".join(f"stage {i['stage']} on node {i['node']} ({i['node_id'][:12]})" for i in blind)
-            raise ClusterError(
-                f"run.dir {self.run_dir} is not shared: {where} cannot see the file the driver wrote there, so "
-                f"checkpoints would scatter over the nodes' own disks; put run.dir on storage every node mounts at "
-                f"the same path (NFS, a cluster file system) and pass it as an absolute path")
+    @property
+    def hops(self) -> list[Hop]:
+        return self.stream.hops
 
     def _connect_stages(self) -> None:
         """Choose each hop's transport (see engine/transport.py), build the group it needs, and say what it got."""
         asked = self.cfg.train.transport
-        if self.replicated:  # config.py allows only the object store with replicas
-            self.collective, self.hops = None, [Hop("object_store", "")] * (self.k - 1)
+        if self.replicas.active:  # config.py allows only the object store with replicas
+            self.collective, self.stream.hops = None, [Hop("object_store", "")] * (self.k - 1)
             return
-        self.collective, self.hops = open_group(self.actors, plan_hops(asked, self.info))
+        self.collective, self.stream.hops = open_group(self.actors.all, plan_hops(asked, self.info))
         log_hops(self.hops, asked)
 
     @property
@@ -217,105 +104,27 @@ class RayExecutor:
 
     # -- streaming ----------------------------------------------------------------------------------------------
 
-    def _slides(self, records: Iterable[SlideRecord], loader: SlideLoader, epoch: int) -> Iterator:
-        """(record, ObjectRef of its tensor) in order; loads run `data.prefetch` slides ahead of the pipeline."""
-        return self.feed.slides(records, loader, epoch, ahead=loader.cfg.prefetch + self.max_inflight)
-
-    def _route(self, method: str, n: int) -> tuple[list, bool]:
-        """The actor of each stage for the n-th slide of a pass, and whether a training window closes after it."""
-        if method != "train_step":  # replicas are equal: forward passes go to them in turn
-            return [replicas[n % len(replicas)] for replicas in self.stages], False
-        route = self.schedule.next()
-        return [replicas[r] for replicas, r in zip(self.stages, route.replicas, strict=True)], route.closes
-
-    def _step_window(self) -> None:
-        """Every replica of every replicated stage steps: each actor's queue already holds the window's slides."""
-        self.window += 1
-        self.steps += [a.step.remote(self.window) for replicas in self.stages if len(replicas) > 1 for a in replicas]
-
-    def _wait(self, refs: list, what: str):
-        """
-        ray.get of `refs`, watching the pending steps meanwhile: a replica stuck in an all-reduce with a dead partner
-        would otherwise hide the death until the collective's timeout.
-        """
-        while self.steps:
-            done, self.steps = ray.wait(self.steps, num_returns=len(self.steps), timeout=0)
-            _fetch(done, "stepping the replicas")
-            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0.5)
-            if len(ready) == len(refs):
-                break
-        return _fetch(refs, what)
-
-    def _drain_steps(self) -> None:
-        steps, self.steps = self.steps, []
-        _fetch(steps, "stepping the replicas")
-
-    def _submit(self, method: str, n: int, record: SlideRecord, x, args, depth: int | None = None) -> list:
-        """
-        Chain the n-th slide of a pass through stages 1..depth (all by default); the refs of each stage's small
-        result.
-        """
-        outputs = []
-        actors, closes = self._route(method, n)
-        actors = actors[:depth]
-        for i, actor in enumerate(actors):  # x stays an ObjectRef: stage i+1 starts once stage i returns it
-            hop = self.hops[i].transport if i < len(actors) - 1 else "object_store"
-            if hop != "object_store":
-                direct = getattr(actor, f"{method.removesuffix('_step')}_direct")
-                x = direct.options(tensor_transport=hop).remote(x, *args(record))
-                out = actor.pop_result.remote(record.slide_id)
-            else:
-                exits = (True,) if i == len(actors) - 1 < self.k - 1 else ()  # early exit: no activation onwards
-                x, out = getattr(actor, method).remote(x, *args(record), *exits)
-            outputs.append(out)
-        if closes and self.replicated:
-            self._step_window()
-        return outputs
-
-    def _pipeline(self, method: str, slides: Iterator, args, inflight: deque | None = None, n: int = 0,
-                  depth: int | None = None) -> Iterator[tuple[str, list]]:
-        inflight = deque() if inflight is None else inflight
-        for record, x in slides:
-            inflight.append((record.slide_id, self._submit(method, n, record, x, args, depth)))
-            n += 1
-            if len(inflight) >= self.max_inflight:
-                slide_id, outputs = inflight.popleft()
-                yield slide_id, self._wait(outputs, f"slide {slide_id}")
-        following = self._enter_next() if method == "train_step" else None
-        while inflight:
-            if following is not None:  # one slide of the next pass enters as one of this pass leaves
-                following.enter_one()
-            slide_id, outputs = inflight.popleft()
-            yield slide_id, self._wait(outputs, f"slide {slide_id}")
-        self._drain_steps()
-
     def train(self, records: Iterable[SlideRecord], loader: SlideLoader,
               epoch: int) -> Iterator[tuple[str, list[dict]]]:
         """For each slide, in order, (slide_id, one metrics dict per stage); stages overlap on different slides."""
-        self.entered = None  # an evaluation entered before an earlier pass failed: its results are not wanted
-        return self._pipeline("train_step", self._slides(records, loader, epoch),
-                              lambda r: (r.label, r.slide_id, epoch))
+        if self.next_pass is not None and self.next_pass.entered:
+            self.next_pass = None  # it entered after an earlier pass, which then failed: its results are not wanted
+        return self.stream.run(TRAINING, self.stream.slides(records, loader, epoch),
+                               lambda r: (r.label, r.slide_id, epoch), following=self.next_pass)
 
-    def evaluate_next(self, records: list[SlideRecord], loader: SlideLoader) -> None:
+    def evaluate_next(self, records: list[SlideRecord], loader: SlideLoader) -> NextPass:
         """The next call is evaluate(records, loader): its slides enter as the training under way drains."""
-        self.asked, self.entered = (list(records), loader), None
-
-    def _enter_next(self) -> _Entering | None:
-        if self.asked is None:
-            return None
-        records, loader = self.asked
-        self.asked, self.entered = None, _Entering(self, records, loader)
-        return self.entered
+        self.next_pass = NextPass(records, loader)
+        return self.next_pass
 
     def evaluate(self, records: Iterable[SlideRecord], loader: SlideLoader,
                  depth: int | None = None) -> Iterator[tuple[str, list]]:
         """For each slide (slide_id, class probabilities of stage 1..depth's classifiers), forward only."""
         records = list(records)
-        entered, self.entered, self.asked = self.entered, None, None
-        if entered is not None and entered.loader is loader and entered.ids == [r.slide_id for r in records] \
-                and depth in (None, self.k):
-            return self._pipeline("eval_step", entered.slides, _eval_args, entered.inflight, entered.n)
-        return self._pipeline("eval_step", self._slides(records, loader, 0), _eval_args, depth=depth)
+        next_pass, self.next_pass = self.next_pass, None
+        if next_pass is not None and next_pass.serves(records, loader, full_depth=depth in (None, self.k)):
+            return self.stream.run(EVALUATION, next_pass.slides, evaluation_inputs, continuing=next_pass)
+        return self.stream.run(EVALUATION, self.stream.slides(records, loader, 0), evaluation_inputs, depth=depth)
 
     def attention(self, records: Iterable[SlideRecord], loader: SlideLoader,
                   depth: int | None = None) -> Iterator[tuple[str, tuple]]:
@@ -324,110 +133,64 @@ class RayExecutor:
         one slide at a time (for plots).
         """
         last = (depth or self.k) - 1
-        for record, x in self._slides(records, loader, 0):
-            for replicas in self.stages[:last]:
+        for record, x in self.stream.slides(records, loader, 0):
+            for replicas in self.actors.stages[:last]:
                 x, _ = replicas[0].eval_step.remote(x, record.slide_id)
-            yield record.slide_id, _fetch(self.stages[last][0].attend.remote(x, record.slide_id),
-                                          f"slide {record.slide_id}")
+            yield record.slide_id, fetch(self.actors.stages[last][0].attend.remote(x, record.slide_id),
+                                         f"slide {record.slide_id}")
 
     # -- state --------------------------------------------------------------------------------------------------
 
-    def _all(self, method: str, *args, what: str, actors: list | None = None) -> list:
-        return _fetch([getattr(a, method).remote(*args) for a in (self.actors if actors is None else actors)], what)
-
-    def _firsts(self) -> list:
-        """Rank 0 of every stage: after `_pool` it holds its stage's whole state."""
-        return [replicas[0] for replicas in self.stages]
-
     def end_epoch(self, metrics: list[float]) -> None:
-        _fetch([a.end_epoch.remote(m) for replicas, m in zip(self.stages, metrics, strict=True) for a in replicas],
-               "ending the epoch")
-
-    def _pool(self) -> None:
-        """
-        Gather each replicated stage's open window on rank 0 and check that its replicas are equal: rank 0's state
-        is then one stage's state, the file one stage would write.
-        """
-        replicated = [replicas for replicas in self.stages if len(replicas) > 1]
-        if not replicated:
-            return
-        self._drain_steps()
-        _fetch([a.pool.remote() for replicas in replicated for a in replicas], "pooling the replicas' gradients")
-        for replicas in replicated:
-            prints = self._all("fingerprint", what="comparing the replicas", actors=replicas)
-            if len(set(prints)) > 1:
-                stage = self.stages.index(replicas) + 1
-                raise RuntimeError(f"the replicas of stage {stage} differ ({prints}); their steps were not the same "
-                                   f"all-reduced update: this is a bug, please report it")
+        fetch([a.end_epoch.remote(m) for replicas, m in zip(self.actors.stages, metrics, strict=True)
+               for a in replicas], "ending the epoch")
 
     # Paths are resolved here: an actor would resolve a relative one in its own node's working dir.
     def save_stages(self, directory: Path) -> None:
         """Each stage's rank 0 writes its stage file into `directory` (on storage every node can reach)."""
         directory = Path(directory).resolve()
-        self._pool()
-        self._all("save", str(directory), what=f"saving a checkpoint to {directory}", actors=self._firsts())
+        self.replicas.pool()
+        self.actors.call("save", str(directory), what=f"saving a checkpoint to {directory}",
+                         actors=self.actors.firsts())
 
     def load_stages(self, directory: Path) -> None:
         """Every replica loads its stage's file (any replica count); routing resumes at the window's fill."""
         directory = Path(directory).resolve()
-        self._drain_steps()
-        filled = self._all("load", str(directory), what=f"loading the checkpoint {directory}")
-        self.schedule.filled = filled[0]  # every stage counted the same trained slides
+        self.replicas.drain()
+        filled = self.actors.call("load", str(directory), what=f"loading the checkpoint {directory}")
+        self.replicas.resume_at(filled[0])  # every stage counted the same trained slides
 
     def state_dicts(self) -> list[dict]:
         """Each stage's state, on the CPU (the driver may have no GPU)."""
-        self._pool()
-        return self._all("state_dict", what="collecting the stages' state", actors=self._firsts())
+        self.replicas.pool()
+        return self.actors.call("state_dict", what="collecting the stages' state", actors=self.actors.firsts())
 
     def stats(self) -> list[dict]:
-        stats = self._all("stats", what="collecting the stages' counters")
-        per_stage = [stats[self.actors.index(replicas[0])] for replicas in self.stages]
-        return [{"steps": s["steps"], "rfr_clamped": sum(stats[self.actors.index(a)]["rfr_clamped"]
-                                                         for a in replicas)}
-                for s, replicas in zip(per_stage, self.stages, strict=True)]
+        """Each stage's optimizer steps (rank 0's: replicas step together) and RFR clamps (summed over replicas)."""
+        stats = self.actors.call("stats", what="collecting the stages' counters")
+        of = [[stats[self.actors.all.index(a)] for a in replicas] for replicas in self.actors.stages]
+        return [{"steps": mine[0]["steps"], "rfr_clamped": sum(s["rfr_clamped"] for s in mine)} for mine in of]
 
     def traces(self) -> list[list[tuple[str, str, float, float]]]:
         """Per actor (stage by stage, replicas side by side), (kind, slide_id, start, end) since the last call."""
-        return self._all("pop_trace", what="collecting the stages' traces")
+        return self.actors.call("pop_trace", what="collecting the stages' traces")
+
+    # -- recovery -----------------------------------------------------------------------------------------------
 
     def recover(self, directory: Path, timeout_s: float = 60.0) -> None:
         """After a StageFailure: wait for Ray to restart the dead actors, then reload every stage from `directory`."""
-        self.asked = self.entered = None  # an evaluation entered before the failure ran on the lost state
-        if self.replicated:
-            self._restart_replicas(directory)
+        self.next_pass = None  # an evaluation entered before the failure ran on the lost state
+        if self.replicas.active:  # a dead replica broke its group: every actor starts afresh
+            self.replicas.restart()
+            self.load_stages(directory)
             return
-        deadline = time.monotonic() + timeout_s
-        for i, actor in enumerate(self.actors):
-            while True:  # a restarting actor queues the ping; one that is dead for good keeps failing it
-                try:
-                    ray.get(actor.ping.remote(), timeout=max(1.0, deadline - time.monotonic()))
-                    break
-                except (RayActorError, GetTimeoutError) as exc:
-                    if time.monotonic() > deadline:
-                        raise ClusterError(
-                            f"stage {i + 1} did not come back within {timeout_s:g} s ({type(exc).__name__}); Ray "
-                            f"restarts an actor at most train.max_restarts={self.cfg.train.max_restarts} times"
-                        ) from None
-                    time.sleep(0.5)
+        await_restarts(self.actors.all, timeout_s, self.cfg.train.max_restarts)
         self.load_stages(directory)
-        self.info = self._all("info", what="restarting the stage actors")
+        self.actors.refresh_info("restarting the stage actors")
         # A restarted actor is a new process, perhaps on another node or GPU: the group is built again, and
         # the hops chosen again from where the stages now run.
         self._destroy_collective()
         self._connect_stages()
-
-    def _restart_replicas(self, directory: Path) -> None:
-        """
-        A dead replica broke its group, and a survivor may wait in an all-reduce: end every actor, start fresh ones
-        in the same bundles, form the groups under a new generation, and reload the checkpoint.
-        """
-        self.steps = []
-        for actor in self.actors:
-            ray.kill(actor, no_restart=True)
-        self._start_actors()
-        self.info = self._all("info", what="restarting the stage actors")
-        self._form_groups()
-        self.load_stages(directory)
 
     def _destroy_collective(self) -> None:
         if self.collective is None:
@@ -436,7 +199,7 @@ class RayExecutor:
 
         try:
             destroy_collective_group(self.collective)
-            _fetch([a.leave_collective.remote() for a in self.actors], "leaving the collective group")
+            self.actors.call("leave_collective", what="leaving the collective group")
         except (RayError, StageFailure) as exc:  # a member that died again: its half of the group went with it
             log.warning("destroying the %s group: %s", self.collective.backend, exc)
         self.collective = None
@@ -445,10 +208,7 @@ class RayExecutor:
         try:
             self._destroy_collective()
         finally:
-            for actor in self.actors:
-                ray.kill(actor, no_restart=True)
+            self.actors.kill()
             if self.feed is not None:
                 self.feed.close()
-            if self.group is not None:
-                remove_placement_group(self.group)
-
+            self.actors.release_placement()
