@@ -256,7 +256,7 @@ class StageActor:
         return filled
 
     def stats(self) -> dict:
-        return {"steps": self.stage.optim.steps, "rfr_clamped": getattr(self.stage, "rfr_clamped", 0)}
+        return {"steps": self.stage.optim.steps, "rfr_clamped": self.stage.rfr_clamped}
 
     def pop_trace(self) -> list[tuple[str, str, float, float]]:
         trace, self.trace = self.trace, []

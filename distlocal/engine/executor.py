@@ -25,6 +25,9 @@ __all__ = ["Executor", "make_executor"]
 class Executor(Protocol):
     """What an executor does for a run; every result comes back in slide order."""
 
+    info: list[dict]  # where each stage actor runs (node, pid, device, ...), for tags and logs; [] without actors
+    transport_summary: str  # what the activation hops use (e.g. object_store, gloo, cuda_ipc,nccl), for tags
+
     def train(self, records: Iterable[SlideRecord], loader: SlideLoader,
               epoch: int) -> Iterator[tuple[str, list[dict]]]:
         """Train on each slide: (slide_id, one metrics dict per stage)."""
@@ -62,6 +65,9 @@ class Executor(Protocol):
 
     def stats(self) -> list[dict]:
         """Each stage's counters: optimizer steps, RFR patches clamped."""
+
+    def recover(self, directory: Path) -> None:
+        """After a StageFailure: bring every stage back (restarted actors) and reload it from `directory`."""
 
     def close(self) -> None:
         """Release what the executor holds (actors, placement groups)."""

@@ -13,7 +13,7 @@ import torch
 
 from distlocal.data import SlideLoader, SlideRecord
 from distlocal.engine.checkpoint import stage_file
-from distlocal.model import EndToEnd, Stage
+from distlocal.model import StageInterface
 
 __all__ = ["LocalExecutor"]
 
@@ -21,8 +21,10 @@ __all__ = ["LocalExecutor"]
 class LocalExecutor:
     """Moves each slide's detached activations from stage to stage; the stages do the learning."""
 
-    def __init__(self, stages: list[Stage | EndToEnd]):
+    def __init__(self, stages: list[StageInterface]):
         self.stages = stages
+        self.info: list[dict] = []  # no actors: every stage runs here, on its own device
+        self.transport_summary = "in_process"  # activations are handed over in memory
 
     def train(self, records: Iterable[SlideRecord], loader: SlideLoader,
               epoch: int) -> Iterator[tuple[str, list[dict]]]:
@@ -77,6 +79,10 @@ class LocalExecutor:
 
     def stats(self) -> list[dict]:
         return [{"steps": s.optim.steps, "rfr_clamped": s.rfr_clamped} for s in self.stages]
+
+    def recover(self, directory: Path) -> None:
+        """Nothing restarts in one process: every stage reloads the checkpoint."""
+        self.load_stages(directory)
 
     def close(self) -> None:
         """Nothing to release in one process; the Ray executor stops its actors here."""

@@ -146,13 +146,13 @@ class Trainer:
 
     def _tags(self) -> dict:
         m, t = self.cfg.model, self.cfg.train
-        info = getattr(self.executor, "info", None)
+        info = self.executor.info
         devices = [i["device_name"] if i["device"] != "cpu" else "cpu" for i in info] if info else \
             [str(resolve_device(t.device))] * m.k
         return {"executor": t.executor, "k": m.k, "rfr": "on" if m.rfr.enabled else "off", "split": m.split,
                 "mode": m.mode, "backbone": m.backbone, "git_commit": git_commit(),
                 # what each activation hop really uses (Ray executor), fallbacks included
-                "transport": getattr(self.executor, "transport_summary", "in_process"), "devices_per_stage":
+                "transport": self.executor.transport_summary, "devices_per_stage":
                 json.dumps(devices), "blocks_per_stage": json.dumps(m.blocks_per_stage), "run_dir": str(self.run_dir)}
 
     def _restore(self, path: Path) -> None:

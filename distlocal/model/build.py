@@ -7,6 +7,7 @@ import torch
 from distlocal.config import Config, ConfigError
 from distlocal.model.backbone import Backbone, StageSpec, build_backbone, split_backbone
 from distlocal.model.e2e import EndToEnd, WholeSlideNet
+from distlocal.model.interface import StageInterface
 from distlocal.model.mil import AuxClassifier, classifier_kernel
 from distlocal.model.rfr import FeatureReconstruction
 from distlocal.model.stage import Stage
@@ -62,7 +63,7 @@ def _make(cfg: Config, backbone: Backbone, specs: list[StageSpec], index: int, n
     return Stage(spec, blocks, classifier, rfr, stem, cfg, device, stage_seed(cfg.train.seed, index), is_last)
 
 
-def build_stages(cfg: Config, num_classes: int, device: torch.device | str = "cpu") -> list[Stage | EndToEnd]:
+def build_stages(cfg: Config, num_classes: int, device: torch.device | str = "cpu") -> list[StageInterface]:
     """All stages on one device (local executor); a single EndToEnd when model.mode is e2e."""
     backbone, specs = _backbone(cfg)
     return [_make(cfg, backbone, specs, i, num_classes, device) for i in range(len(specs))]

@@ -16,6 +16,7 @@ from torch import nn
 
 from distlocal.config import Config
 from distlocal.model.backbone import Backbone, StageSpec, freeze_batchnorm, run_blocks
+from distlocal.model.interface import StageInterface
 from distlocal.model.mil import AuxClassifier
 from distlocal.model.optim import LocalOptimizer
 from distlocal.model.stage import autocast, reseed, run_stem, step_metrics, wide
@@ -41,7 +42,7 @@ class WholeSlideNet(nn.Module):
         return run_blocks(self.blocks, x, self.recompute)
 
 
-class EndToEnd:
+class EndToEnd(StageInterface):
     """Trains WholeSlideNet end to end with the same optimizer settings as a Stage."""
 
     def __init__(self, spec: StageSpec, net: WholeSlideNet, cfg: Config, device: torch.device, generator_seed: int):
@@ -52,7 +53,7 @@ class EndToEnd:
         self.bf16 = cfg.train.precision == "bf16"
         self.seed = generator_seed
         self.generator = torch.Generator().manual_seed(generator_seed)
-        self.rfr_clamped = 0
+        self.rfr_clamped = 0  # no RFR end to end
         self.driver_steps = False  # a replica: the driver decides when the window steps (optim.step with a reduce)
 
     def _autocast(self):
@@ -84,9 +85,6 @@ class EndToEnd:
             x = run_stem(self.net.stem, x, self.device, self.bf16)
             logits, attention = self.net.head(self.net.run_blocks(x))
         return logits, torch.softmax(wide(logits), 1)[0].cpu(), wide(attention).cpu()
-
-    def end_epoch(self, metric: float) -> None:
-        self.optim.end_epoch(metric)
 
     def state_dict(self) -> dict:
         return {"index": 0, "modules": self.net.state_dict(), "optim": self.optim.state_dict(),

@@ -15,6 +15,7 @@ from torch import nn
 
 from distlocal.config import Config
 from distlocal.model.backbone import StageSpec, freeze_batchnorm, run_blocks
+from distlocal.model.interface import StageInterface
 from distlocal.model.mil import AuxClassifier
 from distlocal.model.optim import LocalOptimizer
 from distlocal.model.rfr import FeatureReconstruction
@@ -87,7 +88,7 @@ def step_metrics(optim: LocalOptimizer, device: torch.device, start: float, logi
     }
 
 
-class Stage:
+class Stage(StageInterface):
     """
     F_i + A_i (+ U_i), or F_K + H on the last stage; trains on one slide at a time.
 
@@ -165,10 +166,6 @@ class Stage:
             out = self.modules["backbone"](x)
             logits, attention = self.modules["classifier"](out)
         return out, torch.softmax(wide(logits), 1)[0].cpu(), wide(attention).cpu()
-
-    def end_epoch(self, metric: float) -> None:
-        """Feed this stage's own validation metric to its lr-on-plateau schedule."""
-        self.optim.end_epoch(metric)
 
     def state_dict(self) -> dict:
         return {
