@@ -14,7 +14,7 @@ import pytest
 import ray
 import torch
 
-import distlocal.engine.autosplit as autosplit
+import distlocal.engine.planner as autosplit
 import distlocal.model.e2e as e2e
 from distlocal.config import load_config
 from distlocal.data import SlideLoader, read_manifest

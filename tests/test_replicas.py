@@ -11,7 +11,7 @@ import torch
 
 from distlocal.config import ConfigError, load_config
 from distlocal.data import SlideLoader, read_manifest
-from distlocal.engine import autosplit
+from distlocal.engine import planner as autosplit
 from distlocal.engine.actor import StageActor
 from distlocal.engine.checkpoint import load_checkpoint
 from distlocal.engine.faults import ClusterError

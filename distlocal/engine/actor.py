@@ -151,9 +151,9 @@ class StageActor:
     # hands the returned tensor straight to the next actor instead of through the object store. Such methods
     # return one value only, so the metrics wait here for pop_result, which the driver calls right after; a step
     # that raises leaves its error there instead, so the driver sees that error and not a missing result.
-    def _direct(self, method: str, slide_id: str, x: torch.Tensor, *args) -> torch.Tensor | None:
+    def _direct(self, step, slide_id: str, x: torch.Tensor, *args) -> torch.Tensor | None:
         try:
-            sent, result = getattr(self, method)(x, *args)
+            sent, result = step(x, *args)
         except Exception as exc:
             self.results[slide_id] = exc
             raise
@@ -161,10 +161,10 @@ class StageActor:
         return sent
 
     def train_direct(self, x, y, slide_id, epoch=None):
-        return self._direct("train_step", slide_id, x, y, slide_id, epoch)
+        return self._direct(self.train_step, slide_id, x, y, slide_id, epoch)
 
     def eval_direct(self, x, slide_id):
-        return self._direct("eval_step", slide_id, x, slide_id)
+        return self._direct(self.eval_step, slide_id, x, slide_id)
 
     def pop_result(self, slide_id: str):
         if slide_id not in self.results:  # the step never ran: its input (an earlier stage's output) failed

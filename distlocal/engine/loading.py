@@ -60,12 +60,12 @@ class SlideLoaderActor:
 class SlideFeed:
     """The driver's side: submits loads ahead of the pipeline and yields (record, ObjectRef of the tensor)."""
 
-    def __init__(self, cfg: DataConfig, group: PlacementGroup, fetch):
+    def __init__(self, cfg: DataConfig, placement: PlacementGroup, fetch):
         # num_cpus=0: the stages' placement group may hold every CPU of the node, and a loader waiting for a CPU
         # would stall the pipeline for ever; the driver bounds the loads in flight instead.
         self.actor = ray.remote(SlideLoaderActor).options(
             num_cpus=0, max_concurrency=max(1, cfg.prefetch), max_restarts=-1, max_task_retries=2,
-            scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=0),
+            scheduling_strategy=PlacementGroupSchedulingStrategy(placement, placement_group_bundle_index=0),
         ).remote()
         self.fetch = fetch  # the executor's ray.get, which names the failure
 

@@ -98,10 +98,10 @@ def place_stages(cfg: TrainConfig, k: int, replicated: bool = False) -> tuple[Pl
     """Reserve one bundle per stage actor (replica); raise ClusterError if that does not happen within the timeout."""
     cpus, gpus = stage_resources(cfg, k, replicated)
     bundle = {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
-    group = placement_group([dict(bundle) for _ in range(k)], strategy=cfg.placement.upper())
-    ready, _ = ray.wait([group.ready()], timeout=cfg.placement_timeout_s)
+    placement = placement_group([dict(bundle) for _ in range(k)], strategy=cfg.placement.upper())
+    ready, _ = ray.wait([placement.ready()], timeout=cfg.placement_timeout_s)
     if not ready:
-        remove_placement_group(group)
+        remove_placement_group(placement)
         hint = ("set train.placement=spread to use several nodes, or " if cfg.placement == "strict_pack" else "")
         raise ClusterError(
             f"could not place {k} stages x {bundle} with train.placement={cfg.placement} within "
@@ -109,4 +109,4 @@ def place_stages(cfg: TrainConfig, k: int, replicated: bool = False) -> tuple[Pl
             f"{hint}lower train.gpus_per_stage / train.cpus_per_stage, or raise train.placement_timeout_s"
         )
     log.info("placed %d stages x %s (%s)", k, bundle, cfg.placement)
-    return group, cpus, gpus
+    return placement, cpus, gpus

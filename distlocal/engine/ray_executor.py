@@ -30,7 +30,7 @@ from distlocal.engine.remote import fetch
 from distlocal.engine.replica_driver import ReplicaDriver
 from distlocal.engine.stage_actors import StageActors, write_marker
 from distlocal.engine.streaming import EVALUATION, TRAINING, SlideStream, evaluation_inputs
-from distlocal.engine.transport import Hop, log_hops, open_group, plan_hops, summary
+from distlocal.engine.transport import Hop, log_hops, open_collective_group, plan_hops, summary
 
 __all__ = ["RayExecutor"]
 
@@ -88,7 +88,7 @@ class RayExecutor:
         if self.replicas.active:  # config.py allows only the object store with replicas
             self.collective, self.stream.hops = None, [Hop("object_store", "")] * (self.k - 1)
             return
-        self.collective, self.stream.hops = open_group(self.actors.all, plan_hops(asked, self.info))
+        self.collective, self.stream.hops = open_collective_group(self.actors.all, plan_hops(asked, self.info))
         log_hops(self.hops, asked)
 
     @property

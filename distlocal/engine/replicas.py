@@ -81,11 +81,11 @@ class ReplicaGroup:
 
             options = ProcessGroupNCCL.Options()
             options._timeout = timeout
-            self.group = ProcessGroupNCCL(prefixed, rank, size, options)
+            self.process_group = ProcessGroupNCCL(prefixed, rank, size, options)
         else:
             from torch.distributed import ProcessGroupGloo
 
-            self.group = ProcessGroupGloo(prefixed, rank, size, timeout)
+            self.process_group = ProcessGroupGloo(prefixed, rank, size, timeout)
 
     @staticmethod
     def host_store(host: str, size: int, timeout_s: float):
@@ -98,7 +98,7 @@ class ReplicaGroup:
     def all_reduce(self, flat: torch.Tensor) -> None:
         from torch.distributed import ReduceOp
 
-        self.group.allreduce([flat], ReduceOp.SUM).wait()  # wait() raises after the group's timeout
+        self.process_group.allreduce([flat], ReduceOp.SUM).wait()  # wait() raises after the group's timeout
 
     def reduce_params(self, params: list[torch.Tensor]):
         """A Reduce (model/optim.py) over this group for `params`: zeros stand in for missing gradients."""

@@ -21,11 +21,11 @@ import numpy as np
 from distlocal.classifiers import best_index, choose, classifier_name
 from distlocal.config import Config, save_config
 from distlocal.data import ManifestError, SlideLoader, read_manifest
-from distlocal.engine.autosplit import resolve_plan
 from distlocal.engine.checkpoint import for_restoring, load_checkpoint, save_checkpoint
 from distlocal.engine.evaluate import by_classifier, evaluate, metrics_line, monitored
 from distlocal.engine.executor import make_executor
 from distlocal.engine.faults import RunFailed, StageFailure
+from distlocal.engine.planner import resolve_plan
 from distlocal.engine.report import final_report
 from distlocal.model import resolve_device
 from distlocal.plots import classifiers_by_epoch

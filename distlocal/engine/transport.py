@@ -16,7 +16,7 @@ import itertools
 import logging
 from dataclasses import dataclass
 
-__all__ = ["Hop", "log_hops", "open_group", "plan_hops", "summary"]
+__all__ = ["Hop", "log_hops", "open_collective_group", "plan_hops", "summary"]
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ def _nccl_ranks(hops: list[Hop]) -> list[int]:
     return sorted({i + d for i, h in enumerate(hops) if h.transport == "nccl" for d in (0, 1)})
 
 
-def open_group(actors: list, hops: list[Hop]):
+def open_collective_group(actors: list, hops: list[Hop]):
     """
     Create the collective group the hops need (nccl or gloo; cuda_ipc needs none) and return (handle, hops):
     the handle to destroy it with, or None; hops with the group's failure as their fallback cause.

@@ -1,6 +1,6 @@
 """
-Resolve model.split=auto and train.plan=auto before the stages are built: profile on the hardware the stages will
-use, then cut (best_split) or plan the cut and the replicas per stage (plan_pipeline).
+The planner: resolve model.split=auto and train.plan=auto before the stages are built. Profile on the hardware the
+stages will use, then cut the backbone (best_split) or plan the cut and the replicas per stage (plan_pipeline).
 """
 
 from __future__ import annotations
