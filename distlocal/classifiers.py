@@ -14,7 +14,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from distlocal.config import ConfigError
+from distlocal.config_error import ConfigError
 
 __all__ = ["CHOICES", "Choice", "best_index", "check_choice", "choose", "classifier_index", "classifier_name",
            "metric_prefix"]

@@ -24,6 +24,8 @@ from typing import Any
 
 import yaml
 
+from distlocal.classifiers import check_choice
+from distlocal.config_error import ConfigError
 from distlocal.cut import stage_sizes
 
 __all__ = ["Config", "ConfigError", "load_config", "config_from_dict", "config_to_dict", "save_config",
@@ -34,10 +36,6 @@ BACKBONE_BLOCKS = {"resnet18": 8, "resnet34": 16, "resnet50": 16}
 LAYERS = 4  # residual layer groups of every ResNet (layer1..layer4), each at its own stride
 
 log = logging.getLogger(__name__)
-
-
-class ConfigError(ValueError):
-    """A configuration problem; the message names the key and how to fix it."""
 
 
 @dataclass
@@ -316,8 +314,6 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"data.mean and data.std need 3 values (RGB), std > 0; got {d.mean} / {d.std}")
     if not (t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:")):
         raise ConfigError(f"train.device={t.device!r}; choose auto, cpu, cuda or cuda:N")
-    from distlocal.classifiers import check_choice  # it raises this module's ConfigError
-
     problem = check_choice(cfg.predict.classifier, m.k)
     if problem:
         raise ConfigError(problem)

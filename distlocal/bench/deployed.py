@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 
 from distlocal.bench.clam import clam_pipeline
-from distlocal.bench.inference import _plain, _seconds, gflops, ours_from_image
 from distlocal.bench.patch_mil import PatchMIL
+from distlocal.bench.timing import gflops, ours_from_image, seconds, timings
 from distlocal.data import SlideLoader, SlideRecord
 from distlocal.predict import Predictor
 from distlocal.progress import progress
@@ -78,8 +78,8 @@ def run_deployed(predictor: Predictor, baseline: PatchMIL, records: list[SlideRe
         results.append({"name": record.slide_id, "path": str(record.path), "size": list(shape), "gabmil": gabmil,
                         "ours": ours, "speed_gain": gabmil["total_s"] / ours["total_s"],
                         "gflop_ratio": work["gabmil"] / work["ours"],
-                        "runs": {"gabmil": [_plain(r) for r in patch_runs],
-                                 "ours": [_plain(r) for r in our_runs]}})
+                        "runs": {"gabmil": [timings(r) for r in patch_runs],
+                                 "ours": [timings(r) for r in our_runs]}})
         print(f"{record.slide_id} from the file: CLAM + GABMIL {gabmil['total_s']:.2f} s ({gabmil['tiles']} tiles), "
               f"ours {ours['total_s']:.2f} s, {results[-1]['speed_gain']:.1f}x", flush=True)
     return results
@@ -100,12 +100,12 @@ def format_deployed(report: dict) -> str:
         g, o = entry["gabmil"], entry["ours"]
         header += f" {entry['name']}: CLAM + GABMIL | Ours | Speed gain |"
         rule += "---|---|---|"
-        rows["Tiling (segmentation, grid)"] += [_seconds(g["tiling_s"]), "/", "/"]
-        rows["Read (file to 5X tissue crop)"] += ["(in features)", _seconds(o["read_s"]), "/"]
-        rows["Features (read, transform, ResNet)"] += [_seconds(g["features_s"]), "/", "/"]
-        rows["Prediction"] += [_seconds(g["prediction_s"]), _seconds(o["prediction_s"]), "/"]
-        rows["Total"] += [_seconds(g["total_s"]), f"**{_seconds(o['total_s'])}**", f"{entry['speed_gain']:.1f}x"]
-        rows["of which waiting for tiles"] += [_seconds(g["wait_s"]), "-", "-"]
+        rows["Tiling (segmentation, grid)"] += [seconds(g["tiling_s"]), "/", "/"]
+        rows["Read (file to 5X tissue crop)"] += ["(in features)", seconds(o["read_s"]), "/"]
+        rows["Features (read, transform, ResNet)"] += [seconds(g["features_s"]), "/", "/"]
+        rows["Prediction"] += [seconds(g["prediction_s"]), seconds(o["prediction_s"]), "/"]
+        rows["Total"] += [seconds(g["total_s"]), f"**{seconds(o['total_s'])}**", f"{entry['speed_gain']:.1f}x"]
+        rows["of which waiting for tiles"] += [seconds(g["wait_s"]), "-", "-"]
         rows["Tiles (kept / grid)"] += [f"{g['tiles']} / {g['grid_tiles']}", f"crop {entry['size'][0]} x "
                                         f"{entry['size'][1]}", "-"]
         rows["Compute (GFLOP)"] += [f"{g['gflop']:,.0f}", f"{o['gflop']:,.0f}", f"{entry['gflop_ratio']:.2f}x"]

@@ -17,7 +17,6 @@ CPU, then ``repeats`` times, alternating; each step's median is reported.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import math
@@ -27,9 +26,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
 from distlocal.bench.patch_mil import PATCH, PatchMIL
+from distlocal.bench.timing import gflops, ours_from_image, seconds, timings
 from distlocal.classifiers import choose
 from distlocal.config import Config
 from distlocal.data import SlideLoader, SlideRecord
@@ -71,45 +70,6 @@ def slide_images(records: list[SlideRecord], cfg: Config) -> list[dict]:
     return images
 
 
-def ours_from_image(predictor: Predictor, loader: SlideLoader, image: np.ndarray) -> dict:
-    """``distlocal predict``'s steps after the read: normalisation, F_1 .. F_K and H (seconds and probabilities)."""
-    start = time.perf_counter()
-    x = loader.to_input(image, device=predictor.input_device(*image.shape[:2]))
-    result = predictor(x)  # synchronises the device before it returns
-    total = time.perf_counter() - start
-    return {"prediction_s": total, "input_s": total - result["forward_s"] - result["head_s"],
-            "forward_s": result["forward_s"], "head_s": result["head_s"], "total_s": total,
-            "probs": result["probs"]}
-
-
-@torch.no_grad()
-def gflops(predictor: Predictor, baseline: PatchMIL, height: int, width: int, tiles: int) -> dict:
-    """
-    GFLOP of each method on one slide, counted from the shapes on the meta device (nothing is computed).
-
-    Their ratio is the speed gain a device that runs both at the same FLOP/s would show: it separates what the
-    method saves from how well a device runs large maps against batches of tiles.
-    """
-    from torch.utils.flop_counter import FlopCounterMode
-
-    def count(module: nn.Module, x: torch.Tensor) -> tuple[float, torch.Tensor]:
-        with FlopCounterMode(display=False) as counter:
-            out = copy.deepcopy(module).to("meta")(x)
-        return counter.get_total_flops() / 1e9, out
-
-    ours, x = 0.0, torch.empty(1, 3, height, width, device="meta")
-    for i, (features, classifier) in enumerate(predictor.parts[:predictor.choice.depth]):  # early exit at A_i
-        flops, x = count(features, x)
-        ours += flops
-        if i in predictor.choice.members:
-            ours += count(classifier, x)[0]
-    tile = torch.empty(1, 3, PATCH, PATCH, device="meta")
-    dim = baseline.classifier.embed[0].in_features
-    patch = tiles * count(baseline.features, tile)[0]
-    patch += count(baseline.classifier, torch.empty(tiles, dim, device="meta"))[0]
-    return {"gabmil": patch, "ours": ours}
-
-
 def _median(runs: list[dict], key: str) -> float:
     return statistics.median(r[key] for r in runs)
 
@@ -142,7 +102,7 @@ def bench_inference(out_dir: Path, images: list[dict], cfg: Config, repeats: int
         ours_from_image(predictor, loader, crop)
     deployed = []
     if records:
-        from distlocal.bench.clam import default_workers
+        from distlocal.bench.clam import default_workers  # OpenSlide: only where the files are timed
         from distlocal.bench.deployed import run_deployed
 
         workers = default_workers(device) if workers is None else workers
@@ -186,8 +146,8 @@ def bench_inference(out_dir: Path, images: list[dict], cfg: Config, repeats: int
                         "gabmil": gabmil, "ours": ours, "speed_gain": gabmil["total_s"] / ours["total_s"],
                         "by_classifier": by_classifier,
                         "gflop_ratio": work["gabmil"] / work["ours"],
-                        "runs": {"gabmil": [_plain(r) for r in patch_runs], "ours": [_plain(r) for r in our_runs],
-                                 "ours_tiled": [_plain(r) for r in tiled_runs]}})
+                        "runs": {"gabmil": [timings(r) for r in patch_runs], "ours": [timings(r) for r in our_runs],
+                                 "ours_tiled": [timings(r) for r in tiled_runs]}})
         print(f"{item['name']}: GABMIL {gabmil['total_s']:.2f} s ({gabmil['tiles']} tiles), ours "
               f"{ours['total_s']:.2f} s, {results[-1]['speed_gain']:.1f}x", flush=True)
     report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -206,14 +166,6 @@ def bench_inference(out_dir: Path, images: list[dict], cfg: Config, repeats: int
     return report
 
 
-def _plain(run: dict) -> dict:
-    return {k: v for k, v in run.items() if k.endswith("_s")}
-
-
-def _seconds(value: float) -> str:
-    return "<0.01 s" if value < 0.01 else f"{value:.2f} s"
-
-
 def format_inference(report: dict) -> str:
     """Table 3's layout: per slide, GABMIL / ours / speed gain for tiling, features, prediction and total."""
     where = f"{report['device']}" + ("" if report["bf16"] else ", fp32") + f", {report['threads']} threads"
@@ -229,24 +181,24 @@ def format_inference(report: dict) -> str:
             "Ours as exact tiles (CPU), total": []}
     for entry in report["images"]:
         g, o = entry["gabmil"], entry["ours"]
-        rows["Tiling"] += [_seconds(g["tiling_s"]), "/", "/"]
-        rows["Features"] += [_seconds(g["features_s"]), "/", "/"]
-        rows["Prediction"] += [_seconds(g["prediction_s"]), _seconds(o["prediction_s"]), "/"]
-        rows["Total"] += [_seconds(g["total_s"]), f"**{_seconds(o['total_s'])}**", f"{entry['speed_gain']:.1f}x"]
+        rows["Tiling"] += [seconds(g["tiling_s"]), "/", "/"]
+        rows["Features"] += [seconds(g["features_s"]), "/", "/"]
+        rows["Prediction"] += [seconds(g["prediction_s"]), seconds(o["prediction_s"]), "/"]
+        rows["Total"] += [seconds(g["total_s"]), f"**{seconds(o['total_s'])}**", f"{entry['speed_gain']:.1f}x"]
         rows["Tiles (tissue / grid)"] += [f"{g['tiles']} / {g['grid_tiles']}", "-", "-"]
         rows["Compute (GFLOP)"] += [f"{g['gflop']:,.0f}", f"{o['gflop']:,.0f}", f"{entry['gflop_ratio']:.2f}x"]
         rows["Achieved GFLOP/s"] += [f"{g['gflop_per_s']:,.0f}", f"{o['gflop_per_s']:,.0f}", "-"]
-        read = "-" if entry["read_s"] is None else _seconds(entry["read_s"])
+        read = "-" if entry["read_s"] is None else seconds(entry["read_s"])
         rows["Read (both, not in total)"] += [read, read, "-"]
         tiled = o.get("tiled_total_s")
         rows["Ours as exact tiles (CPU), total"] += ["-", "-" if tiled is None else
-                                                     f"{_seconds(tiled)} ({math.isqrt(o['tiled_pixels'])}² px tiles)",
+                                                     f"{seconds(tiled)} ({math.isqrt(o['tiled_pixels'])}² px tiles)",
                                                      "-" if tiled is None else f"{g['total_s'] / tiled:.1f}x"]
     for name, first in report["images"][0].get("by_classifier", {}).items() if report["images"] else ():
         cells = rows.setdefault(f"Ours deciding by {name} (stages 1..{first['stages_run']}), total", [])
         for entry in report["images"]:
             timing = entry["by_classifier"][name]
-            cells += ["-", f"{_seconds(timing['total_s'])} ({timing['gflop']:,.0f} GFLOP)",
+            cells += ["-", f"{seconds(timing['total_s'])} ({timing['gflop']:,.0f} GFLOP)",
                       f"{timing['speed_gain']:.1f}x"]
     lines += [header, rule] + [f"| {name} | " + " | ".join(cells) + " |" for name, cells in rows.items()]
     return "\n".join(lines)
