@@ -18,6 +18,7 @@ import difflib
 import logging
 import types
 import typing
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,26 +39,55 @@ LAYERS = 4  # residual layer groups of every ResNet (layer1..layer4), each at it
 log = logging.getLogger(__name__)
 
 
+# Each key's constraint stands beside it: choice(*options, default=first), positive(default) (> 0),
+# non_negative(default) (>= 0), or checked(default, problem), where problem(key, value) is the error with its fix or
+# None. Loading checks every key against its own (_validate_choices, _validate).
+def choice(*options: str, default: str | None = None):
+    return field(default=default or options[0], metadata={"choices": options})
+
+
+def positive(default):
+    return field(default=default, metadata={"problem": lambda key, v: f"config key '{key}' must be > 0, got {v}"
+                                            if v <= 0 else None})
+
+
+def non_negative(default):
+    return field(default=default, metadata={"problem": lambda key, v: f"config key '{key}' must be >= 0, got {v}"
+                                            if v < 0 else None})
+
+
+def checked(default, problem: Callable[[str, Any], str | None]):
+    return field(default=default, metadata={"problem": problem})
+
+
+def _gpus_per_stage(key: str, value: float) -> str | None:
+    if value < 0 and value != -1:
+        return (f"{key}={value}; give a GPU count per stage (e.g. 1 or 0.5) or -1 for one GPU per stage when the "
+                f"cluster has GPUs")
+    return None
+
+
 @dataclass
 class RFRConfig:
     enabled: bool = True  # random feature reconstruction on stages 1..K-1; false for the ablation
-    alpha: float = 1.0  # weight of the L1 reconstruction loss: loss = CE + alpha * L1
-    patches: int = 10  # random locations sampled per slide
-    patch_size: int = 128  # patch side on stage-1 output; deeper stages shrink it with their stride
+    alpha: float = non_negative(1.0)  # weight of the L1 reconstruction loss: loss = CE + alpha * L1
+    patches: int = positive(10)  # random locations sampled per slide
+    patch_size: int = positive(128)  # patch side on stage-1 output; deeper stages shrink it with their stride
 
 
 @dataclass
 class ModelConfig:
-    backbone: str = "resnet34"  # resnet18 | resnet34 | resnet50
+    backbone: str = choice(*BACKBONE_BLOCKS, default="resnet34")
     k: int = 4  # number of gradient-isolated stages, 1 .. residual blocks of the backbone
-    split: str = "reference"  # reference (paper's K=4/K=8 units) | balanced (equal block counts) | auto (profiled)
+    # reference: the paper's K=4/K=8 units | balanced: equal block counts | auto: profiled
+    split: str = choice("reference", "balanced", "auto")
     # The cut, e.g. [2, 3, 5, 6]; empty: derived from model.split when the config loads (and so recorded in the
     # resolved config), or profiled by the trainer for split=auto. A K-long list: give it only with model.k.
     blocks_per_stage: list[int] = field(default_factory=list)
-    mode: str = "local"  # local (locally supervised stages) | e2e (ordinary backprop baseline: one stage, K = 1)
-    pretrained: str = "none"  # imagenet (torchvision weights, downloaded once) | none (random init)
+    mode: str = choice("local", "e2e")  # locally supervised stages | ordinary backprop baseline: one stage, K = 1
+    pretrained: str = choice("imagenet", "none", default="none")  # torchvision weights, downloaded once | random init
     weights: str = ""  # path to a local backbone state dict; overrides `pretrained`
-    first_conv_stride: int = 3  # the paper widens the receptive field with stride 3 (torchvision: 2)
+    first_conv_stride: int = positive(3)  # the paper widens the receptive field with stride 3 (torchvision: 2)
     # Strided-conv kernel of the classifiers (A_i and H) on a map of the backbone's layer1, layer2, layer3, layer4:
     # each classifier takes its stage's last block's layer, so these hold for any K. The reference's 9/9/7/5 are
     # made for 5X slides of thousands of pixels; small slides (demo, tests) need smaller ones to keep instances.
@@ -70,63 +100,68 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    executor: str = "local"  # local (one process) | ray (one actor per stage)
-    epochs: int = 50
-    accumulate: int = 8  # slides per optimizer step (batch size is 1: slides differ in size)
-    max_inflight: int = 0  # ray executor: slides in the pipeline at once; 0 means K + 1
-    precision: str = "fp32"  # fp32 | bf16 (autocast)
-    lr_backbone: float = 1e-5  # backbone stages F_i
-    lr_aux: float = 2e-5  # auxiliary classifiers A_i, RFR units U_i and head H
-    weight_decay: float = 1e-6
-    plateau_patience: int = 5  # epochs without improvement before lr x plateau_factor
-    plateau_factor: float = 0.1
-    monitor: str = "auroc"  # validation metric for the best checkpoint and the plateau: acc | balanced_acc | auroc
+    executor: str = choice("local", "ray")  # local (one process) | ray (one actor per stage)
+    epochs: int = non_negative(50)
+    accumulate: int = positive(8)  # slides per optimizer step (batch size is 1: slides differ in size)
+    # Ray executor: slides in the pipeline at once; 0: K + the replicas of the most replicated stage (K + 1 without
+    # replicas: a stage with R replicas takes up to R slides at once).
+    max_inflight: int = non_negative(0)
+    precision: str = choice("fp32", "bf16")  # fp32 | bf16 (autocast)
+    lr_backbone: float = positive(1e-5)  # backbone stages F_i
+    lr_aux: float = positive(2e-5)  # auxiliary classifiers A_i, RFR units U_i and head H
+    weight_decay: float = non_negative(1e-6)
+    plateau_patience: int = non_negative(5)  # epochs without improvement before lr x plateau_factor
+    plateau_factor: float = checked(0.1, lambda key, v: None if 0 < v < 1 else f"{key} must be in (0, 1), got {v}")
+    monitor: str = choice("acc", "balanced_acc", "auroc", default="auroc")  # for the best checkpoint and the plateau
     seed: int = 0  # init, data order, augmentation and RFR locations all derive from it
-    checkpoint_every: int = 0  # also checkpoint every N optimizer steps; 0: at epoch ends only
-    max_slides: int = 0  # stop (and checkpoint) after this many training slides; 0: no limit
+    checkpoint_every: int = non_negative(0)  # also checkpoint every N optimizer steps; 0: at epoch ends only
+    max_slides: int = non_negative(0)  # stop (and checkpoint) after this many training slides; 0: no limit
     # Keep only each residual block's input for backward and recompute the block there: a fraction of the
     # activation memory (`distlocal bench memory` measures it) for about a third more compute per stage.
     recompute_activations: bool = False
     # Run each frozen BatchNorm folded into the convolution before it: the same function (BatchNorm is a fixed
     # per-channel scale and shift in eval mode), about half the activations kept for backward, and faster.
     fold_batchnorm: bool = True
-    device: str = "auto"  # auto (cuda if present) | cpu | cuda | cuda:N
-    activation_dtype: str = "auto"  # ray executor: dtype of activations between stages: auto | fp32 | bf16
-    transport: str = "object_store"  # ray executor: object_store | nccl (GPU-GPU) | gloo (CPU); else falls back
-    gpus_per_stage: float = -1.0  # ray executor: GPUs per stage actor; -1: 1 when the cluster has GPUs, else 0
+    device: str = checked("auto", lambda key, v: None if v in ("auto", "cpu", "cuda") or v.startswith("cuda:") else
+                          f"{key}={v!r}; choose auto, cpu, cuda or cuda:N")  # auto: cuda if present
+    activation_dtype: str = choice("auto", "fp32", "bf16")  # ray executor: dtype of activations between stages
+    # Ray executor: nccl between GPUs, gloo between CPUs; a hop that cannot have it falls back to the object store
+    transport: str = choice("object_store", "nccl", "gloo")
+    # Ray executor: GPUs per stage actor; -1: 1 when the cluster has GPUs, else 0
+    gpus_per_stage: float = checked(-1.0, _gpus_per_stage)
     # Ray executor: CPUs per stage actor (also its torch threads); 0: one each, or an equal share of the cluster's
     # CPUs when it has fewer than K (e.g. 0.5 for K = 4 on 2 cores). A value you set must fit, or the run stops.
-    cpus_per_stage: float = 0.0
-    placement: str = "strict_pack"  # ray executor: strict_pack (one node) | pack | spread (across nodes)
-    placement_timeout_s: float = 60.0  # ray executor: give up placing the stages after this long
-    max_restarts: int = 3  # ray executor: stage failures survived (restart, reload, replay) before the run ends
+    cpus_per_stage: float = non_negative(0.0)
+    placement: str = choice("strict_pack", "pack", "spread")  # ray executor: strict_pack: one node; spread: across
+    placement_timeout_s: float = positive(60.0)  # ray executor: give up placing the stages after this long
+    max_restarts: int = non_negative(3)  # ray executor: stage failures survived (restart, reload, replay)
     # Ray executor: data-parallel replicas of each stage, each an actor with its own device: one number for every
     # stage, or a list of K (the slow stage gets more). Their gradients are summed at each optimizer step, so R
     # replicas learn what one stage learns from the same slides. 1: no replicas.
     replicas: int | list[int] = 1
     # manual: model.k, the cut and train.replicas as given | auto: the planner chooses the cut (with
     # model.split=auto) and the replicas per stage that train fastest on train.gpus devices (engine/planner.py).
-    plan: str = "manual"
-    gpus: int = 0  # train.plan=auto: devices to plan for; 0: every GPU of the cluster
-    allreduce_gb_per_s: float = 10.0  # train.plan=auto: all-reduce bandwidth assumed between replicas (GB/s)
-    collective_timeout_s: float = 300.0  # ray executor: a replica waiting this long for its group's all-reduce fails
+    plan: str = choice("manual", "auto")
+    gpus: int = non_negative(0)  # train.plan=auto: devices to plan for; 0: every GPU of the cluster
+    allreduce_gb_per_s: float = positive(10.0)  # train.plan=auto: all-reduce bandwidth assumed between replicas
+    collective_timeout_s: float = positive(300.0)  # ray executor: a replica waiting this long in an all-reduce fails
     # Validation slides whose H attention heatmaps are plotted at the end (plots/attention/), taking the classes in
     # turn: as many as there are classes shows each one. 0: none.
-    heatmaps: int = 3
+    heatmaps: int = non_negative(3)
 
 
 @dataclass
 class DataConfig:
     manifest: str = ""  # CSV with slide_id,path,label,split[,patient_id]
-    magnification: float = 5.0  # slides are read at this magnification
+    magnification: float = positive(5.0)  # slides are read at this magnification
     level: int | None = None  # force a pyramid level instead of choosing by magnification
     base_magnification: float | None = None  # for slides whose files carry no magnification
     classes: list[str] = field(default_factory=list)  # class order; empty: sorted labels of the manifest
     mean: list[float] = field(default_factory=lambda: [0.6909, 0.4654, 0.6119])  # NSCLC, per channel
     std: list[float] = field(default_factory=lambda: [0.1786, 0.2102, 0.1795])
     augment: bool = True  # edge crop, flips, 90-degree rotations, colour jitter (train split only)
-    on_error: str = "fail"  # fail | skip: what a bad slide does to training (skips are reported)
-    prefetch: int = 2  # slides loaded ahead of compute, bounding memory
+    on_error: str = choice("fail", "skip")  # fail | skip: what a bad slide does to training (skips are reported)
+    prefetch: int = positive(2)  # slides loaded ahead of compute, bounding memory
     cache_dir: str = ""  # folder written by `distlocal prepare`: prepared slides are read from it
 
 
@@ -142,7 +177,7 @@ class TrackingConfig:
 class PredictConfig:
     # Largest input tile (pixels) a stage runs on at once in `distlocal predict`; bigger slides run as exact
     # overlapping tiles. 0: whole slides on the CPU, and on CUDA a size fitted to the free GPU memory.
-    max_tile_pixels: int = 0
+    max_tile_pixels: int = non_negative(0)
     aux_heatmaps: bool = False  # also plot the attention of every auxiliary classifier A_i
     # The classifier that decides (distlocal/classifiers.py): best (the one that validated best, as the checkpoint
     # records) | H | A_i (runs stages 1..i only) | ensemble (mean probabilities of A_1 .. A_{K-1} and H). In training
@@ -164,22 +199,6 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     predict: PredictConfig = field(default_factory=PredictConfig)
     run: RunConfig = field(default_factory=RunConfig)
-
-
-_CHOICES = {
-    "model.backbone": tuple(BACKBONE_BLOCKS),
-    "model.split": ("reference", "balanced", "auto"),
-    "model.mode": ("local", "e2e"),
-    "model.pretrained": ("imagenet", "none"),
-    "train.executor": ("local", "ray"),
-    "train.placement": ("strict_pack", "pack", "spread"),
-    "train.precision": ("fp32", "bf16"),
-    "train.monitor": ("acc", "balanced_acc", "auroc"),
-    "train.activation_dtype": ("auto", "fp32", "bf16"),
-    "train.transport": ("object_store", "nccl", "gloo"),
-    "train.plan": ("manual", "auto"),
-    "data.on_error": ("fail", "skip"),
-}
 
 
 def _check_type(key: str, value: Any, hint: Any) -> Any:
@@ -236,11 +255,20 @@ def _build(cls: type, data: dict, prefix: str) -> Any:
     return cls(**kwargs)
 
 
+def _keys(section: Any, prefix: str = "") -> Iterator[tuple[str, Any, dict]]:
+    """(key, value, its field's metadata) of every key of a config section, nested sections' keys included."""
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from _keys(value, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", value, f.metadata
+
+
 def _validate_choices(cfg: Config) -> None:
-    for key, choices in _CHOICES.items():
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
-        if value not in choices:
+    for key, value, meta in _keys(cfg):
+        choices = meta.get("choices", ())
+        if choices and value not in choices:
             raise ConfigError(f"config key '{key}' is {value!r}; choose one of: {', '.join(choices)}")
     blocks = BACKBONE_BLOCKS[cfg.model.backbone]
     if not 1 <= cfg.model.k <= blocks:
@@ -272,7 +300,7 @@ def _resolve(m: ModelConfig) -> None:
 
 
 def _validate(cfg: Config) -> None:
-    m, t, d = cfg.model, cfg.train, cfg.data
+    m, d = cfg.model, cfg.data
     blocks = BACKBONE_BLOCKS[m.backbone]
     if m.blocks_per_stage and (len(m.blocks_per_stage) != m.k or min(m.blocks_per_stage) < 1
                                or sum(m.blocks_per_stage) != blocks):
@@ -286,34 +314,12 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"model.aux_kernels={m.aux_kernels} gives one kernel per stage, so it needs K={m.k} positive "
                           f"kernels (A_1..A_{m.k - 1}, H); to change model.k alone, set model.aux_kernels=[] and "
                           f"model.classifier_kernels (one kernel per backbone layer, for any K)")
-    positive = {
-        "model.rfr.patches": m.rfr.patches, "model.rfr.patch_size": m.rfr.patch_size,
-        "model.first_conv_stride": m.first_conv_stride, "train.accumulate": t.accumulate,
-        "train.lr_backbone": t.lr_backbone, "train.lr_aux": t.lr_aux, "data.magnification": d.magnification,
-        "data.prefetch": d.prefetch, "train.placement_timeout_s": t.placement_timeout_s,
-    }
-    non_negative = {
-        "model.rfr.alpha": m.rfr.alpha, "train.epochs": t.epochs, "train.max_inflight": t.max_inflight,
-        "train.weight_decay": t.weight_decay, "train.plateau_patience": t.plateau_patience,
-        "train.checkpoint_every": t.checkpoint_every, "train.max_slides": t.max_slides,
-        "train.max_restarts": t.max_restarts, "train.heatmaps": t.heatmaps, "train.cpus_per_stage": t.cpus_per_stage,
-        "predict.max_tile_pixels": cfg.predict.max_tile_pixels,
-    }
-    for key, value in positive.items():
-        if value <= 0:
-            raise ConfigError(f"config key '{key}' must be > 0, got {value}")
-    for key, value in non_negative.items():
-        if value < 0:
-            raise ConfigError(f"config key '{key}' must be >= 0, got {value}")
-    if t.gpus_per_stage < 0 and t.gpus_per_stage != -1:
-        raise ConfigError(f"train.gpus_per_stage={t.gpus_per_stage}; give a GPU count per stage (e.g. 1 or 0.5) "
-                          f"or -1 for one GPU per stage when the cluster has GPUs")
-    if not 0 < t.plateau_factor < 1:
-        raise ConfigError(f"train.plateau_factor must be in (0, 1), got {t.plateau_factor}")
+    for key, value, meta in _keys(cfg):  # each key's own bound or check, declared beside it
+        problem = meta.get("problem") and meta["problem"](key, value)
+        if problem:
+            raise ConfigError(problem)
     if len(d.mean) != 3 or len(d.std) != 3 or min(d.std) <= 0:
         raise ConfigError(f"data.mean and data.std need 3 values (RGB), std > 0; got {d.mean} / {d.std}")
-    if not (t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:")):
-        raise ConfigError(f"train.device={t.device!r}; choose auto, cpu, cuda or cuda:N")
     problem = check_choice(cfg.predict.classifier, m.k)
     if problem:
         raise ConfigError(problem)
@@ -341,9 +347,6 @@ def _validate_replicas(cfg: Config) -> None:
     if t.plan == "auto" and t.executor != "ray":
         raise ConfigError("train.plan=auto plans stage replicas on several devices, which needs train.executor=ray; "
                           "set train.executor=ray, or train.plan=manual")
-    if t.gpus < 0 or t.allreduce_gb_per_s <= 0 or t.collective_timeout_s <= 0:
-        raise ConfigError(f"train.gpus ({t.gpus}) must be >= 0, train.allreduce_gb_per_s ({t.allreduce_gb_per_s}) "
-                          f"and train.collective_timeout_s ({t.collective_timeout_s}) > 0")
 
 
 def config_from_dict(data: dict) -> Config:

@@ -39,6 +39,9 @@ def test_wrong_type_names_key():
     ("train.gpus_per_stage=-2", r"train\.gpus_per_stage=-2\.0; give a GPU count"),
     ("train.placement=anywhere", r"train\.placement.*strict_pack"),
     ("train.cpus_per_stage=-1", r"train\.cpus_per_stage' must be >= 0"),
+    ("train.gpus=-1", r"^config key 'train\.gpus' must be >= 0, got -1 "),  # each key its own message
+    ("train.allreduce_gb_per_s=0", r"^config key 'train\.allreduce_gb_per_s' must be > 0, got 0\.0 "),
+    ("train.collective_timeout_s=-5", r"^config key 'train\.collective_timeout_s' must be > 0, got -5\.0 "),
 ])
 def test_impossible_values_fail(override, pattern):
     """Impossible values fail at once with the key in the message."""
