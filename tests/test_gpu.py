@@ -22,7 +22,8 @@ from distlocal.engine.faults import StageOutOfMemory
 from distlocal.engine.local import LocalExecutor
 from distlocal.model import build_stages
 from distlocal.model.balance import BlockCost
-from distlocal.predict import _INDEX_LIMIT, Predictor, _index_tile
+from distlocal.model.tiling import INDEX_LIMIT, index_tile
+from distlocal.predict import Predictor
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -58,7 +59,7 @@ def test_predict_tiles_stay_within_32_bit_indexing(make_cfg):
     """A tile's pixels times the most elements per input pixel stay under 2**31: 128 for stage 2's input here."""
     stages = build_stages(make_cfg("model.backbone=resnet18", "model.split=balanced", "model.k=2"), 2)
     predictor = Predictor.from_stages(make_cfg(), ["a", "b"], stages, torch.device("cpu"))
-    assert _index_tile(predictor.parts, torch.device("cpu")) == _INDEX_LIMIT // 128
+    assert index_tile([f for f, _ in predictor.parts], torch.device("cpu")) == INDEX_LIMIT // 128
 
 
 # -- on a GPU --------------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ import torch
 
 from distlocal.bench.patch_mil import PATCH, PatchMIL
 from distlocal.model.stage import autocast
-from distlocal.predict import elapsed
+from distlocal.predictor import elapsed
 from distlocal.slides import SlideError
 from distlocal.slides.magnification import magnification_from_mpp
 from distlocal.slides.tissue import detect_tissue

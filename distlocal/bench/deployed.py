@@ -19,7 +19,7 @@ from distlocal.bench.clam import clam_pipeline
 from distlocal.bench.patch_mil import PatchMIL
 from distlocal.bench.timing import gflops, ours_from_image, seconds, timings
 from distlocal.data import SlideLoader, SlideRecord
-from distlocal.predict import Predictor
+from distlocal.predictor import Predictor
 from distlocal.progress import progress
 from distlocal.slides import write_synthetic_slide
 

@@ -33,7 +33,7 @@ from distlocal.classifiers import choose
 from distlocal.config import Config
 from distlocal.data import SlideLoader, SlideRecord
 from distlocal.model import build_stages, resolve_device
-from distlocal.predict import Predictor
+from distlocal.predictor import Predictor
 from distlocal.progress import progress
 from distlocal.slides.synthetic_tissue import plan_slide, render_region
 

@@ -25,7 +25,7 @@ from torch import nn
 from distlocal.model.fold import fold_batchnorm
 from distlocal.model.mil import GatedAttentionPool
 from distlocal.model.stage import autocast
-from distlocal.predict import elapsed
+from distlocal.predictor import elapsed
 from distlocal.slides.tissue import detect_tissue
 
 __all__ = ["GABMIL", "PATCH", "PatchMIL", "tile_slide"]

@@ -14,7 +14,7 @@ from torch import nn
 
 from distlocal.bench.patch_mil import PATCH, PatchMIL
 from distlocal.data import SlideLoader
-from distlocal.predict import Predictor
+from distlocal.predictor import Predictor
 
 __all__ = ["gflops", "ours_from_image", "timings", "seconds"]
 

@@ -86,6 +86,10 @@ class EndToEnd(StageInterface):
             logits, attention = self.net.head(self.net.run_blocks(x))
         return logits, torch.softmax(wide(logits), 1)[0].cpu(), wide(attention).cpu()
 
+    def inference_parts(self) -> tuple[nn.Module, nn.Module]:
+        """(features: the stem and every block; classifier: H)."""
+        return nn.Sequential(self.net.stem, self.net.blocks), self.net.head
+
     def state_dict(self) -> dict:
         return {"index": 0, "modules": self.net.state_dict(), "optim": self.optim.state_dict(),
                 "generator": self.generator.get_state(), "rfr_clamped": 0}

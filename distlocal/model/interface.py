@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Protocol
 
 import torch
+from torch import nn
 
 from distlocal.model.backbone import StageSpec
 from distlocal.model.optim import LocalOptimizer
@@ -34,6 +35,9 @@ class StageInterface(Protocol):
 
     def eval_step(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Forward only: (output, class probabilities, attention map on the CPU)."""
+
+    def inference_parts(self) -> tuple[nn.Module, nn.Module]:
+        """(feature extractor, classifier) for prediction: what to run of this stage on a whole slide."""
 
     def state_dict(self) -> dict:
         """Modules, optimizer, generator and counters: one checkpoint file."""

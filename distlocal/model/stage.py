@@ -167,6 +167,11 @@ class Stage(StageInterface):
             logits, attention = self.modules["classifier"](out)
         return out, torch.softmax(wide(logits), 1)[0].cpu(), wide(attention).cpu()
 
+    def inference_parts(self) -> tuple[nn.Module, nn.Module]:
+        """(features: the stem on stage 1, then the blocks F_i; classifier: A_i, or H on the last stage)."""
+        features = [self.modules["stem"]] if "stem" in self.modules else []
+        return nn.Sequential(*features, self.modules["backbone"]), self.modules["classifier"]
+
     def state_dict(self) -> dict:
         return {
             "index": self.spec.index,

@@ -17,7 +17,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["Footprint", "footprint", "tile_plan", "tiled_forward"]
+__all__ = ["INDEX_LIMIT", "Footprint", "fit_tile", "footprint", "index_tile", "tile_plan", "tiled_forward"]
+
+INDEX_LIMIT = 2**31 - 1  # elements: cuDNN and many CUDA kernels index a tensor with 32 bits
 
 
 @dataclass(frozen=True)
@@ -110,3 +112,52 @@ def tiled_forward(module: nn.Module, x: torch.Tensor, max_tile_pixels: int | Non
                 out = torch.empty(shape, dtype=part.dtype, device=x.device, memory_format=layout)
             out[..., r0:r1, c0:c1] = part[..., oy:oy + r1 - r0, ox:ox + c1 - c0].to(x.device)
     return out
+
+
+def fit_tile(stages: list[nn.Module], device: torch.device) -> int | None:
+    """
+    On CUDA, the largest tile (input pixels) that every one of ``stages`` (feature extractors run in turn) can take
+    at once: its forward fits half the free memory and no tensor passes 2**31 elements. None elsewhere: whole
+    slides.
+    """
+    if device.type != "cuda":
+        return None
+    per_pixel = max(_probe(stage, device, 512)[0] for stage in stages)  # bytes of the hungriest stage
+    free, _ = torch.cuda.mem_get_info(device)
+    # On a large GPU the memory bound alone allows tiles with a tensor past 2**31 elements, which 32-bit indexing
+    # cannot address: a later stage's input alone has 128-512 elements per pixel, conv1's output 16 on the slide.
+    return min(int(0.5 * free / max(per_pixel, 1.0)), index_tile(stages, device))
+
+
+def index_tile(stages: list[nn.Module], device: torch.device, probe: int = 128) -> int:
+    """The largest tile (pixels) whose every intermediate tensor stays under 2**31 elements, from a small probe."""
+    return int(INDEX_LIMIT / max(_probe(stage, device, probe)[1] for stage in stages))
+
+
+@torch.no_grad()
+def _probe(stage: nn.Module, device: torch.device, side: int) -> tuple[float, float]:
+    """
+    One forward of ``stage`` on a side x side input: (peak CUDA bytes, the largest tensor's elements), both per
+    input pixel (bytes 0 off CUDA).
+    """
+    channels = next(m for m in stage.modules() if isinstance(m, nn.Conv2d)).in_channels
+    largest = [side * side * channels]
+
+    def note(module, args, out):
+        if isinstance(out, torch.Tensor):
+            largest[0] = max(largest[0], out.numel())
+
+    hooks = [m.register_forward_hook(note) for m in stage.modules() if not list(m.children())]
+    cuda = device.type == "cuda"
+    try:
+        probe = torch.zeros(1, channels, side, side, device=device)
+        if cuda:
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device)
+        stage(probe)
+        peak = torch.cuda.max_memory_allocated(device) - base if cuda else 0.0
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return peak / side**2, largest[0] / side**2

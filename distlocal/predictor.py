@@ -1,0 +1,116 @@
+"""
+The Predictor: a checkpoint's network as inference parts, F_1/A_1 .. F_K/H, run on one whole slide.
+
+Inference runs F_1 .. F_i on the whole slide at once and then the deciding classifier (``predict.classifier``): H
+after F_K as in the paper, an auxiliary A_i after F_i (early exit: the later stages never run), the run's best
+validated one, or the ensemble of all. A slide too large for the device runs each stage as exact overlapping tiles
+(``model.tiling``), with the maps between stages kept in host memory. Reading slides, the CSV and the heatmaps are
+predict.py's.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from distlocal.classifiers import Choice, choose, classifier_name
+from distlocal.config import Config, load_config
+from distlocal.engine.checkpoint import for_restoring, load_checkpoint
+from distlocal.model import StageInterface, build_stages
+from distlocal.model.build import resolve_device
+from distlocal.model.stage import autocast
+from distlocal.model.tiling import fit_tile, tiled_forward
+
+__all__ = ["Predictor", "elapsed"]
+
+
+@dataclass
+class Predictor:
+    """
+    The checkpoint's network as (feature extractor, classifier) pairs, F_1/A_1 .. F_K/H, and the classifier that
+    decides (``choice``).
+    """
+
+    cfg: Config
+    classes: list[str]
+    parts: list[tuple[nn.Module, nn.Module]]
+    device: torch.device
+    max_tile_pixels: int | None
+    choice: Choice
+    best_classifier: str = "H"  # the one the checkpoint records as validated best
+
+    @classmethod
+    def load(cls, checkpoint: str | Path, overrides: list[str] = (), device: str | None = None) -> Predictor:
+        ckpt = load_checkpoint(checkpoint)
+        cfg = load_config(ckpt.path / "config.yaml", list(overrides))  # data / predict settings may change
+        device = resolve_device(device or cfg.train.device)
+        stages = build_stages(for_restoring(cfg), len(ckpt.classes), device)
+        for stage, state in zip(stages, ckpt.stages, strict=True):
+            stage.load_state_dict(state)
+        return cls.from_stages(cfg, ckpt.classes, stages, device, ckpt.trainer.get("best_classifier", "H"))
+
+    @classmethod
+    def from_stages(cls, cfg: Config, classes: list[str], stages: list[StageInterface], device: torch.device,
+                    best_classifier: str = "H") -> Predictor:
+        """
+        The inference parts of built stages (local stages or one end-to-end network), in eval mode;
+        ``best_classifier`` is what predict.classifier=best means.
+        """
+        parts = [stage.inference_parts() for stage in stages]
+        for features, classifier in parts:
+            # NHWC: oneDNN's and cuDNN's fast layout for convolutions (~25 % faster on a CPU, tensor cores on GPUs)
+            features.eval().to(memory_format=torch.channels_last)
+            classifier.eval()
+        choice = choose(cfg.predict.classifier, len(parts), best_classifier)
+        tile = cfg.predict.max_tile_pixels or fit_tile([f for f, _ in parts[:choice.depth]], device)
+        return cls(cfg, classes, parts, device, tile, choice, best_classifier)
+
+    def input_device(self, height: int, width: int) -> torch.device | None:
+        """
+        Where to build a slide's input: on the device when the whole slide runs at once there, so the maps between
+        stages stay on it too; None (host memory) when it runs as tiles.
+        """
+        fits = self.max_tile_pixels is None or height * width <= self.max_tile_pixels
+        return self.device if fits else None
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor, aux: bool = False) -> dict:
+        """
+        For one 1 x 3 x H x W slide tensor: ``probs``, the deciding classifier's probabilities, and ``attention``,
+        its attention map (H's for the ensemble, named by ``attention_of``); ``classifiers`` / ``attentions`` by
+        name for every classifier computed (with ``aux``, every one up to the deciding depth); seconds in the
+        stages, the deciding classifiers (``head_s``) and the others (``aux_s``).
+        """
+        bf16 = self.cfg.train.precision == "bf16" and self.device.type == "cuda"
+        out = {"forward_s": 0.0, "head_s": 0.0, "aux_s": 0.0, "classifiers": {}, "attentions": {}}
+        k, probs = len(self.parts), {}
+        for i, (features, classifier) in enumerate(self.parts[:self.choice.depth]):  # A_i: stages 1..i only
+            start = time.perf_counter()
+            x = x.contiguous(memory_format=torch.channels_last)  # copies the slide only: stage outputs are NHWC
+            with autocast(self.device, bf16):
+                x = tiled_forward(features, x, self.max_tile_pixels, self.device)
+            out["forward_s"] += elapsed(start, self.device)
+            deciding = i in self.choice.members
+            if deciding or aux:
+                start = time.perf_counter()
+                with autocast(self.device, bf16):
+                    logits, attention = classifier(x.to(self.device))
+                name = classifier_name(i, k)
+                probs[i] = out["classifiers"][name] = torch.softmax(logits.float(), 1)[0].cpu()
+                out["attentions"][name] = attention.float().cpu()
+                out["head_s" if deciding else "aux_s"] += elapsed(start, self.device)
+        out["probs"] = self.choice.combine(probs)
+        out["attention_of"] = self.choice.attention_of(k)
+        out["attention"] = out["attentions"][out["attention_of"]]
+        return out
+
+
+def elapsed(start: float, device: torch.device) -> float:
+    """Seconds since ``start``, after the device has finished its queued work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
