@@ -21,7 +21,7 @@ __all__ = ["final_report", "heatmap_slides"]
 log = logging.getLogger(__name__)
 
 
-def final_report(executor, test_set: list[SlideRecord], valid_set: list[SlideRecord], loader: SlideLoader,
+def final_report(executor, *, test_set: list[SlideRecord], valid_set: list[SlideRecord], loader: SlideLoader,
                  classes: list[str], best_val: list[dict] | None, run_dir: Path, seed: int = 0,
                  heatmaps: int = 3, choice: Choice | None = None) -> dict:
     """

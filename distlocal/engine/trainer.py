@@ -101,6 +101,26 @@ class Trainer:
                  extra_tags: dict | None = None):
         self.cfg, self.run_dir = cfg, Path(run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
+        self._read_manifest(resume)
+        if cfg.train.executor == "local":
+            resolve_device(cfg.train.device)  # fail on a missing GPU before reading anything
+        self.train_loader = SlideLoader(cfg.data, train=True, seed=cfg.train.seed)
+        self.valid_loader = SlideLoader(cfg.data, train=False)
+        self.plan = None
+        if (cfg.model.split == "auto" or cfg.train.plan == "auto") and not resume:  # a resumed run keeps its config's
+            sample = self.valid_loader.load(self.train_set[0])
+            self.cfg, self.plan = resolve_plan(cfg, len(self.classes), sample)
+        self.state = TrainState()
+        self._start_executor(resume)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(self.cfg, self.run_dir / "config.yaml")
+        if not resume and self.cfg.train.executor == "ray":
+            self._save("last")  # a stage that dies before the first checkpoint restarts from here
+        self._start_tracking(resume, parent_run_id, extra_tags)
+
+    def _read_manifest(self, resume: bool) -> None:
+        """The manifest's classes and splits, checked before anything starts."""
+        cfg = self.cfg
         self.manifest = read_manifest(cfg.data.manifest, cfg.data.classes or None)
         self.classes = self.manifest.classes
         self.train_set, self.valid_set = self.manifest.split("train"), self.manifest.split("valid")
@@ -115,30 +135,22 @@ class Trainer:
         if cfg.model.pretrained == "none" and not cfg.model.weights and not resume:
             log.warning("%s starts from random init (model.pretrained=none): expect much lower accuracy than from "
                         "ImageNet weights (model.pretrained=imagenet)", cfg.model.backbone)
-        if cfg.train.executor == "local":
-            resolve_device(cfg.train.device)  # fail on a missing GPU before reading anything
-        self.train_loader = SlideLoader(cfg.data, train=True, seed=cfg.train.seed)
-        self.valid_loader = SlideLoader(cfg.data, train=False)
-        self.plan = None
-        if (cfg.model.split == "auto" or cfg.train.plan == "auto") and not resume:  # a resumed run keeps its config's
-            sample = self.valid_loader.load(self.train_set[0])
-            cfg, self.plan = resolve_plan(cfg, len(self.classes), sample)
-            self.cfg = cfg
-        self.state = TrainState()
+
+    def _start_executor(self, resume: bool) -> None:
+        """The executor of train.executor; a resumed run's stages and state come from its last checkpoint."""
         if resume:
             ckpt = load_checkpoint(self.ckpt_dir / "last", stages=False)  # checks the folder before Ray starts
         # A resumed run's weights come from its checkpoint: building it must not fetch ImageNet weights again.
-        self.executor = make_executor(for_restoring(cfg) if resume else cfg, len(self.classes))
+        self.executor = make_executor(for_restoring(self.cfg) if resume else self.cfg, len(self.classes))
         if resume:
             self._restore(ckpt.path)
-            log.info("resumed %s at epoch %d, slide %d", run_dir, self.state.epoch + 1, self.state.position)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, self.run_dir / "config.yaml")
-        if not resume and cfg.train.executor == "ray":
-            self._save("last")  # a stage that dies before the first checkpoint restarts from here
+            log.info("resumed %s at epoch %d, slide %d", self.run_dir, self.state.epoch + 1, self.state.position)
+
+    def _start_tracking(self, resume: bool, parent_run_id: str | None, extra_tags: dict | None) -> None:
+        """The MLflow run (a resumed run continues its own): params, the planner's prediction, tags."""
         self.logged = _logged_steps(self.run_dir / "metrics.jsonl") if resume else {}
-        self.tracker = make_tracker(cfg, self.run_dir, resume, parent_run_id)
-        self.tracker.log_params(flatten(cfg))
+        self.tracker = make_tracker(self.cfg, self.run_dir, resume, parent_run_id)
+        self.tracker.log_params(flatten(self.cfg))
         if self.plan is not None:  # what the planner predicted, beside what the run will measure
             self.tracker.log_params({"plan.slides_per_s": round(self.plan.slides_per_s, 4),
                                      "plan.busy": json.dumps([round(b, 3) for b in self.plan.busy])})
@@ -182,10 +194,11 @@ class Trainer:
         """Train the rest of `epoch`; return False when train.max_slides stopped the run."""
         t, order = self.cfg.train, epoch_order(len(self.train_set), self.cfg.train.seed, epoch)
         records = [self.train_set[i] for i in order[self.state.position:]]
-        # The pipeline runs ahead of the results: slides past train.max_slides would train, uncounted, if handed to it.
-        limited = bool(t.max_slides) and len(records) >= t.max_slides - self.state.slides_seen
-        if limited:
-            records = records[:max(0, t.max_slides - self.state.slides_seen)]
+        # train.max_slides, the one place: the pipeline runs ahead of the results, so slides past the limit would
+        # train, uncounted, if handed to it; the epoch is cut there instead.
+        left = max(0, t.max_slides - self.state.slides_seen) if t.max_slides else len(records) + 1
+        limited = len(records) >= left
+        records = records[:left]
         position_after = {r.slide_id: self.state.position + n + 1 for n, r in enumerate(records)}
         window, log_every = _Window(), max(1, t.accumulate)
         bar = progress(total=len(order), initial=self.state.position, desc=f"epoch {epoch + 1}/{t.epochs}",
@@ -193,7 +206,8 @@ class Trainer:
         # The pipeline drains between chunks, so every stage has seen exactly the same slides when it saves.
         chunks = _chunks(records, t.checkpoint_every * t.accumulate)
         for n, chunk in enumerate(chunks):
-            if n == len(chunks) - 1 and not limited:  # validation's slides follow the last ones without a drain
+            last = n == len(chunks) - 1
+            if last and not limited:  # validation's slides follow the last ones without a drain
                 self.executor.evaluate_next(self.valid_set, self.valid_loader)
             for slide_id, metrics in self.executor.train(chunk, self.train_loader, epoch):
                 self.state.position, self.state.slides_seen = position_after[slide_id], self.state.slides_seen + 1
@@ -202,11 +216,8 @@ class Trainer:
                 bar.set_postfix(loss=f"{metrics[-1]['loss']:.3f}")
                 if self.state.slides_seen % log_every == 0:
                     self._log({"step": self.state.slides_seen, "epoch": epoch, **window.flush()})
-                if t.max_slides and self.state.slides_seen >= t.max_slides:
-                    bar.close()
-                    return False
-            if t.checkpoint_every and self.state.position < len(order):
-                self._save("last")
+            if t.checkpoint_every and self.state.position < len(order) and not (last and limited):
+                self._save("last")  # (a stop at train.max_slides is saved by the loop)
         bar.close()
         return not limited  # (a skipped slide leaves the limit unreached: the run stops all the same)
 
@@ -295,6 +306,8 @@ class Trainer:
             "skipped": [asdict(s) for s in skipped], "rfr_clamped": clamped, "failures": self.state.failures,
             "seconds": time.perf_counter() - start,
         }
+        # Written before the artifacts are logged, so MLflow keeps the summary too; written again below with the
+        # tracking report, which exists only once the tracker has finished (and is what the file is read for).
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         self._log_artifacts()
         summary["tracking"] = self.tracker.finish("FINISHED")
@@ -310,9 +323,9 @@ class Trainer:
         self.executor.load_stages(best)
         best_val = self.state.history[self.state.best_epoch - 1]["stages"] if self.state.best_epoch > 0 else None
         choice = choose(self.cfg.predict.classifier, self.cfg.model.k, self.state.best_classifier)
-        flat = final_report(self.executor, self.manifest.split("test"), self.valid_set, self.valid_loader,
-                            self.classes, best_val, self.run_dir, self.cfg.train.seed, self.cfg.train.heatmaps,
-                            choice)
+        flat = final_report(self.executor, test_set=self.manifest.split("test"), valid_set=self.valid_set,
+                            loader=self.valid_loader, classes=self.classes, best_val=best_val, run_dir=self.run_dir,
+                            seed=self.cfg.train.seed, heatmaps=self.cfg.train.heatmaps, choice=choice)
         self.tracker.set_tags({"classifier": choice.name, "best_classifier": self.state.best_classifier})
         classifiers_by_epoch(self.state.history, self.run_dir / "plots" / "classifiers_by_epoch.png",
                              self.cfg.train.monitor, self.state.best_epoch)
