@@ -22,7 +22,7 @@ from distlocal.config import Config, ConfigError, load_config
 from distlocal.engine.faults import RunFailed
 from distlocal.tracking import RUN_ID_FILE, flatten, make_tracker, tracking_uri
 
-__all__ = ["Child", "child_configs", "parse_grid", "plan_children", "run_sweep"]
+__all__ = ["Child", "auto_parallel", "child_configs", "parse_grid", "plan_children", "run_sweep"]
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ def child_configs(config: str | None, overrides: list[str], children: list[Child
                                          f"tracking.uri={uri}"]) for c in children}
 
 
-def _auto_parallel(configs: list[Config]) -> int:
+def auto_parallel(configs: list[Config]) -> int:
     """Children that fit on the Ray cluster at once (each needs K stages' resources); 1 for the local executor."""
     if any(cfg.train.executor != "ray" for cfg in configs):
         return 1
@@ -137,7 +137,7 @@ def run_sweep(config: str | None, overrides: list[str], grid: dict[str, list[str
     if base.tracking.enabled and parent_id is None:
         log.warning("MLflow parent run not created yet (tracking server unreachable): children are tracked as "
                     "separate runs, not nested")
-    workers = parallel or _auto_parallel(list(configs.values()))
+    workers = parallel or auto_parallel(list(configs.values()))
     log.info("sweep %s: %d children, %d at a time", sweep_dir, len(children), workers)
     summaries, failed = {}, {}
 

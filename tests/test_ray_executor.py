@@ -10,7 +10,6 @@ import pytest
 import ray
 import torch
 
-from distlocal.config import load_config
 from distlocal.data import SlideLoader, read_manifest
 from distlocal.engine.checkpoint import load_checkpoint
 from distlocal.engine.faults import ClusterError, RunFailed
@@ -19,14 +18,13 @@ from distlocal.engine.ray_executor import RayExecutor
 from distlocal.engine.trainer import Trainer
 from distlocal.model import build_stages
 from tests.interrupt import fit_and_interrupt
+from tests.tiny_run import tiny_run
 
 
 def _cfg(manifest, tmp_path, *overrides):
-    return load_config(None, [
-        f"data.manifest={manifest}", f"run.dir={tmp_path}", "train.device=cpu", "train.executor=ray",
-        "model.backbone=resnet18", "model.k=2", "model.split=balanced", "train.epochs=1", "train.accumulate=2",
-        "model.rfr.patch_size=16", "train.lr_backbone=1e-3", "train.lr_aux=1e-3", "tracking.enabled=false",
-        "train.placement_timeout_s=20", *overrides])
+    # The tiny run on Ray; "2 stages" in the messages below is its model.k, the chunks of checkpoint_every its
+    # accumulate.
+    return tiny_run(manifest, tmp_path, "train.executor=ray", "model.k=2", "train.accumulate=2", *overrides)
 
 
 def _train_records(cfg):
@@ -118,20 +116,6 @@ def test_unplaceable_stages_fail_within_the_timeout(local_ray, manifest, tmp_pat
         ray.util.remove_placement_group(hog)
 
 
-def test_bench_pipeline_reports_rates_busy_fractions_and_the_ideal_bound(local_ray, tmp_path, capsys):
-    """`distlocal bench pipeline` measures both executors on the same slides and writes pipeline.json."""
-    from distlocal.cli import main
-
-    assert main(["bench", "pipeline", "--slides", "6", "--size", "96", "96", "--out", str(tmp_path)]) == 0
-    result = json.loads((tmp_path / "pipeline.json").read_text())
-    assert result["local_slides_per_s"] > 0
-    assert result["ray_slides_per_s"] > 0
-    assert result["ideal_speedup"] == pytest.approx(sum(result["stage_s"]) / max(result["stage_s"]))
-    assert len(result["busy_fraction"]) == 2
-    assert all(0 < b <= 1.0 for b in result["busy_fraction"])
-    assert "| K | in flight | slides |" in capsys.readouterr().out
-
-
 def test_ray_run_stopped_and_resumed_equals_local_straight_through(local_ray, actor_threads, manifest, tmp_path):
     """A Ray run stopped mid-epoch and resumed with --resume ends where an uninterrupted local run ends."""
     stopped = Trainer(_cfg(manifest, tmp_path, "train.max_inflight=1", "train.max_slides=3"), tmp_path / "ray")
@@ -152,15 +136,6 @@ def test_ray_run_stopped_and_resumed_equals_local_straight_through(local_ray, ac
     for a, b in zip(ours, theirs, strict=True):
         for name, tensor in b["modules"].items():
             torch.testing.assert_close(a["modules"][name], tensor, rtol=1e-4, atol=1e-5, msg=name)
-
-
-def test_sweep_fits_as_many_children_as_the_cluster_has_room_for(local_ray, manifest, tmp_path):
-    """Side by side: 6 CPUs hold three K=2 children at one CPU per stage, one K=3 child at two CPUs per stage."""
-    from distlocal.sweep import _auto_parallel
-
-    assert _auto_parallel([_cfg(manifest, tmp_path)] * 4) == 3
-    assert _auto_parallel([_cfg(manifest, tmp_path, "model.k=3", "train.cpus_per_stage=2")]) == 1
-    assert _auto_parallel([_cfg(manifest, tmp_path, "train.executor=local")]) == 1
 
 
 def test_an_unwritable_run_dir_fails_at_start_naming_it(local_ray, manifest, tmp_path):

@@ -13,7 +13,6 @@ import ray
 import torch
 from ray.cluster_utils import Cluster
 
-from distlocal.config import load_config
 from distlocal.data import SlideLoader, read_manifest
 from distlocal.engine.actor import StageActor
 from distlocal.engine.checkpoint import load_checkpoint
@@ -21,6 +20,7 @@ from distlocal.engine.faults import ClusterError
 from distlocal.engine.ray_executor import RayExecutor
 from distlocal.engine.trainer import Trainer
 from tests.interrupt import failing_actor, fit_and_interrupt
+from tests.tiny_run import tiny_run
 
 GPU_NODES = 2
 
@@ -48,12 +48,9 @@ def on_cluster(no_shared_ray, cluster):
 
 
 def _cfg(manifest, run_dir, *overrides):
-    return load_config(None, [
-        f"data.manifest={manifest}", f"run.dir={run_dir}", "train.device=cpu", "train.executor=ray",
-        "train.gpus_per_stage=1", "train.cpus_per_stage=1", "model.backbone=resnet18", "model.k=2",
-        "model.split=balanced", "train.epochs=1", "train.accumulate=2", "model.rfr.patch_size=16",
-        "train.lr_backbone=1e-3", "train.lr_aux=1e-3", "tracking.enabled=false", "train.placement_timeout_s=20",
-        *overrides])
+    # One (fake) GPU and one CPU per stage: what places the stages on the simulated nodes.
+    return tiny_run(manifest, run_dir, "train.executor=ray", "train.gpus_per_stage=1", "train.cpus_per_stage=1",
+                    *overrides)
 
 
 def test_spread_stages_land_on_different_nodes_and_a_raising_stage_is_reported(on_cluster, manifest, tmp_path):

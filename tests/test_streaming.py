@@ -14,12 +14,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from distlocal.config import load_config
 from distlocal.data import SlideLoader, read_manifest
 from distlocal.engine.faults import StageOutOfMemory
 from distlocal.engine.ray_executor import RayExecutor
 from tests.conftest import shared_ray
 from tests.interrupt import failing_actor
+from tests.tiny_run import tiny_run
 
 
 class _Messages(logging.Handler):
@@ -41,11 +41,8 @@ def streaming(manifest, tmp_path_factory):
     records = read_manifest(manifest)
     oom_slide = records.split("test")[0]
     oom = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
-    cfg = load_config(None, [
-        f"data.manifest={manifest}", "run.dir=relative/runs", "train.device=cpu", "train.executor=ray",
-        "model.backbone=resnet18", "model.k=2", "model.split=balanced", "train.epochs=1", "train.accumulate=2",
-        "model.rfr.patch_size=16", "train.lr_backbone=1e-3", "train.lr_aux=1e-3", "tracking.enabled=false",
-        "train.placement_timeout_s=20", "train.transport=nccl", "train.max_inflight=3"])
+    cfg = tiny_run(manifest, "relative/runs", "train.executor=ray", "model.k=2", "train.transport=nccl",
+                   "train.max_inflight=3")
     messages, cwd = _Messages(), os.getcwd()
     logging.getLogger("distlocal").addHandler(messages)
     os.chdir(root)

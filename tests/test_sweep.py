@@ -12,7 +12,8 @@ from mlflow.tracking import MlflowClient
 from distlocal.cli import main
 from distlocal.config import ConfigError, load_config
 from distlocal.slides import write_synthetic_dataset
-from distlocal.sweep import child_configs, parse_grid, plan_children
+from distlocal.sweep import auto_parallel, child_configs, parse_grid, plan_children
+from tests.tiny_run import tiny_run
 
 GRID = ["--grid", "model.k=2,3", "--grid", "model.rfr.enabled=true,false"]
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
@@ -156,3 +157,11 @@ def test_e2e_beside_local_in_a_sweep(tmp_path):
     assert (result["children"], result["completed"], result["failed"]) == (2, 2, {})
     e2e = load_config(tmp_path / "runs" / "modes" / "mode-e2e__seed0" / "config.yaml").model
     assert (e2e.mode, e2e.k, e2e.blocks_per_stage) == ("e2e", 1, [8])
+
+
+def test_sweep_fits_as_many_children_as_the_cluster_has_room_for(local_ray, manifest, tmp_path):
+    """Side by side: 6 CPUs hold three K=2 children at one CPU per stage, one K=3 child at two CPUs per stage."""
+    ray_run = ("train.executor=ray", "model.k=2")
+    assert auto_parallel([tiny_run(manifest, tmp_path, *ray_run)] * 4) == 3
+    assert auto_parallel([tiny_run(manifest, tmp_path, *ray_run, "model.k=3", "train.cpus_per_stage=2")]) == 1
+    assert auto_parallel([tiny_run(manifest, tmp_path, "train.executor=local")]) == 1

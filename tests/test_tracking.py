@@ -18,13 +18,14 @@ from distlocal.engine.trainer import Trainer
 from distlocal.slides import SlideError
 from distlocal.tracking.sender import MlflowTracker
 from tests.harness import end_process_group
+from tests.tiny_run import tiny_run
 
 
 def _cfg(manifest, run_dir, *overrides):
-    return load_config(None, [
-        f"data.manifest={manifest}", f"run.dir={run_dir}", "train.device=cpu", "model.k=2", "model.split=balanced",
-        "model.backbone=resnet18", "model.aux_kernels=[3,1]", "train.epochs=2", "train.accumulate=2",
-        "model.rfr.patch_size=16", "data.augment=false", *overrides])
+    # Tracking on (the subject here), two epochs (a history to read back), the default learning rates.
+    return tiny_run(manifest, run_dir, "tracking.enabled=true", "model.aux_kernels=[3,1]", "train.epochs=2",
+                    "train.accumulate=2", "data.augment=false", "train.lr_backbone=1e-5", "train.lr_aux=2e-5",
+                    *overrides)
 
 
 def _free_port() -> int:

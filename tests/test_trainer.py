@@ -14,15 +14,13 @@ from distlocal.engine.checkpoint import CheckpointError, load_checkpoint
 from distlocal.engine.evaluate import evaluate_checkpoint
 from distlocal.engine.trainer import Trainer
 from distlocal.slides import SlideError
+from tests.tiny_run import tiny_run
 
 
 def _cfg(manifest, tmp_path, *overrides):
-    # resnet18 and no heatmaps: what these tests check is the trainer's bookkeeping, at half the compute
-    return load_config(None, [
-        f"data.manifest={manifest}", f"run.dir={tmp_path}", "train.device=cpu", "model.k=2", "model.backbone=resnet18",
-        "train.heatmaps=0",
-        "model.split=balanced", "train.epochs=1", "train.accumulate=2", "model.rfr.patch_size=16",
-        "train.lr_backbone=1e-3", "train.lr_aux=1e-3", "tracking.enabled=false", *overrides])
+    # No heatmaps: what these tests check is the trainer's bookkeeping. Windows of 2 slides: the pending gradients
+    # and step counts below are counted in them.
+    return tiny_run(manifest, tmp_path, "train.heatmaps=0", "model.k=2", "train.accumulate=2", *overrides)
 
 
 def _params(trainer):
