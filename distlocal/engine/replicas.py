@@ -2,11 +2,12 @@
 Replicas of a stage (pipeline x data parallelism): which replica trains which slide, and the all-reduce that makes
 R replicas of a stage learn what one stage learns from the same slides.
 
-The driver routes and decides when a window steps (`Schedule`); each replica actor holds a `ReplicaGroup`, a torch
-process group of its stage's replicas built directly over a TCPStore that rank 0 hosts. Not init_process_group:
-Ray's gloo tensor transport already owns the default group of these processes. A window's step is issued to every
-replica right after the window's last slide is submitted: actor queues are FIFO, so every slide of the window is
-trained before the step, and no replica waits in the all-reduce for a slide the driver has not sent.
+The driver routes and decides when a window steps (`Schedule`, driven by replica_driver.py); each replica actor
+holds a `ReplicaGroup`, a torch process group of its stage's replicas built directly over a TCPStore that rank 0
+hosts. Not init_process_group: Ray's gloo tensor transport already owns the default group of these processes. A
+window's step is issued to every replica right after the window's last slide is submitted: actor queues are FIFO, so
+every slide of the window is trained before the step, and no replica waits in the all-reduce for a slide the driver
+has not sent.
 """
 
 from __future__ import annotations
