@@ -82,7 +82,9 @@ class TrainConfig:
     weight_decay: float = 1e-6
     plateau_patience: int = 5  # epochs without improvement before lr x plateau_factor
     plateau_factor: float = 0.1
-    monitor: str = "auroc"  # validation metric for the best checkpoint and the plateau: acc | balanced_acc | auroc
+    # Validation metric for the best checkpoint and the plateau: acc | balanced_acc | auroc | loss (lower is better).
+    # Ties go to the lower validation loss, then the later epoch (engine/selection.py).
+    monitor: str = "auroc"
     seed: int = 0  # init, data order, augmentation and RFR locations all derive from it
     checkpoint_every: int = 0  # also checkpoint every N optimizer steps; 0: at epoch ends only
     max_slides: int = 0  # stop (and checkpoint) after this many training slides; 0: no limit
@@ -176,7 +178,7 @@ _CHOICES = {
     "train.executor": ("local", "ray"),
     "train.placement": ("strict_pack", "pack", "spread"),
     "train.precision": ("fp32", "bf16"),
-    "train.monitor": ("acc", "balanced_acc", "auroc"),
+    "train.monitor": ("acc", "balanced_acc", "auroc", "loss"),
     "train.activation_dtype": ("auto", "fp32", "bf16"),
     "train.transport": ("object_store", "nccl", "gloo"),
     "train.plan": ("manual", "auto"),

@@ -94,7 +94,7 @@ def classifiers_by_epoch(history: list[dict], path: Path, metric: str = "auroc",
     if best_epoch > 0:
         ax.axvline(best_epoch, color="grey", linestyle=":", label="best checkpoint")
     ax.set(xlabel="epoch", ylabel=f"validation {metric}", title=f"validation {metric} of every classifier",
-           ylim=(0, 1.02))
+           ylim=None if metric == "loss" else (0, 1.02))  # a loss has no upper bound
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, path)
