@@ -80,8 +80,14 @@ class TrainConfig:
     lr_backbone: float = 1e-5  # backbone stages F_i
     lr_aux: float = 2e-5  # auxiliary classifiers A_i, RFR units U_i and head H
     weight_decay: float = 1e-6
+    # Every stage's learning-rate schedule: plateau (lr x plateau_factor once the stage's own classifier's validation
+    # plateau_metric has not improved for plateau_patience epochs) | step (lr x plateau_factor after each epoch
+    # listed in lr_steps, whatever validation says).
+    schedule: str = "plateau"
+    plateau_metric: str = ""  # acc | balanced_acc | auroc | loss (lower is better); empty: train.monitor's
     plateau_patience: int = 5  # epochs without improvement before lr x plateau_factor
-    plateau_factor: float = 0.1
+    plateau_factor: float = 0.1  # the lr's factor at a plateau, and at each of lr_steps
+    lr_steps: list[int] = field(default_factory=list)  # schedule=step: epochs (1-based) after which lr drops
     # Validation metric for the best checkpoint and the plateau: acc | balanced_acc | auroc | loss (lower is better).
     # Ties go to the lower validation loss, then the later epoch (engine/selection.py).
     monitor: str = "auroc"
@@ -179,6 +185,8 @@ _CHOICES = {
     "train.placement": ("strict_pack", "pack", "spread"),
     "train.precision": ("fp32", "bf16"),
     "train.monitor": ("acc", "balanced_acc", "auroc", "loss"),
+    "train.schedule": ("plateau", "step"),
+    "train.plateau_metric": ("", "acc", "balanced_acc", "auroc", "loss"),
     "train.activation_dtype": ("auto", "fp32", "bf16"),
     "train.transport": ("object_store", "nccl", "gloo"),
     "train.plan": ("manual", "auto"),
@@ -314,6 +322,7 @@ def _validate(cfg: Config) -> None:
                           f"or -1 for one GPU per stage when the cluster has GPUs")
     if not 0 < t.plateau_factor < 1:
         raise ConfigError(f"train.plateau_factor must be in (0, 1), got {t.plateau_factor}")
+    _validate_schedule(t)
     if len(d.mean) != 3 or len(d.std) != 3 or min(d.std) <= 0:
         raise ConfigError(f"data.mean and data.std need 3 values (RGB), std > 0; got {d.mean} / {d.std}")
     if not (t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:")):
@@ -323,6 +332,16 @@ def _validate(cfg: Config) -> None:
     problem = check_choice(cfg.predict.classifier, m.k)
     if problem:
         raise ConfigError(problem)
+
+
+def _validate_schedule(t: TrainConfig) -> None:
+    steps = t.lr_steps
+    if t.schedule == "step" and (not steps or min(steps) < 1 or steps != sorted(set(steps))):
+        raise ConfigError(f"train.schedule=step needs train.lr_steps: the epochs after which the lr drops, increasing "
+                          f"and >= 1 (e.g. train.lr_steps=[30,40]); got {steps}")
+    if t.schedule == "plateau" and steps:
+        raise ConfigError(f"train.lr_steps={steps} applies to train.schedule=step; set train.schedule=step, or "
+                          f"train.lr_steps=[] for the plateau schedule")
 
 
 def stage_replicas(t: TrainConfig, k: int) -> list[int]:

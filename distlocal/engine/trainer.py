@@ -29,6 +29,7 @@ from distlocal.engine.faults import RunFailed, StageFailure
 from distlocal.engine.report import final_report
 from distlocal.engine.selection import Candidate, oriented, select
 from distlocal.model import resolve_device
+from distlocal.model.optim import schedule_metric
 from distlocal.plots import classifiers_by_epoch
 from distlocal.progress import progress
 from distlocal.tracking import flatten, git_commit, make_tracker
@@ -217,7 +218,8 @@ class Trainer:
         result = evaluate(self.executor, self.valid_set, self.valid_loader, len(self.classes), desc="validate")
         stages, monitor, k = result["stages"], self.cfg.train.monitor, self.cfg.model.k
         scores = [oriented(monitored(m, monitor), monitor) for m in stages]  # higher is better, a loss too
-        self.executor.end_epoch(scores)
+        plateau = schedule_metric(self.cfg.train)
+        self.executor.end_epoch([monitored(m, plateau) for m in stages])  # each stage's schedule, its own metric
         named = by_classifier(result, len(self.classes), k)
         best_stage = best_index(scores)  # ties go to the shallower, cheaper one
         best = classifier_name(best_stage, k)

@@ -167,7 +167,7 @@ class Stage:
         return out, torch.softmax(wide(logits), 1)[0].cpu(), wide(attention).cpu()
 
     def end_epoch(self, metric: float) -> None:
-        """Feed this stage's own validation metric to its lr-on-plateau schedule."""
+        """Feed this stage's own validation metric to its lr schedule (train.schedule)."""
         self.optim.end_epoch(metric)
 
     def state_dict(self) -> dict:
