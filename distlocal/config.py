@@ -101,7 +101,8 @@ class TrainConfig:
     # per-channel scale and shift in eval mode), about half the activations kept for backward, and faster.
     fold_batchnorm: bool = True
     device: str = "auto"  # auto (cuda if present) | cpu | cuda | cuda:N
-    activation_dtype: str = "auto"  # ray executor: dtype of activations between stages: auto | fp32 | bf16
+    # Ray executor: dtype of the activations between stages: auto (train.precision's, on any device) | fp32 | bf16
+    activation_dtype: str = "auto"
     transport: str = "object_store"  # ray executor: object_store | nccl (GPU-GPU) | gloo (CPU); else falls back
     gpus_per_stage: float = -1.0  # ray executor: GPUs per stage actor; -1: 1 when the cluster has GPUs, else 0
     # Ray executor: CPUs per stage actor (also its torch threads); 0: one each, or an equal share of the cluster's
