@@ -197,6 +197,17 @@ def test_bf16_autocast_runs(make_cfg, slide):
     assert probs.sum().item() == pytest.approx(1, abs=1e-3)
 
 
+def test_bf16_stages_hold_their_input_in_bf16(make_cfg, slide):
+    """Under bf16 the stem output and a later stage's input stay in bf16, what the blocks consume: no fp32 map held."""
+    stages = build_stages(make_cfg("model.k=4", "train.precision=bf16"), 2)
+    seen = []
+    for stage in stages[:2]:
+        stage.modules["backbone"][0].register_forward_pre_hook(lambda module, args: seen.append(args[0].dtype))
+    x, _ = stages[0].train_step(slide, 0)
+    stages[1].train_step(x, 0)
+    assert seen == [torch.bfloat16, torch.bfloat16]
+
+
 def test_bf16_classifier_scores_in_fp32():
     """Under bf16 autocast a classifier's logits are fp32 (AUROC ranks them): the fp32 head on the same reduced map."""
     torch.manual_seed(0)

@@ -154,8 +154,11 @@ def measure(cfg: Config, size: tuple[int, int], device: torch.device) -> list[di
         step_peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
         state = _state_bytes(_modules(stage))
         slide = _bytes(x)
-        # A later stage's input is held by its caller all step; stage 1's slide only while the stem runs.
-        row = {"stage": i + 1, "saved_activations": saved, "input": 0 if stem is not None else slide, **state,
+        # A later stage's input is held by its caller all step; stage 1's slide only while the stem runs, but its
+        # stem output all step: counted here when the blocks saved a copy of it instead (an fp32 map under bf16).
+        first = next(iter(inputs.values()))
+        kept = _bytes(first) if stem is not None and _key(first) not in held else 0
+        row = {"stage": i + 1, "saved_activations": saved, "input": kept if stem is not None else slide, **state,
                "recompute_peak": _largest_block(inputs, cfg.train.precision == "bf16")
                if cfg.train.recompute_activations else 0,
                "step_s": seconds}
@@ -168,7 +171,7 @@ def measure(cfg: Config, size: tuple[int, int], device: torch.device) -> list[di
             row["cuda_max_allocated"] = step_peak - before + state["params"]
         del inputs
         rows.append(row)
-        x = out.float()  # the next stage's input (E2E has a single stage)
+        x = out  # the next stage's input, as the executors pass it (E2E has a single stage)
     return rows
 
 
