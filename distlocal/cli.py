@@ -21,6 +21,7 @@ COMMANDS = {
     "demo": ("demo", "the whole thing on synthetic slides: K = 4 stages on Ray, MLflow, a summary (a few minutes)"),
     "synth": ("synth", "write synthetic pyramidal TIFF slides and their manifest"),
     "prepare": ("prepare", "read every slide of a manifest once into a cache of 5X tissue crops, in parallel"),
+    "stats": ("stats", "a cohort's per-channel mean / std over tissue pixels, for data.mean / data.std"),
     "split": ("split", "make stratified, patient-grouped train/valid/test splits or k folds of a manifest"),
     "train": ("train", "train the stages (or the end-to-end baseline) on a manifest"),
     "eval": ("evaluate", "evaluate a checkpoint's classifiers H and A_i on a split"),

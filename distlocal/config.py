@@ -110,9 +110,19 @@ class TrainConfig:
     lr_backbone: float = positive(1e-5)  # backbone stages F_i
     lr_aux: float = positive(2e-5)  # auxiliary classifiers A_i, RFR units U_i and head H
     weight_decay: float = non_negative(1e-6)
+    # Every stage's learning-rate schedule: plateau (lr x plateau_factor once the stage's own classifier's validation
+    # plateau_metric has not improved for plateau_patience epochs) | step (lr x plateau_factor after each epoch
+    # listed in lr_steps, whatever validation says).
+    schedule: str = choice("plateau", "step")
+    # acc | balanced_acc | auroc | loss (lower is better); empty: train.monitor's
+    plateau_metric: str = choice("", "acc", "balanced_acc", "auroc", "loss")
     plateau_patience: int = non_negative(5)  # epochs without improvement before lr x plateau_factor
+    # the lr's factor at a plateau, and at each of lr_steps
     plateau_factor: float = checked(0.1, lambda key, v: None if 0 < v < 1 else f"{key} must be in (0, 1), got {v}")
-    monitor: str = choice("acc", "balanced_acc", "auroc", default="auroc")  # for the best checkpoint and the plateau
+    lr_steps: list[int] = field(default_factory=list)  # schedule=step: epochs (1-based) after which lr drops
+    # Validation metric for the best checkpoint and the plateau: acc | balanced_acc | auroc | loss (lower is better).
+    # Ties go to the lower validation loss, then the later epoch (engine/selection.py).
+    monitor: str = choice("acc", "balanced_acc", "auroc", "loss", default="auroc")
     seed: int = 0  # init, data order, augmentation and RFR locations all derive from it
     checkpoint_every: int = non_negative(0)  # also checkpoint every N optimizer steps; 0: at epoch ends only
     max_slides: int = non_negative(0)  # stop (and checkpoint) after this many training slides; 0: no limit
@@ -124,7 +134,8 @@ class TrainConfig:
     fold_batchnorm: bool = True
     device: str = checked("auto", lambda key, v: None if v in ("auto", "cpu", "cuda") or v.startswith("cuda:") else
                           f"{key}={v!r}; choose auto, cpu, cuda or cuda:N")  # auto: cuda if present
-    activation_dtype: str = choice("auto", "fp32", "bf16")  # ray executor: dtype of activations between stages
+    # Ray executor: dtype of the activations between stages: auto (train.precision's, on any device) | fp32 | bf16
+    activation_dtype: str = choice("auto", "fp32", "bf16")
     # Ray executor: nccl between GPUs, gloo between CPUs; a hop that cannot have it falls back to the object store
     transport: str = choice("object_store", "nccl", "gloo")
     # Ray executor: GPUs per stage actor; -1: 1 when the cluster has GPUs, else 0
@@ -318,11 +329,22 @@ def _validate(cfg: Config) -> None:
         problem = meta.get("problem") and meta["problem"](key, value)
         if problem:
             raise ConfigError(problem)
+    _validate_schedule(cfg.train)
     if len(d.mean) != 3 or len(d.std) != 3 or min(d.std) <= 0:
         raise ConfigError(f"data.mean and data.std need 3 values (RGB), std > 0; got {d.mean} / {d.std}")
     problem = check_choice(cfg.predict.classifier, m.k)
     if problem:
         raise ConfigError(problem)
+
+
+def _validate_schedule(t: TrainConfig) -> None:
+    steps = t.lr_steps
+    if t.schedule == "step" and (not steps or min(steps) < 1 or steps != sorted(set(steps))):
+        raise ConfigError(f"train.schedule=step needs train.lr_steps: the epochs after which the lr drops, increasing "
+                          f"and >= 1 (e.g. train.lr_steps=[30,40]); got {steps}")
+    if t.schedule == "plateau" and steps:
+        raise ConfigError(f"train.lr_steps={steps} applies to train.schedule=step; set train.schedule=step, or "
+                          f"train.lr_steps=[] for the plateau schedule")
 
 
 def stage_replicas(t: TrainConfig, k: int) -> list[int]:

@@ -6,7 +6,7 @@ import json
 
 import torch
 
-from distlocal.bench.memory import _saved_bytes, bench_memory, format_memory
+from distlocal.bench.memory import _saved_bytes, bench_memory, format_memory, variant_configs
 
 
 def test_saved_bytes_counts_each_storage_once():
@@ -49,9 +49,22 @@ def test_bench_memory_stages_hold_a_fraction_of_end_to_end(tmp_path, capsys):
         assert all(r["recompute_peak"] == 0 for r in entry[name] + entry[f"{name}_fold"])
     assert entry["e2e_fold"][0]["saved_activations"] < 0.7 * entry["e2e"][0]["saved_activations"]  # no RFR there
     table = format_memory(report)
-    assert "| 384 x 320 | model_total, plain |" in table
-    assert "| 384 x 320 | model_total, folded BN + recompute |" in table
+    assert "| 384 x 320 | model_total, unfolded BN, fp32 |" in table  # labelled with what ran: fp32 on the CPU
+    assert "| 384 x 320 | model_total, folded BN + recompute, fp32 |" in table
+    assert "e2e_fp32" not in entry  # fp32 already: no second fp32 row
     written = json.loads((tmp_path / "memory.json").read_text())
     assert written["device"] == "cpu"
     assert written["complete"]  # written after every configuration, marked complete at the end
     assert (tmp_path / "memory.png").stat().st_size > 5000
+
+
+def test_a_bf16_run_labels_its_rows_and_adds_an_fp32_row():
+    """Under bf16 (CUDA's default) each row says bf16, and an unfolded fp32 row is measured for the paper's Table 2."""
+    configs = variant_configs("bf16")
+    assert configs["e2e_fp32"][-2:] == ["train.fold_batchnorm=false", "train.precision=fp32"]
+    assert "k8_fp32" in configs
+    assert "e2e_fp32" not in variant_configs("fp32")
+    rows = {name: [{"stage": 1, "model_total": 2**20 * (2 if "fp32" in name else 1)}] for name in configs}
+    table = format_memory({"device": "GPU", "precision": "bf16", "sizes": [{"size": [8, 8], **rows}]})
+    assert "| 8 x 8 | model_total, unfolded BN, bf16 | 1 | 1 | 100.0 % |" in table
+    assert "| 8 x 8 | model_total, unfolded BN, fp32 | 2 | 2 | 200.0 % | 100.0 % |" in table

@@ -72,6 +72,7 @@ def test_all_bootstrap_resamples_at_once_equal_each_resample_scored_alone(classe
         present = [c for c in range(classes) if (y == c).any()]
         assert got["acc"][b] == pytest.approx(correct.mean(), rel=1e-12)
         assert got["balanced_acc"][b] == pytest.approx(np.mean([correct[y == c].mean() for c in present]), rel=1e-12)
+        assert got["loss"][b] == pytest.approx(-np.log(p[np.arange(n), y]).mean(), rel=1e-12)
         if len(present) < classes:
             assert math.isnan(got["auroc"][b])
             continue

@@ -90,8 +90,11 @@ def test_demo_report_names_every_classifier_and_the_mlflow_command(tmp_path):
     test = {"test/acc": 0.875, "test/auroc": 1.0, **{f"test/stage{i}/acc": 0.75 for i in (1, 2, 3)},
             **{f"test/stage{i}/auroc": 0.9 for i in (1, 2, 3)}, "test/ensemble/acc": 0.8,
             "test/ensemble/auroc": 0.95, "test/stage2/auroc_ci_low": 0.8, "test/stage2/auroc_ci_high": 0.97}
-    text = report({"test": test, "epochs": 5, "slides_seen": 120, "best_epoch": 4, "classifier": "A_2"}, cfg,
-                  tmp_path / "demo-x", 150.0, "sqlite:////abs/runs/mlflow.db")
+    reason = "A_2: acc tied at 1.0000 with epoch 2; lower validation loss (0.0800 < 0.3100)"
+    text = report({"test": test, "epochs": 5, "slides_seen": 120, "best_epoch": 4, "classifier": "A_2",
+                   "best_reason": reason}, cfg, tmp_path / "demo-x", 150.0, "sqlite:////abs/runs/mlflow.db")
+    assert "best checkpoint (epoch 4 of 5)" in text
+    assert f"\n  chosen because {reason}\n" in text
     assert "  H              0.875  1.000\n" in text
     assert "  A_3            0.750  0.900\n" in text
     assert "  A_2            0.750  0.900  (0.80-0.97)  <- decides (predict.classifier)\n" in text

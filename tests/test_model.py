@@ -7,6 +7,7 @@ import torch
 import torchvision
 
 from distlocal.model import FeatureReconstruction, build_backbone, build_stages, split_backbone
+from distlocal.model.mil import AuxClassifier
 
 # reference.md: units 1..8 = layer1[0], layer1[1], layer1[2], layer2[0:2], layer2[2:4], layer3[0:3],
 # layer3[3:6], layer4 over the 16 blocks (layer1 0-2, layer2 3-6, layer3 7-12, layer4 13-15).
@@ -194,6 +195,30 @@ def test_bf16_autocast_runs(make_cfg, slide):
     _, probs, _ = stage.eval_step(slide)
     assert probs.dtype == torch.float32
     assert probs.sum().item() == pytest.approx(1, abs=1e-3)
+
+
+def test_bf16_stages_hold_their_input_in_bf16(make_cfg, slide):
+    """Under bf16 the stem output and a later stage's input stay in bf16, what the blocks consume: no fp32 map held."""
+    stages = build_stages(make_cfg("model.k=4", "train.precision=bf16"), 2)
+    seen = []
+    for stage in stages[:2]:
+        stage.modules["backbone"][0].register_forward_pre_hook(lambda module, args: seen.append(args[0].dtype))
+    x, _ = stages[0].train_step(slide, 0)
+    stages[1].train_step(x, 0)
+    assert seen == [torch.bfloat16, torch.bfloat16]
+
+
+def test_bf16_classifier_scores_in_fp32():
+    """Under bf16 autocast a classifier's logits are fp32 (AUROC ranks them): the fp32 head on the same reduced map."""
+    torch.manual_seed(0)
+    classifier = AuxClassifier.auxiliary(8, 2, 2).eval()
+    x = torch.randn(1, 8, 12, 12)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, attention = classifier(x)
+        z = classifier.reduce(x)
+    assert logits.dtype == attention.dtype == torch.float32
+    pooled, _ = classifier.pool(z.float().flatten(2)[0].T)
+    torch.testing.assert_close(logits, classifier.classify(pooled)[None], rtol=1e-6, atol=1e-6)
 
 
 def test_eval_step_gives_probabilities_and_attention(make_cfg, slide):

@@ -53,6 +53,7 @@ def test_one_slide_in_flight_matches_the_local_executor(local_ray, actor_threads
     local_metrics = [m for _, m in local.train(records, SlideLoader(cfg.data, True, cfg.train.seed), 0)]
     remote = RayExecutor(cfg, 2)
     assert remote.transport == "gloo"
+    assert {info["activation_dtype"] for info in remote.info} == {"float32"}  # train.precision=fp32 sends fp32
     try:
         remote_metrics = [m for _, m in remote.train(records, SlideLoader(cfg.data, True, cfg.train.seed), 0)]
         remote_states = remote.state_dicts()

@@ -57,11 +57,12 @@ def test_resume_equals_training_straight_through(manifest, tmp_path):
     assert resumed.state.slides_seen == 5
     resumed.fit()
     assert resumed.state.slides_seen == straight.state.slides_seen
-    # predict.classifier=best: the best checkpoint is the epoch whose best classifier validated best (ties: the
-    # earlier epoch, the shallower classifier), and it records that classifier.
+    # predict.classifier=best: the best checkpoint is the epoch whose best classifier validated best (ties: its
+    # lower validation loss, then the later epoch; the shallower classifier), and it records that classifier.
     state = straight.state
     scores = [[m["auroc"] if m["auroc"] == m["auroc"] else m["acc"] for m in h["stages"]] for h in state.history]
-    assert state.best_epoch == 1 + max(range(2), key=lambda e: (max(scores[e]), -e))
+    losses = [h["stages"][best_index(s)]["loss"] for h, s in zip(state.history, scores, strict=True)]
+    assert state.best_epoch == 1 + max(range(2), key=lambda e: (max(scores[e]), -losses[e], e))
     assert state.best_classifier == classifier_name(best_index(scores[state.best_epoch - 1]), 2)
     assert load_checkpoint(tmp_path / "a" / "checkpoints" / "best").trainer["best_classifier"] == state.best_classifier
     for ours, theirs in zip(_params(resumed), _params(straight), strict=True):
@@ -199,3 +200,20 @@ def test_a_stage_failing_while_the_epoch_checkpoint_is_saved_is_recovered(manife
     assert summary["epochs"] == 2
     assert DiesWhileSaving.lasts == 4
     assert "the actor died" in summary["failures"][0]["error"]
+
+
+def test_tied_validation_keeps_the_epoch_the_rule_picks(manifest, tmp_path):
+    """
+    Validation that ties in every epoch (a learning rate too small to change an fp32 weight) keeps the last epoch,
+    as the tie-break says (same accuracy, same loss: the later epoch), and the best checkpoint records why.
+    """
+    cfg = _cfg(manifest, tmp_path, "train.epochs=2", "train.lr_backbone=1e-12", "train.lr_aux=1e-12",
+               "train.monitor=acc")
+    trainer = Trainer(cfg, tmp_path / "tied")
+    summary = trainer.fit()
+    first, second = (h["stages"] for h in trainer.state.history)
+    assert first == second  # the premise: nothing changed, so every metric ties
+    assert summary["best_epoch"] == 2
+    saved = load_checkpoint(tmp_path / "tied" / "checkpoints" / "best", stages=False).trainer
+    assert saved["best_epoch"] == 2
+    assert saved["best_reason"].endswith("the later epoch")

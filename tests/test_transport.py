@@ -1,8 +1,9 @@
 """Which transport each activation hop gets, from where the stages run (no Ray needed)."""
 
 import pytest
+import torch
 
-from distlocal.engine.transport import plan_hops, summary
+from distlocal.engine.transport import activation_dtype, plan_hops, summary
 
 
 def _info(stage: int, node: str = "n1", gpu: str | None = "0", cupy: bool = True) -> dict:
@@ -53,3 +54,11 @@ def test_each_transport_only_where_it_carries_the_tensors(asked, gpu, expected):
     hops = plan_hops(asked, [_info(1, gpu=gpu), _info(2, gpu=gpu)])
     assert hops[0].transport == expected
     assert bool(hops[0].why) == (expected != asked)
+
+
+@pytest.mark.parametrize(("asked", "precision", "dtype"), [
+    ("auto", "fp32", torch.float32), ("auto", "bf16", torch.bfloat16), ("fp32", "bf16", torch.float32),
+    ("bf16", "fp32", torch.bfloat16)])
+def test_activation_dtype_auto_follows_the_precision_on_every_device(asked, precision, dtype):
+    """train.activation_dtype=auto is train.precision's dtype, a CUDA stage's too (there is no device argument)."""
+    assert activation_dtype(asked, precision) == dtype

@@ -11,9 +11,12 @@ of measuring, both on one real training step (forward, loss, backward, optimizer
 - CUDA only: torch.cuda.max_memory_allocated over the step (what the paper measured), at the paper's slide sizes
   as far as the GPU holds them; an out-of-memory is recorded as such.
 
-Three variants of each: the paper's method as published ("plain"), with frozen BatchNorm folded into the
-convolutions (train.fold_batchnorm, distlocal's default), and folded with recomputed activations
-(train.recompute_activations). Ratios are to plain E2E, the paper's baseline, and to E2E with the same options.
+Three variants of each, at the run's train.precision (bf16 on CUDA, fp32 on CPU): frozen BatchNorm run unfolded as
+the paper's code runs it ("unfolded BN"), folded into the convolutions (train.fold_batchnorm, distlocal's default),
+and folded with recomputed activations (train.recompute_activations). Every variant runs the frozen stem in tiles
+(stage.run_stem), which the paper's code does not. When that precision is not fp32, an fp32 unfolded variant is
+measured too, for the comparison with the paper's Table 2 (which does not say its precision). Ratios are to unfolded
+E2E at the run's precision and to E2E with the same options.
 """
 
 from __future__ import annotations
@@ -34,9 +37,11 @@ __all__ = ["PAPER_SIZES", "bench_memory", "format_memory"]
 
 PAPER_SIZES = [(8698, 7496), (12223, 10057), (23849, 10257)]  # the paper's Table 2 images (5X pixels)
 # (config-name suffix, label, overrides)
-VARIANTS = [("", "plain", ["train.fold_batchnorm=false"]),
+VARIANTS = [("", "unfolded BN", ["train.fold_batchnorm=false"]),
             ("_fold", "folded BN", ["train.fold_batchnorm=true"]),
             ("_rc", "folded BN + recompute", ["train.fold_batchnorm=true", "train.recompute_activations=true"])]
+FP32 = ("_fp32", "unfolded BN, fp32", ["train.fold_batchnorm=false", "train.precision=fp32"])  # when not fp32 already
+METHODS = {"e2e": ["model.mode=e2e", "model.k=1", "model.split=balanced"], "k4": ["model.k=4"], "k8": ["model.k=8"]}
 _MB = 2**20
 
 
@@ -154,8 +159,11 @@ def measure(cfg: Config, size: tuple[int, int], device: torch.device) -> list[di
         step_peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
         state = _state_bytes(_modules(stage))
         slide = _bytes(x)
-        # A later stage's input is held by its caller all step; stage 1's slide only while the stem runs.
-        row = {"stage": i + 1, "saved_activations": saved, "input": 0 if stem is not None else slide, **state,
+        # A later stage's input is held by its caller all step; stage 1's slide only while the stem runs, but its
+        # stem output all step: counted here when the blocks saved a copy of it instead (an fp32 map under bf16).
+        first = next(iter(inputs.values()))
+        kept = _bytes(first) if stem is not None and _key(first) not in held else 0
+        row = {"stage": i + 1, "saved_activations": saved, "input": kept if stem is not None else slide, **state,
                "recompute_peak": _largest_block(inputs, cfg.train.precision == "bf16")
                if cfg.train.recompute_activations else 0,
                "step_s": seconds}
@@ -168,7 +176,7 @@ def measure(cfg: Config, size: tuple[int, int], device: torch.device) -> list[di
             row["cuda_max_allocated"] = step_peak - before + state["params"]
         del inputs
         rows.append(row)
-        x = out.float()  # the next stage's input (E2E has a single stage)
+        x = out  # the next stage's input, as the executors pass it (E2E has a single stage)
     return rows
 
 
@@ -177,10 +185,10 @@ def bench_memory(out_dir: Path, sizes: list[tuple[int, int]], overrides: list[st
     """E2E, K = 4 and K = 8 at every size; writes memory.json and memory.png into ``out_dir``."""
     dev = resolve_device(device)
     base = [*base_overrides(dev), "train.accumulate=1", *overrides]
-    methods = {"e2e": ["model.mode=e2e", "model.k=1", "model.split=balanced"], "k4": ["model.k=4"], "k8": ["model.k=8"]}
-    configs = {name + suffix: [*extra, *variant] for suffix, _, variant in VARIANTS for name, extra in methods.items()}
-    report = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "sizes": [],
-              "complete": False}
+    precision = load_config(None, base).train.precision
+    configs = variant_configs(precision)
+    report = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "precision": precision,
+              "sizes": [], "complete": False}
     out_dir.mkdir(parents=True, exist_ok=True)
     total, done, start = len(sizes) * len(configs), 0, time.perf_counter()
     for size in sizes:
@@ -201,6 +209,17 @@ def bench_memory(out_dir: Path, sizes: list[tuple[int, int]], overrides: list[st
     return report
 
 
+def variants(precision: str) -> list[tuple[str, str, list[str]]]:
+    """The variants measured at ``precision``: the three, and an fp32 unfolded one unless that is fp32 already."""
+    return VARIANTS + ([FP32] if precision != "fp32" else [])
+
+
+def variant_configs(precision: str) -> dict[str, list[str]]:
+    """Config name (e2e, k4, k8 with the variant's suffix) -> its overrides, for a run at ``precision``."""
+    return {name + suffix: [*extra, *variant] for suffix, _, variant in variants(precision)
+            for name, extra in METHODS.items()}
+
+
 def _largest(rows: list[dict], key: str) -> float | None:
     if any(r.get("oom") for r in rows):
         return None
@@ -217,24 +236,28 @@ def _ratio(value: float | None, e2e: float | None) -> str:
 
 def format_memory(report: dict) -> str:
     """
-    The paper's Table 2 layout: E2E and the largest stage at K = 4 and K = 8, for each variant (plain, folded BN,
-    folded BN + recompute), with ratios to plain E2E (the paper's baseline) and to E2E with the same options.
+    The paper's Table 2 layout: E2E and the largest stage at K = 4 and K = 8, for each variant (unfolded BN, folded
+    BN, folded BN + recompute at the run's precision; unfolded in fp32 too when that is not fp32), with ratios to
+    unfolded E2E at the run's precision and to E2E with the same options. Every row runs the stem in tiles.
     """
     keys = ["model_total"] + (["cuda_max_allocated"] if report["device"] != "cpu" else [])
-    lines = [f"device: {report['device']}",
-             "| size (5X px) | measure | E2E (MB) | K=4 largest stage (MB) | / plain E2E | / same E2E "
-             "| K=8 largest stage (MB) | / plain E2E | / same E2E |",
+    precision = report.get("precision", "fp32")  # (reports from before it was recorded ran fp32 on the CPU)
+    lines = [f"device: {report['device']}; train.precision {precision} except where a row says fp32; the frozen "
+             f"stem in tiles (stage.run_stem) in every row",
+             "| size (5X px) | measure | E2E (MB) | K=4 largest stage (MB) | / unfolded E2E | / same E2E "
+             "| K=8 largest stage (MB) | / unfolded E2E | / same E2E |",
              "|---|---|---|---|---|---|---|---|---|"]
     for entry in report["sizes"]:
         size = f"{entry['size'][0]} x {entry['size'][1]}"
         for key in keys:
-            plain = _largest(entry["e2e"], key)
-            for suffix, label, _ in VARIANTS:
+            unfolded = _largest(entry["e2e"], key)
+            for suffix, label, _ in variants(precision):
                 if "e2e" + suffix not in entry:
                     continue
                 own, k4, k8 = (_largest(entry[n + suffix], key) for n in ("e2e", "k4", "k8"))
-                lines.append(f"| {size} | {key}, {label} | {_mb(own)} | {_mb(k4)} | {_ratio(k4, plain)} | "
-                             f"{_ratio(k4, own)} | {_mb(k8)} | {_ratio(k8, plain)} | {_ratio(k8, own)} |")
+                label = label if suffix == FP32[0] else f"{label}, {precision}"
+                lines.append(f"| {size} | {key}, {label} | {_mb(own)} | {_mb(k4)} | {_ratio(k4, unfolded)} | "
+                             f"{_ratio(k4, own)} | {_mb(k8)} | {_ratio(k8, unfolded)} | {_ratio(k8, own)} |")
     return "\n".join(lines)
 
 

@@ -62,7 +62,9 @@ def report(summary: dict, cfg, run_dir: Path, seconds: float, uri: str) -> str:
     decided = summary.get("classifier", "H")
     lines = [f"distlocal demo: K={k} stages ({cfg.train.executor} executor), {summary['epochs']} epochs, "
              f"{summary['slides_seen']} training slides seen, in {seconds / 60:.1f} min",
-             f"{split} split, best checkpoint (epoch {summary['best_epoch']}); chance is accuracy 0.50, AUROC 0.50:",
+             f"{split} split, best checkpoint (epoch {summary['best_epoch']} of {summary['epochs']}); chance is "
+             f"accuracy 0.50, AUROC 0.50:",
+             *([f"  chosen because {summary['best_reason']}"] if summary.get("best_reason") else []),
              "  classifier  accuracy  AUROC  (95 % CI)"]
     names = [classifier_name(i, k) for i in range(k)] + (["ensemble"] if k > 1 else [])
     for name in names:

@@ -21,6 +21,7 @@ from distlocal.config import config_from_dict
 from distlocal.engine.checkpoint import stage_file
 from distlocal.engine.faults import ClusterError, GroupFailure, InputFailed, StageOutOfMemory, out_of_memory_message
 from distlocal.engine.replicas import ReplicaGroup
+from distlocal.engine.transport import activation_dtype
 from distlocal.model import build_stage
 
 __all__ = ["StageActor", "to_cpu"]
@@ -72,9 +73,7 @@ class StageActor:
         self.device = torch.device("cuda:0" if cuda else "cpu")
         self.stage = build_stage(self.cfg, num_classes, index, self.device)
         self.stage.driver_steps = size > 1  # replicas step when the driver says their window is complete
-        dtype = self.cfg.train.activation_dtype
-        bf16 = dtype == "bf16" or (dtype == "auto" and self.device.type == "cuda")
-        self.activation_dtype = torch.bfloat16 if bf16 else torch.float32
+        self.activation_dtype = activation_dtype(self.cfg.train.activation_dtype, self.cfg.train.precision)
         self.trace: list[tuple[str, str, float, float]] = []  # (kind, slide_id, start, end), wall clock
         self.idle_since = time.time()
         self.results: dict[str, dict | torch.Tensor | BaseException] = {}  # direct transport: awaiting pop_result

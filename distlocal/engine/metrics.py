@@ -1,5 +1,6 @@
 """
-Validation metrics on softmax probabilities: accuracy, balanced accuracy, macro AUROC.
+Validation metrics on softmax probabilities: accuracy, balanced accuracy, macro AUROC, and the loss (mean
+cross-entropy of the true class), which breaks ties between epochs (engine/selection.py).
 
 A fresh metric object per call and per classifier: no state shared between stages or splits.
 """
@@ -15,7 +16,9 @@ from torchmetrics.functional.classification import multiclass_accuracy, multicla
 
 __all__ = ["bootstrap_ci", "classification_metrics", "MONITORS", "resampled_metrics"]
 
-MONITORS = ("acc", "balanced_acc", "auroc")
+MONITORS = ("acc", "balanced_acc", "auroc", "loss")
+# A probability of 0 in fp32 (a logit gap past ~104) would make the loss infinite: it counts as this instead.
+_TINY = torch.finfo(torch.float32).tiny
 
 
 def classification_metrics(probs: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict[str, float]:
@@ -34,7 +37,12 @@ def classification_metrics(probs: torch.Tensor, labels: torch.Tensor, num_classe
             auroc = multiclass_auroc(probs, labels, num_classes, average="macro").item()
     else:
         auroc = math.nan
-    return {"acc": acc, "balanced_acc": balanced, "auroc": auroc}
+    return {"acc": acc, "balanced_acc": balanced, "auroc": auroc, "loss": _nll(probs.double(), labels).mean().item()}
+
+
+def _nll(probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Each slide's cross-entropy: -log of the probability of its true class."""
+    return -probs.gather(1, labels[:, None])[:, 0].clamp_min(_TINY).log()
 
 
 def bootstrap_ci(probs: torch.Tensor, labels: torch.Tensor, num_classes: int, samples: int = 1000, seed: int = 0,
@@ -86,5 +94,6 @@ def resampled_metrics(probs: np.ndarray, labels: np.ndarray, num_classes: int,
         below = np.cumsum(neg, axis=1) - neg  # negatives scored lower than each group
         pairs = pos.sum(1) * neg.sum(1)
         auroc += np.divide((pos * (below + 0.5 * neg)).sum(1), pairs, out=np.zeros(samples), where=pairs > 0)
+    nll = _nll(torch.from_numpy(probs), torch.from_numpy(labels).long()).numpy()
     return {"acc": counts @ correct / n, "balanced_acc": (recall * present).sum(1) / present.sum(1),
-            "auroc": np.where(present.all(1), auroc / num_classes, np.nan)}
+            "auroc": np.where(present.all(1), auroc / num_classes, np.nan), "loss": counts @ nll / n}

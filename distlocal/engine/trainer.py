@@ -27,7 +27,9 @@ from distlocal.engine.executor import make_executor
 from distlocal.engine.faults import RunFailed, StageFailure
 from distlocal.engine.planner import resolve_plan
 from distlocal.engine.report import final_report
+from distlocal.engine.selection import Candidate, oriented, select
 from distlocal.model import resolve_device
+from distlocal.model.optim import schedule_metric
 from distlocal.plots import classifiers_by_epoch
 from distlocal.progress import progress
 from distlocal.tracking import flatten, git_commit, make_tracker
@@ -42,9 +44,11 @@ class TrainState:
     epoch: int = 0  # epochs completed
     position: int = 0  # slides of this epoch's order already trained
     slides_seen: int = 0
-    best: float = -math.inf
+    best: float = -math.inf  # the best epoch's monitored metric (as measured: a loss is not negated)
     best_epoch: int = -1
     best_classifier: str = "H"  # the classifier that validated best in the best epoch (predict.classifier=best)
+    best_loss: float = math.inf  # the deciding classifier's validation loss in the best epoch (ties: selection.py)
+    best_reason: str = ""  # why the best epoch was chosen (engine/selection.py)
     history: list[dict] = field(default_factory=list)  # validation metrics per epoch
     failures: list[dict] = field(default_factory=list)  # stage failures survived (Ray executor)
 
@@ -224,8 +228,9 @@ class Trainer:
     def _validate(self, epoch: int) -> None:
         result = evaluate(self.executor, self.valid_set, self.valid_loader, len(self.classes), desc="validate")
         stages, monitor, k = result["stages"], self.cfg.train.monitor, self.cfg.model.k
-        scores = [monitored(m, monitor) for m in stages]
-        self.executor.end_epoch(scores)
+        scores = [oriented(monitored(m, monitor), monitor) for m in stages]  # higher is better, a loss too
+        plateau = schedule_metric(self.cfg.train)
+        self.executor.end_epoch([monitored(m, plateau) for m in stages])  # each stage's schedule, its own metric
         named = by_classifier(result, len(self.classes), k)
         best_stage = best_index(scores)  # ties go to the shallower, cheaper one
         best = classifier_name(best_stage, k)
@@ -240,9 +245,18 @@ class Trainer:
         log.info("epoch %d validation: %s; best %s", epoch + 1, metrics_line(named), best)
         # The best checkpoint is the epoch where the classifier that will predict validated best.
         selected = choose(self.cfg.predict.classifier, k, best).name
-        score = monitored(named[selected], monitor)
-        if score > self.state.best:
-            self.state.best, self.state.best_epoch, self.state.best_classifier = score, epoch + 1, best
+        self._keep_if_best(Candidate(epoch + 1, monitored(named[selected], monitor), named[selected]["loss"]),
+                           best, selected)
+
+    def _keep_if_best(self, candidate: Candidate, best: str, selected: str) -> None:
+        """Save `candidate`'s epoch as the best checkpoint when the rule picks it (engine/selection.py)."""
+        s = self.state
+        held = Candidate(s.best_epoch, s.best, s.best_loss) if s.best_epoch > 0 else None
+        reason = select(self.cfg.train.monitor, candidate, held)
+        if reason is not None:
+            s.best, s.best_epoch, s.best_classifier = candidate.score, candidate.epoch, best
+            s.best_loss, s.best_reason = candidate.loss, f"{selected}: {reason}"
+            log.info("epoch %d is the best so far (%s)", candidate.epoch, s.best_reason)
             self._save("best")
 
     def _loop(self) -> None:
@@ -299,7 +313,7 @@ class Trainer:
         summary = {
             "run_dir": str(self.run_dir), "completed": completed, "epochs": self.state.epoch,
             "slides_seen": self.state.slides_seen, "best_epoch": self.state.best_epoch,
-            "best_classifier": self.state.best_classifier,
+            "best_classifier": self.state.best_classifier, "best_reason": self.state.best_reason,
             "classifier": choose(self.cfg.predict.classifier, self.cfg.model.k, self.state.best_classifier).name,
             f"best_val_{self.cfg.train.monitor}": self.state.best,
             "last_val": self.state.history[-1]["stages"] if self.state.history else None, "test": test,

@@ -16,7 +16,9 @@ import itertools
 import logging
 from dataclasses import dataclass
 
-__all__ = ["Hop", "log_hops", "open_collective_group", "plan_hops", "summary"]
+import torch
+
+__all__ = ["Hop", "activation_dtype", "log_hops", "open_collective_group", "plan_hops", "summary"]
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +27,16 @@ log = logging.getLogger(__name__)
 class Hop:
     transport: str  # object_store | cuda_ipc | nccl | gloo
     why: str  # the cause of a fallback and its fix; empty when the hop got what was asked
+
+
+def activation_dtype(asked: str, precision: str) -> torch.dtype:
+    """
+    The dtype of the activations a stage sends (train.activation_dtype): auto follows train.precision, on every
+    device, so an fp32 run is fp32 on the wire too (a bf16 hop would round what the local executor passes whole);
+    a bf16 run sends what its autocast computed.
+    """
+    bf16 = asked == "bf16" or (asked == "auto" and precision == "bf16")
+    return torch.bfloat16 if bf16 else torch.float32
 
 
 def _gpu(info: dict) -> tuple[str, tuple[str, ...]]:

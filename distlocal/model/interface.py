@@ -46,5 +46,5 @@ class StageInterface(Protocol):
         """The inverse of state_dict."""
 
     def end_epoch(self, metric: float) -> None:
-        """Feed this stage's own validation metric to its lr-on-plateau schedule."""
+        """Feed this stage's own validation metric to its lr schedule (train.schedule)."""
         self.optim.end_epoch(metric)

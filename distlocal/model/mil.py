@@ -80,5 +80,10 @@ class AuxClassifier(nn.Module):
             x = F.pad(x, (0, max(0, 2 * k - w), 0, max(0, k - h)))
         z = self.reduce(x)
         instances = z.flatten(2)[0].transpose(0, 1)
-        pooled, attention = self.pool(instances, generator)
-        return self.classify(pooled)[None], attention.view(z.shape[-2:])
+        # Attention and the MLP in at least fp32 even under bf16 autocast: bf16 logits (8 significant bits) make
+        # near-equal slides tie in the probabilities that AUROC ranks, and this part is a few instances' worth of
+        # compute against the backbone's maps.
+        with torch.autocast(x.device.type, enabled=False):
+            instances = instances.to(torch.promote_types(instances.dtype, torch.float32))
+            pooled, attention = self.pool(instances, generator)
+            return self.classify(pooled)[None], attention.view(z.shape[-2:])

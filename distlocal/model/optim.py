@@ -1,4 +1,4 @@
-"""AdamW with the paper's two parameter groups, gradient accumulation and lr on plateau."""
+"""AdamW with the paper's two parameter groups, gradient accumulation and the lr schedule (plateau or steps)."""
 
 from __future__ import annotations
 
@@ -9,16 +9,30 @@ from torch import nn
 
 from distlocal.config import TrainConfig
 
-__all__ = ["LocalOptimizer", "Reduce"]
+__all__ = ["LocalOptimizer", "Reduce", "schedule_metric"]
 
 # Sums the gradients (None: this replica has none for that parameter) and slide counts over a stage's replicas;
 # returns the sums, None where no replica had a gradient. The engine supplies it (model/ knows no torch.distributed).
 Reduce = Callable[[list[torch.Tensor | None], int], tuple[list[torch.Tensor | None], int]]
 
 
+def schedule_metric(cfg: TrainConfig) -> str:
+    """The validation metric that train.schedule=plateau watches: train.plateau_metric, else train.monitor."""
+    return cfg.plateau_metric or cfg.monitor
+
+
+def _scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig):
+    if cfg.schedule == "step":
+        # The scheduler counts end_epoch calls: after epoch e (1-based) it has been stepped e times.
+        return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=cfg.lr_steps, gamma=cfg.plateau_factor)
+    mode = "min" if schedule_metric(cfg) == "loss" else "max"
+    return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode=mode, factor=cfg.plateau_factor,
+                                                      patience=cfg.plateau_patience)
+
+
 class LocalOptimizer:
     """
-    Owns one AdamW, its ReduceLROnPlateau, and the accumulation counter.
+    Owns one AdamW, its lr schedule (train.schedule), and the accumulation counter.
 
     `backward(loss)` adds loss / accumulate to the gradients and steps every `accumulate` calls:
     slides are batches of one, so accumulation stands in for the batch. Replicas of a stage instead call
@@ -35,9 +49,8 @@ class LocalOptimizer:
             {"params": trainable(auxiliary), "lr": cfg.lr_aux, "name": "auxiliary"},
         ]
         self.optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            self.optimizer, mode="max", factor=cfg.plateau_factor, patience=cfg.plateau_patience
-        )
+        self.scheduler = _scheduler(self.optimizer, cfg)
+        self.plateau = cfg.schedule == "plateau"
         self.accumulate = cfg.accumulate
         self.accumulated = 0  # slides whose gradients wait in .grad
         self.steps = 0  # optimizer steps taken
@@ -93,8 +106,14 @@ class LocalOptimizer:
         self.accumulated = 0
 
     def end_epoch(self, metric: float) -> None:
-        """Lower the learning rates when the validation metric stops improving."""
-        self.scheduler.step(metric)
+        """
+        End an epoch: on a plateau schedule `metric` is the stage's validation schedule_metric (as measured: the
+        scheduler knows a loss falls); a step schedule counts the epoch and ignores it.
+        """
+        if self.plateau:
+            self.scheduler.step(metric)
+        else:
+            self.scheduler.step()
 
     @property
     def lrs(self) -> dict[str, float]:

@@ -21,8 +21,8 @@ from distlocal.model.optim import LocalOptimizer
 from distlocal.model.rfr import FeatureReconstruction
 from distlocal.model.tiling import tiled_forward
 
-__all__ = ["STEM_TILE_PIXELS", "Stage", "autocast", "param_dtype", "peak_memory_mb", "reseed", "run_stem",
-           "step_metrics", "wide"]
+__all__ = ["STEM_TILE_PIXELS", "Stage", "autocast", "held_dtype", "param_dtype", "peak_memory_mb", "reseed",
+           "run_stem", "step_metrics", "wide"]
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -45,6 +45,15 @@ def param_dtype(module: nn.Module) -> torch.dtype:
     return next(module.parameters()).dtype
 
 
+def held_dtype(module: nn.Module, bf16: bool) -> torch.dtype:
+    """
+    The dtype a stage holds its input in: the one its computation consumes. Under bf16 autocast the first
+    convolution takes bf16, so an fp32 input would be one more map held all step beside the bf16 copy autograd
+    saves (the RFR target and the residual's identity read the same values in bf16 alike).
+    """
+    return torch.bfloat16 if bf16 else param_dtype(module)
+
+
 def reseed(generator: torch.Generator, seed: int, slide: tuple[int, str] | None) -> None:
     """
     Seed `generator` from (stage seed, epoch, slide_id) when the slide is known: what a slide draws (RFR locations,
@@ -65,12 +74,15 @@ STEM_TILE_PIXELS = 2**22
 
 def run_stem(stem: nn.Module, x: torch.Tensor, device: torch.device, bf16: bool,
              tile_pixels: int = STEM_TILE_PIXELS) -> torch.Tensor:
-    """The frozen stem on a 1 x 3 x H x W slide, without gradients, as a map on ``device`` in the stem's dtype."""
+    """
+    The frozen stem on a 1 x 3 x H x W slide, without gradients, as a map on ``device`` in the dtype the blocks
+    consume (held_dtype: bf16 under bf16 autocast, else the stem's).
+    """
     dtype = param_dtype(stem)
     if x.shape[-2] * x.shape[-1] <= tile_pixels:
         x = x.to(device, non_blocking=True)  # one pass on the device; larger slides stay in host memory, tiles move
     with torch.no_grad(), autocast(device, bf16):
-        return tiled_forward(stem.eval(), x.to(dtype), tile_pixels, device).to(device, dtype)
+        return tiled_forward(stem.eval(), x.to(dtype), tile_pixels, device).to(device, held_dtype(stem, bf16))
 
 
 def step_metrics(optim: LocalOptimizer, device: torch.device, start: float, logits: torch.Tensor, y: int,
@@ -125,7 +137,7 @@ class Stage(StageInterface):
     def _input(self, x: torch.Tensor) -> torch.Tensor:
         if "stem" in self.modules:
             return run_stem(self.modules["stem"], x, self.device, self.bf16, self.stem_tile_pixels)
-        return x.to(self.device, param_dtype(self.modules), non_blocking=True)
+        return x.to(self.device, held_dtype(self.modules, self.bf16), non_blocking=True)
 
     def train_step(self, x: torch.Tensor, y: int, slide: tuple[int, str] | None = None) -> tuple[torch.Tensor, dict]:
         """
