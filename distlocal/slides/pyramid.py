@@ -126,11 +126,12 @@ class Pyramid:
     """An open slide: its levels, largest first, and what its metadata says about them."""
 
     path: Path
-    format: str  # "svs", "ome-tiff", "tiff", "png" or "jpeg"
+    format: str  # "svs", "ome-tiff", "tiff", "png" or "jpeg"; "ndpi", "mrxs", "scn", "dicom", ... by other readers
     levels: list[Level]
     base: BaseMagnification
     compression: str
     _closers: list = field(default_factory=list, repr=False)
+    reader: str = "tifffile"  # the backend that opened it: tifffile, openslide or dicom (slides/open.py)
 
     def close(self) -> None:
         for close in self._closers:

@@ -1,0 +1,120 @@
+"""
+The OpenSlide backend: the scanner formats tifffile does not read region by region (MRXS, NDPI, SCN, Philips TIFF,
+Ventana BIF, VMS, ...), through OpenSlide 4 (the C library ships in the openslide-bin wheel).
+
+Each level reads a rectangle with ``read_region`` in column chunks, so a band of a wide level never holds more than
+a chunk of RGBA at once. OpenSlide returns transparent pixels where the scanner imaged nothing (MRXS and SCN
+regions between tissue areas, NDPI's padding): that is glass, and is composited onto white.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import openslide
+
+from distlocal.slides.errors import SlideError
+from distlocal.slides.magnification import BaseMagnification, magnification_from_mpp, plausible_mpp
+from distlocal.slides.pyramid import Pyramid
+
+__all__ = ["OpenSlideLevel", "open_openslide", "openslide_vendor"]
+
+_CHUNK_COLS = 4096  # columns of one read_region call: 256 rows x 4096 x RGBA is 4 MB
+# OpenSlide's vendor names as the formats users know them.
+_FORMATS = {"mirax": "mrxs", "leica": "scn", "philips": "philips-tiff", "ventana": "bif", "aperio": "svs",
+            "generic-tiff": "tiff", "dicom": "dicom", "zeiss": "czi", "sakura": "svslide", "trestle": "tif",
+            "synthetic": "synthetic"}
+_REEXPORT = "re-download or re-copy the slide (an MRXS slide needs its .mrxs file and its data folder beside it)"
+
+
+def openslide_vendor(path: str | os.PathLike) -> str | None:
+    """OpenSlide's vendor for a file it can open ("hamamatsu", "mirax", ...), None when it cannot; reads headers."""
+    try:
+        return openslide.OpenSlide.detect_format(str(path))
+    except openslide.OpenSlideError:
+        return None
+
+
+class OpenSlideLevel:
+    """One OpenSlide level; ``read`` takes the level's own pixels, as every Level does."""
+
+    def __init__(self, slide: openslide.OpenSlide, path: Path, number: int) -> None:
+        self._slide, self._path, self.number = slide, path, number
+        width, height = slide.level_dimensions[number]
+        self.shape = (int(height), int(width))
+        self._downsample = float(slide.level_downsamples[number])
+
+    def read(self, y0: int, x0: int, y1: int, x1: int) -> np.ndarray:
+        out = np.empty((y1 - y0, x1 - x0, 3), dtype=np.uint8)
+        for left in range(x0, x1, _CHUNK_COLS):
+            right = min(left + _CHUNK_COLS, x1)
+            # read_region takes level 0 coordinates for the corner and the level's own pixels for the size.
+            corner = (round(left * self._downsample), round(y0 * self._downsample))
+            try:
+                region = np.asarray(self._slide.read_region(corner, self.number, (right - left, y1 - y0)))
+            except openslide.OpenSlideError as exc:
+                raise SlideError(self._path, f"corrupt or truncated data in level {self.number} (OpenSlide: "
+                                             f"{exc})", _REEXPORT) from exc
+            out[:, left - x0 : right - x0] = _on_white(region)
+        return out
+
+
+def _on_white(rgba: np.ndarray) -> np.ndarray:
+    # OpenSlide's RGBA is not premultiplied; alpha 0 is "not scanned", which is glass.
+    alpha = rgba[..., 3:4]
+    if (alpha == 255).all():
+        return rgba[..., :3]
+    blended = (rgba[..., :3].astype(np.uint16) * alpha + 255 * (255 - alpha.astype(np.uint16)) + 127) // 255
+    return blended.astype(np.uint8)
+
+
+def open_openslide(path: str | os.PathLike) -> Pyramid:
+    """Open a slide with OpenSlide; raise SlideError naming the slide when OpenSlide cannot."""
+    path = Path(path)
+    target = path
+    if path.is_dir():  # a DICOM folder: OpenSlide opens the series of any one of its instances
+        target = min((f for f in path.iterdir() if f.is_file() and f.suffix.lower() == ".dcm"), default=path)
+    if not target.is_file():
+        raise SlideError(path, "file not found" if not path.exists() else "folder without .dcm files",
+                         "check the path (manifest paths are relative to the manifest's folder)")
+    try:
+        slide = openslide.OpenSlide(str(target))
+    except openslide.OpenSlideUnsupportedFormatError as exc:
+        raise SlideError(path, "OpenSlide does not recognise this file", "check that it is a whole-slide image, "
+                               "or set data.reader=auto to let distlocal choose the reader") from exc
+    except openslide.OpenSlideError as exc:
+        raise SlideError(path, f"corrupt or incomplete slide (OpenSlide: {exc})", _REEXPORT) from exc
+    try:
+        props = slide.properties
+        vendor = props.get(openslide.PROPERTY_NAME_VENDOR, "unknown")
+        kind = _FORMATS.get(vendor, vendor)
+        if vendor == "hamamatsu":
+            kind = "ndpi" if path.suffix.lower() == ".ndpi" else "vms"
+        levels = [OpenSlideLevel(slide, path, n) for n in range(slide.level_count)]
+        pyramid = Pyramid(path, kind, levels, _base_magnification(props), props.get("tiff.Compression", "unknown"),
+                          [slide.close], reader="openslide")
+    except Exception:
+        slide.close()
+        raise
+    return pyramid
+
+
+def _base_magnification(props: Mapping[str, str]) -> BaseMagnification:
+    mpp = _number(props.get(openslide.PROPERTY_NAME_MPP_X))
+    mpp = mpp if mpp is not None and plausible_mpp(mpp) else None
+    power = _number(props.get(openslide.PROPERTY_NAME_OBJECTIVE_POWER))
+    if power is not None and power > 0:
+        return BaseMagnification(power, mpp, "openslide.objective-power")
+    if mpp is not None:
+        return BaseMagnification(magnification_from_mpp(mpp), mpp, "openslide.mpp-x")
+    return BaseMagnification(None, None, "none")
+
+
+def _number(value: str | None) -> float | None:
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None
