@@ -31,7 +31,7 @@ from distlocal.slides import SlideError
 
 __all__ = ["Predictor", "elapsed", "predict", "slide_records"]
 
-_SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".scn", ".bif")
+_SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".scn", ".bif", ".mrxs", ".vms", ".dcm")
 _INDEX_LIMIT = 2**31 - 1  # elements: cuDNN and many CUDA kernels index a tensor with 32 bits
 
 
