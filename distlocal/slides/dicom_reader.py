@@ -6,8 +6,8 @@ A slide is named by its folder of ``.dcm`` instances, or by one instance: then t
 beside it are opened with it. wsidicom groups the instances into levels (several instances of a level, such as a
 concatenation's parts, are one level) and decodes only the frames a rectangle touches, JPEG, JPEG 2000 (lossless
 too) and JPEG-LS through imagecodecs, with or without offset tables. What it cannot assemble is refused here with
-the folder and what is missing: no slide instances, a level whose frames or concatenation parts are missing, a
-series without its original (full resolution) level.
+the folder and what is missing: no slide instances, a level whose frames or concatenation parts are missing, an
+instance that belongs to no level wsidicom could assemble (truncated, or another slide's).
 """
 
 from __future__ import annotations
@@ -89,15 +89,10 @@ def open_dicom(path: str | os.PathLike) -> Pyramid:
 
 def _pyramid(path: Path, wsi: WsiDicom, closers: list) -> Pyramid:
     levels = sorted(wsi.levels, key=lambda level: -level.size.width)
-    base = levels[0]
-    image_type = list(base.default_instance.dataset.as_dataset().ImageType)
-    if "RESAMPLED" in image_type or "DERIVED" in image_type[:1]:
-        present = ", ".join(f"{lvl.size.height} x {lvl.size.width}" for lvl in levels)
-        raise SlideError(path, f"the series has no original (full resolution) level: its largest instance is "
-                               f"resampled (ImageType {'/'.join(image_type)}); levels present: {present}",
-                         _REDOWNLOAD)
+    base = levels[0]  # without the scan's own level 0, the largest present: its PixelSpacing gives its magnification
     for level in levels:
         _check_frames(path, level)
+    _check_all_used(path, wsi, levels)
     shapes = [(int(lvl.size.height), int(lvl.size.width)) for lvl in levels]
     pyramid_levels = [DicomLevel(wsi, path, n, int(lvl.level), shape)
                       for n, (lvl, shape) in enumerate(zip(levels, shapes, strict=True))]
@@ -123,6 +118,33 @@ def _check_frames(path: Path, level: object) -> None:
         detail = f" ({len(datasets)} of {parts} concatenation parts present)" if parts else ""
         raise SlideError(path, f"level {height} x {width} is missing frames: {found} of {expected * planes * paths} "
                                f"tiles present{detail}", _REDOWNLOAD)
+
+
+def _check_all_used(path: Path, wsi: WsiDicom, levels: list) -> None:
+    # wsidicom skips files it cannot use; a skipped level instance (truncated, or from another slide) would leave a
+    # thinner pyramid or a level read from the wrong slide without a word, so it is named here.
+    used = {str(part.as_dataset().SOPInstanceUID) for level in levels for instance in level.instances.values()
+            for part in instance.datasets}
+    folder = path if path.is_dir() else path.parent
+    series = {str(part.as_dataset().SeriesInstanceUID) for level in levels[:1]
+              for part in level.default_instance.datasets}
+    for file in sorted(folder.iterdir()):
+        if not (file.is_file() and is_dicom_file(file)):
+            continue
+        try:
+            header = pydicom.dcmread(file, stop_before_pixels=True)
+            if "SOPInstanceUID" not in header:  # pydicom stops quietly where a cut-short header ends
+                raise ValueError("the header ends before SOPInstanceUID")
+        except Exception as exc:
+            raise SlideError(path, f"instance {file.name} is unreadable ({type(exc).__name__}: {exc}): a truncated "
+                                   "download", _REDOWNLOAD) from exc
+        image_type = list(header.get("ImageType", []))
+        if (str(header.get("SOPInstanceUID", "")) not in used and "VOLUME" in image_type
+                and (path.is_dir() or str(header.get("SeriesInstanceUID", "")) in series)):
+            size = f"{header.get('TotalPixelMatrixRows', '?')} x {header.get('TotalPixelMatrixColumns', '?')}"
+            raise SlideError(path, f"instance {file.name} (a {size} VOLUME level) is not part of any level that "
+                                   f"could be assembled: its pixel data is truncated or it belongs to another "
+                                   f"slide (series {header.get('SeriesInstanceUID', '?')})", _REDOWNLOAD)
 
 
 def _base_magnification(base: object) -> BaseMagnification:
