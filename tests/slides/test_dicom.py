@@ -18,7 +18,6 @@ from distlocal.slides.open import choose_reader, open_slide
 from distlocal.slides.pyramid import open_pyramid
 from tests.slides.slide_files import real_svs
 
-
 BAND = (1000, 0, 1500, 2220)  # level 0 rows across three tile rows of the DICOM (256) and the SVS (240), all columns
 
 
@@ -148,5 +147,5 @@ def test_folders_without_a_slide_are_refused(tmp_path: Path) -> None:
 
 def test_forcing_tifffile_on_a_folder_names_the_reader_to_use(lossless_dicom: Path) -> None:
     """data.reader=tifffile on a DICOM folder says to use data.reader=dicom."""
-    with pytest.raises(SlideError, match="data.reader=dicom"):
+    with pytest.raises(SlideError, match=r"data\.reader=dicom"):
         read_slide(lossless_dicom, reader="tifffile")
