@@ -50,7 +50,11 @@ _SCN_XML = """<?xml version="1.0"?>
 
 def write_scn(path: Path, levels: list[np.ndarray], objective: float = 20.0, mpp: float = 0.5,
               margin_um: float = 16.0) -> Path:
-    """SCN: the main image's levels then a macro image, placed ``margin_um`` inside a collection (the slide)."""
+    """
+    SCN: the main image's levels then a macro image, placed ``margin_um`` inside a collection (the slide).
+
+    (OpenSlide 4.0.1 crashes, SIGSEGV, on a main image without ``objectiveSettings``: real scans always have it.)
+    """
     h, w = levels[0].shape[:2]
     nm = mpp * 1000
     margin = round(margin_um * 1000)
@@ -89,12 +93,11 @@ def write_philips(path: Path, levels: list[np.ndarray], mpp: float = 0.5, tile: 
             + _philips_attribute("PIIM_PIXEL_DATA_REPRESENTATION_COLUMNS", "IUInt32", str(level.shape[1]))
             + _philips_attribute("PIIM_PIXEL_DATA_REPRESENTATION_ROWS", "IUInt32", str(level.shape[0]))
             + "</DataObject>")
-    spacing0 = mpp / 1000
     xml = ('<?xml version="1.0" encoding="UTF-8" ?><DataObject ObjectType="DPUfsImport">'
            + _philips_attribute("DICOM_MANUFACTURER", "IString", "PHILIPS")
            + '<Attribute Name="PIM_DP_SCANNED_IMAGES" PMSVR="IDataObjectArray"><Array>'
            + '<DataObject ObjectType="DPScannedImage">'
-           + _philips_spacing(spacing0)
+           + _philips_spacing(mpp / 1000)
            + _philips_attribute("PIM_DP_IMAGE_TYPE", "IString", "WSI")
            + '<Attribute Name="PIIM_PIXEL_DATA_REPRESENTATION_SEQUENCE" PMSVR="IDataObjectArray"><Array>'
            + "".join(representations) + "</Array></Attribute></DataObject></Array></Attribute></DataObject>")
