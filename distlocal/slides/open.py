@@ -45,6 +45,8 @@ def choose_reader(path: str | os.PathLike) -> str:
         return "dicom"
     if not path.is_file():
         return "tifffile"  # its error names the missing file
+    if path.suffix.lower() == ".mrxs":
+        return "openslide"  # only OpenSlide reads MRXS; its error names a missing data folder
     with path.open("rb") as handle:
         head = handle.read(4)
     vendor = openslide_vendor(path)

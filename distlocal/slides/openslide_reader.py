@@ -62,6 +62,18 @@ class OpenSlideLevel:
         return out
 
 
+def _check_mrxs_folder(path: Path) -> None:
+    # An MRXS slide is the .mrxs file plus a folder of the same name holding Slidedat.ini, Index.dat and the data
+    # files: copying the .mrxs alone is the usual mistake, and OpenSlide then only says it does not know the file.
+    if path.suffix.lower() != ".mrxs":
+        return
+    folder = path.with_suffix("")
+    if not (folder / "Slidedat.ini").is_file():
+        missing = f"folder {folder.name}/" if not folder.is_dir() else f"{folder.name}/Slidedat.ini"
+        raise SlideError(path, f"MRXS slide without its {missing} beside it", "copy the .mrxs file together with "
+                               "its folder of the same name (Slidedat.ini, Index.dat, Data*.dat)")
+
+
 def _on_white(rgba: np.ndarray) -> np.ndarray:
     # OpenSlide's RGBA is not premultiplied; alpha 0 is "not scanned", which is glass.
     alpha = rgba[..., 3:4]
@@ -83,6 +95,7 @@ def open_openslide(path: str | os.PathLike) -> Pyramid:
     try:
         slide = openslide.OpenSlide(str(target))
     except openslide.OpenSlideUnsupportedFormatError as exc:
+        _check_mrxs_folder(path)
         raise SlideError(path, "OpenSlide does not recognise this file", "check that it is a whole-slide image, "
                                "or set data.reader=auto to let distlocal choose the reader") from exc
     except openslide.OpenSlideError as exc:

@@ -123,6 +123,18 @@ def test_truncated_files_are_named(slides: dict[str, Path], kind: str, tmp_path:
             read_slide(path, reader=reader)
 
 
+def test_mrxs_without_its_data_folder_names_it(tmp_path: Path) -> None:
+    """An .mrxs copied without its folder of data files is refused naming the folder it needs."""
+    path = tmp_path / "slide.mrxs"
+    path.write_bytes(b"\x00" * 64)
+    assert choose_reader(path) == "openslide"
+    with pytest.raises(SlideError, match=r"slide\.mrxs: MRXS slide without its folder slide/ beside it"):
+        read_slide(path)
+    (tmp_path / "slide").mkdir()
+    with pytest.raises(SlideError, match=r"without its slide/Slidedat\.ini"):
+        read_slide(path)
+
+
 def test_data_reader_takes_only_known_readers() -> None:
     """data.reader is checked when the config is loaded."""
     assert load_config(None, ["data.reader=dicom"]).data.reader == "dicom"
