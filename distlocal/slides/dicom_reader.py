@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
-from wsidicom import WsiDicom
+from wsidicom import Settings, WsiDicom
 from wsidicom.errors import WsiDicomNotFoundError
 
 from distlocal.slides.errors import SlideError
@@ -31,6 +31,10 @@ __all__ = ["DicomLevel", "is_dicom_file", "open_dicom"]
 log = logging.getLogger(__name__)
 
 _DECODE_THREADS = min(4, os.cpu_count() or 1)
+_CHUNK = (1024, 4096)  # rows, columns of one read_region call: 12 MB of RGB
+# wsidicom keeps 100 MB of decoded and 100 MB of encoded frames per slide by default; the read goes band by band
+# and needs a frame again only where a band ends inside it, so a few MB keep the memory near the output's size.
+_SETTINGS = Settings(decoded_frame_cache_size=16 * 2**20, encoded_frame_cache_size=8 * 2**20)
 _REDOWNLOAD = ("download the whole series again (e.g. idc download-from-selection --series-instance-uid ...) into "
                "one folder per slide")
 
@@ -51,6 +55,15 @@ class DicomLevel:
         self._wsi, self._path, self.number, self._level, self.shape = wsi, path, number, level, shape
 
     def read(self, y0: int, x0: int, y1: int, x1: int) -> np.ndarray:
+        out = np.empty((y1 - y0, x1 - x0, 3), dtype=np.uint8)
+        for top in range(y0, y1, _CHUNK[0]):
+            bottom = min(top + _CHUNK[0], y1)
+            for left in range(x0, x1, _CHUNK[1]):
+                right = min(left + _CHUNK[1], x1)
+                out[top - y0 : bottom - y0, left - x0 : right - x0] = self._read_chunk(top, left, bottom, right)
+        return out
+
+    def _read_chunk(self, y0: int, x0: int, y1: int, x1: int) -> np.ndarray:
         try:
             region = self._wsi.read_region((x0, y0), self._level, (x1 - x0, y1 - y0), as_array=True)
         except Exception as exc:  # wsidicom, pydicom and the codecs each raise their own types
@@ -59,7 +72,7 @@ class DicomLevel:
         if region.ndim == 2:
             raise SlideError(self._path, "grayscale DICOM image; distlocal reads RGB brightfield (H&E) slides",
                              "remove it from the manifest")
-        return np.ascontiguousarray(region[..., :3], dtype=np.uint8)
+        return region[..., :3]
 
 
 def open_dicom(path: str | os.PathLike) -> Pyramid:
@@ -68,7 +81,7 @@ def open_dicom(path: str | os.PathLike) -> Pyramid:
     files = _series_files(path)
     executor = ThreadPoolExecutor(_DECODE_THREADS) if _DECODE_THREADS > 1 else None
     try:
-        wsi = WsiDicom.open(files, read_executor=executor)
+        wsi = WsiDicom.open(files, read_executor=executor, settings=_SETTINGS)
     except Exception as exc:
         if executor is not None:
             executor.shutdown()

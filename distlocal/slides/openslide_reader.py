@@ -2,9 +2,10 @@
 The OpenSlide backend: the scanner formats tifffile does not read region by region (MRXS, NDPI, SCN, Philips TIFF,
 Ventana BIF, VMS, ...), through OpenSlide 4 (the C library ships in the openslide-bin wheel).
 
-Each level reads a rectangle with ``read_region`` in column chunks, so a band of a wide level never holds more than
-a chunk of RGBA at once. OpenSlide returns transparent pixels where the scanner imaged nothing (MRXS and SCN
-regions between tissue areas, NDPI's padding): that is glass, and is composited onto white.
+Each level reads a rectangle with ``read_region`` in chunks, so even a whole level read at the target size (the
+5X level itself) never holds more than a chunk of RGBA beside the output. OpenSlide returns transparent pixels
+where the scanner imaged nothing (MRXS and SCN regions between tissue areas, NDPI's padding): that is glass, and
+is composited onto white.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from distlocal.slides.pyramid import Pyramid
 
 __all__ = ["OpenSlideLevel", "open_openslide", "openslide_vendor"]
 
-_CHUNK_COLS = 4096  # columns of one read_region call: 256 rows x 4096 x RGBA is 4 MB
+_CHUNK = (1024, 4096)  # rows, columns of one read_region call: 16 MB of RGBA
 # OpenSlide's vendor names as the formats users know them.
 _FORMATS = {"mirax": "mrxs", "leica": "scn", "philips": "philips-tiff", "ventana": "bif", "aperio": "svs",
             "generic-tiff": "tiff", "dicom": "dicom", "zeiss": "czi", "sakura": "svslide", "trestle": "tif",
@@ -49,16 +50,18 @@ class OpenSlideLevel:
 
     def read(self, y0: int, x0: int, y1: int, x1: int) -> np.ndarray:
         out = np.empty((y1 - y0, x1 - x0, 3), dtype=np.uint8)
-        for left in range(x0, x1, _CHUNK_COLS):
-            right = min(left + _CHUNK_COLS, x1)
-            # read_region takes level 0 coordinates for the corner and the level's own pixels for the size.
-            corner = (round(left * self._downsample), round(y0 * self._downsample))
-            try:
-                region = np.asarray(self._slide.read_region(corner, self.number, (right - left, y1 - y0)))
-            except openslide.OpenSlideError as exc:
-                raise SlideError(self._path, f"corrupt or truncated data in level {self.number} (OpenSlide: "
-                                             f"{exc})", _REEXPORT) from exc
-            out[:, left - x0 : right - x0] = _on_white(region)
+        for top in range(y0, y1, _CHUNK[0]):
+            bottom = min(top + _CHUNK[0], y1)
+            for left in range(x0, x1, _CHUNK[1]):
+                right = min(left + _CHUNK[1], x1)
+                # read_region takes level 0 coordinates for the corner and the level's own pixels for the size.
+                corner = (round(left * self._downsample), round(top * self._downsample))
+                try:
+                    region = np.asarray(self._slide.read_region(corner, self.number, (right - left, bottom - top)))
+                except openslide.OpenSlideError as exc:
+                    raise SlideError(self._path, f"corrupt or truncated data in level {self.number} (OpenSlide: "
+                                                 f"{exc})", _REEXPORT) from exc
+                out[top - y0 : bottom - y0, left - x0 : right - x0] = _on_white(region)
         return out
 
 
