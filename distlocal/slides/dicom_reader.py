@@ -25,8 +25,9 @@ from wsidicom.errors import WsiDicomNotFoundError
 from distlocal.slides.errors import SlideError
 from distlocal.slides.magnification import BaseMagnification, magnification_from_mpp, plausible_mpp
 from distlocal.slides.pyramid import Pyramid
+from distlocal.slides.sniff import is_dicom_file
 
-__all__ = ["DicomLevel", "is_dicom_file", "open_dicom"]
+__all__ = ["DicomLevel", "open_dicom"]
 
 log = logging.getLogger(__name__)
 
@@ -37,15 +38,6 @@ _CHUNK = (1024, 4096)  # rows, columns of one read_region call: 12 MB of RGB
 _SETTINGS = Settings(decoded_frame_cache_size=16 * 2**20, encoded_frame_cache_size=8 * 2**20)
 _REDOWNLOAD = ("download the whole series again (e.g. idc download-from-selection --series-instance-uid ...) into "
                "one folder per slide")
-
-
-def is_dicom_file(path: Path) -> bool:
-    """A DICOM Part 10 file: the 128-byte preamble, then ``DICM``."""
-    try:
-        with path.open("rb") as handle:
-            return handle.read(132)[128:] == b"DICM"
-    except OSError:
-        return False
 
 
 class DicomLevel:

@@ -20,18 +20,30 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from distlocal.slides.dicom_reader import is_dicom_file, open_dicom
 from distlocal.slides.errors import SlideError
-from distlocal.slides.openslide_reader import open_openslide, openslide_vendor
 from distlocal.slides.pyramid import Pyramid, open_pyramid
+from distlocal.slides.sniff import is_dicom_file, is_tiff_file
 
 __all__ = ["READERS", "choose_reader", "open_slide"]
 
 READERS = ("auto", "tifffile", "openslide", "dicom")
-_TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 # TIFF-based scanner formats that OpenSlide reads and tifffile does not read region by region (or at all).
 _OPENSLIDE_TIFF_VENDORS = ("hamamatsu", "leica", "philips", "ventana")
-_OPENERS = {"tifffile": open_pyramid, "openslide": open_openslide, "dicom": open_dicom}
+
+
+def _open_openslide(path: str | os.PathLike) -> Pyramid:
+    from distlocal.slides.openslide_reader import open_openslide  # deferred: only slides that need it pay for it
+
+    return open_openslide(path)
+
+
+def _open_dicom(path: str | os.PathLike) -> Pyramid:
+    from distlocal.slides.dicom_reader import open_dicom  # deferred: importing wsidicom and pydicom takes seconds
+
+    return open_dicom(path)
+
+
+_OPENERS = {"tifffile": open_pyramid, "openslide": _open_openslide, "dicom": _open_dicom}
 
 
 def choose_reader(path: str | os.PathLike) -> str:
@@ -47,10 +59,10 @@ def choose_reader(path: str | os.PathLike) -> str:
         return "tifffile"  # its error names the missing file
     if path.suffix.lower() == ".mrxs":
         return "openslide"  # only OpenSlide reads MRXS; its error names a missing data folder
-    with path.open("rb") as handle:
-        head = handle.read(4)
+    from distlocal.slides.openslide_reader import openslide_vendor
+
     vendor = openslide_vendor(path)
-    if head in _TIFF_MAGIC:
+    if is_tiff_file(path):
         return "openslide" if vendor in _OPENSLIDE_TIFF_VENDORS else "tifffile"
     return "openslide" if vendor is not None else "tifffile"
 
