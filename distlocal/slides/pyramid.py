@@ -158,7 +158,8 @@ def open_pyramid(path: str | os.PathLike) -> Pyramid:
     for magic, kind in _IMAGE_MAGIC.items():
         if head.startswith(magic):
             return _open_image(path, kind)
-    raise SlideError(path, "unrecognised file format (not TIFF, SVS, OME-TIFF, PNG or JPEG)",
+    raise SlideError(path, "unrecognised file format (not TIFF, SVS, OME-TIFF, PNG or JPEG, nor DICOM, nor one "
+                           "OpenSlide recognises: NDPI, SCN, MRXS, Philips TIFF, BIF, VMS)",
                      "convert the slide to a pyramidal TIFF, or export its 5X image as PNG")
 
 
