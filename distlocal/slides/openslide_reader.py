@@ -2,9 +2,8 @@
 The OpenSlide backend: the scanner formats tifffile does not read region by region (MRXS, NDPI, SCN, Philips TIFF,
 Ventana BIF, VMS, ...), through OpenSlide 4 (the C library ships in the openslide-bin wheel).
 
-Each level reads a rectangle with ``read_region`` in chunks, on a few threads (OpenSlide decodes in C without
-the GIL and is thread-safe), so even a whole level read at the target size (the 5X level itself) holds no more
-than a few chunks of RGBA beside the output. OpenSlide returns transparent pixels
+Each level reads a rectangle with ``read_region`` in chunks, so even a whole level read at the target size (the
+5X level itself) never holds more than a chunk of RGBA beside the output. OpenSlide returns transparent pixels
 where the scanner imaged nothing (MRXS and SCN regions between tissue areas, NDPI's padding): that is glass, and
 is composited onto white.
 """
@@ -13,7 +12,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -25,12 +23,7 @@ from distlocal.slides.pyramid import Pyramid
 
 __all__ = ["OpenSlideLevel", "open_openslide", "openslide_vendor"]
 
-# Rows, columns of one read_region call (16 MB of RGBA). Large, because read_region takes its corner in level 0
-# pixels: where OpenSlide's downsample of a level is not a whole number (2967 / 742 = 3.9987 averaged with
-# 2220 / 555 = 4 is 3.99933), a corner inside the level maps to a fractional level position and OpenSlide
-# interpolates the read by up to 1 / (2 x downsample) of a pixel: the fewer chunk corners, the fewer such seams.
-_CHUNK = (1024, 4096)
-_THREADS = min(4, os.cpu_count() or 1)
+_CHUNK = (1024, 4096)  # rows, columns of one read_region call: 16 MB of RGBA
 # OpenSlide's vendor names as the formats users know them.
 _FORMATS = {"mirax": "mrxs", "leica": "scn", "philips": "philips-tiff", "ventana": "bif", "aperio": "svs",
             "generic-tiff": "tiff", "dicom": "dicom", "zeiss": "czi", "sakura": "svslide", "trestle": "tif",
@@ -49,38 +42,27 @@ def openslide_vendor(path: str | os.PathLike) -> str | None:
 class OpenSlideLevel:
     """One OpenSlide level; ``read`` takes the level's own pixels, as every Level does."""
 
-    def __init__(self, slide: openslide.OpenSlide, path: Path, number: int,
-                 executor: ThreadPoolExecutor | None) -> None:
-        self._slide, self._path, self.number, self._executor = slide, path, number, executor
+    def __init__(self, slide: openslide.OpenSlide, path: Path, number: int) -> None:
+        self._slide, self._path, self.number = slide, path, number
         width, height = slide.level_dimensions[number]
         self.shape = (int(height), int(width))
         self._downsample = float(slide.level_downsamples[number])
 
     def read(self, y0: int, x0: int, y1: int, x1: int) -> np.ndarray:
         out = np.empty((y1 - y0, x1 - x0, 3), dtype=np.uint8)
-        chunks = [(top, left, min(top + _CHUNK[0], y1), min(left + _CHUNK[1], x1))
-                  for top in range(y0, y1, _CHUNK[0]) for left in range(x0, x1, _CHUNK[1])]
-
-        def paste(chunk: tuple[int, int, int, int]) -> None:
-            top, left, bottom, right = chunk
-            out[top - y0 : bottom - y0, left - x0 : right - x0] = self._read_chunk(top, left, bottom, right)
-
-        if self._executor is not None and len(chunks) > 1:
-            list(self._executor.map(paste, chunks))
-        else:
-            for chunk in chunks:
-                paste(chunk)
+        for top in range(y0, y1, _CHUNK[0]):
+            bottom = min(top + _CHUNK[0], y1)
+            for left in range(x0, x1, _CHUNK[1]):
+                right = min(left + _CHUNK[1], x1)
+                # read_region takes level 0 coordinates for the corner and the level's own pixels for the size.
+                corner = (round(left * self._downsample), round(top * self._downsample))
+                try:
+                    region = np.asarray(self._slide.read_region(corner, self.number, (right - left, bottom - top)))
+                except openslide.OpenSlideError as exc:
+                    raise SlideError(self._path, f"corrupt or truncated data in level {self.number} (OpenSlide: "
+                                                 f"{exc})", _REEXPORT) from exc
+                out[top - y0 : bottom - y0, left - x0 : right - x0] = _on_white(region)
         return out
-
-    def _read_chunk(self, top: int, left: int, bottom: int, right: int) -> np.ndarray:
-        # read_region takes level 0 coordinates for the corner and the level's own pixels for the size.
-        corner = (round(left * self._downsample), round(top * self._downsample))
-        try:
-            region = np.asarray(self._slide.read_region(corner, self.number, (right - left, bottom - top)))
-        except openslide.OpenSlideError as exc:
-            raise SlideError(self._path, f"corrupt or truncated data in level {self.number} (OpenSlide: {exc})",
-                             _REEXPORT) from exc
-        return _on_white(region)
 
 
 def _check_mrxs_folder(path: Path) -> None:
@@ -127,11 +109,9 @@ def open_openslide(path: str | os.PathLike) -> Pyramid:
         kind = _FORMATS.get(vendor, vendor)
         if vendor == "hamamatsu":
             kind = "ndpi" if path.suffix.lower() == ".ndpi" else "vms"
-        executor = ThreadPoolExecutor(_THREADS) if _THREADS > 1 else None
-        levels = [OpenSlideLevel(slide, path, n, executor) for n in range(slide.level_count)]
-        closers = [slide.close] + ([executor.shutdown] if executor is not None else [])
+        levels = [OpenSlideLevel(slide, path, n) for n in range(slide.level_count)]
         pyramid = Pyramid(path, kind, levels, _base_magnification(props), props.get("tiff.Compression", "unknown"),
-                          closers, reader="openslide")
+                          [slide.close], reader="openslide")
     except Exception:
         slide.close()
         raise
