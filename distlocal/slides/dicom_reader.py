@@ -128,8 +128,9 @@ def _check_frames(path: Path, level: object) -> None:
 def _check_all_used(path: Path, wsi: WsiDicom, levels: list) -> None:
     # wsidicom skips files it cannot use; a skipped level instance (truncated, or from another slide) would leave a
     # thinner pyramid or a level read from the wrong slide without a word, so it is named here.
-    used = {str(part.as_dataset().SOPInstanceUID) for level in levels for instance in level.instances.values()
-            for part in instance.datasets}
+    # Every pyramid counts as used: a series may hold a second one (another imaged area), read as pyramid 0 is not.
+    used = {str(part.as_dataset().SOPInstanceUID) for pyramid in wsi.pyramids for level in pyramid
+            for instance in level.instances.values() for part in instance.datasets}
     folder = path if path.is_dir() else path.parent
     series = {str(part.as_dataset().SeriesInstanceUID) for level in levels[:1]
               for part in level.default_instance.datasets}
