@@ -21,6 +21,7 @@ import numpy as np
 import pydicom
 from wsidicom import Settings, WsiDicom
 from wsidicom.errors import WsiDicomNotFoundError
+from wsidicom.instance import TileType
 
 from distlocal.slides.errors import SlideError
 from distlocal.slides.magnification import BaseMagnification, magnification_from_mpp, plausible_mpp
@@ -108,9 +109,9 @@ def _pyramid(path: Path, wsi: WsiDicom, closers: list) -> Pyramid:
 def _check_frames(path: Path, level: object) -> None:
     # TILED_FULL instances place frame i by its index: fewer frames than tiles would shift every tile after a gap,
     # so a level missing frames (or a concatenation part) is refused rather than read with tiles in wrong places.
-    tiled = level.default_instance.dataset.as_dataset()
-    if getattr(tiled, "DimensionOrganizationType", "TILED_FULL") != "TILED_FULL":
+    if level.default_instance.dataset.tile_type != TileType.FULL:
         return  # TILED_SPARSE: each frame states its position; missing frames are background
+    tiled = level.default_instance.dataset.as_dataset()
     rows, cols = int(tiled.Rows), int(tiled.Columns)
     height, width = int(tiled.TotalPixelMatrixRows), int(tiled.TotalPixelMatrixColumns)
     expected = -(-height // rows) * -(-width // cols)
