@@ -124,6 +124,16 @@ def test_truncated_instance_is_refused(lossless_dicom: Path, tmp_path: Path, kep
         read_slide(folder)
 
 
+def test_another_slides_instance_in_the_folder_is_named(lossless_dicom: Path, concatenated_dicom: Path,
+                                                        tmp_path: Path) -> None:
+    """An instance of another series dropped into a slide's folder is named, not read or silently left out."""
+    folder = _copy(lossless_dicom, tmp_path)
+    stray = next(f for f, header in _instances(concatenated_dicom) if header.TotalPixelMatrixColumns == 555)
+    shutil.copy(stray, folder / "stray.dcm")
+    with pytest.raises(SlideError, match=r"instance stray\.dcm \(a 742 x 555 VOLUME level\) is not part of any level"):
+        read_slide(folder)
+
+
 def test_missing_level_0_reads_from_what_is_there(lossless_dicom: Path, tmp_path: Path) -> None:
     """Without the 20X instance the 10X level is the largest; its own PixelSpacing keeps the 5X read the same."""
     folder = _copy(lossless_dicom, tmp_path)
