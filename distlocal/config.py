@@ -167,6 +167,9 @@ class DataConfig:
     magnification: float = positive(5.0)  # slides are read at this magnification
     level: int | None = None  # force a pyramid level instead of choosing by magnification
     base_magnification: float | None = None  # for slides whose files carry no magnification
+    # auto: per file, by what it is (DICOM folder or instance: dicom; NDPI, MRXS, SCN, Philips TIFF, BIF: openslide;
+    # SVS, TIFF, OME-TIFF, PNG, JPEG: tifffile) | tifffile | openslide | dicom: that reader for every slide.
+    reader: str = choice("auto", "tifffile", "openslide", "dicom")
     classes: list[str] = field(default_factory=list)  # class order; empty: sorted labels of the manifest
     mean: list[float] = field(default_factory=lambda: [0.6909, 0.4654, 0.6119])  # NSCLC, per channel
     std: list[float] = field(default_factory=lambda: [0.1786, 0.2102, 0.1795])

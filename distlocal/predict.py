@@ -20,7 +20,7 @@ from distlocal.slides import SlideError
 
 __all__ = ["Predictor", "elapsed", "predict", "slide_records"]
 
-_SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".scn", ".bif")
+_SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".scn", ".bif", ".mrxs", ".vms", ".dcm")
 
 
 def slide_records(inputs: list[str], classes: list[str]) -> list[SlideRecord]:

@@ -168,14 +168,16 @@ def test_fail_stops_keeps_the_work_done_and_continues_later(dataset: Path, tmp_p
 
 
 def test_bench_io_measures_every_way(tmp_path: Path) -> None:
-    """`bench io` reads a slide four ways in fresh processes; the naive way holds all of level 0 in memory."""
+    """`bench io` reads a slide six ways (one per reader) in fresh processes; the naive way holds level 0 in memory."""
     main(["bench", "io", "--size", "4096", "4096", "--repeats", "1", "--out", str(tmp_path)])
     result = json.loads((tmp_path / "io.json").read_text())
     ways = result["ways"]
-    assert set(ways) == {"distlocal", "distlocal_whole", "naive", "cache"}
+    assert set(ways) == {"distlocal", "distlocal_openslide", "distlocal_dicom", "distlocal_whole", "naive", "cache"}
     assert ways["naive"]["output_shape"] == ways["distlocal_whole"]["output_shape"] == [1024, 1024, 3]
     assert ways["cache"]["output_shape"] == ways["distlocal"]["output_shape"]
     # The kernel updates its peak-RSS figure lazily: allow slack, but the full decode must show.
     assert ways["naive"]["peak_mb"] >= 0.5 * result["level0_rgb_mb"] * 1e6 / 2**20
-    assert ways["distlocal"]["peak_mb"] < ways["naive"]["peak_mb"]
+    assert ways["distlocal_openslide"]["output_shape"] == ways["distlocal"]["output_shape"]
+    for way in ("distlocal", "distlocal_openslide", "distlocal_dicom"):
+        assert ways[way]["peak_mb"] < ways["naive"]["peak_mb"], way
     assert (tmp_path / "io.png").stat().st_size > 0

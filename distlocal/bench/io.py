@@ -3,7 +3,12 @@
 
 Each way of reading runs in a fresh Python process, so its peak resident memory (ru_maxrss) is its own; the
 memory of the process after imports, before the read, is subtracted. Ways:
-- ``distlocal``: `read_slide`, as training and `prepare` read an original (5X level, tissue crop, band by band);
+- ``distlocal``: `read_slide`, as training and `prepare` read an original (5X level, tissue crop, band by band),
+  through the tifffile reader that `data.reader: auto` picks for an SVS;
+- ``distlocal_openslide``: the same read of the same file through the OpenSlide reader (`data.reader: openslide`),
+  as MRXS, NDPI, SCN and Philips TIFF slides are read;
+- ``distlocal_dicom``: the same read of the slide converted once to DICOM-WSI (JPEG quality 95, 256-pixel frames,
+  by wsidicom's writer), through the DICOM reader, as IDC's TCGA slides are read;
 - ``distlocal_whole``: the same without the tissue crop, so the output is the whole slide like the naive read;
 - ``naive``: tifffile decodes level 0 in full, then a 4 x 4 (or 8 x 8) block mean gives 5X;
 - ``cache``: reading the crop back from the `distlocal prepare` cache, what every epoch after the first costs.
@@ -21,7 +26,9 @@ from pathlib import Path
 
 __all__ = ["bench_io", "format_io"]
 
-WAYS = ("distlocal", "distlocal_whole", "naive", "cache")
+WAYS = ("distlocal", "distlocal_openslide", "distlocal_dicom", "distlocal_whole", "naive", "cache")
+_COLOURS = {"distlocal": "#2a7", "distlocal_openslide": "#3b8", "distlocal_dicom": "#4c9", "distlocal_whole": "#5b9",
+            "naive": "#c54", "cache": "#58c"}
 
 
 def _status_mb(field: str) -> float:
@@ -52,6 +59,10 @@ def _measure(way: str, path: str, cache_dir: str, factor: int) -> dict:
     start = time.perf_counter()
     if way in ("distlocal", "distlocal_whole"):
         image = read_slide(path, crop_tissue=way == "distlocal").image
+    elif way == "distlocal_openslide":
+        image = read_slide(path, reader="openslide").image
+    elif way == "distlocal_dicom":
+        image = read_slide(_dicom_folder(Path(path)), reader="dicom").image
     elif way == "cache":
         image = read_cached(cache_dir, "bench", cache_key(path, 5.0, None, None), with_mask=False).image
     else:
@@ -64,6 +75,24 @@ def _measure(way: str, path: str, cache_dir: str, factor: int) -> dict:
     peak = _status_mb("VmHWM")
     return {"seconds": seconds, "output_shape": list(image.shape), "output_mb": image.nbytes / 1e6,
             "peak_mb": peak - baseline}
+
+
+def _dicom_folder(path: Path) -> Path:
+    return path.with_name(path.stem + "_dicom")
+
+
+def _write_dicom_copy(path: Path, mpp: float) -> Path:
+    from distlocal.slides.dicom_writer import write_dicom_slide
+    from distlocal.slides.pyramid import open_pyramid
+
+    folder = _dicom_folder(path)
+    if not folder.is_dir():
+        print(f"converting {path.name} to DICOM-WSI in {folder} (once) ...", flush=True)
+        partial = folder.with_name(folder.name + ".partial")
+        with open_pyramid(path) as pyramid:
+            write_dicom_slide(pyramid.levels, partial, mpp=mpp)
+        partial.rename(folder)
+    return folder
 
 
 def _run_way(way: str, path: Path, cache_dir: Path, factor: int) -> dict:
@@ -95,6 +124,8 @@ def bench_io(out_dir: str | Path, size: tuple[int, int] = (40000, 40000), base_m
         write_synthetic_slide(partial, 1, (size[0] // factor, size[1] // factor), 0,
                               base_magnification=base_magnification)
         partial.rename(path)
+    if "distlocal_dicom" in ways:
+        _write_dicom_copy(path, 10.0 / base_magnification)
     cache_dir = out_dir / "cache"
     if "cache" in ways:
         key = cache_key(path, 5.0, None, None)
@@ -143,7 +174,7 @@ def _plot(result: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     for ax, key, label in ((axes[0], "seconds", "seconds per slide"), (axes[1], "peak_mb", "peak MB above baseline")):
         values = [result["ways"][w][key] for w in ways]
-        bars = ax.barh(ways, values, color=["#2a7", "#5b9", "#c54", "#58c"][: len(ways)])
+        bars = ax.barh(ways, values, color=[_COLOURS[w] for w in ways])
         ax.bar_label(bars, labels=[f"{v:.2f}" if v < 10 else f"{v:.0f}" for v in values], padding=3)
         ax.set_xlabel(label)
         ax.set_xlim(0, max(values) * 1.25 if values and max(values) > 0 else 1)

@@ -40,7 +40,7 @@ def read_original(record: SlideRecord, cfg: DataConfig) -> SlideImage:
     """Read a manifest record's slide file with the data settings; any failure is a SlideError naming the slide."""
     try:
         return read_slide(record.path, magnification=cfg.magnification, level=cfg.level,
-                          base_magnification=cfg.base_magnification)
+                          base_magnification=cfg.base_magnification, reader=cfg.reader)
     except SlideError:
         raise
     except Exception as exc:
@@ -81,7 +81,7 @@ class SlideLoader:
         """The slide's uint8 RGB tissue crop: from `data.cache_dir` when prepared there, else from the original."""
         cfg = self.cfg
         if cfg.cache_dir:
-            key = cache_key(record.path, cfg.magnification, cfg.level, cfg.base_magnification)
+            key = cache_key(record.path, cfg.magnification, cfg.level, cfg.base_magnification, cfg.reader)
             cached = read_cached(cfg.cache_dir, record.slide_id, key, with_mask=False)
             if cached is not None:
                 return cached.image

@@ -12,6 +12,7 @@ import csv
 import json
 import logging
 import time
+from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,22 +36,24 @@ class PrepareReport:
     skipped: list[SkippedSlide] = field(default_factory=list)  # bad slides under on_error=skip
     seconds: float = 0.0
     megabytes: float = 0.0  # 5X RGB output of the slides prepared now
+    readers: dict[str, str] = field(default_factory=dict)  # slide id -> the reader that read it now (data.reader)
 
     def as_dict(self) -> dict:
         return {"prepared": len(self.prepared), "reused": len(self.reused), "skipped": len(self.skipped),
                 "seconds": round(self.seconds, 2), "output_mb": round(self.megabytes, 1),
                 "mb_per_s": round(self.megabytes / self.seconds, 2) if self.seconds else None,
+                "readers": dict(Counter(self.readers.values())), "reader_of": self.readers,
                 "skipped_slides": [s.__dict__ for s in self.skipped]}
 
 
 def _key(record: SlideRecord, cfg: DataConfig) -> CacheKey:
-    return cache_key(record.path, cfg.magnification, cfg.level, cfg.base_magnification)
+    return cache_key(record.path, cfg.magnification, cfg.level, cfg.base_magnification, cfg.reader)
 
 
-def _prepare_one(record: SlideRecord, out_dir: Path, cfg: DataConfig) -> float:
+def _prepare_one(record: SlideRecord, out_dir: Path, cfg: DataConfig) -> tuple[float, str]:
     slide = read_original(record, cfg)
     write_cached(out_dir, record.slide_id, _key(record, cfg), slide)
-    return slide.image.nbytes / 1e6
+    return slide.image.nbytes / 1e6, slide.reader
 
 
 def prepare_slides(records: list[SlideRecord], out_dir: str | Path, cfg: DataConfig, workers: int = 2,
@@ -86,7 +89,9 @@ def prepare_slides(records: list[SlideRecord], out_dir: str | Path, cfg: DataCon
                 record = running.pop(future)
                 bar.update()
                 try:
-                    report.megabytes += future.result()
+                    megabytes, reader = future.result()
+                    report.megabytes += megabytes
+                    report.readers[record.slide_id] = reader
                     report.prepared.append(record.slide_id)
                 except SlideError as exc:
                     if cfg.on_error == "fail":

@@ -6,8 +6,8 @@ zstd: decoding it is several times faster than reading and resampling the origin
 (what the crop was made from). The JSON is written last, after the TIFF has been renamed into place, so a
 preparation killed half-way leaves no entry that looks complete.
 
-An entry is used only when it was made with the same read settings (magnification, level, base magnification)
-and, when the original is still reachable, from a file of the same size and modification time. Otherwise the
+An entry is used only when it was made with the same read settings (magnification, level, base magnification,
+reader) and, when the original is still reachable, from a file of the same size and modification time. Otherwise the
 original is read again: a stale crop is never used silently.
 """
 
@@ -43,25 +43,36 @@ class CacheKey:
     magnification: float
     level: int | None
     base_magnification: float | None
+    reader: str = "auto"  # data.reader; the reader that read the crop is in the entry's "reader"
     version: int = CACHE_VERSION
 
     def matches(self, stored: dict) -> bool:
         settings = ("magnification", "level", "base_magnification", "version")
         if any(stored.get(name) != getattr(self, name) for name in settings):
             return False
+        if stored.get("reader", "auto") != self.reader:  # entries from before data.reader were read with auto
+            return False
         # A cluster node may hold only the cache, not the originals: then the settings alone decide.
         return self.size is None or (stored.get("size"), stored.get("mtime_ns")) == (self.size, self.mtime_ns)
 
 
 def cache_key(source: str | os.PathLike, magnification: float, level: int | None,
-              base_magnification: float | None) -> CacheKey:
-    try:
-        stat = os.stat(source)
-        size, mtime = stat.st_size, stat.st_mtime_ns
-    except OSError:
-        size = mtime = None
+              base_magnification: float | None, reader: str = "auto") -> CacheKey:
+    size, mtime = _source_stat(Path(source))
     return CacheKey(str(source), size, mtime, float(magnification), level,
-                    None if base_magnification is None else float(base_magnification))
+                    None if base_magnification is None else float(base_magnification), reader)
+
+
+def _source_stat(source: Path) -> tuple[int | None, int | None]:
+    # A DICOM slide is a folder: its files' total size and latest change, so a re-downloaded instance counts.
+    try:
+        if source.is_dir():
+            stats = [f.stat() for f in source.iterdir() if f.is_file()]
+            return sum(s.st_size for s in stats), max((s.st_mtime_ns for s in stats), default=0)
+        stat = source.stat()
+        return stat.st_size, stat.st_mtime_ns
+    except OSError:
+        return None, None
 
 
 def entry_paths(cache_dir: str | os.PathLike, slide_id: str) -> tuple[Path, Path]:
@@ -115,7 +126,8 @@ def read_cached(cache_dir: str | os.PathLike, slide_id: str, key: CacheKey,
     except Exception as exc:  # tifffile and imagecodecs raise many types for a damaged file
         raise SlideError(image_path, f"cache entry of slide {slide_id} is damaged ({type(exc).__name__}: {exc})",
                          "delete it, or run distlocal prepare again with --force") from None
-    return SlideImage(image, mask.astype(bool), meta["magnification"], meta["source_level"], tuple(meta["bbox"]))
+    return SlideImage(image, mask.astype(bool), meta["magnification"], meta["source_level"], tuple(meta["bbox"]),
+                      meta.get("reader", ""))
 
 
 def write_cached(cache_dir: str | os.PathLike, slide_id: str, key: CacheKey, slide: SlideImage) -> Path:
@@ -129,7 +141,8 @@ def write_cached(cache_dir: str | os.PathLike, slide_id: str, key: CacheKey, sli
         tiff.write(slide.mask.astype(np.uint8), photometric="minisblack", **args)
     os.replace(partial, image_path)
     meta = {"slide_id": slide_id, "key": asdict(key), "magnification": slide.magnification,
-            "source_level": slide.source_level, "bbox": list(slide.bbox), "shape": list(slide.image.shape)}
+            "source_level": slide.source_level, "bbox": list(slide.bbox), "shape": list(slide.image.shape),
+            "reader": slide.reader}
     partial_meta = meta_path.with_suffix(f".json.{os.getpid()}.partial")
     partial_meta.write_text(json.dumps(meta, indent=1))
     os.replace(partial_meta, meta_path)

@@ -14,7 +14,7 @@ from xml.etree import ElementTree
 
 import tifffile
 
-__all__ = ["BaseMagnification", "find_base_magnification", "magnification_from_mpp"]
+__all__ = ["BaseMagnification", "find_base_magnification", "magnification_from_mpp", "plausible_mpp"]
 
 # Objectives that scanners use; a magnification derived from a measured mpp (0.2527 um/px, 0.504 um/px) is snapped
 # to the nearest one when within _SNAP_TOLERANCE, so that the pyramid's 4x levels land exactly on 5X instead of a
@@ -60,7 +60,7 @@ def find_base_magnification(tif: tifffile.TiffFile) -> BaseMagnification:
     mpp = _aperio_field(description, "MPP")
     if app_mag is not None and app_mag > 0:
         return BaseMagnification(app_mag, mpp, "AppMag")
-    if mpp is not None and _plausible(mpp):
+    if mpp is not None and plausible_mpp(mpp):
         return BaseMagnification(magnification_from_mpp(mpp), mpp, "MPP")
     mpp = _resolution_tag_mpp(page)
     if mpp is not None:
@@ -82,7 +82,8 @@ def _aperio_field(description: str, name: str) -> float | None:
         return None
 
 
-def _plausible(mpp: float) -> bool:
+def plausible_mpp(mpp: float) -> bool:
+    """Whether microns per pixel are a microscope's, not an image editor's 72 dpi."""
     return _PLAUSIBLE_MPP[0] <= mpp <= _PLAUSIBLE_MPP[1]
 
 
@@ -94,7 +95,7 @@ def _resolution_tag_mpp(page: tifffile.TiffPage) -> float | None:
     if not pixels_per_unit or pixels_per_unit <= 0:
         return None
     mpp = _UNIT_MICRONS[unit] / pixels_per_unit
-    return mpp if _plausible(mpp) else None
+    return mpp if plausible_mpp(mpp) else None
 
 
 def _ome_mpp(xml: str | None) -> float | None:
@@ -114,5 +115,5 @@ def _ome_mpp(xml: str | None) -> float | None:
                 mpp = float(size) * _UNIT_MICRONS[unit]
             except ValueError:
                 return None
-            return mpp if _plausible(mpp) else None
+            return mpp if plausible_mpp(mpp) else None
     return None

@@ -126,11 +126,12 @@ class Pyramid:
     """An open slide: its levels, largest first, and what its metadata says about them."""
 
     path: Path
-    format: str  # "svs", "ome-tiff", "tiff", "png" or "jpeg"
+    format: str  # "svs", "ome-tiff", "tiff", "png" or "jpeg"; "ndpi", "mrxs", "scn", "dicom", ... by other readers
     levels: list[Level]
     base: BaseMagnification
     compression: str
     _closers: list = field(default_factory=list, repr=False)
+    reader: str = "tifffile"  # the backend that opened it: tifffile, openslide or dicom (slides/open.py)
 
     def close(self) -> None:
         for close in self._closers:
@@ -157,7 +158,8 @@ def open_pyramid(path: str | os.PathLike) -> Pyramid:
     for magic, kind in _IMAGE_MAGIC.items():
         if head.startswith(magic):
             return _open_image(path, kind)
-    raise SlideError(path, "unrecognised file format (not TIFF, SVS, OME-TIFF, PNG or JPEG)",
+    raise SlideError(path, "unrecognised file format (not TIFF, SVS, OME-TIFF, PNG or JPEG, nor DICOM, nor one "
+                           "OpenSlide recognises: NDPI, SCN, MRXS, Philips TIFF, BIF, VMS)",
                      "convert the slide to a pyramidal TIFF, or export its 5X image as PNG")
 
 

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from distlocal.slides.errors import SlideError
-from distlocal.slides.pyramid import Level, Pyramid, open_pyramid
+from distlocal.slides.open import open_slide
+from distlocal.slides.pyramid import Level, Pyramid
 from distlocal.slides.resample import area_weights, resample_band
 from distlocal.slides.tissue import MIN_TISSUE_SATURATION, detect_tissue, tissue_bbox
 
@@ -32,6 +33,9 @@ _THUMBNAIL_SIDE = 1024  # long side of the image tissue is detected on; a level 
 # A single-level image without magnification is taken to be at the target already (a pre-exported 5X image) unless
 # it is larger than this: the 5X image of even a 100,000-pixel 20X slide is 25,000 pixels.
 _LARGEST_UNLABELLED_SIDE = 32768
+_NO_MAGNIFICATION_WHERE = {"tifffile": "no AppMag, MPP, resolution tags or OME PhysicalSizeX",
+                           "openslide": "no openslide.objective-power or openslide.mpp-x",
+                           "dicom": "no PixelSpacing or ObjectiveLensPower"}
 _BAND_INPUT_ROWS = 256  # rows of the source level decoded and resampled at a time
 _NO_MAGNIFICATION_FIX = ("set data.base_magnification to the scan's objective (e.g. 20 or 40), or data.level to the "
                          "pyramid level to read as it is")
@@ -51,6 +55,7 @@ class SlideImage:
     magnification: float
     source_level: int
     bbox: tuple[int, int, int, int]
+    reader: str = ""  # the backend that read it (tifffile, openslide, dicom); "" for a crop from an old cache entry
 
 
 @dataclass(frozen=True)
@@ -62,19 +67,20 @@ class _ReadPlan:
 
 def read_slide(path: str | os.PathLike, magnification: float = 5.0, level: int | None = None,
                base_magnification: float | None = None, crop_tissue: bool = True,
-               tissue_margin: float = 0.02) -> SlideImage:
+               tissue_margin: float = 0.02, reader: str = "auto") -> SlideImage:
     """
-    Read a slide (SVS, pyramidal TIFF, OME-TIFF, PNG, JPEG) at ``magnification``, cropped to its tissue.
+    Read a slide at ``magnification``, cropped to its tissue: SVS, pyramidal TIFF, OME-TIFF, PNG, JPEG (tifffile),
+    a DICOM-WSI folder or instance (wsidicom), MRXS, NDPI, SCN, Philips TIFF, BIF (OpenSlide).
 
     ``level`` forces the pyramid level read (``data.level``); ``base_magnification`` overrides the level 0
     magnification found in the metadata (``data.base_magnification``). ``tissue_margin`` is the margin kept around
     the tissue's bounding box, as a fraction of the slide's side. Raises SlideError for any unreadable slide,
-    including one with no tissue.
+    including one with no tissue. ``reader`` (``data.reader``) forces a backend; ``auto`` picks one per file.
     """
     if magnification <= 0 or (base_magnification is not None and base_magnification <= 0):
         raise ValueError(f"magnifications must be positive, got magnification={magnification}, "
                          f"base_magnification={base_magnification}")
-    with open_pyramid(path) as pyramid:
+    with open_slide(path, reader) as pyramid:
         plan = _plan_read(pyramid, magnification, level, base_magnification)
         source = pyramid.levels[plan.level]
         thumb_level = _thumbnail_level(pyramid.levels, plan.level)
@@ -95,25 +101,27 @@ def read_slide(path: str | os.PathLike, magnification: float = 5.0, level: int |
             del thumbnail
             image = _read_resized(source, plan.shape, box)
         mask = _upsample_mask(tissue.mask, plan.shape, box)
-    return SlideImage(image, mask, plan.magnification, plan.level, box)
+    return SlideImage(image, mask, plan.magnification, plan.level, box, pyramid.reader)
 
 
-def slide_info(path: str | os.PathLike) -> dict:
+def slide_info(path: str | os.PathLike, reader: str = "auto") -> dict:
     """
     What distlocal sees in a slide file: format, level shapes, magnification and where it was found.
 
     Example:
         >>> slide_info("TCGA-XX.svs")  # doctest: +SKIP
-        {'path': 'TCGA-XX.svs', 'format': 'svs', 'levels': [(36864, 56320), (9216, 14080), (2304, 3520)],
-         'level_magnifications': [20.0, 5.0, 1.25], 'base_magnification': 20.0, 'mpp': 0.499,
+        {'path': 'TCGA-XX.svs', 'reader': 'tifffile', 'format': 'svs',
+         'levels': [(36864, 56320), (9216, 14080), (2304, 3520)], 'level_magnifications': [20.0, 5.0, 1.25],
+         'base_magnification': 20.0, 'mpp': 0.499,
          'magnification_source': 'AppMag', 'compression': 'JPEG'}
 
     """
-    with open_pyramid(path) as pyramid:
+    with open_slide(path, reader) as pyramid:
         base = pyramid.base.magnification
         shapes = [level.shape for level in pyramid.levels]
         return {
             "path": str(pyramid.path),
+            "reader": pyramid.reader,
             "format": pyramid.format,
             "levels": shapes,
             "level_magnifications": None if base is None else [base * w / shapes[0][1] for _, w in shapes],
@@ -135,7 +143,7 @@ def _plan_read(pyramid: Pyramid, target: float, level: int | None, base: float |
             return _ReadPlan(level, shapes[level], target)
         if len(shapes) > 1:
             raise SlideError(pyramid.path, f"pyramidal slide ({len(shapes)} levels) without magnification in its "
-                                           "metadata (no AppMag, MPP, resolution tags or OME PhysicalSizeX)",
+                                           f"metadata ({_NO_MAGNIFICATION_WHERE.get(pyramid.reader, '')})",
                              _NO_MAGNIFICATION_FIX)
         if max(shapes[0]) > _LARGEST_UNLABELLED_SIDE:
             raise SlideError(pyramid.path, f"{shapes[0][0]} x {shapes[0][1]} image without magnification in its "
