@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import tifffile
 from distlocal.cli import main
 from distlocal.config import ConfigError, load_config
 from distlocal.slides import SlideError, read_slide, slide_info
+from distlocal.slides.cache import cache_key
 from distlocal.slides.dicom_writer import write_dicom_slide
 from distlocal.slides.open import choose_reader
 from distlocal.slides.pyramid import ArrayLevel
@@ -129,6 +131,16 @@ def test_truncated_mrxs_files_are_named(mrxs_levels: list[np.ndarray], tmp_path:
         with pytest.raises(SlideError, match=r"cut\.mrxs: corrupt or incomplete slide \(OpenSlide: .+\)\. "
                                              r"re-download or re-copy"):
             read_slide(path, reader=reader)
+
+
+def test_mrxs_cache_key_covers_its_data_folder(mrxs_levels: list[np.ndarray], tmp_path: Path) -> None:
+    """Re-copying an MRXS slide's data files (its .mrxs untouched) makes `prepare` read it again."""
+    path = write_mrxs(tmp_path / "slide.mrxs", mrxs_levels)
+    before = cache_key(path, 5.0, None, None)
+    data = tmp_path / "slide" / "Data0000.dat"
+    stat = data.stat()
+    os.utime(data, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert cache_key(path, 5.0, None, None) != before
 
 
 def test_auto_reads_scanner_formats_with_openslide(slides: dict[str, Path]) -> None:
