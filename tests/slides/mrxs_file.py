@@ -3,12 +3,14 @@ A 3DHISTECH MIRAX (MRXS) slide, written as OpenSlide 4.0.1's reader (src/opensli
 openslide.org MIRAX format page describe it:
 
 - ``slide.mrxs`` beside a folder ``slide/`` holding ``Slidedat.ini``, ``Index.dat`` and ``Data0000.dat``.
-- Slidedat.ini: [GENERAL] SLIDE_ID, IMAGENUMBER_X / _Y (level 0 images across and down), OBJECTIVE_MAGNIFICATION
-  and CameraImageDivisionsPerSide (each camera photo is split into that many images a side); [HIERARCHICAL]
-  HIER_0 "Slide zoom level" with one section per zoom level, the NONHIER records and INDEXFILE; [DATAFILE]
-  FILE_COUNT, FILE_0; per level: IMAGE_CONCAT_FACTOR (0 at level 0, then the power of two each level adds),
-  OVERLAP_X / _Y, MICROMETER_PER_PIXEL_X / _Y, IMAGE_FORMAT, IMAGE_FILL_COLOR_BGR, DIGITIZER_WIDTH / _HEIGHT
-  (every level's JPEGs are that size: a level-n image holds 2^n x 2^n level 0 images, downsampled).
+- Slidedat.ini, the keys OpenSlide requires: [GENERAL] SLIDE_ID, IMAGENUMBER_X / _Y (level 0 images across and
+  down); [HIERARCHICAL] HIER_COUNT, HIER_0_NAME "Slide zoom level" with HIER_0_COUNT sections (one per zoom
+  level), NONHIER_COUNT and INDEXFILE; [DATAFILE] FILE_COUNT, FILE_0; per level: IMAGE_CONCAT_FACTOR (0 at level
+  0, then the power of two each level adds), OVERLAP_X / _Y, MICROMETER_PER_PIXEL_X / _Y (level 0's is
+  openslide.mpp-x), IMAGE_FORMAT, IMAGE_FILL_COLOR_BGR, DIGITIZER_WIDTH / _HEIGHT (every level's JPEGs are that
+  size: a level-n image holds 2^n x 2^n level 0 images, downsampled). Optional: OBJECTIVE_MAGNIFICATION
+  (openslide.objective-power) and CameraImageDivisionsPerSide (each camera photo is split into that many images
+  a side; 1 when absent).
 - Index.dat (little-endian int32): "01.02" + the slide id, then pointers to the hierarchical and the
   non-hierarchical tables (one pointer per VAL). Each points to a linked list of data pages, ``item count, next
   page (0: last)`` then the items; the first page has no items. A zoom level's items are ``image index, offset,
@@ -41,11 +43,12 @@ def _int32(*values: int) -> bytes:
     return struct.pack(f"<{len(values)}i", *values)
 
 
-def _slidedat(levels: list[np.ndarray], image_side: int, divisions: int, objective: float, mpp: float,
+def _slidedat(levels: list[np.ndarray], image_side: int, divisions: int, objective: float | None, mpp: float,
               stitched: bool) -> str:
     images_down, images_across = (side // image_side for side in levels[0].shape[:2])
     lines = ["[GENERAL]", "SLIDE_VERSION=01.03", f"SLIDE_ID={SLIDE_ID}", f"IMAGENUMBER_X={images_across}",
-             f"IMAGENUMBER_Y={images_down}", f"OBJECTIVE_MAGNIFICATION={objective:g}",
+             f"IMAGENUMBER_Y={images_down}",
+             *([f"OBJECTIVE_MAGNIFICATION={objective:g}"] if objective is not None else []),
              f"CameraImageDivisionsPerSide={divisions}", "", "[HIERARCHICAL]", "HIER_COUNT=1",
              "HIER_0_NAME=Slide zoom level", f"HIER_0_COUNT={len(levels)}"]
     for n in range(len(levels)):
@@ -119,13 +122,13 @@ def _index(stored: list[list[tuple[int, bytes]]], offsets: list[list[int]], nonh
     return bytes(out)
 
 
-def write_mrxs(path: Path, levels: list[np.ndarray], objective: float = 20.0, mpp: float = 0.5,
+def write_mrxs(path: Path, levels: list[np.ndarray], objective: float | None = 20.0, mpp: float = 0.5,
                image_side: int = 64, divisions: int = 1, stitched: bool = False,
                glass: tuple[int, int, int] = (244, 244, 244), page_size: int = 5) -> Path:
     """
     Write ``path`` (``.mrxs``) and its data folder. ``levels`` halve in size from one to the next, their sides
     multiples of ``image_side`` x 2^level; a camera photo is ``divisions`` images a side, and photos that are all
-    ``glass`` are not taken.
+    ``glass`` are not taken. ``objective`` None leaves OBJECTIVE_MAGNIFICATION out.
     """
     folder = path.with_suffix("")
     folder.mkdir()

@@ -102,6 +102,13 @@ def test_auto_reads_mrxs_with_openslide_and_its_slidedat_magnification(mrxs: Pat
     assert info["level_magnifications"] == [20.0, 10.0, 5.0]
 
 
+def test_mrxs_without_objective_takes_magnification_from_its_mpp(mrxs_levels: list[np.ndarray],
+                                                                tmp_path: Path) -> None:
+    """Slidedat.ini without OBJECTIVE_MAGNIFICATION: level 0's MICROMETER_PER_PIXEL_X (0.5 um) gives 20X."""
+    info = slide_info(write_mrxs(tmp_path / "slide.mrxs", mrxs_levels, objective=None))
+    assert (info["base_magnification"], info["mpp"], info["magnification_source"]) == (20.0, 0.5, "openslide.mpp-x")
+
+
 def test_mrxs_5x_read_equals_the_decoded_jpegs_of_its_5x_level(mrxs: Path, mrxs_levels: list[np.ndarray]) -> None:
     """The 5X crop comes from the stored 5X zoom level and equals its JPEGs decoded where OpenSlide places them."""
     slide = read_slide(mrxs)
