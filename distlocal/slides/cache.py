@@ -64,13 +64,15 @@ def cache_key(source: str | os.PathLike, magnification: float, level: int | None
 
 
 def _source_stat(source: Path) -> tuple[int | None, int | None]:
-    # A DICOM slide is a folder: its files' total size and latest change, so a re-downloaded instance counts.
+    # A DICOM slide is a folder, an MRXS slide its .mrxs plus the folder of data files beside it (the .mrxs itself
+    # rarely changes): their files' total size and latest change, so a re-downloaded instance or data file counts.
     try:
-        if source.is_dir():
-            stats = [f.stat() for f in source.iterdir() if f.is_file()]
-            return sum(s.st_size for s in stats), max((s.st_mtime_ns for s in stats), default=0)
-        stat = source.stat()
-        return stat.st_size, stat.st_mtime_ns
+        files = [f for f in source.iterdir() if f.is_file()] if source.is_dir() else [source]
+        data_folder = source.with_suffix("")
+        if source.suffix.lower() == ".mrxs" and data_folder.is_dir():
+            files += [f for f in data_folder.iterdir() if f.is_file()]
+        stats = [f.stat() for f in files]
+        return sum(s.st_size for s in stats), max((s.st_mtime_ns for s in stats), default=0)
     except OSError:
         return None, None
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import tifffile
 from distlocal.cli import main
 from distlocal.config import ConfigError, load_config
 from distlocal.slides import SlideError, read_slide, slide_info
+from distlocal.slides.cache import cache_key
 from distlocal.slides.dicom_writer import write_dicom_slide
 from distlocal.slides.open import choose_reader
 from distlocal.slides.pyramid import ArrayLevel
@@ -30,8 +32,10 @@ from tests.slides.slide_files import TISSUE_BOX_20X, aperio, pyramid, tissue_ima
 WRITERS = {"ndpi": write_ndpi, "scn": write_scn, "philips-tiff": write_philips}
 SUFFIX = {"ndpi": ".ndpi", "scn": ".scn", "philips-tiff": ".tiff"}
 SCN_MARGIN = 8  # write_scn's 16 um margin around the scan, in 5X pixels (2 um each)
-MRXS_TISSUE_20X = (128, 192, 384, 320)  # on 64-pixel camera fields: fields outside it are glass, not stored
-MRXS_IMAGE = 64  # write_mrxs's camera image side, at every level
+MRXS_TISSUE_20X = (128, 192, 384, 320)  # camera photos outside it hold only glass: the scanner takes none
+MRXS_IMAGE = 64  # write_mrxs's image side, at every level
+# Photos split into 1 image (positions on the nominal grid) / 2 x 2 images placed by stitching positions.
+MRXS_LAYOUTS = {"grid": {"divisions": 1, "stitched": False}, "stitched": {"divisions": 2, "stitched": True}}
 
 
 @pytest.fixture(scope="module")
@@ -55,20 +59,35 @@ def mrxs_levels() -> list[np.ndarray]:
     return pyramid(tissue_image((512, 512), MRXS_TISSUE_20X), 2, 3)
 
 
-@pytest.fixture(scope="module")
-def mrxs(mrxs_levels: list[np.ndarray], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An MRXS slide (.mrxs, Slidedat.ini, Index.dat, Data0000.dat) at 20X, 0.5 um per pixel."""
-    return write_mrxs(tmp_path_factory.mktemp("mrxs") / "slide.mrxs", mrxs_levels)
+@pytest.fixture(scope="module", params=list(MRXS_LAYOUTS))
+def mrxs(request: pytest.FixtureRequest, mrxs_levels: list[np.ndarray],
+         tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An MRXS slide (.mrxs, Slidedat.ini, Index.dat, Data0000.dat) at 20X, 0.5 um per pixel, in each layout."""
+    return write_mrxs(tmp_path_factory.mktemp("mrxs") / f"{request.param}.mrxs", mrxs_levels,
+                      **MRXS_LAYOUTS[request.param])
 
 
-def _decoded_mrxs_level(level: np.ndarray) -> np.ndarray:
-    # Each camera image is its own JPEG, encoded as write_mrxs encodes it; OpenSlide decodes with libjpeg-turbo,
-    # as imagecodecs does (same default IDCT and upsampling), so the same bitstream decodes to the same pixels.
-    out = np.empty_like(level)
+def _mrxs_level_shown(mrxs: Path, levels: list[np.ndarray], n: int) -> np.ndarray:
+    """
+    Level ``n`` as OpenSlide shows it: the decoded JPEGs where it places them, white (transparent) elsewhere.
+
+    Each image is its own JPEG, encoded as write_mrxs encodes it; OpenSlide and imagecodecs both decode with
+    libjpeg-turbo's defaults (islow IDCT, fancy upsampling), so the same bitstream gives the same pixels. With
+    stitching positions OpenSlide shows exactly the photos taken; without, whole stored images (its tiles are
+    images, each shown if it holds any photo taken): the tissue's box snapped out to that grid (level 0 pixels).
+    """
+    layout = MRXS_LAYOUTS[mrxs.stem]
+    photo = MRXS_IMAGE * layout["divisions"]
+    grid = photo if layout["stitched"] else MRXS_IMAGE * max(layout["divisions"], 2**n)
+    y0, x0, y1, x1 = (v // grid * grid if i < 2 else -(-v // grid) * grid for i, v in enumerate(MRXS_TISSUE_20X))
+    level, decoded = levels[n], np.empty_like(levels[n])
     for y in range(0, level.shape[0], MRXS_IMAGE):
         for x in range(0, level.shape[1], MRXS_IMAGE):
             jpeg = imagecodecs.jpeg8_encode(level[y : y + MRXS_IMAGE, x : x + MRXS_IMAGE], level=JPEG_QUALITY)
-            out[y : y + MRXS_IMAGE, x : x + MRXS_IMAGE] = imagecodecs.jpeg8_decode(jpeg)
+            decoded[y : y + MRXS_IMAGE, x : x + MRXS_IMAGE] = imagecodecs.jpeg8_decode(jpeg)
+    out = np.full_like(level, 255)
+    shown = np.s_[y0 // 2**n : y1 // 2**n, x0 // 2**n : x1 // 2**n]
+    out[shown] = decoded[shown]
     return out
 
 
@@ -83,30 +102,35 @@ def test_auto_reads_mrxs_with_openslide_and_its_slidedat_magnification(mrxs: Pat
     assert info["level_magnifications"] == [20.0, 10.0, 5.0]
 
 
+def test_mrxs_without_objective_takes_magnification_from_its_mpp(mrxs_levels: list[np.ndarray],
+                                                                tmp_path: Path) -> None:
+    """Slidedat.ini without OBJECTIVE_MAGNIFICATION: level 0's MICROMETER_PER_PIXEL_X (0.5 um) gives 20X."""
+    info = slide_info(write_mrxs(tmp_path / "slide.mrxs", mrxs_levels, objective=None))
+    assert (info["base_magnification"], info["mpp"], info["magnification_source"]) == (20.0, 0.5, "openslide.mpp-x")
+
+
 def test_mrxs_5x_read_equals_the_decoded_jpegs_of_its_5x_level(mrxs: Path, mrxs_levels: list[np.ndarray]) -> None:
-    """The 5X crop comes from the stored 5X zoom level and equals the decode of its JPEG images, pixel for pixel."""
+    """The 5X crop comes from the stored 5X zoom level and equals its JPEGs decoded where OpenSlide places them."""
     slide = read_slide(mrxs)
     assert (slide.reader, slide.magnification, slide.source_level) == ("openslide", 5.0, 2)
     y0, x0, y1, x1 = slide.bbox
     assert max(y0 - 32, x0 - 48, 96 - y1, 80 - x1) <= 0  # MRXS_TISSUE_20X at 5X (32, 48, 96, 80) is inside
-    np.testing.assert_array_equal(slide.image, _decoded_mrxs_level(mrxs_levels[2])[y0:y1, x0:x1])
+    np.testing.assert_array_equal(slide.image, _mrxs_level_shown(mrxs, mrxs_levels, 2)[y0:y1, x0:x1])
 
 
-def test_mrxs_camera_fields_not_scanned_are_white_glass(mrxs: Path, mrxs_levels: list[np.ndarray]) -> None:
-    """At 20X only the stored camera fields have pixels; OpenSlide leaves the others transparent: white glass."""
+def test_mrxs_20x_read_shows_the_photos_taken_on_white_glass(mrxs: Path, mrxs_levels: list[np.ndarray]) -> None:
+    """At 20X only the photos taken have pixels; OpenSlide leaves the rest transparent, which is white glass."""
     image = read_slide(mrxs, magnification=20.0, crop_tissue=False).image
-    y0, x0, y1, x1 = MRXS_TISSUE_20X
-    np.testing.assert_array_equal(image[y0:y1, x0:x1], _decoded_mrxs_level(mrxs_levels[0])[y0:y1, x0:x1])
-    outside = np.ones(image.shape[:2], bool)
-    outside[y0:y1, x0:x1] = False
-    assert (image[outside] == 255).all()
+    np.testing.assert_array_equal(image, _mrxs_level_shown(mrxs, mrxs_levels, 0))
 
 
-@pytest.mark.parametrize(("name", "keep"), [("Index.dat", 2 / 3), ("Index.dat", 0.1), ("Data0000.dat", 0.9)])
-def test_truncated_mrxs_files_are_named(mrxs_levels: list[np.ndarray], tmp_path: Path, name: str,
+@pytest.mark.parametrize(("layout", "name", "keep"), [("stitched", "Index.dat", 2 / 3), ("stitched", "Index.dat", 0.1),
+                                                     ("stitched", "Data0000.dat", 0.99),  # the positions cut
+                                                     ("grid", "Data0000.dat", 0.9)])  # 5X images cut
+def test_truncated_mrxs_files_are_named(mrxs_levels: list[np.ndarray], tmp_path: Path, layout: str, name: str,
                                         keep: float) -> None:
     """An MRXS whose Index.dat or data file is cut short is a SlideError naming the .mrxs, whichever reader."""
-    path = write_mrxs(tmp_path / "cut.mrxs", mrxs_levels)
+    path = write_mrxs(tmp_path / "cut.mrxs", mrxs_levels, **MRXS_LAYOUTS[layout])
     damaged = tmp_path / "cut" / name
     data = damaged.read_bytes()
     damaged.write_bytes(data[: int(len(data) * keep)])
@@ -114,6 +138,16 @@ def test_truncated_mrxs_files_are_named(mrxs_levels: list[np.ndarray], tmp_path:
         with pytest.raises(SlideError, match=r"cut\.mrxs: corrupt or incomplete slide \(OpenSlide: .+\)\. "
                                              r"re-download or re-copy"):
             read_slide(path, reader=reader)
+
+
+def test_mrxs_cache_key_covers_its_data_folder(mrxs_levels: list[np.ndarray], tmp_path: Path) -> None:
+    """Re-copying an MRXS slide's data files (its .mrxs untouched) makes `prepare` read it again."""
+    path = write_mrxs(tmp_path / "slide.mrxs", mrxs_levels)
+    before = cache_key(path, 5.0, None, None)
+    data = tmp_path / "slide" / "Data0000.dat"
+    stat = data.stat()
+    os.utime(data, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert cache_key(path, 5.0, None, None) != before
 
 
 def test_auto_reads_scanner_formats_with_openslide(slides: dict[str, Path]) -> None:
@@ -213,7 +247,7 @@ def test_data_reader_takes_only_known_readers() -> None:
         load_config(None, ["data.reader=bioformats"])
 
 
-def test_prepare_records_readers_and_skips_bad_slides_of_every_format(slides: dict[str, Path], mrxs: Path,
+def test_prepare_records_readers_and_skips_bad_slides_of_every_format(slides: dict[str, Path],
                                                                       levels: list[np.ndarray],
                                                                       mrxs_levels: list[np.ndarray],
                                                                       tmp_path: Path) -> None:
@@ -225,7 +259,8 @@ def test_prepare_records_readers_and_skips_bad_slides_of_every_format(slides: di
     cut.write_bytes(cut.read_bytes()[:300])
     truncated = tmp_path / "cut.scn"
     truncated.write_bytes(slides["scn"].read_bytes()[:20000])
-    cut_mrxs = write_mrxs(tmp_path / "cut.mrxs", mrxs_levels)
+    mrxs = write_mrxs(tmp_path / "scan.mrxs", mrxs_levels, **MRXS_LAYOUTS["stitched"])
+    cut_mrxs = write_mrxs(tmp_path / "cut.mrxs", mrxs_levels, **MRXS_LAYOUTS["stitched"])
     index = tmp_path / "cut" / "Index.dat"
     index.write_bytes(index.read_bytes()[:200])
     manifest = tmp_path / "manifest.csv"
