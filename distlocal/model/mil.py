@@ -8,6 +8,7 @@ Every spatial position of a strided-conv summary of the feature map is one insta
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -83,7 +84,9 @@ class AuxClassifier(nn.Module):
         # Attention and the MLP in at least fp32 even under bf16 autocast: bf16 logits (8 significant bits) make
         # near-equal slides tie in the probabilities that AUROC ranks, and this part is a few instances' worth of
         # compute against the backbone's maps.
-        with torch.autocast(x.device.type, enabled=False):
+        # (Only where autocast can be on: the meta device that FLOP counting runs on has no autocast dtype.)
+        off = torch.autocast(x.device.type, enabled=False) if x.device.type in ("cpu", "cuda") else nullcontext()
+        with off:
             instances = instances.to(torch.promote_types(instances.dtype, torch.float32))
             pooled, attention = self.pool(instances, generator)
             return self.classify(pooled)[None], attention.view(z.shape[-2:])
