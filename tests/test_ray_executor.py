@@ -171,3 +171,19 @@ def test_an_unwritable_run_dir_fails_at_start_naming_it(local_ray, manifest, tmp
         RayExecutor(cfg, 2)
     assert time.monotonic() - start < 10  # before any actor starts
     assert all(g["state"] == "REMOVED" for g in ray.util.placement_group_table().values())  # nothing held
+
+
+def test_device_cuda_on_a_cluster_without_gpus_waits_then_fails_naming_the_wait(local_ray, manifest, tmp_path):
+    """train.device=cuda never trains on the CPU: with no GPU in the cluster it waits (bounded), then says why."""
+    cfg = _cfg(manifest, tmp_path, "train.device=cuda", "train.placement_timeout_s=2")
+    start = time.monotonic()
+    with pytest.raises(ClusterError, match=r"train.device=cuda needs GPUs, but the cluster has 0 GPUs after waiting "
+                                           r"2 s .*train.placement_timeout_s"):
+        RayExecutor(cfg, 2)
+    assert 2 <= time.monotonic() - start < 12
+
+
+def test_a_stage_asked_for_cuda_without_gpu_ids_refuses(local_ray, manifest, tmp_path):
+    """train.device=cuda with train.gpus_per_stage=0: the actors get no GPU, and refuse rather than use the CPU."""
+    with pytest.raises(ClusterError, match=r"stage 1 .*train.device=cuda but Ray gave it no GPU .*gpus_per_stage"):
+        RayExecutor(_cfg(manifest, tmp_path, "train.device=cuda", "train.gpus_per_stage=0"), 2)

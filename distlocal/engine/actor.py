@@ -57,6 +57,14 @@ class StageActor:
         torch.set_num_threads(max(1, int(self.cfg.train.cpus_per_stage)))
         gpus = ray.get_gpu_ids()
         self.problem = ""  # raised by info(): the driver's first call, so start-up fails with the reason
+        if not gpus and self.cfg.train.device.startswith("cuda"):
+            # Without GPU ids CUDA is hidden from this process (or, worse, every GPU of the node is visible).
+            self.problem = (
+                f"stage {index + 1} on node {socket.gethostname()} ({_node_id()[:12]}) was asked for "
+                f"train.device={self.cfg.train.device} but Ray gave it no GPU (train.gpus_per_stage="
+                f"{self.cfg.train.gpus_per_stage:g}); give each stage GPUs (train.gpus_per_stage=-1, or a share > 0), "
+                f"or set train.device=cpu")
+            return
         if gpus and self.cfg.train.device != "cpu" and not torch.cuda.is_available():
             # Training on the CPU of a GPU node would be 50-100x slower and look like a hang: refuse instead.
             self.problem = (
