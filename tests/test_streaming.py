@@ -16,10 +16,10 @@ import torch
 
 from distlocal.config import load_config
 from distlocal.data import SlideLoader, read_manifest
-from distlocal.engine.faults import StageOutOfMemory
-from distlocal.engine.ray_executor import RayExecutor
+from distlocal.engine.faults import StageOutOfMemory, out_of_memory_message
+from distlocal.engine.ray_executor import RayExecutor, _fetch
 from tests.conftest import shared_ray
-from tests.interrupt import failing_actor
+from tests.interrupt import OutOfMemoryOnArrival, failing_actor
 
 
 class _Messages(logging.Handler):
@@ -145,3 +145,22 @@ def test_an_early_exit_stops_the_pipeline_at_that_stage(streaming, manifest):
     assert torch.equal(probs, early[slide_id][0])
     assert attention.ndim == 2
     assert [kind for kind, *_ in executor.traces()[1]] == []
+
+
+def test_out_of_memory_before_a_step_runs_names_the_stage_and_the_device(streaming):
+    """An OOM while Ray deserializes a stage's input (outside its step) still names the stage, device and size."""
+    stage2 = streaming.executor.stages[1][0]
+    x, _ = stage2.eval_step.remote(OutOfMemoryOnArrival("CUDA out of memory. Tried to allocate 6.00 GiB"), "s9")
+    with pytest.raises(StageOutOfMemory, match=r"stage 2/2 on cpu \(cpu\) on \S+ ran out of memory receiving its "
+                                               r"input for slide s9.*Tried to allocate 6.00 GiB.*model.k"):
+        _fetch(x, "slide s9")
+
+
+def test_out_of_memory_on_a_shared_gpu_says_so():
+    """A stage with half a GPU learns that its share, not the slide alone, is what ran out."""
+    message = out_of_memory_message(1, 4, "cuda:0 (H100) on n1", "s1", (1, 64, 500, 400),
+                                    torch.OutOfMemoryError("CUDA out of memory"), share=0.5)
+    assert "stage 2/4 ran out of memory on cuda:0 (H100) on n1, slide s1" in message
+    assert "0.5 of its GPU, shared with other stages" in message
+    assert "train.gpus_per_stage" in message
+

@@ -27,7 +27,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from distlocal.config import Config, config_to_dict, stage_replicas
 from distlocal.data import SlideLoader, SlideRecord
 from distlocal.engine.actor import StageActor
-from distlocal.engine.faults import ClusterError, GroupFailure, InputFailed, StageFailure
+from distlocal.engine.faults import ClusterError, GroupFailure, InputFailed, StageFailure, unplaced_out_of_memory
 from distlocal.engine.loading import SlideFeed
 from distlocal.engine.placement import connect, place_stages
 from distlocal.engine.replicas import Schedule
@@ -46,6 +46,8 @@ def _fetch(refs, what: str):
         cause = exc.cause
         if isinstance(cause, InputFailed) and isinstance(refs, list):  # the stage whose error it is, not a later one
             cause = _first_error(refs) or cause
+        if (oom := unplaced_out_of_memory(cause, exc, what)) is not None:  # before the stage's own code ran
+            raise oom from None
         if isinstance(cause, RayError | GroupFailure):
             raise StageFailure(f"{what}: {cause}") from None
         raise cause from None
