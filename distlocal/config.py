@@ -102,6 +102,9 @@ class TrainConfig:
     placement: str = "strict_pack"  # ray executor: strict_pack (one node) | pack | spread (across nodes)
     placement_timeout_s: float = 60.0  # ray executor: give up placing the stages after this long
     max_restarts: int = 3  # ray executor: stage failures survived (restart, reload, replay) before the run ends
+    # Ray executor: how long a recovery waits for Ray to restart a lost stage; a lost node's detection, re-placing its
+    # bundle and a cold actor start elsewhere (working_dir download, imports, CUDA init) take minutes.
+    recovery_timeout_s: float = 900.0
     # Ray executor: data-parallel replicas of each stage, each an actor with its own device: one number for every
     # stage, or a list of K (the slow stage gets more). Their gradients are summed at each optimizer step, so R
     # replicas learn what one stage learns from the same slides. 1: no replicas.
@@ -293,6 +296,7 @@ def _validate(cfg: Config) -> None:
         "model.first_conv_stride": m.first_conv_stride, "train.accumulate": t.accumulate,
         "train.lr_backbone": t.lr_backbone, "train.lr_aux": t.lr_aux, "data.magnification": d.magnification,
         "data.prefetch": d.prefetch, "train.placement_timeout_s": t.placement_timeout_s,
+        "train.recovery_timeout_s": t.recovery_timeout_s,
     }
     non_negative = {
         "model.rfr.alpha": m.rfr.alpha, "train.epochs": t.epochs, "train.max_inflight": t.max_inflight,

@@ -9,6 +9,7 @@ import time
 import pytest
 import ray
 import torch
+import torchvision
 
 from distlocal.config import load_config
 from distlocal.data import SlideLoader, read_manifest
@@ -185,5 +186,37 @@ def test_device_cuda_on_a_cluster_without_gpus_waits_then_fails_naming_the_wait(
 
 def test_a_stage_asked_for_cuda_without_gpu_ids_refuses(local_ray, manifest, tmp_path):
     """train.device=cuda with train.gpus_per_stage=0: the actors get no GPU, and refuse rather than use the CPU."""
-    with pytest.raises(ClusterError, match=r"stage 1 .*train.device=cuda but Ray gave it no GPU .*gpus_per_stage"):
+    with pytest.raises(ClusterError, match=r"stage \d .*train.device=cuda but Ray gave it no GPU .*gpus_per_stage"):
         RayExecutor(_cfg(manifest, tmp_path, "train.device=cuda", "train.gpus_per_stage=0"), 2)
+
+
+def test_a_restarted_stage_comes_back_from_the_checkpoint_without_its_weights_file(local_ray, manifest, tmp_path):
+    """A stage restarted where model.weights (or ImageNet's download) is missing rebuilds from the checkpoint."""
+    weights = tmp_path / "resnet18.pt"
+    torch.save(torchvision.models.resnet18().state_dict(), weights)
+    cfg = _cfg(manifest, tmp_path, f"model.weights={weights}", "train.checkpoint_every=1", "train.max_inflight=2")
+    trainer = Trainer(cfg, tmp_path / "run")
+    victim = trainer.executor.info[1]["pid"]
+
+    def lose_the_node():
+        weights.unlink()  # the node it restarts on has no such file (nor, for imagenet, internet)
+        os.kill(victim, signal.SIGKILL)
+
+    outcome = fit_and_interrupt(trainer, tmp_path / "run", 2, lose_the_node)
+    assert "summary" in outcome, outcome.get("error")
+    assert outcome["summary"]["completed"]
+    assert len(outcome["summary"]["failures"]) == 1
+
+
+def test_a_stage_that_does_not_come_back_fails_after_train_recovery_timeout_s(local_ray, manifest, tmp_path):
+    """Recovery waits train.recovery_timeout_s for a restarted stage, then names the setting."""
+    executor = RayExecutor(_cfg(manifest, tmp_path, "train.max_restarts=0", "train.recovery_timeout_s=2"), 2)
+    try:
+        ray.kill(executor.actors[1], no_restart=True)
+        start = time.monotonic()
+        with pytest.raises(ClusterError, match=r"stage 2 did not come back within 2 s .*train.recovery_timeout_s"):
+            executor.recover(tmp_path / "checkpoints" / "last")
+        assert time.monotonic() - start < 10
+    finally:
+        executor.close()
+

@@ -16,7 +16,7 @@ import torch
 
 from distlocal.config import load_config
 from distlocal.data import SlideLoader, read_manifest
-from distlocal.engine.faults import StageOutOfMemory, out_of_memory_message
+from distlocal.engine.faults import ClusterError, StageOutOfMemory, out_of_memory_message
 from distlocal.engine.ray_executor import RayExecutor, _fetch
 from tests.conftest import shared_ray
 from tests.interrupt import OutOfMemoryOnArrival, failing_actor
@@ -163,4 +163,11 @@ def test_out_of_memory_on_a_shared_gpu_says_so():
     assert "stage 2/4 ran out of memory on cuda:0 (H100) on n1, slide s1" in message
     assert "0.5 of its GPU, shared with other stages" in message
     assert "train.gpus_per_stage" in message
+
+
+def test_a_node_without_the_shared_run_dir_fails_to_load_naming_the_mount(streaming, tmp_path):
+    """A (replacement) node that lacks the checkpoint folder says which mount it needs, not a bare FileNotFoundError."""
+    with pytest.raises(ClusterError, match=r"stage \d on node \S+ \(\w+\) cannot read its checkpoint file "
+                                           r"\S+/stage\d.pt .*must mount the shared storage of run.dir at /"):
+        streaming.executor.load_stages(tmp_path / "not-mounted" / "checkpoints" / "last")
 

@@ -24,6 +24,7 @@ from distlocal.engine.faults import (
     ClusterError,
     GroupFailure,
     InputFailed,
+    StageFailure,
     StageOutOfMemory,
     is_out_of_memory,
     out_of_memory_message,
@@ -31,7 +32,7 @@ from distlocal.engine.faults import (
 from distlocal.engine.replicas import ReplicaGroup
 from distlocal.model import build_stage
 
-__all__ = ["StageActor", "to_cpu"]
+__all__ = ["StageActor", "restart_config", "to_cpu"]
 
 
 def to_cpu(tree):
@@ -43,6 +44,15 @@ def to_cpu(tree):
     if isinstance(tree, list | tuple):
         return type(tree)(to_cpu(v) for v in tree)
     return tree
+
+
+def restart_config(cfg: dict) -> dict:
+    """
+    The config of a stage started again after a failure: the checkpoint it loads next holds every weight, so it
+    builds without ImageNet weights or model.weights (a replacement node may have no internet, nor that file).
+    """
+    model = {**cfg["model"], "pretrained": "none", "weights": ""}
+    return {**cfg, "model": model}
 
 
 def _cuda_problem() -> str:
@@ -58,6 +68,11 @@ class StageActor:
     """Wraps one Stage; methods are called by the RayExecutor only."""
 
     def __init__(self, cfg: dict, num_classes: int, index: int, rank: int = 0, size: int = 1):
+        # Restarted by Ray: built without its weights, which recover() loads from the checkpoint next; until then
+        # it refuses work, so a restart before any checkpoint can never train or save random weights unnoticed.
+        self.unloaded = ray.get_runtime_context().was_current_actor_reconstructed
+        if self.unloaded:
+            cfg = restart_config(cfg)
         self.cfg = config_from_dict(cfg)
         self.index, self.rank, self.size = index, rank, size  # replica `rank` of `size` of stage `index`
         self.group: ReplicaGroup | None = None
@@ -123,7 +138,13 @@ class StageActor:
         except OSError:
             return False
 
+    def _loaded(self) -> None:
+        if self.unloaded:
+            raise StageFailure(f"stage {self.index + 1} was restarted by Ray and has not loaded a checkpoint yet: its "
+                               f"weights are not the run's")
+
     def _begin(self) -> tuple[float, float]:
+        self._loaded()
         start = time.time()
         return start, start - self.idle_since
 
@@ -285,10 +306,12 @@ class StageActor:
         return digest.hexdigest()
 
     def state_dict(self) -> dict:
+        self._loaded()
         return to_cpu(self.stage.state_dict())
 
     def save(self, directory: str) -> str:
         """Write this stage's part of a checkpoint folder (a path every node can reach)."""
+        self._loaded()
         path = stage_file(directory, self.index)
         torch.save(self.stage.state_dict(), path)
         return str(path)
@@ -296,7 +319,17 @@ class StageActor:
     def load(self, directory: str) -> int:
         """Load this stage's file; returns the open window's slide count (rank 0 holds it, the others drop it)."""
         path = stage_file(directory, self.index)
-        self.stage.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except FileNotFoundError as exc:  # e.g. a replacement node that was not given the shared mount
+            run_dir = Path(self.cfg.run.dir)
+            raise ClusterError(
+                f"stage {self.index + 1} on node {socket.gethostname()} ({_node_id()[:12]}) cannot read its "
+                f"checkpoint file {path} ({exc.strerror}); run.dir {run_dir} "
+                f"{'exists but lacks it' if run_dir.is_dir() else 'does not exist'} on this node. Every node, "
+                f"replacement nodes too, must mount the shared storage of run.dir at {run_dir}") from None
+        self.stage.load_state_dict(state)
+        self.unloaded = False
         filled = self.stage.optim.accumulated
         if self.rank > 0:
             self.stage.optim.drop_pending()

@@ -26,7 +26,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from distlocal.config import Config, config_to_dict, stage_replicas
 from distlocal.data import SlideLoader, SlideRecord
-from distlocal.engine.actor import StageActor
+from distlocal.engine.actor import StageActor, restart_config
 from distlocal.engine.faults import ClusterError, GroupFailure, InputFailed, StageFailure, unplaced_out_of_memory
 from distlocal.engine.loading import SlideFeed
 from distlocal.engine.placement import connect, place_stages
@@ -38,10 +38,12 @@ __all__ = ["RayExecutor"]
 log = logging.getLogger(__name__)
 
 
-def _fetch(refs, what: str):
+def _fetch(refs, what: str, timeout_s: float | None = None):
     """ray.get that turns a dead actor into StageFailure and a task's own error into that error."""
     try:
-        return ray.get(refs)
+        return ray.get(refs, timeout=timeout_s)
+    except GetTimeoutError:
+        raise ClusterError(f"{what}: no answer within {timeout_s:g} s") from None
     except RayTaskError as exc:
         cause = exc.cause
         if isinstance(cause, InputFailed) and isinstance(refs, list):  # the stage whose error it is, not a later one
@@ -124,7 +126,8 @@ class RayExecutor:
             self.group, self.cpus, self.gpus = place_stages(cfg.train, sum(self.replicas), self.replicated)
             self._start_actors()
             self.feed = SlideFeed(cfg.data, self.group, _fetch)  # starts while the stages build their models
-            self.info = _fetch([a.info.remote() for a in self.actors], "starting the stage actors")
+            self.info = self._all("info", what="starting the stage actors (train.recovery_timeout_s)",
+                                  timeout_s=cfg.train.recovery_timeout_s)
             self._check_shared_run_dir(marker, token)
             self._form_groups()
         except BaseException:
@@ -169,9 +172,10 @@ class RayExecutor:
                     f"the {len(replicas)} replicas of stage {i + 1} share GPUs ({[list(w[1]) for w in where]}), but "
                     f"NCCL takes one rank per GPU; give each replica a whole GPU (train.gpus_per_stage=1) or lower "
                     f"train.replicas={self.cfg.train.replicas}")
-            address = _fetch(replicas[0].host_group.remote(), f"hosting stage {i + 1}'s replica group")
+            wait = self.cfg.train.collective_timeout_s
+            address = _fetch(replicas[0].host_group.remote(), f"hosting stage {i + 1}'s replica group", wait)
             _fetch([a.join_group.remote(address, self.generation) for a in replicas],
-                   f"forming stage {i + 1}'s replica group")
+                   f"forming stage {i + 1}'s replica group (train.collective_timeout_s)", wait)
 
     def _write_marker(self) -> tuple[Path, str]:
         """A file in run.dir that every stage actor must find (_check_shared_run_dir)."""
@@ -334,8 +338,9 @@ class RayExecutor:
 
     # -- state --------------------------------------------------------------------------------------------------
 
-    def _all(self, method: str, *args, what: str, actors: list | None = None) -> list:
-        return _fetch([getattr(a, method).remote(*args) for a in (self.actors if actors is None else actors)], what)
+    def _all(self, method: str, *args, what: str, actors: list | None = None, timeout_s: float | None = None) -> list:
+        return _fetch([getattr(a, method).remote(*args) for a in (self.actors if actors is None else actors)], what,
+                      timeout_s)
 
     def _firsts(self) -> list:
         """Rank 0 of every stage: after `_pool` it holds its stage's whole state."""
@@ -392,9 +397,10 @@ class RayExecutor:
         """Per actor (stage by stage, replicas side by side), (kind, slide_id, start, end) since the last call."""
         return self._all("pop_trace", what="collecting the stages' traces")
 
-    def recover(self, directory: Path, timeout_s: float = 60.0) -> None:
+    def recover(self, directory: Path) -> None:
         """After a StageFailure: wait for Ray to restart the dead actors, then reload every stage from `directory`."""
         self.asked = self.entered = None  # an evaluation entered before the failure ran on the lost state
+        timeout_s = self.cfg.train.recovery_timeout_s
         if self.replicated:
             self._restart_replicas(directory)
             return
@@ -407,12 +413,14 @@ class RayExecutor:
                 except (RayActorError, GetTimeoutError) as exc:
                     if time.monotonic() > deadline:
                         raise ClusterError(
-                            f"stage {i + 1} did not come back within {timeout_s:g} s ({type(exc).__name__}); Ray "
-                            f"restarts an actor at most train.max_restarts={self.cfg.train.max_restarts} times"
+                            f"stage {i + 1} did not come back within {timeout_s:g} s ({type(exc).__name__}; "
+                            f"train.recovery_timeout_s); Ray restarts an actor at most train.max_restarts="
+                            f"{self.cfg.train.max_restarts} times"
                         ) from None
                     time.sleep(0.5)
         self.load_stages(directory)
-        self.info = self._all("info", what="restarting the stage actors")
+        self.info = self._all("info", what="restarting the stage actors (train.recovery_timeout_s)",
+                              timeout_s=self.cfg.train.recovery_timeout_s)
         # A restarted actor is a new process, perhaps on another node or GPU: the group is built again, and
         # the hops chosen again from where the stages now run.
         self._destroy_collective()
@@ -426,8 +434,10 @@ class RayExecutor:
         self.steps = []
         for actor in self.actors:
             ray.kill(actor, no_restart=True)
+        self.config = restart_config(self.config)  # the checkpoint is loaded next: no weights to fetch again
         self._start_actors()
-        self.info = self._all("info", what="restarting the stage actors")
+        self.info = self._all("info", what="restarting the stage actors (train.recovery_timeout_s)",
+                              timeout_s=self.cfg.train.recovery_timeout_s)
         self._form_groups()
         self.load_stages(directory)
 
