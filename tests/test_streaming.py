@@ -18,6 +18,7 @@ from distlocal.config import load_config
 from distlocal.data import SlideLoader, read_manifest
 from distlocal.engine.faults import ClusterError, StageOutOfMemory, out_of_memory_message
 from distlocal.engine.ray_executor import RayExecutor, _fetch
+from distlocal.engine.timing import split_transfer
 from tests.conftest import shared_ray
 from tests.interrupt import OutOfMemoryOnArrival, failing_actor
 
@@ -171,3 +172,15 @@ def test_a_node_without_the_shared_run_dir_fails_to_load_naming_the_mount(stream
                                            r"\S+/stage\d.pt .*must mount the shared storage of run.dir at /"):
         streaming.executor.load_stages(tmp_path / "not-mounted" / "checkpoints" / "last")
 
+
+def test_a_stages_wait_is_split_into_starved_and_transfer_time(streaming):
+    """Stage 2's idle time before a slide: its transfer part (serialization, copies) is no longer booked as waiting."""
+    rows = [metrics for _, metrics in streaming.executor.train(streaming.train[:2],
+                                                              SlideLoader(streaming.cfg.data, True, 0), 0)]
+    raw = [dict(m) for m in rows[1]]
+    split = split_transfer(rows[1])[1]
+    assert 0.0 <= split["transfer_s"] <= raw[1]["wait_s"]
+    assert split["wait_s"] + split["transfer_s"] == pytest.approx(raw[1]["wait_s"], abs=1e-9)
+    assert raw[0]["sent_at"] <= raw[1]["started_at"]  # one machine, one clock: the activation left before it arrived
+    assert split["transfer_s"] == pytest.approx(
+        raw[1]["started_at"] - max(raw[0]["sent_at"], raw[1]["started_at"] - raw[1]["wait_s"]), abs=1e-9)

@@ -189,7 +189,9 @@ class StageActor:
         with self._named(slide_id, x):
             out, metrics = self.stage.train_step(x, y, None if epoch is None else (epoch, slide_id))
             sent = self._send(out)
-        metrics.update(wait_s=waited, steps=float(self.stage.optim.steps), replica=float(self.rank))
+        # started_at / sent_at: the driver splits the next stage's wait into starved and transfer (engine/timing.py).
+        metrics.update(wait_s=waited, steps=float(self.stage.optim.steps), replica=float(self.rank),
+                       started_at=start, sent_at=time.time())
         self._end("train", slide_id, start)
         return sent, metrics
 
