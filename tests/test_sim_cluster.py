@@ -60,17 +60,19 @@ def _cfg(manifest, run_dir, *overrides):
 
 def test_spread_stages_land_on_different_nodes_and_a_raising_stage_is_reported(on_cluster, manifest, tmp_path):
     """
-    K=4 at half a GPU, spread: each GPU node holds two stages sharing its GPU, each reports node and GPU id. Stage 1
-    sends to stage 2 on the other node over gloo and raises: the driver gets that error, not a missing result.
+    K=4 at half a GPU, spread: each GPU node holds two neighbouring stages sharing its GPU, so one hop of three
+    crosses the network; each stage reports node and GPU id. Stage 2 sends to stage 3 on the other node over gloo
+    and raises: the driver gets that error, not a missing result.
     """
     cfg = _cfg(manifest, tmp_path, "model.k=4", "train.gpus_per_stage=0.5", "train.placement=spread",
                "train.transport=gloo", "train.max_inflight=1")
-    executor = RayExecutor(cfg, 2, actor_cls=failing_actor(0, ValueError("stage 1 cannot read this slide")))
+    executor = RayExecutor(cfg, 2, actor_cls=failing_actor(1, ValueError("stage 2 cannot read this slide")))
     try:
         info = executor.info
         assert executor.transport == "gloo"
-        assert info[0]["node_id"] != info[1]["node_id"]  # the failing hop crosses nodes
-        with pytest.raises(ValueError, match="stage 1 cannot read this slide"):
+        crossing = [i + 1 for i in range(3) if info[i]["node_id"] != info[i + 1]["node_id"]]
+        assert crossing == [2]  # stages 1, 2 on one node, 3, 4 on the other: the failing hop crosses nodes
+        with pytest.raises(ValueError, match="stage 2 cannot read this slide"):
             list(executor.train(read_manifest(manifest).split("train")[:1], SlideLoader(cfg.data, True, 0), 0))
     finally:
         executor.close()

@@ -29,7 +29,7 @@ from distlocal.data import SlideLoader, SlideRecord
 from distlocal.engine.actor import StageActor, restart_config
 from distlocal.engine.faults import ClusterError, GroupFailure, InputFailed, StageFailure, unplaced_out_of_memory
 from distlocal.engine.loading import SlideFeed
-from distlocal.engine.placement import connect, place_stages
+from distlocal.engine.placement import bundle_order, connect, place_stages
 from distlocal.engine.replicas import Schedule
 from distlocal.engine.transport import Hop, log_hops, open_group, plan_hops, summary
 
@@ -151,11 +151,12 @@ class RayExecutor:
         # whole pipeline afresh instead (recover).
         restarts = 0 if self.replicated else self.cfg.train.max_restarts
         self.actors, self.stages = [], []
+        bundles = bundle_order(self.group)  # neighbouring stages on one node
         for i, count in enumerate(self.replicas):
             self.stages.append([remote_cls.options(
                 num_cpus=self.cpus, num_gpus=self.gpus, max_restarts=restarts, max_task_retries=0,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
-                    self.group, placement_group_bundle_index=len(self.actors) + r),
+                    self.group, placement_group_bundle_index=bundles[len(self.actors) + r]),
             ).remote(self.config, self.num_classes, i, r, count) for r in range(count)])
             self.actors += self.stages[-1]
 
