@@ -220,3 +220,37 @@ def test_a_stage_that_does_not_come_back_fails_after_train_recovery_timeout_s(lo
     finally:
         executor.close()
 
+
+def _first_send_fails_actor() -> type:
+    """Stage 2 cannot take stage 1's first gloo tensor (a firewall, a wrong interface), and has a long call to run."""
+    from distlocal.engine.actor import StageActor
+
+    class FirstSendFails(StageActor):
+        def probe_receive(self, x):
+            raise RuntimeError("Connection refused: gloo could not connect to 10.0.0.7:41234")
+
+        def busy(self, seconds: float) -> None:
+            time.sleep(seconds)
+
+    return FirstSendFails
+
+
+def test_a_hop_whose_first_send_fails_at_start_falls_back_and_close_does_not_wait_for_busy_stages(
+        local_ray, manifest, tmp_path):
+    """
+    The start sends one tensor per gloo hop: its failure is the hop's fallback cause, not a stage killed at the first
+    slide. close() ends the actors before it destroys the group, so a stage in a long call does not hold it up.
+    """
+    executor = RayExecutor(_cfg(manifest, tmp_path, "train.transport=gloo"), 2, actor_cls=_first_send_fails_actor())
+    try:
+        assert executor.transport is None
+        assert executor.hops[0].transport == "object_store"
+        assert "first gloo send failed at start (RuntimeError: Connection refused" in executor.hops[0].why
+        assert "GLOO_SOCKET_IFNAME" in executor.hops[0].why
+        busy = executor.actors[1].busy.remote(120)
+    finally:
+        start = time.monotonic()
+        executor.close()
+    assert time.monotonic() - start < 20
+    with pytest.raises(ray.exceptions.RayActorError):
+        ray.get(busy, timeout=20)

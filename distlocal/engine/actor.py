@@ -230,6 +230,13 @@ class StageActor:
     def eval_direct(self, x, slide_id):
         return self._direct("eval_step", slide_id, x, slide_id)
 
+    def probe_send(self) -> torch.Tensor:
+        """The first tensor of a direct hop, sent when the stages connect (transport.handshake)."""
+        return torch.arange(8, dtype=torch.float32, device=self.device)
+
+    def probe_receive(self, x: torch.Tensor) -> float:
+        return float(x.sum())
+
     def pop_result(self, slide_id: str):
         if slide_id not in self.results:  # the step never ran: its input (an earlier stage's output) failed
             raise InputFailed(f"stage {self.index + 1} has no result for slide {slide_id}: its step did not run "

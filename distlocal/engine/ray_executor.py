@@ -31,7 +31,7 @@ from distlocal.engine.faults import ClusterError, GroupFailure, InputFailed, Sta
 from distlocal.engine.loading import SlideFeed
 from distlocal.engine.placement import bundle_order, connect, place_stages
 from distlocal.engine.replicas import Schedule
-from distlocal.engine.transport import Hop, log_hops, open_group, plan_hops, summary
+from distlocal.engine.transport import CLOSE_S, Hop, close_group, handshake, log_hops, open_group, plan_hops, summary
 
 __all__ = ["RayExecutor"]
 
@@ -209,6 +209,7 @@ class RayExecutor:
             self.collective, self.hops = None, [Hop("object_store", "")] * (self.k - 1)
             return
         self.collective, self.hops = open_group(self.actors, plan_hops(asked, self.info))
+        self.hops = handshake(self.actors, self.hops)  # each pair's communicator, built now, while it can fall back
         log_hops(self.hops, asked)
 
     @property
@@ -442,26 +443,24 @@ class RayExecutor:
         self._form_groups()
         self.load_stages(directory)
 
-    def _destroy_collective(self) -> None:
+    def _destroy_collective(self, leave: bool = True) -> None:
         if self.collective is None:
             return
-        from ray.experimental.collective import destroy_collective_group
-
+        close_group(self.collective)
         try:
-            destroy_collective_group(self.collective)
-            _fetch([a.leave_collective.remote() for a in self.actors], "leaving the collective group")
-        except (RayError, StageFailure) as exc:  # a member that died again: its half of the group went with it
+            if leave:
+                _fetch([a.leave_collective.remote() for a in self.actors], "leaving the collective group", CLOSE_S)
+        except (RayError, StageFailure, ClusterError) as exc:  # a member that died again, or hangs
             log.warning("destroying the %s group: %s", self.collective.backend, exc)
         self.collective = None
 
     def close(self) -> None:
         try:
-            self._destroy_collective()
-        finally:
-            for actor in self.actors:
+            for actor in self.actors:  # first: a member stuck in a transfer would hold up the group's destruction
                 ray.kill(actor, no_restart=True)
+            self._destroy_collective(leave=False)
+        finally:
             if self.feed is not None:
                 self.feed.close()
             if self.group is not None:
                 remove_placement_group(self.group)
-
