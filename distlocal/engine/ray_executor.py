@@ -126,8 +126,7 @@ class RayExecutor:
             self.group, self.cpus, self.gpus = place_stages(cfg.train, sum(self.replicas), self.replicated)
             self._start_actors()
             self.feed = SlideFeed(cfg.data, self.group, _fetch)  # starts while the stages build their models
-            self.info = self._all("info", what="starting the stage actors (train.recovery_timeout_s)",
-                                  timeout_s=cfg.train.recovery_timeout_s)
+            self.info = _fetch([a.info.remote() for a in self.actors], "starting the stage actors")
             self._check_shared_run_dir(marker, token)
             self._form_groups()
         except BaseException:
