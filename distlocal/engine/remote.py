@@ -2,7 +2,9 @@
 Fetching results from the stage actors: ray.get that turns Ray's errors into the run's own.
 
 A dead actor (or a lost object, a crashed worker, a broken replica group) becomes StageFailure, which the trainer
-recovers from; a stage's own error (a bad slide, out of memory) is raised as itself, from the stage that raised it.
+recovers from; a stage's own error (a bad slide, out of memory) is raised as itself, from the stage that raised it,
+and an out-of-memory before the stage's code ran (deserializing its input) is named by the stage. A bounded wait
+(a restart, a group forming) that runs out is a ClusterError naming what it waited for.
 """
 
 from __future__ import annotations
