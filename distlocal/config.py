@@ -146,6 +146,9 @@ class TrainConfig:
     placement: str = choice("strict_pack", "pack", "spread")  # ray executor: strict_pack: one node; spread: across
     placement_timeout_s: float = positive(60.0)  # ray executor: give up placing the stages after this long
     max_restarts: int = non_negative(3)  # ray executor: stage failures survived (restart, reload, replay)
+    # Ray executor: how long a recovery waits for Ray to restart a lost stage; a lost node's detection, re-placing its
+    # bundle and a cold actor start elsewhere (working_dir download, imports, CUDA init) take minutes.
+    recovery_timeout_s: float = positive(900.0)
     # Ray executor: data-parallel replicas of each stage, each an actor with its own device: one number for every
     # stage, or a list of K (the slow stage gets more). Their gradients are summed at each optimizer step, so R
     # replicas learn what one stage learns from the same slides. 1: no replicas.

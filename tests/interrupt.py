@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["failing_actor", "fit_and_interrupt"]
+__all__ = ["OutOfMemoryOnArrival", "failing_actor", "fit_and_interrupt"]
 
 
 def fit_and_interrupt(trainer, run_dir: Path, lines: int, interrupt: Callable[[], None]) -> dict:
@@ -63,3 +63,19 @@ def failing_actor(stage: int, error: BaseException, slides: set[str] | None = No
             return super().train_step(x, y, slide_id, epoch)
 
     return Failing
+
+
+def _out_of_memory(message: str):
+    import torch
+
+    raise torch.OutOfMemoryError(message)
+
+
+class OutOfMemoryOnArrival:
+    """An argument whose unpickling runs out of memory, as a GPU tensor deserialized onto a full cuda:0 does."""
+
+    def __init__(self, message: str):
+        self.message = message
+
+    def __reduce__(self):
+        return _out_of_memory, (self.message,)

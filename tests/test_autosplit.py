@@ -2,10 +2,13 @@
 
 import itertools
 import random
+import time
+from pathlib import Path
 
 import pytest
 
 from distlocal.config import ConfigError, load_config
+from distlocal.engine.planner import profile_on_cluster
 from distlocal.engine.trainer import Trainer
 from distlocal.model.balance import BlockCost, best_split
 from distlocal.slides import write_synthetic_dataset
@@ -56,3 +59,23 @@ def test_trainer_profiles_and_records_the_cut(tmp_path, caplog):
     assert sum(sizes) == 8
     assert [len(s.spec.blocks) for s in trainer.executor.stages] == sizes
     assert "chosen blocks per stage" in caplog.text
+
+
+def _alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie, exited but not yet reaped by its raylet, does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
+
+
+def test_the_profiling_task_does_not_keep_its_worker(local_ray, slide):
+    """The Ray task of split=auto / plan=auto exits after profiling: its CUDA context and cache go with it."""
+    cfg = load_config(None, ["train.executor=ray", "train.device=cpu", "model.backbone=resnet18", "model.k=2",
+                             "model.rfr.patch_size=24", "train.cpus_per_stage=1"])
+    costs, _, pid = profile_on_cluster(cfg, 2, slide)
+    assert len(costs) == 8  # resnet18's residual blocks
+    deadline = time.monotonic() + 20
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _alive(pid), f"the profiling task's worker {pid} is still running"

@@ -183,3 +183,16 @@ def test_kuberay_manifests_carry_the_required_keys():
     assert uri == "http://mlflow:5000"
     volume = docs["Deployment"]["spec"]["template"]["spec"]["volumes"][0]
     assert volume["persistentVolumeClaim"]["claimName"] == docs["PersistentVolumeClaim"]["metadata"]["name"]
+
+
+def test_kuberay_image_recipe_installs_into_rays_python_at_the_clusters_ray_version():
+    """The Dockerfile the RayJob runs: the lock's ray is the image's and the RayJob's, installed without a .venv."""
+    recipe = (CLUSTER / "kuberay" / "Dockerfile").read_text()
+    job = yaml.safe_load((CLUSTER / "kuberay" / "rayjob.yaml").read_text())
+    lock = (ROOT / "uv.lock").read_text()
+    locked = lock.split('\nname = "ray"\nversion = "', 1)[1].split('"', 1)[0]
+    assert f"ARG RAY_VERSION={locked}\n" in recipe
+    assert job["spec"]["rayClusterSpec"]["rayVersion"] == locked
+    assert "uv pip install --system" in recipe
+    assert "uv sync" not in recipe.replace("`uv sync`", "")  # named in a comment only
+    assert "train.device=cuda" in job["spec"]["entrypoint"]  # never a silent CPU run while GPU pods start

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import os
+
+import numpy as np
 import ray
+from ray.util.placement_group import placement_group, remove_placement_group
 
 from distlocal.bench.whole_run import bench_whole_run, format_whole_run
 from distlocal.config import load_config
-from distlocal.data import read_manifest
+from distlocal.data import SlideLoader, read_manifest
+from distlocal.engine.loading import SlideFeed
 from distlocal.engine.ray_executor import RayExecutor
+from distlocal.slides import SlideImage
+from distlocal.slides.cache import cache_key, write_cached
 from tests.harness import leftover_processes
 
 
@@ -52,3 +59,30 @@ def test_no_phase_of_a_run_starts_a_worker_process(no_shared_ray, manifest, tmp_
     assert result["ideal_slides_per_s"] >= result["slides_per_s"]
     assert "| epoch 1 valid | " in format_whole_run(result)
     assert (tmp_path / "bench" / "whole_run.json").is_file()
+
+
+def test_the_loader_actor_reads_a_relative_cache_dir_as_the_driver_does_with_its_cpus(local_ray, manifest, tmp_path,
+                                                                                       monkeypatch):
+    """
+    data.cache_dir=cache (relative, as in a job's config) is the driver's folder for the loader actor too, which
+    runs elsewhere (a job's working_dir copy); its normalisation gets more than Ray's one thread for num_cpus=0.
+    """
+    record = read_manifest(manifest).split("train")[0]
+    cfg = load_config(None, [f"data.manifest={manifest}", "data.cache_dir=cache", "data.augment=false"]).data
+    monkeypatch.chdir(tmp_path)  # the driver's working dir, not the loader actor's
+    key = cache_key(record.path, cfg.magnification, cfg.level, cfg.base_magnification)
+    flat = SlideImage(np.full((32, 40, 3), 200, np.uint8), np.ones((32, 40), bool), cfg.magnification, 0,
+                      (0, 0, 32, 40))
+    write_cached("cache", record.slide_id, key, flat)  # unlike the slide: its tensor shows where it came from
+    group = placement_group([{"CPU": 1}])
+    ray.get(group.ready())
+    feed = SlideFeed(cfg, group, lambda refs, what: ray.get(refs))
+    try:
+        [(_, x)] = list(feed.slides([record], SlideLoader(cfg, False, 0), 0, ahead=1))
+        x = ray.get(x)
+        assert tuple(x.shape) == (1, 3, 32, 40), "not the cached crop"
+        assert float(x.flatten(2).std(dim=2).max()) == 0.0  # one value per channel: the flat crop
+        assert feed.trace()["threads"] == min(os.cpu_count(), 8)
+    finally:
+        feed.close()
+        remove_placement_group(group)

@@ -9,6 +9,7 @@ import time
 import pytest
 import ray
 import torch
+import torchvision
 
 from distlocal.data import SlideLoader, read_manifest
 from distlocal.engine.checkpoint import load_checkpoint
@@ -147,3 +148,85 @@ def test_an_unwritable_run_dir_fails_at_start_naming_it(local_ray, manifest, tmp
         RayExecutor(cfg, 2)
     assert time.monotonic() - start < 10  # before any actor starts
     assert all(g["state"] == "REMOVED" for g in ray.util.placement_group_table().values())  # nothing held
+
+
+def test_device_cuda_on_a_cluster_without_gpus_waits_then_fails_naming_the_wait(local_ray, manifest, tmp_path):
+    """train.device=cuda never trains on the CPU: with no GPU in the cluster it waits (bounded), then says why."""
+    cfg = _cfg(manifest, tmp_path, "train.device=cuda", "train.placement_timeout_s=2")
+    start = time.monotonic()
+    with pytest.raises(ClusterError, match=r"train.device=cuda needs GPUs, but the cluster has 0 GPUs after waiting "
+                                           r"2 s .*train.placement_timeout_s"):
+        RayExecutor(cfg, 2)
+    assert 2 <= time.monotonic() - start < 12
+
+
+def test_a_stage_asked_for_cuda_without_gpu_ids_refuses(local_ray, manifest, tmp_path):
+    """train.device=cuda with train.gpus_per_stage=0: the actors get no GPU, and refuse rather than use the CPU."""
+    with pytest.raises(ClusterError, match=r"stage \d .*train.device=cuda but Ray gave it no GPU .*gpus_per_stage"):
+        RayExecutor(_cfg(manifest, tmp_path, "train.device=cuda", "train.gpus_per_stage=0"), 2)
+
+
+def test_a_restarted_stage_comes_back_from_the_checkpoint_without_its_weights_file(local_ray, manifest, tmp_path):
+    """A stage restarted where model.weights (or ImageNet's download) is missing rebuilds from the checkpoint."""
+    weights = tmp_path / "resnet18.pt"
+    torch.save(torchvision.models.resnet18().state_dict(), weights)
+    cfg = _cfg(manifest, tmp_path, f"model.weights={weights}", "train.checkpoint_every=1", "train.max_inflight=2")
+    trainer = Trainer(cfg, tmp_path / "run")
+    victim = trainer.executor.info[1]["pid"]
+
+    def lose_the_node():
+        weights.unlink()  # the node it restarts on has no such file (nor, for imagenet, internet)
+        os.kill(victim, signal.SIGKILL)
+
+    outcome = fit_and_interrupt(trainer, tmp_path / "run", 2, lose_the_node)
+    assert "summary" in outcome, outcome.get("error")
+    assert outcome["summary"]["completed"]
+    assert len(outcome["summary"]["failures"]) == 1
+
+
+def test_a_stage_that_does_not_come_back_fails_after_train_recovery_timeout_s(local_ray, manifest, tmp_path):
+    """Recovery waits train.recovery_timeout_s for a restarted stage, then names the setting."""
+    executor = RayExecutor(_cfg(manifest, tmp_path, "train.max_restarts=0", "train.recovery_timeout_s=2"), 2)
+    try:
+        ray.kill(executor.actors.all[1], no_restart=True)
+        start = time.monotonic()
+        with pytest.raises(ClusterError, match=r"stage 2 did not come back within 2 s .*train.recovery_timeout_s"):
+            executor.recover(tmp_path / "checkpoints" / "last")
+        assert time.monotonic() - start < 10
+    finally:
+        executor.close()
+
+
+def _first_send_fails_actor() -> type:
+    """Stage 2 cannot take stage 1's first gloo tensor (a firewall, a wrong interface), and has a long call to run."""
+    from distlocal.engine.actor import StageActor
+
+    class FirstSendFails(StageActor):
+        def probe_receive(self, x):
+            raise RuntimeError("Connection refused: gloo could not connect to 10.0.0.7:41234")
+
+        def busy(self, seconds: float) -> None:
+            time.sleep(seconds)
+
+    return FirstSendFails
+
+
+def test_a_hop_whose_first_send_fails_at_start_falls_back_and_close_does_not_wait_for_busy_stages(
+        local_ray, manifest, tmp_path):
+    """
+    The start sends one tensor per gloo hop: its failure is the hop's fallback cause, not a stage killed at the first
+    slide. close() ends the actors before it destroys the group, so a stage in a long call does not hold it up.
+    """
+    executor = RayExecutor(_cfg(manifest, tmp_path, "train.transport=gloo"), 2, actor_cls=_first_send_fails_actor())
+    try:
+        assert executor.transport is None
+        assert executor.hops[0].transport == "object_store"
+        assert "first gloo send failed at start (RuntimeError: Connection refused" in executor.hops[0].why
+        assert "GLOO_SOCKET_IFNAME" in executor.hops[0].why
+        busy = executor.actors.all[1].busy.remote(120)
+    finally:
+        start = time.monotonic()
+        executor.close()
+    assert time.monotonic() - start < 20
+    with pytest.raises(ray.exceptions.RayActorError):
+        ray.get(busy, timeout=20)

@@ -14,7 +14,7 @@ from distlocal.data import SlideLoader, read_manifest
 from distlocal.engine import planner as autosplit
 from distlocal.engine.actor import StageActor
 from distlocal.engine.checkpoint import load_checkpoint
-from distlocal.engine.faults import ClusterError
+from distlocal.engine.faults import ClusterError, StageOutOfMemory
 from distlocal.engine.local import LocalExecutor
 from distlocal.engine.ray_executor import RayExecutor
 from distlocal.engine.replicas import ReplicaGroup, Schedule
@@ -212,3 +212,31 @@ def test_killed_replica_recovers_and_resume_with_one_replica_equals_a_straight_r
     theirs = load_checkpoint(tmp_path / "local" / "checkpoints" / "last").stages
     for i, (a, b) in enumerate(zip(ours, theirs, strict=True)):
         _same_state(a, b, f"stage {i + 1}", **EXACT)
+
+
+def _step_out_of_memory_actor() -> type:
+    """Stage 1's replicas run out of memory in their optimizer step (the all-reduce's flat buffer, say)."""
+
+    class StepOutOfMemory(StageActor):
+        def __init__(self, cfg, num_classes, index, *replica):
+            super().__init__(cfg, num_classes, index, *replica)
+            if index == 0:
+                def step(reduce=None):
+                    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB")
+
+                self.stage.optim.step = step
+
+    return StepOutOfMemory
+
+
+def test_out_of_memory_in_a_replicas_step_is_named_not_a_failed_all_reduce(local_ray, manifest, tmp_path):
+    """An OOM in a replicated stage's step() is reported as such (stage, replica, device), not replayed as a failure."""
+    cfg = _cfg(manifest, tmp_path, "train.replicas=[2,1]")
+    executor = RayExecutor(cfg, 2, actor_cls=_step_out_of_memory_actor())
+    try:
+        records = read_manifest(manifest).split("train")[:cfg.train.accumulate]
+        with pytest.raises(StageOutOfMemory, match=r"stage 1/2 replica [12]/2 ran out of memory on cpu \(cpu\) on "
+                                                   r"\S+ in the optimizer step of window 1 .*4.00 GiB"):
+            list(executor.train(records, SlideLoader(cfg.data, True, 0), 0))
+    finally:
+        executor.close()

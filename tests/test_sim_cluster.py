@@ -6,6 +6,7 @@ on the CPU (train.device=cpu), so placement, GPU ids, node loss and recovery run
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -13,10 +14,12 @@ import ray
 import torch
 from ray.cluster_utils import Cluster
 
+from distlocal.config import load_config
 from distlocal.data import SlideLoader, read_manifest
 from distlocal.engine.actor import StageActor
 from distlocal.engine.checkpoint import load_checkpoint
 from distlocal.engine.faults import ClusterError
+from distlocal.engine.placement import stage_resources
 from distlocal.engine.ray_executor import RayExecutor
 from distlocal.engine.trainer import Trainer
 from tests.interrupt import failing_actor, fit_and_interrupt
@@ -55,17 +58,19 @@ def _cfg(manifest, run_dir, *overrides):
 
 def test_spread_stages_land_on_different_nodes_and_a_raising_stage_is_reported(on_cluster, manifest, tmp_path):
     """
-    K=4 at half a GPU, spread: each GPU node holds two stages sharing its GPU, each reports node and GPU id. Stage 1
-    sends to stage 2 on the other node over gloo and raises: the driver gets that error, not a missing result.
+    K=4 at half a GPU, spread: each GPU node holds two neighbouring stages sharing its GPU, so one hop of three
+    crosses the network; each stage reports node and GPU id. Stage 2 sends to stage 3 on the other node over gloo
+    and raises: the driver gets that error, not a missing result.
     """
     cfg = _cfg(manifest, tmp_path, "model.k=4", "train.gpus_per_stage=0.5", "train.placement=spread",
                "train.transport=gloo", "train.max_inflight=1")
-    executor = RayExecutor(cfg, 2, actor_cls=failing_actor(0, ValueError("stage 1 cannot read this slide")))
+    executor = RayExecutor(cfg, 2, actor_cls=failing_actor(1, ValueError("stage 2 cannot read this slide")))
     try:
         info = executor.info
         assert executor.transport == "gloo"
-        assert info[0]["node_id"] != info[1]["node_id"]  # the failing hop crosses nodes
-        with pytest.raises(ValueError, match="stage 1 cannot read this slide"):
+        crossing = [i + 1 for i in range(3) if info[i]["node_id"] != info[i + 1]["node_id"]]
+        assert crossing == [2]  # stages 1, 2 on one node, 3, 4 on the other: the failing hop crosses nodes
+        with pytest.raises(ValueError, match="stage 2 cannot read this slide"):
             list(executor.train(read_manifest(manifest).split("train")[:1], SlideLoader(cfg.data, True, 0), 0))
     finally:
         executor.close()
@@ -83,6 +88,29 @@ def test_more_stages_than_gpus_fail_at_once(on_cluster, manifest, tmp_path):
     with pytest.raises(ClusterError, match=r"= 3 GPUs, but the cluster has 2 GPUs .*train.gpus_per_stage=0.6666"):
         RayExecutor(_cfg(manifest, tmp_path, "model.k=3", "train.placement=spread"), 2)
     assert time.monotonic() - start < 10
+
+
+def test_device_cuda_waits_for_gpus_that_join_the_cluster(on_cluster):
+    """A GPU node that joins while the driver waits (a KubeRay pod still starting) is used: no CPU run, no error."""
+    sim, _ = on_cluster
+    cfg = load_config(None, ["train.device=cuda", "train.gpus_per_stage=1", "train.placement_timeout_s=60"]).train
+    got: dict = {}
+
+    def place():
+        start = time.monotonic()
+        got["resources"] = stage_resources(cfg, GPU_NODES + 1)  # three stages at one GPU each: one GPU to come
+        got["waited"] = time.monotonic() - start
+
+    waiting = threading.Thread(target=place, daemon=True)
+    waiting.start()
+    time.sleep(1.0)
+    node = sim.add_node(num_cpus=1, num_gpus=1)  # Ray's Cluster needs the main thread
+    try:
+        waiting.join(timeout=60)
+        assert got["resources"] == (1.0, 1.0)
+        assert got["waited"] >= 1.0
+    finally:
+        sim.remove_node(node)
 
 
 def _node_local_disk(node_ids: set[str]) -> type:

@@ -15,10 +15,12 @@ import pytest
 import torch
 
 from distlocal.data import SlideLoader, read_manifest
-from distlocal.engine.faults import StageOutOfMemory
+from distlocal.engine.faults import ClusterError, StageOutOfMemory, out_of_memory_message
 from distlocal.engine.ray_executor import RayExecutor
+from distlocal.engine.remote import fetch
+from distlocal.engine.timing import split_transfer
 from tests.conftest import shared_ray
-from tests.interrupt import failing_actor
+from tests.interrupt import OutOfMemoryOnArrival, failing_actor
 from tests.tiny_run import tiny_run
 
 
@@ -142,3 +144,41 @@ def test_an_early_exit_stops_the_pipeline_at_that_stage(streaming, manifest):
     assert torch.equal(probs, early[slide_id][0])
     assert attention.ndim == 2
     assert [kind for kind, *_ in executor.traces()[1]] == []
+
+
+def test_out_of_memory_before_a_step_runs_names_the_stage_and_the_device(streaming):
+    """An OOM while Ray deserializes a stage's input (outside its step) still names the stage, device and size."""
+    stage2 = streaming.executor.actors.stages[1][0]
+    x, _ = stage2.eval_step.remote(OutOfMemoryOnArrival("CUDA out of memory. Tried to allocate 6.00 GiB"), "s9")
+    with pytest.raises(StageOutOfMemory, match=r"stage 2/2 on cpu \(cpu\) on \S+ ran out of memory receiving its "
+                                               r"input for slide s9.*Tried to allocate 6.00 GiB.*model.k"):
+        fetch(x, "slide s9")
+
+
+def test_out_of_memory_on_a_shared_gpu_says_so():
+    """A stage with half a GPU learns that its share, not the slide alone, is what ran out."""
+    message = out_of_memory_message(1, 4, "cuda:0 (H100) on n1", "s1", (1, 64, 500, 400),
+                                    torch.OutOfMemoryError("CUDA out of memory"), share=0.5)
+    assert "stage 2/4 ran out of memory on cuda:0 (H100) on n1, slide s1" in message
+    assert "0.5 of its GPU, shared with other stages" in message
+    assert "train.gpus_per_stage" in message
+
+
+def test_a_node_without_the_shared_run_dir_fails_to_load_naming_the_mount(streaming, tmp_path):
+    """A (replacement) node that lacks the checkpoint folder says which mount it needs, not a bare FileNotFoundError."""
+    with pytest.raises(ClusterError, match=r"stage \d on node \S+ \(\w+\) cannot read its checkpoint file "
+                                           r"\S+/stage\d.pt .*must mount the shared storage of run.dir at /"):
+        streaming.executor.load_stages(tmp_path / "not-mounted" / "checkpoints" / "last")
+
+
+def test_a_stages_wait_is_split_into_starved_and_transfer_time(streaming):
+    """Stage 2's idle time before a slide: its transfer part (serialization, copies) is no longer booked as waiting."""
+    rows = [metrics for _, metrics in streaming.executor.train(streaming.train[:2],
+                                                              SlideLoader(streaming.cfg.data, True, 0), 0)]
+    raw = [dict(m) for m in rows[1]]
+    split = split_transfer(rows[1])[1]
+    assert 0.0 <= split["transfer_s"] <= raw[1]["wait_s"]
+    assert split["wait_s"] + split["transfer_s"] == pytest.approx(raw[1]["wait_s"], abs=1e-9)
+    assert raw[0]["sent_at"] <= raw[1]["started_at"]  # one machine, one clock: the activation left before it arrived
+    assert split["transfer_s"] == pytest.approx(
+        raw[1]["started_at"] - max(raw[0]["sent_at"], raw[1]["started_at"] - raw[1]["wait_s"]), abs=1e-9)

@@ -39,11 +39,20 @@ def test_the_same_gpu_on_two_nodes_is_not_shared():
     assert plan_hops("nccl", [_info(1, node="a"), _info(2, node="b")])[0].transport == "nccl"
 
 
-def test_nccl_ranks_that_would_share_a_gpu_fall_back():
-    """Stages 1 and 3 on GPU 0, 2 on GPU 1: both ends of the nccl hops include GPU 0 twice, which NCCL refuses."""
-    hops = plan_hops("nccl", [_info(1), _info(2, gpu="1"), _info(3)])
-    assert [h.transport for h in hops] == ["object_store", "object_store"]
-    assert "one rank per GPU" in hops[0].why
+def test_k16_on_8_gpus_keeps_nccl_between_gpus():
+    """
+    Two stages per GPU: cuda_ipc within a GPU, nccl between. Ray builds one two-process communicator per sending
+    pair, so a GPU whose two stages each talk to another GPU never holds two ranks of one communicator.
+    """
+    infos = [_info(s, gpu=str((s - 1) // 2)) for s in range(1, 17)]
+    hops = plan_hops("nccl", infos)
+    assert [h.transport for h in hops] == ["cuda_ipc", "nccl"] * 7 + ["cuda_ipc"]
+    assert not any(h.why for h in hops)
+
+
+def test_a_stage_between_two_on_one_other_gpu_keeps_nccl():
+    """Stages 1 and 3 on GPU 0, 2 on GPU 1: the pairs (1, 2) and (2, 3) are two communicators, each on two GPUs."""
+    assert [h.transport for h in plan_hops("nccl", [_info(1), _info(2, gpu="1"), _info(3)])] == ["nccl", "nccl"]
 
 
 @pytest.mark.parametrize(("asked", "gpu", "expected"), [("gloo", None, "gloo"), ("gloo", "0", "object_store"),

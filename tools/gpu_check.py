@@ -2,13 +2,14 @@
 The GPU check behind tools/gpu_check.sh: each step runs in its own process with a time limit, so an
 out-of-memory or a hang in one is recorded and the next still runs; the report is written after every step.
 
-    python tools/gpu_check.py --out DIR [--only "bench memory,out of memory"]
+    python tools/gpu_check.py --out DIR [--only "bench memory,out of memory"] [--budget-s 300]
     python tools/gpu_check.py --probe oom     # one step: a real CUDA OOM inside a stage actor, as the driver sees it
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import platform
 import subprocess
@@ -20,6 +21,11 @@ from pathlib import Path
 
 PY = sys.executable
 TAIL = 4000  # characters of each step's output kept in the report
+MARK = "GPU_CHECK_ENVIRONMENT "  # the environment probe's line: found among any warnings the driver prints
+MODULES = ("ray", "mlflow", "torchvision", "pytest", "openslide")  # what the steps import besides torch
+# All steps together: one 10-minute call holds the check twice over (a rerun after a fix needs no new machine).
+BUDGET_S = 300.0
+MIN_STEP_S = 20  # a step given less time than this by the budget is skipped, not started to time out
 
 
 @dataclass
@@ -29,45 +35,56 @@ class Step:
     timeout_s: int
     command: list[str]
     what: str
+    needs: tuple[str, ...] = ()  # modules the step imports: skipped, naming them, where one is missing
     status: str = "not run"  # passed | failed | timed out | skipped: ...
     seconds: float = 0.0
     output: str = field(default="", repr=False)
 
 
 def steps(out: Path) -> list[Step]:
+    """The default steps, most telling first; their limits add up to 320 s, the budget (300 s) caps the total."""
     bench = [PY, "-m", "distlocal.cli", "bench"]
+    core = ("ray", "mlflow", "torchvision")
     return [
-        Step("environment", False, 120, [PY, __file__, "--probe", "environment"],
+        Step("environment", False, 45, [PY, __file__, "--probe", "environment"],
              "CUDA, driver, GPU, torch / Ray / MLflow / cupy versions"),
         # -o addopts=: the project's two xdist workers need pytest-xdist, which the GPU image may not have.
-        Step("pytest -m gpu", True, 300, [PY, "-m", "pytest", "-o", "addopts=", "-m", "gpu", "-q", "-p",
+        Step("pytest -m gpu", True, 120, [PY, "-m", "pytest", "-o", "addopts=", "-m", "gpu", "-q", "-p",
                                           "no:cacheprovider", "-ra", "tests/test_gpu.py"],
              "local K=4 bf16 on 5 Mpx (tiled stem on the device, folded BN, recompute); Ray K=4 at 0.25 GPU: "
              "cuda_ipc hops asserted, equal to the local executor (fp32, TF32 off); a stage killed and recovered; "
-             "predict whole vs tiled"),
-        Step("out of memory", True, 90, [PY, __file__, "--probe", "oom"],
-             "a real CUDA OOM in stage 2 of a Ray run: the message the driver prints"),
-        Step("bench memory", True, 90, [*bench, "memory", "--device", "cuda", "--sizes", "2048x2048",
-                                        "--out", str(out / "bench_memory")], "one size, E2E / K=4 / K=8"),
-        Step("bench inference", True, 90, [*bench, "inference", "--mode", "memory", "--sizes", "2048x2048",
+             "predict whole vs tiled", (*core, "pytest")),
+        Step("out of memory", True, 45, [PY, __file__, "--probe", "oom"],
+             "a real CUDA OOM in stage 2 of a Ray run: the message the driver prints", core),
+        Step("bench memory", True, 35, [*bench, "memory", "--device", "cuda", "--sizes", "2048x2048",
+                                        "--out", str(out / "bench_memory")], "one size, E2E / K=4 / K=8", core),
+        Step("bench inference", True, 30, [*bench, "inference", "--mode", "memory", "--sizes", "2048x2048",
                                            "--repeats", "1", "--out", str(out / "bench_inference")],
-             "whole slide against patches, in memory"),
-        # The issue-18 measurement, as on the 2-core VM: from the slide file (CLAM + OpenSlide against predict's
-        # path), then the in-memory race. Most of its time is painting the three 20X slide files on the CPU.
-        Step("bench inference deployed", True, 480, [*bench, "inference", "--sizes", "2048x2048,4096x3072,8698x7496",
-                                                    "--out", str(out / "bench_inference_deployed")],
-             "from the slide file to the prediction: CLAM reading tiles through OpenSlide against distlocal predict"),
-        Step("bench pipeline", True, 120, [*bench, "pipeline", "--slides", "8", "--size", "1024", "1024", "--set",
-                                           "train.device=cuda", "--out", str(out / "bench_pipeline")],
-             "Ray K=2 sharing the GPU against the local executor"),
+             "whole slide against patches, in memory", core),
+        Step("bench pipeline", True, 45, [*bench, "pipeline", "--slides", "8", "--size", "1024", "1024", "--set",
+                                          "train.device=cuda", "--out", str(out / "bench_pipeline")],
+             "Ray K=2 sharing the GPU against the local executor", core),
     ]
 
 
-def _environment() -> None:
-    import torch
+# Asked for by name only (--only): minutes of painting 20X slide files on the CPU, and OpenSlide (dev group).
+OPTIONAL = {"bench inference deployed": lambda out: Step(
+    "bench inference deployed", True, 480,
+    [PY, "-m", "distlocal.cli", "bench", "inference", "--sizes", "2048x2048,4096x3072,8698x7496",
+     "--out", str(out / "bench_inference_deployed")],
+    "from the slide file to the prediction: CLAM reading tiles through OpenSlide against distlocal predict",
+    ("ray", "mlflow", "torchvision", "openslide"))}
 
-    info = {"python": platform.python_version(), "host": platform.node(), "torch": torch.__version__,
-            "torch_cuda": torch.version.cuda, "cuda_available": torch.cuda.is_available()}
+
+def _environment() -> None:
+    info = {"python": platform.python_version(), "host": platform.node(), "python_path": sys.executable}
+    try:
+        import torch
+    except ImportError as exc:  # still a report: what is missing and where
+        info.update(torch=None, torch_cuda=None, cuda_available=False, problem=f"no torch in {sys.executable}: {exc}")
+        print(MARK + json.dumps(info))
+        return
+    info.update(torch=torch.__version__, torch_cuda=torch.version.cuda, cuda_available=torch.cuda.is_available())
     if torch.cuda.is_available():
         info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
         info["gpu_memory_gb"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
@@ -78,13 +95,14 @@ def _environment() -> None:
         except metadata.PackageNotFoundError:
             info[name] = None
     info["cupy"] = info["cupy-cuda13x"] or info["cupy-cuda12x"]
+    info["installed"] = [name for name in MODULES if importlib.util.find_spec(name) is not None]
     try:
         smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
                              capture_output=True, text=True, timeout=30, check=False)
         info["nvidia_smi"] = smi.stdout.strip() or smi.stderr.strip()
     except (OSError, subprocess.TimeoutExpired) as exc:
         info["nvidia_smi"] = f"not available ({exc})"
-    print(json.dumps(info))
+    print(MARK + json.dumps(info))
 
 
 def _oom() -> None:
@@ -131,21 +149,40 @@ def _oom() -> None:
     raise SystemExit("no out-of-memory error reached the driver")
 
 
-def _run(step: Step, cuda: bool) -> None:
-    if step.needs_cuda and not cuda:
+def _run(step: Step, env: dict, left_s: float) -> str:
+    """Run `step` within its limit and the budget left; returns its whole stdout (the report keeps a tail)."""
+    missing = [name for name in step.needs if name not in env.get("installed", [])]
+    if step.needs_cuda and not env.get("cuda_available"):
         step.status = "skipped: no CUDA"
-        return
+    elif missing:
+        step.status = f"skipped: needs {', '.join(missing)} (carry them in: see tools/gpu_check.sh)"
+    elif left_s < MIN_STEP_S:
+        step.status = "skipped: the time budget (--budget-s) is spent"
+    if step.status.startswith("skipped"):
+        return ""
+    timeout = int(min(step.timeout_s, left_s))
     start = time.monotonic()
+    stdout = ""
     try:
-        done = subprocess.run(step.command, capture_output=True, text=True, timeout=step.timeout_s, check=False,
+        done = subprocess.run(step.command, capture_output=True, text=True, timeout=timeout, check=False,
                               start_new_session=True)
+        stdout = done.stdout
         step.output = (done.stdout + done.stderr)[-TAIL:]
         step.status = "passed" if done.returncode == 0 else f"failed (exit {done.returncode})"
     except subprocess.TimeoutExpired as exc:
         step.output = ((exc.stdout or b"").decode(errors="replace") + (exc.stderr or b"").decode(errors="replace"))
         step.output = step.output[-TAIL:]
-        step.status = f"timed out after {step.timeout_s} s"
+        step.status = f"timed out after {timeout} s"
+    except OSError as exc:
+        step.status = f"failed ({exc})"
     step.seconds = round(time.monotonic() - start, 1)
+    return stdout
+
+
+def _environment_of(stdout: str) -> dict:
+    """The probe's line, wherever it is among the output (a driver or library may warn before or after it)."""
+    lines = [line for line in stdout.splitlines() if line.startswith(MARK)]
+    return json.loads(lines[-1].removeprefix(MARK)) if lines else {}
 
 
 def _write(out: Path, done: list[Step], env: dict) -> None:
@@ -153,7 +190,8 @@ def _write(out: Path, done: list[Step], env: dict) -> None:
                                                    indent=2))
     lines = ["# distlocal GPU check", "", f"Host {env.get('host', '?')}: {env.get('gpus') or 'no CUDA device'}, "
              f"torch {env.get('torch')} (CUDA {env.get('torch_cuda')}), ray {env.get('ray')}, cupy "
-             f"{env.get('cupy')}, nvidia-smi: {env.get('nvidia_smi')}", "",
+             f"{env.get('cupy')}, nvidia-smi: {env.get('nvidia_smi')}, Python {env.get('python_path')}"
+             + (f"; {env['problem']}" if env.get("problem") else ""), "",
              "| step | result | seconds | what it checks |", "|---|---|---|---|"]
     lines += [f"| {s.name} | {s.status} | {s.seconds:g} | {s.what} |" for s in done]
     for s in done:
@@ -165,7 +203,8 @@ def _write(out: Path, done: list[Step], env: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("gpu-check"))
-    parser.add_argument("--only", help="comma-separated step names")
+    parser.add_argument("--only", help="comma-separated step names (also: " + ", ".join(OPTIONAL) + ")")
+    parser.add_argument("--budget-s", type=float, default=BUDGET_S, help="all steps together stop after this long")
     parser.add_argument("--probe", choices=["environment", "oom"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.probe:
@@ -173,14 +212,19 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     args.out.mkdir(parents=True, exist_ok=True)
     # The environment step always runs: it is what tells the others whether there is a CUDA device.
-    todo = [s for s in steps(args.out) if not args.only or s.name in {"environment", *args.only.split(",")}]
+    only = set(args.only.split(",")) if args.only else set()
+    todo = [s for s in steps(args.out) if not only or s.name in {"environment", *only}]
+    todo += [make(args.out) for name, make in OPTIONAL.items() if name in only]
     env: dict = {}
     done: list[Step] = []
+    deadline = time.monotonic() + args.budget_s
     for step in todo:
         print(f"gpu check: {step.name} ...", flush=True)
-        _run(step, env.get("cuda_available", False))
-        if step.name == "environment" and step.status == "passed":
-            env = json.loads(step.output.strip().splitlines()[-1])
+        stdout = _run(step, env, deadline - time.monotonic())
+        if step.name == "environment":
+            env = _environment_of(stdout)
+            if step.status == "passed" and not env:
+                step.status = "failed (no environment line in its output)"
         done.append(step)
         _write(args.out, done, env)
         print(f"gpu check: {step.name}: {step.status} ({step.seconds:g} s)", flush=True)

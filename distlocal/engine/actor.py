@@ -12,6 +12,7 @@ import importlib.util
 import os
 import socket
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import ray
@@ -19,12 +20,20 @@ import torch
 
 from distlocal.config import config_from_dict
 from distlocal.engine.checkpoint import stage_file
-from distlocal.engine.faults import ClusterError, GroupFailure, InputFailed, StageOutOfMemory, out_of_memory_message
+from distlocal.engine.faults import (
+    ClusterError,
+    GroupFailure,
+    InputFailed,
+    StageFailure,
+    StageOutOfMemory,
+    is_out_of_memory,
+    out_of_memory_message,
+)
 from distlocal.engine.replicas import ReplicaGroup
 from distlocal.engine.transport import activation_dtype
 from distlocal.model import build_stage
 
-__all__ = ["StageActor", "to_cpu"]
+__all__ = ["StageActor", "restart_config", "to_cpu"]
 
 
 def to_cpu(tree):
@@ -36,6 +45,15 @@ def to_cpu(tree):
     if isinstance(tree, list | tuple):
         return type(tree)(to_cpu(v) for v in tree)
     return tree
+
+
+def restart_config(cfg: dict) -> dict:
+    """
+    The config of a stage started again after a failure: the checkpoint it loads next holds every weight, so it
+    builds without ImageNet weights or model.weights (a replacement node may have no internet, nor that file).
+    """
+    model = {**cfg["model"], "pretrained": "none", "weights": ""}
+    return {**cfg, "model": model}
 
 
 def _cuda_problem() -> str:
@@ -51,6 +69,11 @@ class StageActor:
     """Wraps one Stage; methods are called by the RayExecutor only."""
 
     def __init__(self, cfg: dict, num_classes: int, index: int, rank: int = 0, size: int = 1):
+        # Restarted by Ray: built without its weights, which recover() loads from the checkpoint next; until then
+        # it refuses work, so a restart before any checkpoint can never train or save random weights unnoticed.
+        self.unloaded = ray.get_runtime_context().was_current_actor_reconstructed
+        if self.unloaded:
+            cfg = restart_config(cfg)
         self.cfg = config_from_dict(cfg)
         self.index, self.rank, self.size = index, rank, size  # replica `rank` of `size` of stage `index`
         self.replica_group: ReplicaGroup | None = None
@@ -58,6 +81,14 @@ class StageActor:
         torch.set_num_threads(max(1, int(self.cfg.train.cpus_per_stage)))
         gpus = ray.get_gpu_ids()
         self.problem = ""  # raised by info(): the driver's first call, so start-up fails with the reason
+        if not gpus and self.cfg.train.device.startswith("cuda"):
+            # Without GPU ids CUDA is hidden from this process (or, worse, every GPU of the node is visible).
+            self.problem = (
+                f"stage {index + 1} on node {socket.gethostname()} ({_node_id()[:12]}) was asked for "
+                f"train.device={self.cfg.train.device} but Ray gave it no GPU (train.gpus_per_stage="
+                f"{self.cfg.train.gpus_per_stage:g}); give each stage GPUs (train.gpus_per_stage=-1, or a share > 0), "
+                f"or set train.device=cpu")
+            return
         if gpus and self.cfg.train.device != "cpu" and not torch.cuda.is_available():
             # Training on the CPU of a GPU node would be 50-100x slower and look like a hang: refuse instead.
             self.problem = (
@@ -71,6 +102,15 @@ class StageActor:
         # on the CPU even when GPUs are reserved (explicit train.gpus_per_stage).
         cuda = gpus and self.cfg.train.device != "cpu"
         self.device = torch.device("cuda:0" if cuda else "cpu")
+        self.share = 1.0  # of the GPU: stages that share one each get a memory fraction, so an OOM is their own
+        if cuda:
+            self.share = min(1.0, ray.get_runtime_context().get_assigned_resources().get("GPU", 1.0))
+            _configure_allocator(self.cfg.train.transport, self.share, self.device)
+        name = torch.cuda.get_device_name(self.device) if cuda else "cpu"
+        replica = f" replica {rank + 1}/{size}" if size > 1 else ""
+        self.where = f"{self.device} ({name}) on {socket.gethostname()}"
+        self.name = f"stage {index + 1}/{self.cfg.model.k}{replica} on {self.where}"
+        self.direct = False  # sending through a direct transport: the activation stays on the device
         self.stage = build_stage(self.cfg, num_classes, index, self.device)
         self.stage.driver_steps = size > 1  # replicas step when the driver says their window is complete
         self.activation_dtype = activation_dtype(self.cfg.train.activation_dtype, self.cfg.train.precision)
@@ -97,7 +137,13 @@ class StageActor:
         except OSError:
             return False
 
+    def _loaded(self) -> None:
+        if self.unloaded:
+            raise StageFailure(f"stage {self.index + 1} was restarted by Ray and has not loaded a checkpoint yet: its "
+                               f"weights are not the run's")
+
     def _begin(self) -> tuple[float, float]:
+        self._loaded()
         start = time.time()
         return start, start - self.idle_since
 
@@ -105,29 +151,46 @@ class StageActor:
         self.idle_since = time.time()
         self.trace.append((kind, slide_id, start, self.idle_since))
 
+    def __repr__(self) -> str:  # Ray names the actor by it in a task's error, e.g. one raised before a step ran
+        return getattr(self, "name", f"stage {self.index + 1}")
+
     def _send(self, out: torch.Tensor) -> torch.Tensor | None:
         if self.stage.is_last:
             return None  # nobody downstream: do not fill the object store with it
-        return out.to(self.activation_dtype)
+        # Contiguous: Ray's NCCL send takes the pointer and the element count. Through the object store, a host
+        # copy: Ray would pickle a CUDA tensor into one anyway, and unpickle it onto the receiver's cuda:0 before
+        # its step runs (an OOM there would reach the driver unnamed); the receiver moves it in its step instead.
+        out = out.to(self.activation_dtype).contiguous()
+        return out if self.direct else out.cpu()
 
-    def _out_of_memory(self, exc: BaseException, x: torch.Tensor, slide_id: str) -> StageOutOfMemory:
+    def _out_of_memory(self, exc: BaseException, slide_id: str = "", shape: tuple = (),
+                       doing: str = "") -> StageOutOfMemory:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()  # the failed step's blocks: keep the next slide from failing for them
-        name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
         return StageOutOfMemory(out_of_memory_message(
-            self.index, self.cfg.model.k, f"{self.device} ({name}) on {socket.gethostname()}", slide_id,
-            tuple(x.shape), exc))
+            self.index, self.cfg.model.k, self.where, slide_id, shape, exc, doing=doing, share=self.share,
+            replica=f" replica {self.rank + 1}/{self.size}" if self.size > 1 else ""))
+
+    @contextmanager
+    def _named(self, slide_id: str = "", x: torch.Tensor | None = None, doing: str = ""):
+        """Any out-of-memory inside: a StageOutOfMemory naming this stage, its device, the input's size."""
+        try:
+            yield
+        except Exception as exc:
+            if not is_out_of_memory(exc) or isinstance(exc, StageOutOfMemory):
+                raise
+            raise self._out_of_memory(exc, slide_id, tuple(x.shape) if x is not None else (), doing) from None
 
     @ray.method(num_returns=2)
     def train_step(self, x: torch.Tensor, y: int, slide_id: str, epoch: int | None = None):
         """(activation for the next stage, metrics) for one slide; `epoch` seeds the slide's random draws."""
         start, waited = self._begin()
-        try:
+        with self._named(slide_id, x):
             out, metrics = self.stage.train_step(x, y, None if epoch is None else (epoch, slide_id))
-        except torch.OutOfMemoryError as exc:
-            raise self._out_of_memory(exc, x, slide_id) from None
-        sent = self._send(out)
-        metrics.update(wait_s=waited, steps=float(self.stage.optim.steps), replica=float(self.rank))
+            sent = self._send(out)
+        # started_at / sent_at: the driver splits the next stage's wait into starved and transfer (engine/timing.py).
+        metrics.update(wait_s=waited, steps=float(self.stage.optim.steps), replica=float(self.rank),
+                       started_at=start, sent_at=time.time())
         self._end("train", slide_id, start)
         return sent, metrics
 
@@ -138,11 +201,9 @@ class StageActor:
         stops at this stage (predict.classifier=A_i), so no activation is sent on.
         """
         start, _ = self._begin()
-        try:
+        with self._named(slide_id, x):
             out, probs, _ = self.stage.eval_step(x)
-        except torch.OutOfMemoryError as exc:
-            raise self._out_of_memory(exc, x, slide_id) from None
-        sent = None if exits else self._send(out)
+            sent = None if exits else self._send(out)
         self._end("eval", slide_id, start)
         return sent, probs
 
@@ -151,11 +212,14 @@ class StageActor:
     # return one value only, so the metrics wait here for pop_result, which the driver calls right after; a step
     # that raises leaves its error there instead, so the driver sees that error and not a missing result.
     def _direct(self, step, slide_id: str, x: torch.Tensor, *args) -> torch.Tensor | None:
+        self.direct = True
         try:
             sent, result = step(x, *args)
         except Exception as exc:
             self.results[slide_id] = exc
             raise
+        finally:
+            self.direct = False
         self.results[slide_id] = result
         return sent
 
@@ -164,6 +228,13 @@ class StageActor:
 
     def eval_direct(self, x, slide_id):
         return self._direct(self.eval_step, slide_id, x, slide_id)
+
+    def probe_send(self) -> torch.Tensor:
+        """The first tensor of a direct hop, sent when the stages connect (transport.handshake)."""
+        return torch.arange(8, dtype=torch.float32, device=self.device)
+
+    def probe_receive(self, x: torch.Tensor) -> float:
+        return float(x.sum())
 
     def pop_result(self, slide_id: str):
         if slide_id not in self.results:  # the step never ran: its input (an earlier stage's output) failed
@@ -177,7 +248,8 @@ class StageActor:
     def attend(self, x: torch.Tensor, slide_id: str):
         """(class probabilities, attention map) of this stage's classifier: H's attention for heatmaps."""
         start, _ = self._begin()
-        _, probs, attention = self.stage.eval_step(x)
+        with self._named(slide_id, x):
+            _, probs, attention = self.stage.eval_step(x)
         self._end("eval", slide_id, start)
         return probs, attention
 
@@ -205,7 +277,10 @@ class StageActor:
         """The optimizer step of `window`, its gradients summed over the replicas; True when it stepped."""
         start, _ = self._begin()
         try:
-            stepped = self.stage.optim.step(self._reduce())
+            with self._named(doing=f"in the optimizer step of window {window} (its all-reduce)"):
+                stepped = self.stage.optim.step(self._reduce())
+        except StageOutOfMemory:  # not a failed group: replaying the window would run out again
+            raise
         except RuntimeError as exc:  # gloo / NCCL: a partner died, or did not come within the timeout
             raise GroupFailure(f"stage {self.index + 1} replica {self.rank}: all-reduce of window {window} "
                                f"failed: {exc}") from None
@@ -215,7 +290,10 @@ class StageActor:
     def pool(self) -> None:
         """Gather an open window's gradients and counts on rank 0 (which then saves one stage's state)."""
         try:
-            self.stage.optim.pool(self._reduce(), keep=self.rank == 0)
+            with self._named(doing="pooling the open window's gradients"):
+                self.stage.optim.pool(self._reduce(), keep=self.rank == 0)
+        except StageOutOfMemory:
+            raise
         except RuntimeError as exc:
             raise GroupFailure(f"stage {self.index + 1} replica {self.rank}: pooling gradients failed: {exc}") from None
 
@@ -236,10 +314,12 @@ class StageActor:
         return digest.hexdigest()
 
     def state_dict(self) -> dict:
+        self._loaded()
         return to_cpu(self.stage.state_dict())
 
     def save(self, directory: str) -> str:
         """Write this stage's part of a checkpoint folder (a path every node can reach)."""
+        self._loaded()
         path = stage_file(directory, self.index)
         torch.save(self.stage.state_dict(), path)
         return str(path)
@@ -247,7 +327,17 @@ class StageActor:
     def load(self, directory: str) -> int:
         """Load this stage's file; returns the open window's slide count (rank 0 holds it, the others drop it)."""
         path = stage_file(directory, self.index)
-        self.stage.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except FileNotFoundError as exc:  # e.g. a replacement node that was not given the shared mount
+            run_dir = Path(self.cfg.run.dir)
+            raise ClusterError(
+                f"stage {self.index + 1} on node {socket.gethostname()} ({_node_id()[:12]}) cannot read its "
+                f"checkpoint file {path} ({exc.strerror}); run.dir {run_dir} "
+                f"{'exists but lacks it' if run_dir.is_dir() else 'does not exist'} on this node. Every node, "
+                f"replacement nodes too, must mount the shared storage of run.dir at {run_dir}") from None
+        self.stage.load_state_dict(state)
+        self.unloaded = False
         filled = self.stage.optim.accumulated
         if self.rank > 0:
             self.stage.optim.drop_pending()
@@ -273,6 +363,18 @@ class StageActor:
 
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _configure_allocator(transport: str, share: float, device: torch.device) -> None:
+    """
+    Before the first CUDA allocation: expandable segments, so slides of varying size do not fragment the cache
+    into blocks no later slide fits (not with CUDA IPC, which train.transport=nccl may choose, and whose sharing
+    of expandable segments is not checked yet); a memory fraction for a GPU shared with other stages.
+    """
+    if transport != "nccl" and "PYTORCH_CUDA_ALLOC_CONF" not in os.environ:
+        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
+    if share < 1:
+        torch.cuda.set_per_process_memory_fraction(share, device)
 
 
 def _node_id() -> str:

@@ -11,13 +11,16 @@ once in threads; it runs in stage 1's placement-group bundle, so a slide is alre
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 
 import ray
+import torch
 from ray.util.placement_group import PlacementGroup
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -26,15 +29,28 @@ from distlocal.data import SlideLoader, SlideRecord
 from distlocal.data.loader import SkippedSlide
 from distlocal.slides import SlideError
 
-__all__ = ["SlideFeed", "SlideLoaderActor"]
+__all__ = ["SlideFeed", "SlideLoaderActor", "absolute_cache_dir"]
 
 log = logging.getLogger(__name__)
+
+
+def absolute_cache_dir(cfg: DataConfig) -> DataConfig:
+    """
+    The loader actor runs in its node's copy of the job's working_dir: a relative data.cache_dir would be looked up
+    there, miss, and every slide would be decoded from the original each epoch. The driver's absolute path it is.
+    """
+    if not cfg.cache_dir or Path(cfg.cache_dir).is_absolute():
+        return cfg
+    return dataclasses.replace(cfg, cache_dir=str(Path(cfg.cache_dir).resolve()))
 
 
 class SlideLoaderActor:
     """Reads, augments and normalises slides for the pipeline; one instance serves the whole run."""
 
     def __init__(self):
+        # Ray sets OMP_NUM_THREADS=1 in an actor of num_cpus=0: normalising a gigapixel slide would use one core.
+        # It shares stage 1's node; past a few threads the normalisation is bound by memory, not cores.
+        torch.set_num_threads(min(os.cpu_count() or 1, 8))
         self.started = time.time()
         self.loads: list[tuple[str, int, float, float]] = []  # (slide_id, pid, start, end): the trace tests read
 
@@ -54,7 +70,7 @@ class SlideLoaderActor:
     def pop_trace(self) -> dict:
         """The process's start time and the loads it ran since the last call."""
         loads, self.loads = self.loads, []
-        return {"pid": os.getpid(), "started": self.started, "loads": loads}
+        return {"pid": os.getpid(), "started": self.started, "loads": loads, "threads": torch.get_num_threads()}
 
 
 class SlideFeed:
@@ -74,11 +90,12 @@ class SlideFeed:
         """(record, ObjectRef of its tensor) in order, with `ahead` loads submitted before the first is needed."""
         pending: deque = deque()
         it = iter(records)
+        cfg = absolute_cache_dir(loader.cfg)
 
         def submit() -> None:
             record = next(it, None)
             if record is not None:
-                pending.append((record, *self.actor.load.remote(loader.cfg, loader.train, loader.seed, record, epoch)))
+                pending.append((record, *self.actor.load.remote(cfg, loader.train, loader.seed, record, epoch)))
 
         for _ in range(ahead):
             submit()

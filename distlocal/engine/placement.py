@@ -9,14 +9,15 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 
 import ray
-from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.placement_group import PlacementGroup, placement_group, placement_group_table, remove_placement_group
 
 from distlocal.config import TrainConfig
 from distlocal.engine.faults import ClusterError
 
-__all__ = ["connect", "place_stages", "stage_resources"]
+__all__ = ["bundle_order", "connect", "place_stages", "stage_resources"]
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,42 @@ def _nodes() -> str:
     return "; ".join(rows) or "no live nodes"
 
 
+def _wait_for_gpus(cfg: TrainConfig, k: int) -> tuple[float, float]:
+    """
+    (CPUs, GPUs) of the cluster once it has the GPUs train.device=cuda needs (any GPU, or K x gpus_per_stage), or
+    after train.placement_timeout_s. A cluster whose GPU nodes are still starting (a head with `GPU: 0`, a KubeRay
+    pod being scheduled) reports none yet: placing at once would give bundles without GPUs and train on CPUs.
+    """
+    need = cfg.gpus_per_stage * k if cfg.gpus_per_stage > 0 else 1e-4
+    cpus, gpus = _totals()
+    if gpus + 1e-9 >= need:
+        return cpus, gpus
+    from ray.autoscaler.sdk import request_resources
+
+    per = cfg.gpus_per_stage if cfg.gpus_per_stage > 0 else 1.0
+    request_resources(bundles=[{"GPU": per}] * k)  # an autoscaler starts GPU nodes for it; elsewhere a no-op
+    start = time.monotonic()
+    said = -math.inf
+    try:
+        while gpus + 1e-9 < need and time.monotonic() - start < cfg.placement_timeout_s:
+            if time.monotonic() - said >= 10:
+                said = time.monotonic()
+                log.warning("train.device=%s: waiting for GPUs (the cluster has %g, %d stages need %s; %s), at most "
+                            "%g s more (train.placement_timeout_s)", cfg.device, gpus, k,
+                            f"{need:g}" if cfg.gpus_per_stage > 0 else "some", _nodes(),
+                            cfg.placement_timeout_s - (said - start))
+            time.sleep(0.5)
+            cpus, gpus = _totals()
+    finally:
+        request_resources(bundles=[])  # the placement group asks for itself from now on
+    if not gpus:
+        raise ClusterError(
+            f"train.device={cfg.device} needs GPUs, but the cluster has 0 GPUs after waiting "
+            f"{cfg.placement_timeout_s:g} s ({_nodes()}); if GPU nodes are still starting, raise "
+            f"train.placement_timeout_s; to train on CPUs set train.device=cpu")
+    return cpus, gpus
+
+
 def _share(gpus: float) -> float:
     """
     A GPU share at Ray's resource precision (1e-4; its docs ask for no finer), rounded down so that K of them
@@ -62,7 +99,8 @@ def stage_resources(cfg: TrainConfig, k: int, replicated: bool = False) -> tuple
     (CPUs, GPUs) for each stage actor; checks at once that the cluster holds `k` of them in total (K stages, or
     with replicas every replica of every stage).
     """
-    cpus, gpus = _totals()
+    # train.device=cuda never trains on the CPU: wait (bounded) for GPUs; auto takes what the cluster has now.
+    cpus, gpus = _wait_for_gpus(cfg, k) if cfg.device.startswith("cuda") and cfg.gpus_per_stage else _totals()
     per_gpu = _share(cfg.gpus_per_stage) if cfg.gpus_per_stage > 0 else cfg.gpus_per_stage
     if replicated and per_gpu == -1 and 0 < gpus < k and cfg.device != "cpu":
         # Sharing GPUs as below would put two replicas of a stage on one GPU, where NCCL refuses two ranks.
@@ -110,3 +148,17 @@ def place_stages(cfg: TrainConfig, k: int, replicated: bool = False) -> tuple[Pl
         )
     log.info("placed %d stages x %s (%s)", k, bundle, cfg.placement)
     return placement, cpus, gpus
+
+
+def bundle_order(group: PlacementGroup) -> list[int]:
+    """
+    The group's bundle indices with a node's bundles side by side, nodes in the order of their first bundle: the
+    i-th stage actor (replica) takes the i-th, so neighbouring stages share a node and only the hops between two
+    nodes' runs of stages cross the network. SPREAD deals bundles to the nodes in turn (on 2 x 8 GPUs every hop
+    would cross it), and Ray promises no order for PACK either.
+    """
+    nodes = placement_group_table(group)["bundles_to_node_id"]
+    first: dict[str, int] = {}
+    for index in sorted(nodes):
+        first.setdefault(nodes[index], index)
+    return sorted(nodes, key=lambda index: (first[nodes[index]], index))

@@ -15,7 +15,7 @@ from distlocal.model import resolve_device
 from distlocal.model.balance import Plan, best_split, plan_pipeline, profile_blocks
 from distlocal.model.stage import autocast
 
-__all__ = ["resolve_auto_split", "resolve_plan"]
+__all__ = ["profile_on_cluster", "resolve_auto_split", "resolve_plan"]
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +30,13 @@ def _profile(cfg: Config, num_classes: int, slide: torch.Tensor, device: torch.d
         return profile_blocks(cfg, num_classes, slide, device)
 
 
-def _profile_remote(cfg: Config, num_classes: int, slide: torch.Tensor):
-    """Profile inside a Ray task with a stage's resources, so GPU clusters profile on a GPU, not on the driver."""
+def profile_on_cluster(cfg: Config, num_classes: int, slide: torch.Tensor):
+    """
+    (block costs, device memory in MiB, the task's pid), profiled inside a Ray task with a stage's resources, so
+    GPU clusters profile on a GPU, not on the driver.
+    """
+    import os
+
     import ray
 
     from distlocal.engine.placement import connect, stage_resources
@@ -43,9 +48,17 @@ def _profile_remote(cfg: Config, num_classes: int, slide: torch.Tensor):
         torch.set_num_threads(max(1, int(cpus)))
         device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
         memory = torch.cuda.get_device_properties(0).total_memory / 2**20 if device == "cuda" else float("inf")
-        return _profile(cfg, num_classes, slide, device), memory
+        return _profile(cfg, num_classes, slide, device), memory, os.getpid()
 
-    return ray.get(ray.remote(run).options(num_cpus=cpus, num_gpus=gpus).remote(cfg, num_classes, slide))
+    # max_calls=1 ends the worker after the task, with its CUDA context and cached blocks, which would otherwise
+    # stay on the GPU that a stage takes next. Ray honours it only as an argument of ray.remote, not of .options.
+    task = ray.remote(num_cpus=cpus, num_gpus=gpus, max_calls=1)(run)
+    return ray.get(task.remote(cfg, num_classes, slide))
+
+
+def _profile_remote(cfg: Config, num_classes: int, slide: torch.Tensor):
+    costs, memory, _ = profile_on_cluster(cfg, num_classes, slide)
+    return costs, memory
 
 
 def resolve_auto_split(cfg: Config, num_classes: int, slide: torch.Tensor) -> Config:

@@ -21,7 +21,7 @@ from ray.exceptions import RayError
 from distlocal.config import Config, config_to_dict, stage_replicas
 from distlocal.data import SlideLoader, SlideRecord
 from distlocal.engine.actor import StageActor
-from distlocal.engine.faults import StageFailure
+from distlocal.engine.faults import ClusterError, StageFailure
 from distlocal.engine.handover import NextPass
 from distlocal.engine.loading import SlideFeed
 from distlocal.engine.placement import connect
@@ -30,7 +30,16 @@ from distlocal.engine.remote import fetch
 from distlocal.engine.replica_driver import ReplicaDriver
 from distlocal.engine.stage_actors import StageActors, write_marker
 from distlocal.engine.streaming import EVALUATION, TRAINING, SlideStream, evaluation_inputs
-from distlocal.engine.transport import Hop, log_hops, open_collective_group, plan_hops, summary
+from distlocal.engine.transport import (
+    CLOSE_S,
+    Hop,
+    close_group,
+    handshake,
+    log_hops,
+    open_collective_group,
+    plan_hops,
+    summary,
+)
 
 __all__ = ["RayExecutor"]
 
@@ -89,6 +98,8 @@ class RayExecutor:
             self.collective, self.stream.hops = None, [Hop("object_store", "")] * (self.k - 1)
             return
         self.collective, self.stream.hops = open_collective_group(self.actors.all, plan_hops(asked, self.info))
+        # Each pair's communicator, built now, while its hop can still fall back to the object store.
+        self.stream.hops = handshake(self.actors.all, self.hops)
         log_hops(self.hops, asked)
 
     @property
@@ -177,38 +188,38 @@ class RayExecutor:
 
     # -- recovery -----------------------------------------------------------------------------------------------
 
-    def recover(self, directory: Path, timeout_s: float = 60.0) -> None:
+    def recover(self, directory: Path) -> None:
         """After a StageFailure: wait for Ray to restart the dead actors, then reload every stage from `directory`."""
         self.next_pass = None  # an evaluation entered before the failure ran on the lost state
         if self.replicas.active:  # a dead replica broke its group: every actor starts afresh
             self.replicas.restart()
             self.load_stages(directory)
             return
+        timeout_s = self.cfg.train.recovery_timeout_s
         await_restarts(self.actors.all, timeout_s, self.cfg.train.max_restarts)
         self.load_stages(directory)
-        self.actors.refresh_info("restarting the stage actors")
+        self.actors.refresh_info("restarting the stage actors (train.recovery_timeout_s)", timeout_s)
         # A restarted actor is a new process, perhaps on another node or GPU: the group is built again, and
         # the hops chosen again from where the stages now run.
         self._destroy_collective()
         self._connect_stages()
 
-    def _destroy_collective(self) -> None:
+    def _destroy_collective(self, leave: bool = True) -> None:
         if self.collective is None:
             return
-        from ray.experimental.collective import destroy_collective_group
-
+        close_group(self.collective)
         try:
-            destroy_collective_group(self.collective)
-            self.actors.call("leave_collective", what="leaving the collective group")
-        except (RayError, StageFailure) as exc:  # a member that died again: its half of the group went with it
+            if leave:
+                self.actors.call("leave_collective", what="leaving the collective group", timeout_s=CLOSE_S)
+        except (RayError, StageFailure, ClusterError) as exc:  # a member that died again, or hangs
             log.warning("destroying the %s group: %s", self.collective.backend, exc)
         self.collective = None
 
     def close(self) -> None:
         try:
-            self._destroy_collective()
+            self.actors.kill()  # first: a member stuck in a transfer would hold up the group's destruction
+            self._destroy_collective(leave=False)
         finally:
-            self.actors.kill()
             if self.feed is not None:
                 self.feed.close()
             self.actors.release_placement()

@@ -26,7 +26,8 @@ def await_restarts(actors: list, timeout_s: float, max_restarts: int) -> None:
             except (RayActorError, GetTimeoutError) as exc:
                 if time.monotonic() > deadline:
                     raise ClusterError(
-                        f"stage {i + 1} did not come back within {timeout_s:g} s ({type(exc).__name__}); Ray "
-                        f"restarts an actor at most train.max_restarts={max_restarts} times"
+                        f"stage {i + 1} did not come back within {timeout_s:g} s ({type(exc).__name__}; "
+                        f"train.recovery_timeout_s); Ray restarts an actor at most train.max_restarts={max_restarts} "
+                        f"times"
                     ) from None
                 time.sleep(0.5)

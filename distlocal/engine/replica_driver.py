@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ray
 
+from distlocal.engine.actor import restart_config
 from distlocal.engine.faults import ClusterError
 from distlocal.engine.remote import fetch
 from distlocal.engine.replicas import Schedule
@@ -77,9 +78,10 @@ class ReplicaDriver:
                     f"the {len(replicas)} replicas of stage {i + 1} share GPUs ({[list(w[1]) for w in where]}), but "
                     f"NCCL takes one rank per GPU; give each replica a whole GPU (train.gpus_per_stage=1) or lower "
                     f"train.replicas={self.actors.cfg.train.replicas}")
-            address = fetch(replicas[0].host_replica_group.remote(), f"hosting stage {i + 1}'s replica group")
+            wait = self.actors.cfg.train.collective_timeout_s
+            address = fetch(replicas[0].host_replica_group.remote(), f"hosting stage {i + 1}'s replica group", wait)
             fetch([a.join_replica_group.remote(address, self.generation) for a in replicas],
-                  f"forming stage {i + 1}'s replica group")
+                  f"forming stage {i + 1}'s replica group (train.collective_timeout_s)", wait)
 
     def pool(self) -> None:
         """
@@ -105,8 +107,10 @@ class ReplicaDriver:
         """
         self.pending_steps = []
         self.actors.kill()
+        self.actors.config = restart_config(self.actors.config)  # the checkpoint is loaded next: no weights to fetch
         self.actors.start()
-        self.actors.refresh_info("restarting the stage actors")
+        self.actors.refresh_info("restarting the stage actors (train.recovery_timeout_s)",
+                                 self.actors.cfg.train.recovery_timeout_s)
         self.form_groups()
 
     def _replicated(self) -> list[list]:

@@ -15,7 +15,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from distlocal.config import Config
 from distlocal.engine.faults import ClusterError
-from distlocal.engine.placement import place_stages
+from distlocal.engine.placement import bundle_order, place_stages
 from distlocal.engine.remote import call_all
 
 __all__ = ["StageActors", "write_marker"]
@@ -50,20 +50,21 @@ class StageActors:
         # whole pipeline afresh instead (ReplicaDriver.restart).
         restarts = 0 if self.replicated else self.cfg.train.max_restarts
         self.all, self.stages = [], []
+        bundles = bundle_order(self.placement)  # neighbouring stages on one node
         for i, count in enumerate(self.counts):
             self.stages.append([remote_cls.options(
                 num_cpus=self.cpus, num_gpus=self.gpus, max_restarts=restarts, max_task_retries=0,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
-                    self.placement, placement_group_bundle_index=len(self.all) + r),
+                    self.placement, placement_group_bundle_index=bundles[len(self.all) + r]),
             ).remote(self.config, self.num_classes, i, r, count) for r in range(count)])
             self.all += self.stages[-1]
 
-    def call(self, method: str, *args, what: str, actors: list | None = None) -> list:
-        """`method` on every actor (or on `actors`), at once; their results in order."""
-        return call_all(self.all if actors is None else actors, method, *args, what=what)
+    def call(self, method: str, *args, what: str, actors: list | None = None, timeout_s: float | None = None) -> list:
+        """`method` on every actor (or on `actors`), at once; their results in order (within `timeout_s`, if given)."""
+        return call_all(self.all if actors is None else actors, method, *args, what=what, timeout_s=timeout_s)
 
-    def refresh_info(self, what: str) -> None:
-        self.info = self.call("info", what=what)
+    def refresh_info(self, what: str, timeout_s: float | None = None) -> None:
+        self.info = self.call("info", what=what, timeout_s=timeout_s)
 
     def firsts(self) -> list:
         """Rank 0 of every stage: after pooling it holds its stage's whole state."""

@@ -28,6 +28,7 @@ from distlocal.engine.faults import RunFailed, StageFailure
 from distlocal.engine.planner import resolve_plan
 from distlocal.engine.report import final_report
 from distlocal.engine.selection import Candidate, oriented, select
+from distlocal.engine.timing import split_transfer
 from distlocal.model import resolve_device
 from distlocal.model.optim import schedule_metric
 from distlocal.plots import classifiers_by_epoch
@@ -65,7 +66,7 @@ class _Window:
         self.rows: list[list[dict]] = []
 
     def add(self, metrics: list[dict]) -> None:
-        self.rows.append(metrics)
+        self.rows.append(split_transfer(metrics))
 
     def flush(self) -> dict[str, float]:
         out = {}
@@ -76,6 +77,8 @@ class _Window:
                 out[f"stage{i + 1}/{name}"] = float(np.mean([m[key] for m in stage]))
             if "wait_s" in stage[0]:  # Ray: time the actor sat idle waiting for its input
                 out[f"stage{i + 1}/wait_s"] = float(np.mean([m["wait_s"] for m in stage]))
+            if "transfer_s" in stage[0]:  # Ray: its input ready, being serialized, copied and deserialized
+                out[f"stage{i + 1}/transfer_s"] = float(np.mean([m["transfer_s"] for m in stage]))
             seen = {int(m.get("replica", 0)) for m in stage}
             for replica in sorted(seen) if seen != {0} else []:
                 # Replicas (train.replicas): the stage's series above combine them; each one's pace shows here.

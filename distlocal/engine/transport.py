@@ -3,7 +3,8 @@ How each activation hop (stage i -> stage i+1) travels under the Ray executor, d
 
 - object_store: Ray's object store (always works; a GPU tensor is copied to host memory and back).
 - cuda_ipc: both stages on the same GPU of one node; the receiver maps the sender's memory (no copy, no cupy).
-- nccl: stages on different GPUs; needs cupy (`uv sync --extra gpu`) and one NCCL rank per GPU.
+- nccl: stages on different GPUs; needs cupy (`uv sync --extra gpu`). Ray builds one two-process communicator per
+  sending pair, so two stages on one GPU may both send over NCCL (K = 16 on 8 GPUs: cuda_ipc, nccl, cuda_ipc, ...).
 - gloo: CPU stages, over a torch gloo group.
 
 `train.transport=nccl` asks for the GPU-direct pair (cuda_ipc within a GPU, nccl between GPUs). Every hop that
@@ -14,11 +15,22 @@ from __future__ import annotations
 
 import itertools
 import logging
+import threading
 from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Hop", "activation_dtype", "log_hops", "open_collective_group", "plan_hops", "summary"]
+from distlocal.engine.faults import ClusterError
+
+__all__ = [
+    "Hop", "activation_dtype", "close_group", "handshake", "log_hops", "open_collective_group", "plan_hops", "summary",
+]
+
+HANDSHAKE_S = 120.0  # a first send that takes longer hangs: a cross-node NCCL bootstrap takes seconds
+CLOSE_S = 30.0  # destroying a group whose member hangs in a transfer must not hang the driver
+_NETWORK = ("check that the nodes reach each other on all ports and that NCCL_SOCKET_IFNAME / GLOO_SOCKET_IFNAME "
+            "name an interface they share (NCCL_IB_DISABLE=1 if InfiniBand is not set up), or set "
+            "train.transport=object_store")
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +72,7 @@ def plan_hops(asked: str, infos: list[dict]) -> list[Hop]:
                                             f"{a['device']} and {b['device']}; give the stages GPUs "
                                             f"(train.gpus_per_stage) or set train.transport=gloo for CPU stages"))
         elif _gpu(a) == _gpu(b):
-            hops.append(Hop("cuda_ipc", ""))  # NCCL refuses two ranks on one GPU; CUDA IPC is the direct path here
+            hops.append(Hop("cuda_ipc", ""))  # NCCL refuses a communicator with both ends on one GPU
         elif not (a["cupy"] and b["cupy"]):
             missing = a if not a["cupy"] else b
             hops.append(Hop("object_store", f"{pair} are on different GPUs and Ray's NCCL backend needs cupy, which "
@@ -68,15 +80,6 @@ def plan_hops(asked: str, infos: list[dict]) -> list[Hop]:
                                             f"`uv sync --extra gpu`"))
         else:
             hops.append(Hop("nccl", ""))
-    # An actor takes one NCCL rank: two stages that share a GPU cannot both be ranks of the group.
-    ranks = _nccl_ranks(hops)
-    gpus = [_gpu(infos[i]) for i in ranks]
-    if len(set(gpus)) < len(gpus):
-        hops = [Hop("object_store", "NCCL takes one rank per GPU, but Ray put stages that send across GPUs on "
-                                    f"the same GPU (GPU ids {[list(g[1]) for g in gpus]}, stages "
-                                    f"{[i + 1 for i in ranks]}); one GPU per stage (train.gpus_per_stage=1) "
-                                    "makes every hop nccl")
-                if h.transport == "nccl" else h for h in hops]
     return hops
 
 
@@ -104,6 +107,61 @@ def open_collective_group(actors: list, hops: list[Hop]):
                 f"each other on all ports (NCCL_SOCKET_IFNAME / GLOO_SOCKET_IFNAME name the network interface)"
         return None, [Hop("object_store", cause) if h.transport == backend else h for h in hops]
     return handle, hops
+
+
+def handshake(actors: list, hops: list[Hop], timeout_s: float = HANDSHAKE_S) -> list[Hop]:
+    """
+    Send one small tensor over every nccl / gloo hop now; a hop whose send fails falls back to the object store
+    with the reason. Ray builds a pair's communicator at its first send: without this, a bad interface, InfiniBand
+    or firewall would show at the first slide, where Ray's transfer monitor kills both actors after 60 s and every
+    recovery repeats it. A send that hangs ends the start with a ClusterError: its actors are stuck in it.
+    """
+    import ray
+    from ray.exceptions import RayError
+
+    checks = {}
+    for i, hop in enumerate(hops):
+        if hop.transport in ("nccl", "gloo"):
+            probe = actors[i].probe_send.options(tensor_transport=hop.transport).remote()
+            checks[i] = actors[i + 1].probe_receive.remote(probe)
+    if not checks:
+        return hops
+    ready, _ = ray.wait(list(checks.values()), num_returns=len(checks), timeout=timeout_s)
+    hung = [i for i, ref in checks.items() if ref not in ready]
+    if hung:
+        raise ClusterError(f"the first {hops[hung[0]].transport} send of stages "
+                           f"{', '.join(f'{i + 1} -> {i + 2}' for i in hung)} did not arrive within {timeout_s:g} s; "
+                           f"{_NETWORK}")
+    out = list(hops)
+    for i, ref in checks.items():
+        try:
+            ray.get(ref)
+        except RayError as exc:
+            cause = getattr(exc, "cause", None) or exc
+            first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+            out[i] = Hop("object_store", f"the first {hops[i].transport} send failed at start ({type(cause).__name__}: "
+                                         f"{first}); {_NETWORK}")
+    return out
+
+
+def close_group(handle, timeout_s: float = CLOSE_S) -> None:
+    """Destroy a collective group, giving up after `timeout_s` (Ray's own destroy waits on every member for ever)."""
+    from ray.experimental.collective import destroy_collective_group
+
+    failed: list[BaseException] = []
+
+    def destroy():
+        try:
+            destroy_collective_group(handle)
+        except Exception as exc:  # a member that died: its half of the group went with it
+            failed.append(exc)
+
+    thread = threading.Thread(target=destroy, daemon=True, name="destroy-collective-group")
+    thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive() or failed:
+        log.warning("destroying the %s group: %s", handle.backend,
+                    f"no answer within {timeout_s:g} s" if thread.is_alive() else failed[0])
 
 
 def summary(hops: list[Hop]) -> str:
