@@ -29,11 +29,13 @@ from distlocal.engine.faults import (
     is_out_of_memory,
     out_of_memory_message,
 )
+from distlocal.engine.recovery import restart_config
 from distlocal.engine.replicas import ReplicaGroup
+from distlocal.engine.stage_device import choose_device, node_id
 from distlocal.engine.transport import activation_dtype
 from distlocal.model import build_stage
 
-__all__ = ["StageActor", "restart_config", "to_cpu"]
+__all__ = ["StageActor", "to_cpu"]
 
 
 def to_cpu(tree):
@@ -45,24 +47,6 @@ def to_cpu(tree):
     if isinstance(tree, list | tuple):
         return type(tree)(to_cpu(v) for v in tree)
     return tree
-
-
-def restart_config(cfg: dict) -> dict:
-    """
-    The config of a stage started again after a failure: the checkpoint it loads next holds every weight, so it
-    builds without ImageNet weights or model.weights (a replacement node may have no internet, nor that file).
-    """
-    model = {**cfg["model"], "pretrained": "none", "weights": ""}
-    return {**cfg, "model": model}
-
-
-def _cuda_problem() -> str:
-    """Why this process cannot use CUDA, in torch's own words (its init error names the driver / build)."""
-    try:
-        torch.cuda.init()
-    except Exception as exc:  # torch raises RuntimeError / AssertionError with the reason
-        return str(exc).strip().splitlines()[0]
-    return "torch.cuda.is_available() is False"
 
 
 class StageActor:
@@ -79,33 +63,12 @@ class StageActor:
         self.replica_group: ReplicaGroup | None = None
         self.store = None  # rank 0 hosts its group's TCPStore
         torch.set_num_threads(max(1, int(self.cfg.train.cpus_per_stage)))
-        gpus = ray.get_gpu_ids()
-        self.problem = ""  # raised by info(): the driver's first call, so start-up fails with the reason
-        if not gpus and self.cfg.train.device.startswith("cuda"):
-            # Without GPU ids CUDA is hidden from this process (or, worse, every GPU of the node is visible).
-            self.problem = (
-                f"stage {index + 1} on node {socket.gethostname()} ({_node_id()[:12]}) was asked for "
-                f"train.device={self.cfg.train.device} but Ray gave it no GPU (train.gpus_per_stage="
-                f"{self.cfg.train.gpus_per_stage:g}); give each stage GPUs (train.gpus_per_stage=-1, or a share > 0), "
-                f"or set train.device=cpu")
+        placed = choose_device(self.cfg, index)
+        self.problem = placed.problem  # raised by info(): the driver's first call, so start-up fails with the reason
+        if self.problem:
             return
-        if gpus and self.cfg.train.device != "cpu" and not torch.cuda.is_available():
-            # Training on the CPU of a GPU node would be 50-100x slower and look like a hang: refuse instead.
-            self.problem = (
-                f"stage {index + 1} on node {socket.gethostname()} ({_node_id()[:12]}) was given GPU ids {gpus} "
-                f"but cannot use CUDA: {_cuda_problem()} (torch {torch.__version__}, built for CUDA "
-                f"{torch.version.cuda}, CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '')!r}); "
-                f"install an NVIDIA driver that supports CUDA {torch.version.cuda} on that node (check "
-                f"`nvidia-smi`), or set train.device=cpu")
-            return
-        # Ray sets CUDA_VISIBLE_DEVICES to the GPUs it gave this actor, so cuda:0 is ours. train.device=cpu runs
-        # on the CPU even when GPUs are reserved (explicit train.gpus_per_stage).
-        cuda = gpus and self.cfg.train.device != "cpu"
-        self.device = torch.device("cuda:0" if cuda else "cpu")
-        self.share = 1.0  # of the GPU: stages that share one each get a memory fraction, so an OOM is their own
-        if cuda:
-            self.share = min(1.0, ray.get_runtime_context().get_assigned_resources().get("GPU", 1.0))
-            _configure_allocator(self.cfg.train.transport, self.share, self.device)
+        self.device, self.share = placed.device, placed.share
+        cuda = self.device.type == "cuda"
         name = torch.cuda.get_device_name(self.device) if cuda else "cpu"
         replica = f" replica {rank + 1}/{size}" if size > 1 else ""
         self.where = f"{self.device} ({name}) on {socket.gethostname()}"
@@ -123,7 +86,7 @@ class StageActor:
         if self.problem:
             raise ClusterError(self.problem)
         name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
-        return {"stage": self.index + 1, "replica": self.rank, "node": socket.gethostname(), "node_id": _node_id(),
+        return {"stage": self.index + 1, "replica": self.rank, "node": socket.gethostname(), "node_id": node_id(),
                 "pid": os.getpid(),
                 "gpu_ids": [str(g) for g in ray.get_gpu_ids()], "device": str(self.device), "device_name": name,
                 "activation_dtype": str(self.activation_dtype).removeprefix("torch."),
@@ -332,7 +295,7 @@ class StageActor:
         except FileNotFoundError as exc:  # e.g. a replacement node that was not given the shared mount
             run_dir = Path(self.cfg.run.dir)
             raise ClusterError(
-                f"stage {self.index + 1} on node {socket.gethostname()} ({_node_id()[:12]}) cannot read its "
+                f"stage {self.index + 1} on node {socket.gethostname()} ({node_id()[:12]}) cannot read its "
                 f"checkpoint file {path} ({exc.strerror}); run.dir {run_dir} "
                 f"{'exists but lacks it' if run_dir.is_dir() else 'does not exist'} on this node. Every node, "
                 f"replacement nodes too, must mount the shared storage of run.dir at {run_dir}") from None
@@ -363,19 +326,3 @@ class StageActor:
 
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
-
-
-def _configure_allocator(transport: str, share: float, device: torch.device) -> None:
-    """
-    Before the first CUDA allocation: expandable segments, so slides of varying size do not fragment the cache
-    into blocks no later slide fits (not with CUDA IPC, which train.transport=nccl may choose, and whose sharing
-    of expandable segments is not checked yet); a memory fraction for a GPU shared with other stages.
-    """
-    if transport != "nccl" and "PYTORCH_CUDA_ALLOC_CONF" not in os.environ:
-        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
-    if share < 1:
-        torch.cuda.set_per_process_memory_fraction(share, device)
-
-
-def _node_id() -> str:
-    return ray.get_runtime_context().get_node_id()

@@ -12,7 +12,7 @@ from ray.exceptions import GetTimeoutError, RayActorError
 
 from distlocal.engine.faults import ClusterError
 
-__all__ = ["await_restarts"]
+__all__ = ["await_restarts", "restart_config"]
 
 
 def await_restarts(actors: list, timeout_s: float, max_restarts: int) -> None:
@@ -31,3 +31,12 @@ def await_restarts(actors: list, timeout_s: float, max_restarts: int) -> None:
                         f"times"
                     ) from None
                 time.sleep(0.5)
+
+
+def restart_config(cfg: dict) -> dict:
+    """
+    The config of a stage started again after a failure: the checkpoint it loads next holds every weight, so it
+    builds without ImageNet weights or model.weights (a replacement node may have no internet, nor that file).
+    """
+    model = {**cfg["model"], "pretrained": "none", "weights": ""}
+    return {**cfg, "model": model}

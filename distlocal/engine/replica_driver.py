@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import ray
 
-from distlocal.engine.actor import restart_config
 from distlocal.engine.faults import ClusterError
+from distlocal.engine.recovery import restart_config
 from distlocal.engine.remote import fetch
 from distlocal.engine.replicas import Schedule
 from distlocal.engine.stage_actors import StageActors
