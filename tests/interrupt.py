@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["failing_actor", "fit_and_interrupt"]
+__all__ = ["failing_actor", "fit_and_interrupt", "slowed"]
 
 
 def fit_and_interrupt(trainer, run_dir: Path, lines: int, interrupt: Callable[[], None]) -> dict:
@@ -63,3 +63,13 @@ def failing_actor(stage: int, error: BaseException, slides: set[str] | None = No
             return super().train_step(x, y, slide_id, epoch)
 
     return Failing
+
+
+def slowed(task: Callable, seconds: float) -> Callable:
+    """`task` that first waits `seconds`: a cluster test can then remove a node while work is under way there."""
+
+    def slow(*args, **kwargs):
+        time.sleep(seconds)
+        return task(*args, **kwargs)
+
+    return slow
