@@ -6,7 +6,9 @@ One cluster for the module: each start costs 10-20 s on 2 cores.
 
 from __future__ import annotations
 
+import csv
 import json
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -20,6 +22,7 @@ from distlocal.config import load_config
 from distlocal.data import read_manifest
 from distlocal.data.prepare import prepare_slides
 from distlocal.data.prepare_ray import prepare_entry, prepare_on_ray
+from distlocal.engine.trainer import Trainer
 from distlocal.slides.cache import cache_key, read_cached
 from tests.interrupt import slowed
 
@@ -106,3 +109,77 @@ def test_prepare_loses_nothing_when_a_node_goes_mid_way(on_cluster, manifest, tm
     assert report.lost == []
     for record in records:
         assert read_cached(tmp_path / "cache", record.slide_id, cache_key(record.path, 5.0, None, None)) is not None
+
+
+@pytest.fixture(scope="module")
+def checkpoint(manifest, tmp_path_factory):
+    """A tiny trained run (ResNet18 in two stages, one epoch, locally): only its predictions matter here."""
+    run_dir = tmp_path_factory.mktemp("run")
+    cfg = load_config(None, ["train.device=cpu", "train.epochs=1", "model.backbone=resnet18", "model.k=2",
+                             "model.split=balanced", "model.rfr.patch_size=16", f"data.manifest={manifest}",
+                             "tracking.enabled=false", "train.heatmaps=0"])
+    Trainer(cfg, run_dir).fit()
+    return run_dir / "checkpoints" / "best"
+
+
+_TIMES = ("read_s", "forward_s", "head_s")  # measured, not computed: they differ from run to run
+
+
+def _rows(out: Path) -> list[dict]:
+    with (out / "predictions.csv").open(newline="") as handle:
+        return [{k: v for k, v in row.items() if k not in _TIMES} for row in csv.DictReader(handle)]
+
+
+def _predict(checkpoint: Path, manifest: Path, out: Path, *extra: str) -> int:
+    return main(["predict", "--checkpoint", str(checkpoint), "--out", str(out), str(manifest), *extra])
+
+
+def test_cluster_predict_equals_local_predict_row_for_row(on_cluster, actor_threads, checkpoint, manifest, tmp_path):
+    """Two models on the cluster: predictions.csv in manifest order, row for row the local one's; heatmaps too."""
+    assert _predict(checkpoint, manifest, tmp_path / "local", "--executor", "local") == 0
+    assert _predict(checkpoint, manifest, tmp_path / "ray", "--executor", "ray", "--actors", "2") == 0
+    ours, theirs = _rows(tmp_path / "ray"), _rows(tmp_path / "local")
+    assert [r["slide_id"] for r in ours] == [r.slide_id for r in read_manifest(manifest).records]
+    assert ours == theirs
+    summary = json.loads((tmp_path / "ray" / "predictions.json").read_text())
+    assert (summary["actors"], summary["slides"]) == (2, len(ours))
+    assert sorted(p.name for p in (tmp_path / "ray" / "heatmaps").iterdir()) == sorted(
+        p.name for p in (tmp_path / "local" / "heatmaps").iterdir())
+
+
+def test_cluster_predict_after_an_interruption_does_only_the_rest(on_cluster, actor_threads, checkpoint, manifest,
+                                                                  tmp_path):
+    """
+    A run stopped half-way (an unreadable slide under on_error=fail), the slide fixed, run again: the rerun predicts
+    only the slides without a row, and the CSV is the uninterrupted run's.
+    """
+    records = read_manifest(manifest).records
+    broken = records[6]
+    with manifest.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    for row, record in zip(rows, records, strict=True):
+        row["path"] = str(tmp_path / "broken.tiff" if record is broken else record.path)
+    cohort = tmp_path / "cohort.csv"
+    with cohort.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    (tmp_path / "broken.tiff").write_bytes(b"not a slide")
+    ray_args = ("--executor", "ray", "--actors", "2")
+    assert _predict(checkpoint, cohort, tmp_path / "ray", *ray_args) == 2  # the bad slide stops the run
+    log = tmp_path / "ray" / "predictions.rows.jsonl"
+    first = [json.loads(line)["row"]["slide_id"] for line in log.read_text().splitlines()]
+    assert 0 < len(first) < len(records)
+    assert broken.slide_id not in first
+
+    shutil.copy(broken.path, tmp_path / "broken.tiff")  # fixed
+    assert _predict(checkpoint, cohort, tmp_path / "ray", *ray_args) == 0
+    every = [json.loads(line)["row"]["slide_id"] for line in log.read_text().splitlines()]
+    assert every[:len(first)] == first
+    assert sorted(every) == sorted(r.slide_id for r in records)  # each slide predicted once over both runs
+    assert _predict(checkpoint, cohort, tmp_path / "ray", *ray_args) == 0  # a third run has nothing to do
+    assert len(log.read_text().splitlines()) == len(records)
+
+    assert _predict(checkpoint, cohort, tmp_path / "local", "--executor", "local") == 0
+    ours = [{k: v for k, v in r.items() if k != "path"} for r in _rows(tmp_path / "ray")]
+    assert ours == [{k: v for k, v in r.items() if k != "path"} for r in _rows(tmp_path / "local")]
