@@ -15,14 +15,18 @@ from pathlib import Path
 
 import pytest
 import ray
+import torch
 from ray.cluster_utils import Cluster
 
 from distlocal.cli import main
 from distlocal.config import load_config
 from distlocal.data import read_manifest
+from distlocal.data.loader import SlideLoader
 from distlocal.data.prepare import prepare_slides
 from distlocal.data.prepare_ray import prepare_entry, prepare_on_ray
-from distlocal.engine.trainer import Trainer
+from distlocal.engine.actor import StageActor
+from distlocal.engine.ray_executor import RayExecutor
+from distlocal.engine.trainer import Trainer, epoch_order
 from distlocal.slides.cache import cache_key, read_cached
 from tests.interrupt import slowed
 
@@ -183,3 +187,53 @@ def test_cluster_predict_after_an_interruption_does_only_the_rest(on_cluster, ac
     assert _predict(checkpoint, cohort, tmp_path / "local", "--executor", "local") == 0
     ours = [{k: v for k, v in r.items() if k != "path"} for r in _rows(tmp_path / "ray")]
     assert ours == [{k: v for k, v in r.items() if k != "path"} for r in _rows(tmp_path / "local")]
+
+
+def _float64_actor() -> type:
+    """A stage actor computing and sending activations in float64: runs that do the same sums agree exactly."""
+
+    class Float64Actor(StageActor):  # made in a function: Ray ships the class by value
+        def __init__(self, *args):
+            super().__init__(*args)
+            self.stage.modules.double()
+            self.activation_dtype = torch.float64
+
+    return Float64Actor
+
+
+def _train_epoch(manifest: Path, run_dir: Path, loaders: int) -> dict:
+    """One epoch of K=2 (a stage on each of two nodes) fed by `loaders` loaders: results, states and traces."""
+    cfg = load_config(None, [
+        f"data.manifest={manifest}", f"run.dir={run_dir}", "train.device=cpu", "train.executor=ray",
+        "model.backbone=resnet18", "model.k=2", "model.split=balanced", "train.accumulate=3",
+        "model.rfr.patch_size=16", "tracking.enabled=false", "train.placement=spread", "train.cpus_per_stage=1",
+        "train.placement_timeout_s=60", f"train.loaders={loaders}"])
+    train = read_manifest(manifest).split("train")
+    records = [train[i] for i in epoch_order(len(train), cfg.train.seed, 0)]  # the seed's order of epoch 0
+    executor = RayExecutor(cfg, 2, actor_cls=_float64_actor())
+    try:
+        results = list(executor.train(records, SlideLoader(cfg.data, True, cfg.train.seed), 0))
+        return {"order": [r.slide_id for r in records], "results": [slide for slide, _ in results],
+                "stage1": [slide for kind, slide, *_ in executor.traces()[0] if kind == "train"],
+                "loaders": executor.feed.traces(), "states": executor.state_dicts()}
+    finally:
+        executor.close()
+
+
+def test_two_loaders_on_two_nodes_feed_every_slide_once_in_order_as_one_loader(on_cluster, actor_threads, manifest,
+                                                                                tmp_path):
+    """
+    Two loaders, one on each stage's node: each slide is loaded once, stage 1 trains them in the seed's order, and
+    the stages end exactly (float64) as with one loader.
+    """
+    two, one = _train_epoch(manifest, tmp_path / "two", 2), _train_epoch(manifest, tmp_path / "one", 1)
+    assert two["results"] == two["stage1"] == two["order"]
+    loaded = [slide for trace in two["loaders"] for slide, *_ in trace["loads"]]
+    assert sorted(loaded) == sorted(two["order"])  # every slide once
+    assert all(trace["loads"] for trace in two["loaders"])  # both loaders worked
+    assert len({trace["node_id"] for trace in two["loaders"]}) == 2
+    assert one["stage1"] == two["stage1"]
+    for ours, theirs in zip(two["states"], one["states"], strict=True):
+        assert ours["optim"]["steps"] == theirs["optim"]["steps"]
+        for name, tensor in theirs["modules"].items():
+            assert torch.equal(ours["modules"][name], tensor), name
