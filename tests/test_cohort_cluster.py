@@ -18,6 +18,7 @@ import ray
 import torch
 from ray.cluster_utils import Cluster
 
+from distlocal.bench.loading import MARGIN, loaders_needed
 from distlocal.cli import main
 from distlocal.config import load_config
 from distlocal.data import read_manifest
@@ -237,3 +238,14 @@ def test_two_loaders_on_two_nodes_feed_every_slide_once_in_order_as_one_loader(o
         assert ours["optim"]["steps"] == theirs["optim"]["steps"]
         for name, tensor in theirs["modules"].items():
             assert torch.equal(ours["modules"][name], tensor), name
+
+
+def test_loaders_needed_cover_the_stage_rate_with_the_margin():
+    """The loader count for a stage rate delivers at least 1.2x it, and one loader fewer would not."""
+    for stage_rate, per_loader in [(50.0, 8.0), (50.0, 2.86), (1.0, 3.0), (12.0, 12.0), (10.0, 4.0)]:
+        n = loaders_needed(stage_rate, per_loader)
+        assert n * per_loader >= MARGIN * stage_rate - 1e-9
+        assert n == 1 or (n - 1) * per_loader < MARGIN * stage_rate
+    assert loaders_needed(50.0, 8.0) == 8
+    with pytest.raises(ValueError, match="must be positive"):
+        loaders_needed(5.0, 0.0)
