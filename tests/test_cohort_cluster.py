@@ -249,3 +249,26 @@ def test_loaders_needed_cover_the_stage_rate_with_the_margin():
     assert loaders_needed(50.0, 8.0) == 8
     with pytest.raises(ValueError, match="must be positive"):
         loaders_needed(5.0, 0.0)
+
+
+def test_a_lost_loader_is_restarted_and_the_epoch_completes_in_order(on_cluster, manifest, tmp_path):
+    """One of two loaders killed mid-epoch: Ray restarts it and retries its loads; stage 1 gets every slide in order."""
+    cfg = load_config(None, [
+        f"data.manifest={manifest}", f"run.dir={tmp_path}", "train.device=cpu", "train.executor=ray",
+        "model.backbone=resnet18", "model.k=2", "model.split=balanced", "train.accumulate=3",
+        "model.rfr.patch_size=16", "tracking.enabled=false", "train.placement=spread", "train.cpus_per_stage=1",
+        "train.placement_timeout_s=60", "train.loaders=2"])
+    records = read_manifest(manifest).split("train")
+    executor = RayExecutor(cfg, 2)
+    try:
+        before = executor.feed.traces()[1]
+        results = []
+        for slide, _ in executor.train(records, SlideLoader(cfg.data, True, cfg.train.seed), 0):
+            results.append(slide)
+            if len(results) == 2:
+                ray.kill(executor.feed.actors[1], no_restart=False)  # as if its worker died
+        after = executor.feed.traces()[1]
+    finally:
+        executor.close()
+    assert results == [r.slide_id for r in records]
+    assert after["pid"] != before["pid"]  # a new process: the loader was restarted

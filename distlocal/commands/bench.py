@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -124,7 +125,12 @@ def _loading(args: argparse.Namespace) -> int:
     if cache is None:
         cache = out / "loading_cache"
         prepare_slides(records, cache, data)
-    connect()
+    if os.environ.get("RAY_ADDRESS"):
+        connect()
+    else:  # a Ray of its own: another Ray on this machine (a run, a test) would share the CPUs being timed
+        import ray
+
+        ray.init(address="local", include_dashboard=False, configure_logging=False)
     result = bench_loading(records, data, cache, _counts(args.loaders, "--loaders"), _counts(args.threads, "--threads"))
     (out / "loading.json").write_text(json.dumps(result, indent=2))
     print(format_loading(result))
