@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import time
 from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
@@ -80,6 +81,7 @@ def predict(checkpoint: str | Path, inputs: list[str], out_dir: str | Path, over
     else:
         run = _LocalPredictor(SlidePredictor(Predictor.load(checkpoint, overrides, device), out_dir, heatmaps))
     skipped: list[SkippedSlide] = []
+    start = time.perf_counter()  # the cohort's rate: after the models are loaded, to the last row
     try:
         with progress(total=len(todo), desc=f"predict ({executor})", unit="slide") as bar:
             for outcome in run(todo):
@@ -93,7 +95,10 @@ def predict(checkpoint: str | Path, inputs: list[str], out_dir: str | Path, over
         run.close()
     rows = [done[r.slide_id] for r in records if r.slide_id in done]  # manifest order, however they finished
     _write_csv(out_dir / "predictions.csv", rows)
+    seconds = time.perf_counter() - start
     summary = _summary(rows, [asdict(s) for s in skipped], run.info, checkpoint)
+    summary.update(executor=executor, predicted_now=len(todo) - len(skipped), seconds=round(seconds, 2),
+                   slides_per_s=round((len(todo) - len(skipped)) / seconds, 3) if todo else None)
     (out_dir / "predictions.json").write_text(json.dumps(summary, indent=2))
     return summary
 
