@@ -10,6 +10,9 @@ CPUs; its rate includes the first task's or actor's start-up, as a user's first 
 
 from __future__ import annotations
 
+import distlocal.engine  # noqa: F401  first: it keeps Ray from rebuilding the venv for each worker (see there)
+
+# isort: split
 import argparse
 import json
 import shutil

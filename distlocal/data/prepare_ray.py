@@ -11,6 +11,11 @@ nodes left (``max_retries``), and every entry already written stays on the share
 
 from __future__ import annotations
 
+# First: distlocal.engine sets RAY_ENABLE_UV_RUN_RUNTIME_ENV=0, which Ray reads when it is imported. Imported after
+# ray, a driver under `uv run` had every worker rebuild the project's venv before its first slide (tens of seconds).
+import distlocal.engine  # noqa: F401
+
+# isort: split
 import logging
 import time
 from collections.abc import Callable
