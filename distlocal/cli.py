@@ -34,7 +34,7 @@ COMMANDS = {
 }
 
 
-_RAY_COMMANDS = ("train", "eval", "sweep", "bench", "demo")
+_RAY_COMMANDS = ("train", "eval", "sweep", "bench", "demo", "prepare", "predict")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -153,6 +153,9 @@ class TrainConfig:
     # stage, or a list of K (the slow stage gets more). Their gradients are summed at each optimizer step, so R
     # replicas learn what one stage learns from the same slides. 1: no replicas.
     replicas: int | list[int] = 1
+    # Ray executor: slide loader actors feeding stage 1 (slide i of an epoch from loader i mod N, so the order and
+    # every tensor are the same whatever N), placed beside stage 1's replicas, then on the other stages' nodes.
+    loaders: int = positive(1)
     # manual: model.k, the cut and train.replicas as given | auto: the planner chooses the cut (with
     # model.split=auto) and the replicas per stage that train fastest on train.gpus devices (engine/planner.py).
     plan: str = choice("manual", "auto")

@@ -1,25 +1,34 @@
 """
 `distlocal predict`: class probabilities and attention heatmaps for new slides, from a trained checkpoint.
 
-Per slide: read it (distlocal's reader), run the Predictor (predictor.py), write a CSV row and its heatmaps; at the
-end predictions.csv and predictions.json.
+Per slide (predict_slide.py, here or in Ray actors: predict_ray.py): read it, run the Predictor (predictor.py), make
+its CSV row and write its heatmaps; each row is logged as it comes (predict_resume.py); at the end predictions.csv
+in the inputs' order and predictions.json.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import logging
 import time
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 
-from distlocal.data import ManifestError, SlideLoader, SlideRecord, read_manifest
+from distlocal.data import ManifestError, SlideRecord, read_manifest
+from distlocal.data.loader import SkippedSlide
+from distlocal.engine.checkpoint import load_checkpoint
+from distlocal.predict_resume import ResumeLog
+from distlocal.predict_slide import SlidePredictor
 from distlocal.predictor import Predictor, elapsed
 from distlocal.progress import progress
-from distlocal.slides import SlideError
 
 __all__ = ["Predictor", "elapsed", "predict", "slide_records"]
 
+logger = logging.getLogger(__name__)
+_ROWS = "predictions.rows.jsonl"
+_MODEL_FACTS = ("device", "max_tile_pixels", "classifier", "stages_run", "best_classifier", "actors", "nodes")
 _SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".scn", ".bif", ".mrxs", ".vms", ".dcm")
 
 
@@ -45,53 +54,80 @@ def slide_records(inputs: list[str], classes: list[str]) -> list[SlideRecord]:
 
 
 def predict(checkpoint: str | Path, inputs: list[str], out_dir: str | Path, overrides: list[str] = (),
-            heatmaps: bool = True, device: str | None = None) -> dict:
-    """Predict every slide of ``inputs``; write predictions.csv, heatmaps/ and predictions.json to ``out_dir``."""
-    from distlocal.plots import attention_heatmap
+            heatmaps: bool = True, device: str | None = None, executor: str = "local", actors: int | None = None,
+            cpus_per_actor: int = 1) -> dict:
+    """
+    Predict every slide of ``inputs``; write predictions.csv, heatmaps/ and predictions.json to ``out_dir``.
 
-    predictor = Predictor.load(checkpoint, overrides, device)
-    cfg, classes = predictor.cfg, predictor.classes
-    records = slide_records(inputs, classes)
+    ``executor="ray"``: one model per device of the Ray cluster (predict_ray.py). Either way each finished row is
+    logged at once (predictions.rows.jsonl), so a run stopped half-way and started again predicts only the rest.
+    """
     out_dir = Path(out_dir)
     (out_dir / "heatmaps").mkdir(parents=True, exist_ok=True)
-    loader = SlideLoader(cfg.data, train=False)
-    aux = cfg.predict.aux_heatmaps and heatmaps
-    rows = []
-    bar = progress(records, desc="predict", unit="slide")
-    for record in bar:
-        start = time.perf_counter()
-        try:
-            image = loader.read(record)  # read once: the tensor and the heatmap's thumbnail both come from it
-        except SlideError as exc:
-            loader.skip(record, exc)
-            continue
-        x = loader.to_input(image, record, device=predictor.input_device(*image.shape[:2]))
-        read_s = time.perf_counter() - start
-        result = predictor(x, aux=aux)
-        probs, decided = result["probs"], predictor.choice.name
-        predicted = int(probs.argmax())
-        row = {"slide_id": record.slide_id, "path": str(record.path), "predicted": classes[predicted],
-               **{f"prob_{c}": round(float(p), 6) for c, p in zip(classes, probs, strict=True)},
-               "label": classes[record.label] if record.label >= 0 else "",
-               "correct": "" if record.label < 0 else int(predicted == record.label), "classifier": decided,
-               "height": image.shape[0], "width": image.shape[1], "read_s": round(read_s, 4),
-               "forward_s": round(result["forward_s"], 4), "head_s": round(result["head_s"], 4)}
-        rows.append(row)
-        bar.set_postfix(read=f"{read_s:.2f}s", forward=f"{result['forward_s']:.2f}s", head=f"{result['head_s']:.3f}s")
-        if heatmaps:
-            title = f"{record.slide_id}: {classes[predicted]} (p = {float(probs[predicted]):.2f}, {decided})"
-            title += f", label {row['label']}" if row["label"] else ""
-            shown = result["attention_of"]
-            attention_heatmap(image, result["attention"], out_dir / "heatmaps" / f"{record.slide_id}.png", title,
-                              label=f"{shown} attention")
-            for name, attention in result["attentions"].items() if aux else ():
-                if name != shown:
-                    attention_heatmap(image, attention, out_dir / "heatmaps" / f"{record.slide_id}_{name}.png",
-                                      f"{title} - {name}", label=f"{name} attention")
+    classes = load_checkpoint(checkpoint, stages=False).classes
+    records = slide_records(inputs, classes)
+    log = ResumeLog(out_dir / _ROWS, checkpoint, overrides)
+    done = log.rows()
+    todo = [r for r in records if r.slide_id not in done]
+    if done:
+        logger.info("%d of %d slide(s) already predicted in %s", len(records) - len(todo), len(records), out_dir)
+    if not todo:  # nothing to predict: no model is loaded, the model's facts are the last run's
+        run = _Done(out_dir / "predictions.json")
+    elif executor == "ray":
+        from distlocal.predict_ray import RayPredictors
+
+        run = RayPredictors(checkpoint, list(overrides), out_dir, heatmaps, actors, cpus_per_actor, device,
+                            most=len(todo))
+    else:
+        run = _LocalPredictor(SlidePredictor(Predictor.load(checkpoint, overrides, device), out_dir, heatmaps))
+    skipped: list[SkippedSlide] = []
+    start = time.perf_counter()  # the cohort's rate: after the models are loaded, to the last row
+    try:
+        with progress(total=len(todo), desc=f"predict ({executor})", unit="slide") as bar:
+            for outcome in run(todo):
+                bar.update()
+                if isinstance(outcome, SkippedSlide):
+                    skipped.append(outcome)
+                    continue
+                done[outcome["slide_id"]] = log.add(outcome)
+                bar.set_postfix(read=f"{outcome['read_s']:.2f}s", forward=f"{outcome['forward_s']:.2f}s")
+    finally:
+        run.close()
+    rows = [done[r.slide_id] for r in records if r.slide_id in done]  # manifest order, however they finished
     _write_csv(out_dir / "predictions.csv", rows)
-    summary = _summary(rows, [asdict(s) for s in loader.skipped], predictor, checkpoint)
+    seconds = time.perf_counter() - start
+    summary = _summary(rows, [asdict(s) for s in skipped], run.info, checkpoint)
+    summary.update(executor=executor, predicted_now=len(todo) - len(skipped), seconds=round(seconds, 2),
+                   slides_per_s=round((len(todo) - len(skipped)) / seconds, 3) if todo else None)
     (out_dir / "predictions.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+class _Done:
+    """Every slide already predicted: no outcome to make."""
+
+    def __init__(self, last_summary: Path):
+        last = json.loads(last_summary.read_text()) if last_summary.is_file() else {}
+        self.info = {k: last.get(k) for k in _MODEL_FACTS if k in last}
+
+    def __call__(self, records: list[SlideRecord]) -> Iterator[dict | SkippedSlide]:
+        return iter(())
+
+    def close(self) -> None:
+        pass
+
+
+class _LocalPredictor:
+    """The slides one after the other in this process."""
+
+    def __init__(self, slides: SlidePredictor):
+        self.slides, self.info = slides, slides.info()
+
+    def __call__(self, records: list[SlideRecord]) -> Iterator[dict | SkippedSlide]:
+        return map(self.slides, records)
+
+    def close(self) -> None:
+        pass
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:
@@ -102,11 +138,9 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
             writer.writerows(rows)
 
 
-def _summary(rows: list[dict], skipped: list[dict], predictor: Predictor, checkpoint) -> dict:
+def _summary(rows: list[dict], skipped: list[dict], info: dict, checkpoint) -> dict:
     labelled = [r for r in rows if r["correct"] != ""]
     mean = {k: sum(r[k] for r in rows) / len(rows) if rows else 0.0 for k in ("read_s", "forward_s", "head_s")}
-    return {"checkpoint": str(checkpoint), "slides": len(rows), "skipped": skipped, "device": str(predictor.device),
-            "max_tile_pixels": predictor.max_tile_pixels, "classifier": predictor.choice.name,
-            "stages_run": predictor.choice.depth, "best_classifier": predictor.best_classifier,
+    return {"checkpoint": str(checkpoint), "slides": len(rows), "skipped": skipped, **info,
             "accuracy": sum(r["correct"] for r in labelled) / len(labelled) if labelled else None,
             "labelled": len(labelled), "mean_seconds": mean}

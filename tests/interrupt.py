@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["OutOfMemoryOnArrival", "failing_actor", "fit_and_interrupt"]
+__all__ = ["OutOfMemoryOnArrival", "failing_actor", "fit_and_interrupt", "slowed"]
 
 
 def fit_and_interrupt(trainer, run_dir: Path, lines: int, interrupt: Callable[[], None]) -> dict:
@@ -79,3 +79,13 @@ class OutOfMemoryOnArrival:
 
     def __reduce__(self):
         return _out_of_memory, (self.message,)
+
+
+def slowed(task: Callable, seconds: float) -> Callable:
+    """`task` that first waits `seconds`: a cluster test can then remove a node while work is under way there."""
+
+    def slow(*args, **kwargs):
+        time.sleep(seconds)
+        return task(*args, **kwargs)
+
+    return slow

@@ -5,6 +5,7 @@ distlocal bench io [--size H W] [--base-magnification 20] [--repeats 3]
 distlocal bench memory [--sizes HxW,HxW] [--device auto|cpu|cuda] [--set key=value ...]
 distlocal bench inference [SLIDE_OR_MANIFEST ...] [--sizes HxW,HxW] [--mode deployed|memory] [--workers N]
                           [--checkpoint PATH] [--batch N] [--repeats 3]
+distlocal bench loading [MANIFEST] [--slides N] [--size H W] [--loaders 1,2,4] [--threads 1,2] [--cache DIR]
 """
 
 from __future__ import annotations
@@ -12,16 +13,18 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("what", choices=["pipeline", "io", "memory", "inference"],
+    p.add_argument("what", choices=["pipeline", "io", "memory", "inference", "loading"],
                    help="pipeline: Ray executor against the local executor; io: reading a large slide to 5X against "
                         "decoding it in full; memory: one training step, end to end against every stage at K=4/8; "
-                        "inference: whole-slide prediction against patch-based GABMIL (the paper's Table 3)")
+                        "inference: whole-slide prediction against patch-based GABMIL (the paper's Table 3); loading: "
+                        "slides/s the Ray loaders deliver, from originals and the cache, against loaders and threads")
     p.add_argument("inputs", nargs="*", metavar="SLIDE_OR_MANIFEST",
                    help="inference: slide files or manifests to time (default: synthetic slides of --sizes)")
     p.add_argument("--config", help="YAML config; default: synthetic slides, resnet18, K=2, one thread per stage")
@@ -54,6 +57,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--replicas", help="pipeline: also run with these replicas per stage, e.g. 2,1 (stage 1 twice)")
     p.add_argument("--plan", choices=["auto"], help="pipeline: also run the planner's replicas on train.gpus devices "
                    "(default K+1), planned from the stage times measured alone")
+    p.add_argument("--loaders", default="1,2,4", help="loading: loader counts (train.loaders) to time")
+    p.add_argument("--threads", default="1,2", help="loading: threads per loader (data.prefetch) to time")
+    p.add_argument("--cache", help="loading: the manifest's prepare cache (default: prepared into --out/cache)")
     p.add_argument("--out", default="runs/bench", help="folder for pipeline.json, or io.json and io.png")
 
 
@@ -98,6 +104,52 @@ def _inference(args: argparse.Namespace) -> int:
     return 0
 
 
+def _loading(args: argparse.Namespace) -> int:
+    from distlocal.bench.loading import bench_loading, format_loading
+    from distlocal.config import load_config
+    from distlocal.data import read_manifest
+    from distlocal.data.prepare import prepare_slides
+    from distlocal.engine.placement import connect
+    from distlocal.slides import write_synthetic_dataset
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    data = load_config(args.config, args.overrides).data
+    if args.inputs:
+        records = read_manifest(args.inputs[0], data.classes or None).records
+    else:  # synthetic pyramidal files at 20X whose 5X crop is --size
+        manifest = write_synthetic_dataset(out / "loading_slides", slides=args.slides, classes=2,
+                                           size=tuple(args.size or (384, 384)), seed=0)
+        records = read_manifest(manifest).records
+    cache = args.cache
+    if cache is None:
+        cache = out / "loading_cache"
+        prepare_slides(records, cache, data)
+    if os.environ.get("RAY_ADDRESS"):
+        connect()
+    else:  # a Ray of its own: another Ray on this machine (a run, a test) would share the CPUs being timed
+        import ray
+
+        ray.init(address="local", include_dashboard=False, configure_logging=False)
+    result = bench_loading(records, data, cache, _counts(args.loaders, "--loaders"), _counts(args.threads, "--threads"))
+    (out / "loading.json").write_text(json.dumps(result, indent=2))
+    print(format_loading(result))
+    print(f"wrote {out / 'loading.json'}")
+    return 0
+
+
+def _counts(text: str, flag: str) -> list[int]:
+    from distlocal.config import ConfigError
+
+    try:
+        counts = [int(v) for v in text.split(",")]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        raise ConfigError(f"{flag} {text!r}: give whole numbers of at least 1, comma-separated, e.g. 1,2,4")
+    return counts
+
+
 def _sizes(text: str) -> list[tuple[int, int]]:
     from distlocal.config import ConfigError
 
@@ -114,11 +166,13 @@ def _sizes(text: str) -> list[tuple[int, int]]:
 def run(args: argparse.Namespace) -> int:
     from distlocal.config import ConfigError
 
-    if args.inputs and args.what != "inference":
+    if args.inputs and args.what not in ("inference", "loading"):
         raise ConfigError(f"bench {args.what} takes no slide arguments (got {args.inputs[:3]}); only bench inference "
-                          "times given slides")
+                          "and bench loading time given slides")
     if args.what == "inference":
         return _inference(args)
+    if args.what == "loading":
+        return _loading(args)
     if args.what == "memory":
         from distlocal.bench.memory import PAPER_SIZES, bench_memory, format_memory
         from distlocal.model import resolve_device

@@ -1,8 +1,18 @@
-"""distlocal predict --checkpoint PATH --out DIR SLIDE_OR_MANIFEST ... [--set key=value] [--no-heatmaps]"""
+"""
+distlocal predict --checkpoint PATH --out DIR SLIDE_OR_MANIFEST ... [--set key=value] [--no-heatmaps]
+                  [--executor local|ray] [--actors N] [--cpus-per-actor N]
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number of at least 1")
+    return int(text)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -16,13 +26,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(best: the classifier that validated best; H; A_i: stages 1..i only; ensemble)")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: the checkpoint's train.device)")
     p.add_argument("--no-heatmaps", action="store_true", help="only the CSV: no attention heatmap PNGs")
+    p.add_argument("--executor", choices=("local", "ray"), default=None,
+                   help="local: one model here; ray: one model per GPU of the Ray cluster (or per --cpus-per-actor "
+                        "CPUs without GPUs); default ray when RAY_ADDRESS or --address is set. Slides, the "
+                        "checkpoint and --out must be on storage every node mounts at the same path")
+    p.add_argument("--actors", type=_positive, help="with --executor ray: models to run (default: one per GPU, or the "
+                                              "cluster's CPUs / --cpus-per-actor)")
+    p.add_argument("--cpus-per-actor", type=_positive, default=1,
+                   help="with --executor ray: CPUs (torch threads) per model")
 
 
 def run(args: argparse.Namespace) -> int:
     from distlocal.predict import predict
 
+    executor = args.executor or ("ray" if os.environ.get("RAY_ADDRESS") else "local")
     summary = predict(args.checkpoint, args.inputs, args.out, args.overrides, heatmaps=not args.no_heatmaps,
-                      device=args.device)
+                      device=args.device, executor=executor, actors=args.actors, cpus_per_actor=args.cpus_per_actor)
     accuracy = f", accuracy {summary['accuracy']:.3f} on {summary['labelled']} labelled" if summary["labelled"] else ""
     mean = summary["mean_seconds"]
     print(f"{summary['slides']} slides predicted by {summary['classifier']} (stages 1..{summary['stages_run']}; "

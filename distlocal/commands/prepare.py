@@ -1,4 +1,7 @@
-"""distlocal prepare MANIFEST --out DIR [--config CONFIG] [--set key=value ...] [--workers N] [--force]"""
+"""
+distlocal prepare MANIFEST --out DIR [--config CONFIG] [--set key=value ...] [--workers N] [--force]
+[--executor local|ray]
+"""
 
 from __future__ import annotations
 
@@ -16,6 +19,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
                    help="slides read at once (each holds one 5X slide in memory)")
     p.add_argument("--force", action="store_true", help="prepare again slides that are already in the cache")
+    p.add_argument("--executor", choices=("local", "ray"), default=None,
+                   help="local: threads here (--workers); ray: one task per slide over the Ray cluster's CPUs "
+                        "(RAY_ADDRESS, --address, or a local Ray); default ray when RAY_ADDRESS or --address is "
+                        "set. Originals and --out must be on storage every node mounts at the same path")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -25,7 +32,12 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     manifest = read_manifest(args.manifest, cfg.data.classes or None)
-    report = prepare_slides(manifest.records, args.out, cfg.data, workers=args.workers, force=args.force)
+    if (args.executor or ("ray" if os.environ.get("RAY_ADDRESS") else "local")) == "ray":
+        from distlocal.data.prepare_ray import prepare_on_ray
+
+        report = prepare_on_ray(manifest.records, args.out, cfg.data, force=args.force)
+    else:
+        report = prepare_slides(manifest.records, args.out, cfg.data, workers=args.workers, force=args.force)
     summary = report.as_dict()
     summary.pop("skipped_slides")
     print(json.dumps(summary, indent=2))

@@ -1,5 +1,5 @@
 """
-Slide loading for the Ray executor: one long-lived loader actor per run, beside stage 1.
+Slide loading for the Ray executor: long-lived loader actors (train.loaders of them), beside stage 1.
 
 Loads used to be Ray tasks. Ray reaps an idle task worker after a second once a node has more workers than CPUs
 (actors count), so on a small node every phase (each epoch, each validation, the test) started its loaders afresh,
@@ -7,6 +7,12 @@ and each fresh worker imported torch and the model stack before its first slide:
 2-core machine. An actor lives for the whole run and imports only what loading needs (this module: no torchvision,
 no model code). Decoding (tifffile / imagecodecs) releases the GIL, so the actor loads `data.prefetch` slides at
 once in threads; it runs in stage 1's placement-group bundle, so a slide is already on stage 1's node.
+
+One loader reads ~3 cached slides/s on a small VM while a GPU stage steps tens per second: `train.loaders` runs
+several, placed in stage 1's bundles first (its replicas' nodes), then in the other stages' bundles (other nodes).
+Slide i of a pass goes to loader i mod N and the driver hands them to stage 1 in the records' order, so what stage 1
+sees does not depend on N. The tensors go from a loader to stage 1 as ObjectRefs: never through the driver. A lost
+loader (its node gone) is restarted by Ray like a stage actor and its loads in flight are retried.
 """
 
 from __future__ import annotations
@@ -70,32 +76,38 @@ class SlideLoaderActor:
     def pop_trace(self) -> dict:
         """The process's start time and the loads it ran since the last call."""
         loads, self.loads = self.loads, []
-        return {"pid": os.getpid(), "started": self.started, "loads": loads, "threads": torch.get_num_threads()}
+        return {"pid": os.getpid(), "started": self.started, "loads": loads, "threads": torch.get_num_threads(),
+                "node_id": ray.get_runtime_context().get_node_id()}
 
 
 class SlideFeed:
     """The driver's side: submits loads ahead of the pipeline and yields (record, ObjectRef of the tensor)."""
 
-    def __init__(self, cfg: DataConfig, placement: PlacementGroup, fetch):
+    def __init__(self, cfg: DataConfig, placement: PlacementGroup, fetch, loaders: int = 1,
+                 bundles: list[int] | None = None):
+        """`bundles`: the placement group's bundles in the order loaders take them (stage 1's first)."""
+        bundles = bundles or [0]
         # num_cpus=0: the stages' placement group may hold every CPU of the node, and a loader waiting for a CPU
         # would stall the pipeline for ever; the driver bounds the loads in flight instead.
-        self.actor = ray.remote(SlideLoaderActor).options(
+        self.actors = [ray.remote(SlideLoaderActor).options(
             num_cpus=0, max_concurrency=max(1, cfg.prefetch), max_restarts=-1, max_task_retries=2,
-            scheduling_strategy=PlacementGroupSchedulingStrategy(placement, placement_group_bundle_index=0),
-        ).remote()
+            scheduling_strategy=PlacementGroupSchedulingStrategy(
+                placement, placement_group_bundle_index=bundles[j % len(bundles)]),
+        ).remote() for j in range(loaders)]
         self.fetch = fetch  # the executor's ray.get, which names the failure
 
     def slides(self, records: Iterable[SlideRecord], loader: SlideLoader, epoch: int,
                ahead: int) -> Iterator[tuple[SlideRecord, ray.ObjectRef]]:
         """(record, ObjectRef of its tensor) in order, with `ahead` loads submitted before the first is needed."""
         pending: deque = deque()
-        it = iter(records)
+        it = enumerate(records)
         cfg = absolute_cache_dir(loader.cfg)
 
         def submit() -> None:
-            record = next(it, None)
+            i, record = next(it, (0, None))
             if record is not None:
-                pending.append((record, *self.actor.load.remote(cfg, loader.train, loader.seed, record, epoch)))
+                actor = self.actors[i % len(self.actors)]
+                pending.append((record, *actor.load.remote(cfg, loader.train, loader.seed, record, epoch)))
 
         for _ in range(ahead):
             submit()
@@ -110,7 +122,13 @@ class SlideFeed:
             yield record, x
 
     def trace(self) -> dict:
-        return self.fetch(self.actor.pop_trace.remote(), "collecting the slide loader's trace")
+        """The first loader's trace (pop_trace)."""
+        return self.traces()[0]
+
+    def traces(self) -> list[dict]:
+        """Each loader's trace (pop_trace), with the node it runs on."""
+        return self.fetch([a.pop_trace.remote() for a in self.actors], "collecting the slide loaders' traces")
 
     def close(self) -> None:
-        ray.kill(self.actor, no_restart=True)
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)

@@ -69,7 +69,8 @@ class RayExecutor:
         try:  # a sweep runs many children in one driver: a failed start must not keep the GPUs or the actors
             self.actors.place()
             self.actors.start()
-            self.feed = SlideFeed(cfg.data, self.actors.placement, fetch)  # starts while the stages build models
+            # Starts while the stages build models; bundles in stage order: stage 1's replicas' nodes first.
+            self.feed = SlideFeed(cfg.data, self.actors.placement, fetch, cfg.train.loaders, list(range(sum(counts))))
             self.actors.refresh_info("starting the stage actors")
             self.actors.check_shared_run_dir(self.run_dir, marker, token)
             self.replicas.form_groups()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import uuid
 import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -136,7 +137,9 @@ def write_cached(cache_dir: str | os.PathLike, slide_id: str, key: CacheKey, sli
     """Store a slide's crop atomically; returns the image file."""
     image_path, meta_path = entry_paths(cache_dir, slide_id)
     image_path.parent.mkdir(parents=True, exist_ok=True)
-    partial = image_path.with_suffix(f".tiff.{os.getpid()}.partial")
+    # Unique per writer: two nodes sharing the cache folder can run processes of the same pid.
+    token = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    partial = image_path.with_suffix(f".tiff.{token}.partial")
     args = {"tile": (_TILE, _TILE), "compression": "zstd", "compressionargs": {"level": 3}, "metadata": None}
     with tifffile.TiffWriter(partial, bigtiff=slide.image.nbytes > 2**31) as tiff:
         tiff.write(slide.image, photometric="rgb", **args)
@@ -145,7 +148,7 @@ def write_cached(cache_dir: str | os.PathLike, slide_id: str, key: CacheKey, sli
     meta = {"slide_id": slide_id, "key": asdict(key), "magnification": slide.magnification,
             "source_level": slide.source_level, "bbox": list(slide.bbox), "shape": list(slide.image.shape),
             "reader": slide.reader}
-    partial_meta = meta_path.with_suffix(f".json.{os.getpid()}.partial")
+    partial_meta = meta_path.with_suffix(f".json.{token}.partial")
     partial_meta.write_text(json.dumps(meta, indent=1))
     os.replace(partial_meta, meta_path)
     return image_path

@@ -1,0 +1,274 @@
+"""
+A cohort on a simulated multi-node cluster (ray.cluster_utils.Cluster: several raylets on this machine sharing its
+disk, as nodes share a cohort's storage): `distlocal prepare --executor ray` and `distlocal predict --executor ray`.
+One cluster for the module: each start costs 10-20 s on 2 cores.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import ray
+import torch
+from ray.cluster_utils import Cluster
+
+from distlocal.bench.loading import MARGIN, loaders_needed
+from distlocal.cli import main
+from distlocal.config import load_config
+from distlocal.data import read_manifest
+from distlocal.data.loader import SlideLoader
+from distlocal.data.prepare import prepare_slides
+from distlocal.data.prepare_ray import prepare_entry, prepare_on_ray
+from distlocal.engine.actor import StageActor
+from distlocal.engine.ray_executor import RayExecutor
+from distlocal.engine.trainer import Trainer, epoch_order
+from distlocal.slides.cache import cache_key, read_cached
+from tests.interrupt import slowed
+
+WORKER_NODES = 2
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A head with one CPU (the driver's node) and two nodes of two CPUs each."""
+    ray.shutdown()
+    sim = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 0})
+    try:
+        nodes = [sim.add_node(num_cpus=2, num_gpus=0) for _ in range(WORKER_NODES)]
+        sim.wait_for_nodes()
+        yield sim, nodes
+    finally:
+        ray.shutdown()
+        sim.shutdown()
+
+
+@pytest.fixture
+def on_cluster(no_shared_ray, cluster):
+    """The driver connected to the simulated cluster for one test."""
+    sim, nodes = cluster
+    ray.init(address=sim.address, configure_logging=False, log_to_driver=False)
+    return sim, nodes
+
+
+def _entries(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.suffix in (".tiff", ".json")
+            and p.name not in ("prepare.json",)}
+
+
+def test_prepare_over_two_nodes_equals_local_and_a_rerun_does_nothing(on_cluster, manifest, tmp_path):
+    """Every slide is prepared once, on both nodes, into entries equal byte for byte to a local prepare's."""
+    _, nodes = on_cluster
+    ids = [r.slide_id for r in read_manifest(manifest).records]
+    prepare_slides(read_manifest(manifest).records, tmp_path / "local", load_config(None, []).data)
+    assert main(["prepare", str(manifest), "--out", str(tmp_path / "ray"), "--executor", "ray"]) == 0
+    report = json.loads((tmp_path / "ray" / "prepare.json").read_text())
+    assert (report["executor"], report["prepared"], report["reused"], report["lost"]) == ("ray", len(ids), 0, [])
+    assert {n.node_id for n in nodes} <= set(report["nodes"])  # spread: both worker nodes took slides
+    assert sum(report["nodes"].values()) == len(ids)
+    ours, theirs = _entries(tmp_path / "ray"), _entries(tmp_path / "local")
+    assert len(theirs) == 2 * len(ids)
+    assert ours == theirs
+    assert not list((tmp_path / "ray").glob("*.partial"))
+    written = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "ray").iterdir() if p.name in theirs}
+
+    assert main(["prepare", str(manifest), "--out", str(tmp_path / "ray"), "--executor", "ray"]) == 0
+    again = json.loads((tmp_path / "ray" / "prepare.json").read_text())
+    assert (again["prepared"], again["reused"], again["nodes"]) == (0, len(ids), {})
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "ray").iterdir() if p.name in written} == written
+
+
+def test_prepare_loses_nothing_when_a_node_goes_mid_way(on_cluster, manifest, tmp_path):
+    """A node removed while its slides are being prepared: they are prepared on the nodes left, none is lost."""
+    sim, nodes = on_cluster
+    records, data = read_manifest(manifest).records, load_config(None, []).data
+    outcome: dict = {}
+
+    def run():
+        try:
+            outcome["report"] = prepare_on_ray(records, tmp_path / "cache", data, task=slowed(prepare_entry, 1.5))
+        except Exception as exc:
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 120
+    while len(list((tmp_path / "cache").glob("*.json"))) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    victim = nodes[1]
+    try:
+        sim.remove_node(victim)  # its two running tasks die with it
+        thread.join(timeout=300)
+    finally:
+        nodes[1] = sim.add_node(num_cpus=2, num_gpus=0)  # the module's cluster whole again for the next test
+        sim.wait_for_nodes()
+    assert not thread.is_alive()
+    assert "report" in outcome, outcome.get("error")
+    report = outcome["report"]
+    assert sorted(report.prepared) == sorted(r.slide_id for r in records)
+    assert report.lost == []
+    for record in records:
+        assert read_cached(tmp_path / "cache", record.slide_id, cache_key(record.path, 5.0, None, None)) is not None
+
+
+@pytest.fixture(scope="module")
+def checkpoint(manifest, tmp_path_factory):
+    """A tiny trained run (ResNet18 in two stages, one epoch, locally): only its predictions matter here."""
+    run_dir = tmp_path_factory.mktemp("run")
+    cfg = load_config(None, ["train.device=cpu", "train.epochs=1", "model.backbone=resnet18", "model.k=2",
+                             "model.split=balanced", "model.rfr.patch_size=16", f"data.manifest={manifest}",
+                             "tracking.enabled=false", "train.heatmaps=0"])
+    Trainer(cfg, run_dir).fit()
+    return run_dir / "checkpoints" / "best"
+
+
+_TIMES = ("read_s", "forward_s", "head_s")  # measured, not computed: they differ from run to run
+
+
+def _rows(out: Path) -> list[dict]:
+    with (out / "predictions.csv").open(newline="") as handle:
+        return [{k: v for k, v in row.items() if k not in _TIMES} for row in csv.DictReader(handle)]
+
+
+def _predict(checkpoint: Path, manifest: Path, out: Path, *extra: str) -> int:
+    return main(["predict", "--checkpoint", str(checkpoint), "--out", str(out), str(manifest), *extra])
+
+
+def test_cluster_predict_equals_local_predict_row_for_row(on_cluster, actor_threads, checkpoint, manifest, tmp_path):
+    """Two models on the cluster: predictions.csv in manifest order, row for row the local one's; heatmaps too."""
+    assert _predict(checkpoint, manifest, tmp_path / "local", "--executor", "local") == 0
+    assert _predict(checkpoint, manifest, tmp_path / "ray", "--executor", "ray", "--actors", "2") == 0
+    ours, theirs = _rows(tmp_path / "ray"), _rows(tmp_path / "local")
+    assert [r["slide_id"] for r in ours] == [r.slide_id for r in read_manifest(manifest).records]
+    assert ours == theirs
+    summary = json.loads((tmp_path / "ray" / "predictions.json").read_text())
+    assert (summary["actors"], summary["slides"]) == (2, len(ours))
+    assert sorted(p.name for p in (tmp_path / "ray" / "heatmaps").iterdir()) == sorted(
+        p.name for p in (tmp_path / "local" / "heatmaps").iterdir())
+
+
+def test_cluster_predict_after_an_interruption_does_only_the_rest(on_cluster, actor_threads, checkpoint, manifest,
+                                                                  tmp_path):
+    """
+    A run stopped half-way (an unreadable slide under on_error=fail), the slide fixed, run again: the rerun predicts
+    only the slides without a row, and the CSV is the uninterrupted run's.
+    """
+    records = read_manifest(manifest).records
+    broken = records[6]
+    with manifest.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    for row, record in zip(rows, records, strict=True):
+        row["path"] = str(tmp_path / "broken.tiff" if record is broken else record.path)
+    cohort = tmp_path / "cohort.csv"
+    with cohort.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    (tmp_path / "broken.tiff").write_bytes(b"not a slide")
+    ray_args = ("--executor", "ray", "--actors", "2")
+    assert _predict(checkpoint, cohort, tmp_path / "ray", *ray_args) == 2  # the bad slide stops the run
+    log = tmp_path / "ray" / "predictions.rows.jsonl"
+    first = [json.loads(line)["row"]["slide_id"] for line in log.read_text().splitlines()]
+    assert 0 < len(first) < len(records)
+    assert broken.slide_id not in first
+
+    shutil.copy(broken.path, tmp_path / "broken.tiff")  # fixed
+    assert _predict(checkpoint, cohort, tmp_path / "ray", *ray_args) == 0
+    every = [json.loads(line)["row"]["slide_id"] for line in log.read_text().splitlines()]
+    assert every[:len(first)] == first
+    assert sorted(every) == sorted(r.slide_id for r in records)  # each slide predicted once over both runs
+    assert _predict(checkpoint, cohort, tmp_path / "ray", *ray_args) == 0  # a third run has nothing to do
+    assert len(log.read_text().splitlines()) == len(records)
+
+    assert _predict(checkpoint, cohort, tmp_path / "local", "--executor", "local") == 0
+    ours = [{k: v for k, v in r.items() if k != "path"} for r in _rows(tmp_path / "ray")]
+    assert ours == [{k: v for k, v in r.items() if k != "path"} for r in _rows(tmp_path / "local")]
+
+
+def _float64_actor() -> type:
+    """A stage actor computing and sending activations in float64: runs that do the same sums agree exactly."""
+
+    class Float64Actor(StageActor):  # made in a function: Ray ships the class by value
+        def __init__(self, *args):
+            super().__init__(*args)
+            self.stage.modules.double()
+            self.activation_dtype = torch.float64
+
+    return Float64Actor
+
+
+def _train_epoch(manifest: Path, run_dir: Path, loaders: int) -> dict:
+    """One epoch of K=2 (a stage on each of two nodes) fed by `loaders` loaders: results, states and traces."""
+    cfg = load_config(None, [
+        f"data.manifest={manifest}", f"run.dir={run_dir}", "train.device=cpu", "train.executor=ray",
+        "model.backbone=resnet18", "model.k=2", "model.split=balanced", "train.accumulate=3",
+        "model.rfr.patch_size=16", "tracking.enabled=false", "train.placement=spread", "train.cpus_per_stage=1",
+        "train.placement_timeout_s=60", f"train.loaders={loaders}"])
+    train = read_manifest(manifest).split("train")
+    records = [train[i] for i in epoch_order(len(train), cfg.train.seed, 0)]  # the seed's order of epoch 0
+    executor = RayExecutor(cfg, 2, actor_cls=_float64_actor())
+    try:
+        results = list(executor.train(records, SlideLoader(cfg.data, True, cfg.train.seed), 0))
+        return {"order": [r.slide_id for r in records], "results": [slide for slide, _ in results],
+                "stage1": [slide for kind, slide, *_ in executor.traces()[0] if kind == "train"],
+                "loaders": executor.feed.traces(), "states": executor.state_dicts()}
+    finally:
+        executor.close()
+
+
+def test_two_loaders_on_two_nodes_feed_every_slide_once_in_order_as_one_loader(on_cluster, actor_threads, manifest,
+                                                                                tmp_path):
+    """
+    Two loaders, one on each stage's node: each slide is loaded once, stage 1 trains them in the seed's order, and
+    the stages end exactly (float64) as with one loader.
+    """
+    two, one = _train_epoch(manifest, tmp_path / "two", 2), _train_epoch(manifest, tmp_path / "one", 1)
+    assert two["results"] == two["stage1"] == two["order"]
+    loaded = [slide for trace in two["loaders"] for slide, *_ in trace["loads"]]
+    assert sorted(loaded) == sorted(two["order"])  # every slide once
+    assert all(trace["loads"] for trace in two["loaders"])  # both loaders worked
+    assert len({trace["node_id"] for trace in two["loaders"]}) == 2
+    assert one["stage1"] == two["stage1"]
+    for ours, theirs in zip(two["states"], one["states"], strict=True):
+        assert ours["optim"]["steps"] == theirs["optim"]["steps"]
+        for name, tensor in theirs["modules"].items():
+            assert torch.equal(ours["modules"][name], tensor), name
+
+
+def test_loaders_needed_cover_the_stage_rate_with_the_margin():
+    """The loader count for a stage rate delivers at least 1.2x it, and one loader fewer would not."""
+    for stage_rate, per_loader in [(50.0, 8.0), (50.0, 2.86), (1.0, 3.0), (12.0, 12.0), (10.0, 4.0)]:
+        n = loaders_needed(stage_rate, per_loader)
+        assert n * per_loader >= MARGIN * stage_rate - 1e-9
+        assert n == 1 or (n - 1) * per_loader < MARGIN * stage_rate
+    assert loaders_needed(50.0, 8.0) == 8
+    with pytest.raises(ValueError, match="must be positive"):
+        loaders_needed(5.0, 0.0)
+
+
+def test_a_lost_loader_is_restarted_and_the_epoch_completes_in_order(on_cluster, manifest, tmp_path):
+    """One of two loaders killed mid-epoch: Ray restarts it and retries its loads; stage 1 gets every slide in order."""
+    cfg = load_config(None, [
+        f"data.manifest={manifest}", f"run.dir={tmp_path}", "train.device=cpu", "train.executor=ray",
+        "model.backbone=resnet18", "model.k=2", "model.split=balanced", "train.accumulate=3",
+        "model.rfr.patch_size=16", "tracking.enabled=false", "train.placement=spread", "train.cpus_per_stage=1",
+        "train.placement_timeout_s=60", "train.loaders=2"])
+    records = read_manifest(manifest).split("train")
+    executor = RayExecutor(cfg, 2)
+    try:
+        before = executor.feed.traces()[1]
+        results = []
+        for slide, _ in executor.train(records, SlideLoader(cfg.data, True, cfg.train.seed), 0):
+            results.append(slide)
+            if len(results) == 2:
+                ray.kill(executor.feed.actors[1], no_restart=False)  # as if its worker died
+        after = executor.feed.traces()[1]
+    finally:
+        executor.close()
+    assert results == [r.slide_id for r in records]
+    assert after["pid"] != before["pid"]  # a new process: the loader was restarted
