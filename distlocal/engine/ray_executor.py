@@ -70,7 +70,7 @@ class RayExecutor:
             self.actors.place()
             self.actors.start()
             # Starts while the stages build models; bundles in stage order: stage 1's replicas' nodes first.
-            self.feed = SlideFeed(cfg.data, self.actors.placement, fetch, cfg.train.loaders, list(range(sum(counts))))
+            self.feed = SlideFeed(cfg.data, self.actors.placement, fetch, cfg.train.loaders, self.actors.bundles)
             self.actors.refresh_info("starting the stage actors")
             self.actors.check_shared_run_dir(self.run_dir, marker, token)
             self.replicas.form_groups()

@@ -36,6 +36,7 @@ class StageActors:
         self.placement = None  # the placement group: one bundle per actor
         self.all: list = []  # every actor, stage by stage
         self.stages: list[list] = []  # stage -> its replicas
+        self.bundles: list[int] = []  # the placement bundle of each actor, in the order of `all`
         self.info: list[dict] = []  # each actor's info(): where it runs
 
     def place(self) -> None:
@@ -50,7 +51,8 @@ class StageActors:
         # whole pipeline afresh instead (ReplicaDriver.restart).
         restarts = 0 if self.replicated else self.cfg.train.max_restarts
         self.all, self.stages = [], []
-        bundles = bundle_order(self.placement)  # neighbouring stages on one node
+        # Neighbouring stages on one node; the loaders take the same order (stage 1's bundles first).
+        self.bundles = bundles = bundle_order(self.placement)
         for i, count in enumerate(self.counts):
             self.stages.append([remote_cls.options(
                 num_cpus=self.cpus, num_gpus=self.gpus, max_restarts=restarts, max_task_retries=0,
