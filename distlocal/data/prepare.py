@@ -24,7 +24,7 @@ from distlocal.progress import progress
 from distlocal.slides import SlideError
 from distlocal.slides.cache import CacheKey, cache_key, is_cached, write_cached
 
-__all__ = ["PrepareReport", "prepare_slides"]
+__all__ = ["PrepareReport", "entry_key", "prepare_one", "prepare_slides", "write_report"]
 
 log = logging.getLogger(__name__)
 
@@ -46,13 +46,13 @@ class PrepareReport:
                 "skipped_slides": [s.__dict__ for s in self.skipped]}
 
 
-def _key(record: SlideRecord, cfg: DataConfig) -> CacheKey:
+def entry_key(record: SlideRecord, cfg: DataConfig) -> CacheKey:
     return cache_key(record.path, cfg.magnification, cfg.level, cfg.base_magnification, cfg.reader)
 
 
-def _prepare_one(record: SlideRecord, out_dir: Path, cfg: DataConfig) -> tuple[float, str]:
+def prepare_one(record: SlideRecord, out_dir: Path, cfg: DataConfig) -> tuple[float, str]:
     slide = read_original(record, cfg)
-    write_cached(out_dir, record.slide_id, _key(record, cfg), slide)
+    write_cached(out_dir, record.slide_id, entry_key(record, cfg), slide)
     return slide.image.nbytes / 1e6, slide.reader
 
 
@@ -69,7 +69,7 @@ def prepare_slides(records: list[SlideRecord], out_dir: str | Path, cfg: DataCon
     report, start = PrepareReport(), time.perf_counter()
     todo = []
     for record in records:
-        if not force and is_cached(out_dir, record.slide_id, _key(record, cfg)):
+        if not force and is_cached(out_dir, record.slide_id, entry_key(record, cfg)):
             report.reused.append(record.slide_id)
         else:
             todo.append(record)
@@ -81,7 +81,7 @@ def prepare_slides(records: list[SlideRecord], out_dir: str | Path, cfg: DataCon
         queue, running = iter(todo), {}
         while True:
             while failure is None and len(running) < max(1, workers) and (record := next(queue, None)):
-                running[pool.submit(_prepare_one, record, out_dir, cfg)] = record
+                running[pool.submit(prepare_one, record, out_dir, cfg)] = record
             if not running:
                 break
             done, _ = wait(running, return_when=FIRST_COMPLETED)
@@ -101,7 +101,7 @@ def prepare_slides(records: list[SlideRecord], out_dir: str | Path, cfg: DataCon
                         report.skipped.append(SkippedSlide(record.slide_id, str(record.path), str(exc)))
             bar.set_postfix(MB_s=f"{report.megabytes / (time.perf_counter() - start):.1f}")
     report.seconds = time.perf_counter() - start
-    _write_report(out_dir, report)
+    write_report(out_dir, report)
     if failure is not None:
         raise SlideError(f"{failure}. Preparation stopped ({len(report.prepared)} slide(s) prepared now and kept, "
                          f"{len(todo) - len(report.prepared)} not done); fix or remove the slide and run "
@@ -109,7 +109,7 @@ def prepare_slides(records: list[SlideRecord], out_dir: str | Path, cfg: DataCon
     return report
 
 
-def _write_report(out_dir: Path, report: PrepareReport) -> None:
+def write_report(out_dir: Path, report: PrepareReport) -> None:
     (out_dir / "prepare.json").write_text(json.dumps(report.as_dict(), indent=2))
     with (out_dir / "skipped.csv").open("w", newline="") as handle:
         writer = csv.writer(handle)

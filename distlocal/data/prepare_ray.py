@@ -27,7 +27,7 @@ import ray
 from distlocal.config import DataConfig
 from distlocal.data.loader import SkippedSlide
 from distlocal.data.manifest import SlideRecord
-from distlocal.data.prepare import PrepareReport, _key, _prepare_one, _write_report
+from distlocal.data.prepare import PrepareReport, entry_key, prepare_one, write_report
 from distlocal.engine.placement import connect
 from distlocal.progress import progress
 from distlocal.slides import SlideError
@@ -52,14 +52,14 @@ class ClusterPrepareReport(PrepareReport):
         return {**super().as_dict(), "executor": "ray", "nodes": self.nodes, "lost": self.lost}
 
 
-def prepare_entry(record: SlideRecord, out_dir: Path, cfg: DataConfig) -> tuple[str, float | str, str]:
+def prepare_entry(record: SlideRecord, out_dir: Path, cfg: DataConfig) -> tuple[str, tuple[float, str] | str, str]:
     """
-    One slide's task: (slide id, MB written or the bad slide's reason, node id). A bad slide is an answer, not an
-    exception: Ray would otherwise wrap it, and retrying a bad file cannot help.
+    One slide's task: (slide id, (MB written, the reader that read it) or the bad slide's reason, node id). A bad
+    slide is an answer, not an exception: Ray would otherwise wrap it, and retrying a bad file cannot help.
     """
     node = ray.get_runtime_context().get_node_id()
     try:
-        return record.slide_id, _prepare_one(record, out_dir, cfg), node
+        return record.slide_id, prepare_one(record, out_dir, cfg), node
     except SlideError as exc:
         return record.slide_id, str(exc), node
 
@@ -75,7 +75,7 @@ def prepare_on_ray(records: list[SlideRecord], out_dir: str | Path, cfg: DataCon
     report, start = ClusterPrepareReport(), time.perf_counter()
     todo = []
     for record in records:
-        if not force and is_cached(out_dir, record.slide_id, _key(record, cfg)):
+        if not force and is_cached(out_dir, record.slide_id, entry_key(record, cfg)):
             report.reused.append(record.slide_id)
         else:
             todo.append(record)
@@ -104,8 +104,9 @@ def prepare_on_ray(records: list[SlideRecord], out_dir: str | Path, cfg: DataCon
                     log.error("slide %s: its task died on every try (%s)", slide_id, type(exc).__name__)
                     report.lost.append(slide_id)
                     continue
-                if isinstance(result, float):
-                    report.megabytes += result
+                if isinstance(result, tuple):
+                    megabytes, report.readers[slide_id] = result
+                    report.megabytes += megabytes
                     report.prepared.append(slide_id)
                     report.nodes[node] = report.nodes.get(node, 0) + 1
                 elif cfg.on_error == "fail":
@@ -116,7 +117,7 @@ def prepare_on_ray(records: list[SlideRecord], out_dir: str | Path, cfg: DataCon
                 bar.set_postfix(MB_s=f"{report.megabytes / (time.perf_counter() - start):.1f}",
                                 nodes=len(report.nodes))
     report.seconds = time.perf_counter() - start
-    _write_report(out_dir, report)
+    write_report(out_dir, report)
     left = len(todo) - len(report.prepared) - len(report.skipped)
     if failure is not None:
         raise SlideError(f"{failure}. Preparation stopped ({len(report.prepared)} slide(s) prepared now and kept, "
