@@ -73,12 +73,24 @@ class AuxClassifier(nn.Module):
 
     def forward(self, x: torch.Tensor, generator: torch.Generator | None = None):
         """Return (logits 1 x classes, attention map h' x w') for a 1 x C x H x W feature map."""
+        return self.pooled(self.reduce[0](self.pad(x)), generator)
+
+    def pad(self, x: torch.Tensor) -> torch.Tensor:
+        """
+        ``x``, padded at the bottom and right when it has fewer than two instances: GroupNorm with one channel per
+        group needs more than one position, and the reference crashed on small slides.
+        """
         k, (h, w) = self.kernel, x.shape[-2:]
         if (h // k) * (w // k) < 2:
-            # A small slide still gets two instances: GroupNorm with one channel per group needs more
-            # than one position, and the reference crashed here.
             x = F.pad(x, (0, max(0, 2 * k - w), 0, max(0, k - h)))
-        z = self.reduce(x)
+        return x
+
+    def pooled(self, z: torch.Tensor, generator: torch.Generator | None = None):
+        """
+        What follows the strided conv (GroupNorm, ReLU, attention, MLP) on its output ``z``: the part that sees the
+        whole map, which a streamed stage runs with ordinary autograd (model/streaming.py).
+        """
+        z = self.reduce[2](self.reduce[1](z))
         instances = z.flatten(2)[0].transpose(0, 1)
         pooled, attention = self.pool(instances, generator)
         return self.classify(pooled)[None], attention.view(z.shape[-2:])
