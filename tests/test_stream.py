@@ -1,8 +1,14 @@
 """Streamed stages (model.stream=on): a streamed training step is the whole-slide step, computed tile by tile."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
+from distlocal.config import load_config
+from distlocal.data import SlideLoader, read_manifest
+from distlocal.engine.local import LocalExecutor
+from distlocal.engine.ray_executor import RayExecutor
 from distlocal.model import build_stages
 from distlocal.model.stream import streamed_backward
 from distlocal.model.tiling import stitched_forward
@@ -54,12 +60,12 @@ def _assert_same_step(whole, streamed, x, y):
 
 
 @pytest.mark.parametrize(("overrides", "size"), [
-    # tiles of 48 slide px: 8 x 8 positions at stage 1 (24 x 16), 4 at stage 2 ...: they divide every map
-    (("model.k=4", "model.stream_tile=48"), (144, 96)),
-    (("model.k=8", "model.stream_tile=30"), (144, 96)),  # 5 positions at stage 1 (24 x 16): the last tiles are short
-    (("model.k=1", "model.backbone=resnet50", "model.split=balanced", "model.stream_tile=60"), (132, 108)),
-    (("model.k=4", "model.stream_tile=4096"), (96, 80)),  # a slide smaller than one tile
-    (("model.mode=e2e", "model.stream_tile=60"), (96, 150)),  # StreamingCNN's end-to-end method
+    # tiles of 48 slide px: 8 x 8 positions at stage 1 (16 x 16), 4 at stage 2 ...: they divide every map
+    (("model.k=4", "model.stream_tile=48"), (96, 96)),
+    (("model.k=8", "model.stream_tile=30"), (96, 72)),  # 5 positions at stage 1 (16 x 12): the last tiles are short
+    (("model.k=1", "model.backbone=resnet50", "model.split=balanced", "model.stream_tile=96"), (120, 96)),
+    (("model.k=4", "model.stream_tile=4096"), (72, 60)),  # a slide smaller than one tile
+    (("model.mode=e2e", "model.stream_tile=96"), (72, 132)),  # StreamingCNN's end-to-end method
 ], ids=["k4-dividing", "k8-not-dividing", "resnet50-k1", "smaller-than-a-tile", "e2e"])
 def test_streamed_step_equals_whole_slide_step(make_cfg, overrides, size):
     """In float64 the streamed step is the whole-slide step: losses, output maps, gradients and the update."""
@@ -98,3 +104,60 @@ def test_streamed_backward_counts_each_position_once():
         torch.testing.assert_close(p.grad, e, **EXACT)
     torch.testing.assert_close(grad_in, whole_x.grad, **EXACT)
     torch.testing.assert_close(stitched_forward(conv, x, 4, x.device), conv(x).detach(), **EXACT)
+
+
+def _executor_cfg(manifest, tmp_path, *overrides):
+    return load_config(None, [
+        f"data.manifest={manifest}", f"run.dir={tmp_path}", "train.device=cpu", "model.backbone=resnet18",
+        "model.k=2", "model.split=balanced", "train.accumulate=2", "model.rfr.patch_size=16", "train.lr_backbone=1e-3",
+        "train.lr_aux=1e-3", "tracking.enabled=false", "train.placement_timeout_s=20", "train.max_inflight=1",
+        "model.stream_tile=48", *overrides])
+
+
+def _train(executor, cfg):
+    records = read_manifest(cfg.data.manifest).split("train")
+    return [m for _, m in executor.train(records, SlideLoader(cfg.data, True, cfg.train.seed), 0)]
+
+
+def test_short_training_streamed_equals_whole_slide_local_and_ray(local_ray, actor_threads, manifest, tmp_path):
+    """
+    An epoch with streaming on ends where one with it off ends (local executor, float64, several optimizer steps),
+    and the Ray pipeline runs the streamed step as the local executor does (fp32, the same arithmetic).
+    """
+    off, on = (_executor_cfg(manifest, tmp_path, f"model.stream={v}") for v in ("off", "on"))
+    whole, streamed = (LocalExecutor(build_stages(c, 2, "cpu")) for c in (off, on))
+    for executor in (whole, streamed):
+        for stage in executor.stages:
+            stage.modules.double()
+    _train(whole, off)
+    _train(streamed, on)
+    for ours, theirs in zip(streamed.state_dicts(), whole.state_dicts(), strict=True):
+        assert ours["optim"]["steps"] == theirs["optim"]["steps"] > 1
+        for name, tensor in theirs["modules"].items():  # several AdamW steps: rounding grows, still far below 1e-6
+            torch.testing.assert_close(ours["modules"][name], tensor, rtol=1e-6, atol=1e-8, msg=name)
+    local = LocalExecutor(build_stages(on, 2, "cpu"))
+    local_metrics = _train(local, on)
+    remote = RayExecutor(replace(on, train=replace(on.train, executor="ray")), 2)
+    try:
+        remote_metrics = _train(remote, on)
+        remote_states = remote.state_dicts()
+    finally:
+        remote.close()
+    assert [m[-1]["loss"] for m in remote_metrics] == pytest.approx([m[-1]["loss"] for m in local_metrics], rel=1e-4)
+    for ours, theirs in zip(remote_states, local.state_dicts(), strict=True):
+        for name, tensor in theirs["modules"].items():
+            torch.testing.assert_close(ours["modules"][name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_stream_keys_read_on_and_off_and_name_bad_values(tmp_path):
+    """YAML 1.1 reads on / off as booleans: model.stream takes them as the choice; bad values name the key."""
+    from distlocal.config import ConfigError
+
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  stream: on\n")
+    assert load_config(path).model.stream == "on"
+    assert load_config(None, ["model.stream=off"]).model.stream == "off"
+    with pytest.raises(ConfigError, match=r"model\.stream_tile"):
+        load_config(None, ["model.stream_tile=0"])
+    with pytest.raises(ConfigError, match=r"model\.stream.*choose one of: off, on"):
+        load_config(None, ["model.stream=sometimes"])
