@@ -79,13 +79,15 @@ def test_rfr_crops_gradients_join_the_streamed_backward(make_cfg):
     """RFR alone (no classification loss): its gradient reaches F_1 only through the crops, and matches."""
     whole, streamed = _pair(make_cfg, "model.k=2", "model.backbone=resnet18", "model.split=balanced",
                             "model.stream_tile=36", "model.rfr.alpha=1.0")
-    slide = torch.randn(1, 3, 160, 136, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    slide = torch.randn(1, 3, 96, 96, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     for stage in (whole[0], streamed[0]):
         stage.modules["classifier"].requires_grad_(False)
+        stage.modules["classifier"].classify[2].weight.data.zero_()  # constant logits: CE sends F_1 no gradient
         stage.train_step(slide, 0, (0, "s"))
     for (name, p), q in zip(whole[0].modules["backbone"].named_parameters(),
                             streamed[0].modules["backbone"].parameters(), strict=True):
         torch.testing.assert_close(q.grad, p.grad, **EXACT, msg=name)
+    assert any(p.grad.abs().sum() > 0 for p in whole[0].modules["backbone"].parameters())  # RFR's, and only RFR's
 
 
 def test_streamed_backward_counts_each_position_once():
