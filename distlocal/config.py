@@ -96,6 +96,12 @@ class ModelConfig:
     # Older configs and checkpoints use it; new ones should set classifier_kernels. Empty: not used.
     aux_kernels: list[int] = field(default_factory=list)
     rfr: RFRConfig = field(default_factory=RFRConfig)
+    # Streamed stages (model/stream.py): off: each stage holds its whole slide's activations | on: each stage (and
+    # E2E) trains tile by tile with the same gradients, its device memory set by model.stream_tile, not the slide.
+    stream: str = choice("off", "on")
+    # model.stream=on: side, in slide pixels, of the region one tile's outputs cover (the same slide area at every
+    # stage; each tile adds its footprint's halo). Smaller tiles: less device memory, more recomputed halo.
+    stream_tile: int = positive(4096)
 
 
 @dataclass
@@ -260,7 +266,8 @@ def _build(cls: type, data: dict, prefix: str) -> Any:
     if not isinstance(data, dict):
         raise ConfigError(f"config section '{prefix.rstrip('.')}' must be a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    names = list(fields)
     kwargs = {}
     for key, value in data.items():
         if key not in names:
@@ -268,6 +275,8 @@ def _build(cls: type, data: dict, prefix: str) -> Any:
             fix = f"did you mean '{prefix}{close[0]}'?" if close else f"valid keys: {', '.join(names)}"
             raise ConfigError(f"unknown config key '{prefix}{key}': {fix}")
         hint = hints[key]
+        if isinstance(value, bool) and {"on", "off"} <= set(fields[key].metadata.get("choices", ())):
+            value = "on" if value else "off"  # YAML 1.1 reads on / off (--set model.stream=on too) as booleans
         if dataclasses.is_dataclass(hint):
             kwargs[key] = _build(hint, value or {}, f"{prefix}{key}.")
         else:

@@ -20,6 +20,7 @@ from distlocal.model.interface import StageInterface
 from distlocal.model.mil import AuxClassifier
 from distlocal.model.optim import LocalOptimizer
 from distlocal.model.stage import autocast, reseed, run_stem, step_metrics, wide
+from distlocal.model.stream import Streaming, streamed_step
 
 __all__ = ["EndToEnd", "WholeSlideNet"]
 
@@ -45,7 +46,8 @@ class WholeSlideNet(nn.Module):
 class EndToEnd(StageInterface):
     """Trains WholeSlideNet end to end with the same optimizer settings as a Stage."""
 
-    def __init__(self, spec: StageSpec, net: WholeSlideNet, cfg: Config, device: torch.device, generator_seed: int):
+    def __init__(self, spec: StageSpec, net: WholeSlideNet, cfg: Config, device: torch.device, generator_seed: int,
+                 streaming: Streaming | None = None):
         self.spec, self.device, self.is_last = spec, torch.device(device), True
         self.net = net.to(self.device)
         self.net.recompute = cfg.train.recompute_activations
@@ -55,6 +57,7 @@ class EndToEnd(StageInterface):
         self.generator = torch.Generator().manual_seed(generator_seed)
         self.rfr_clamped = 0  # no RFR end to end
         self.driver_steps = False  # a replica: the driver decides when the window steps (optim.step with a reduce)
+        self.streaming = streaming  # model.stream=on: StreamingCNN's end-to-end method (model/stream.py)
 
     def _autocast(self):
         return autocast(self.device, self.bf16)
@@ -66,6 +69,8 @@ class EndToEnd(StageInterface):
             torch.cuda.reset_peak_memory_stats(self.device)
         self.net.train()
         freeze_batchnorm(self.net)
+        if self.streaming:
+            return self._streamed_step(x, y, start)
         with self._autocast():
             # The frozen stem keeps nothing for backward: run it in tiles, as stage 1 does (run_stem).
             x = run_stem(self.net.stem, x, self.device, self.bf16)
@@ -76,6 +81,19 @@ class EndToEnd(StageInterface):
         stepped = False if self.driver_steps else self.optim.backward(loss)
         metrics = step_metrics(self.optim, self.device, start, logits, y, loss, torch.zeros(()), loss, stepped)
         return logits.detach(), metrics
+
+    def _streamed_step(self, x: torch.Tensor, y: int, start: float) -> tuple[torch.Tensor, dict]:
+        """Every block tile by tile, H's first conv too, the rest of H with autograd (model/stream.py)."""
+        x = run_stem(self.net.stem, x, self.device, self.bf16, host=True)
+        target = torch.tensor([y], device=self.device)
+        step = streamed_step(self.net.blocks, self.net.head, x, target, self.streaming.tile_out(self.spec),
+                             self.device, self._autocast, self.generator, widen=wide)
+        if self.driver_steps:
+            self.optim.add(step.loss, step.backward)
+        stepped = False if self.driver_steps else self.optim.backward(step.loss, step.backward)
+        metrics = step_metrics(self.optim, self.device, start, step.logits, y, step.loss, torch.zeros(()), step.loss,
+                               stepped)
+        return step.logits.detach(), metrics
 
     @torch.no_grad()
     def eval_step(self, x: torch.Tensor):

@@ -74,18 +74,30 @@ class AuxClassifier(nn.Module):
 
     def forward(self, x: torch.Tensor, generator: torch.Generator | None = None):
         """Return (logits 1 x classes, attention map h' x w') for a 1 x C x H x W feature map."""
+        return self.pooled(self.reduce[0](self.pad(x)), generator)
+
+    def pad(self, x: torch.Tensor) -> torch.Tensor:
+        """
+        ``x``, padded at the bottom and right when it has fewer than two instances: GroupNorm with one channel per
+        group needs more than one position, and the reference crashed on small slides.
+        """
         k, (h, w) = self.kernel, x.shape[-2:]
         if (h // k) * (w // k) < 2:
-            # A small slide still gets two instances: GroupNorm with one channel per group needs more
-            # than one position, and the reference crashed here.
             x = F.pad(x, (0, max(0, 2 * k - w), 0, max(0, k - h)))
-        z = self.reduce(x)
+        return x
+
+    def pooled(self, z: torch.Tensor, generator: torch.Generator | None = None):
+        """
+        What follows the strided conv (GroupNorm, ReLU, attention, MLP) on its output ``z``: the part that sees the
+        whole map, which a streamed stage runs with ordinary autograd (model/stream.py).
+        """
+        z = self.reduce[2](self.reduce[1](z))
         instances = z.flatten(2)[0].transpose(0, 1)
         # Attention and the MLP in at least fp32 even under bf16 autocast: bf16 logits (8 significant bits) make
         # near-equal slides tie in the probabilities that AUROC ranks, and this part is a few instances' worth of
         # compute against the backbone's maps.
         # (Only where autocast can be on: the meta device that FLOP counting runs on has no autocast dtype.)
-        off = torch.autocast(x.device.type, enabled=False) if x.device.type in ("cpu", "cuda") else nullcontext()
+        off = torch.autocast(z.device.type, enabled=False) if z.device.type in ("cpu", "cuda") else nullcontext()
         with off:
             instances = instances.to(torch.promote_types(instances.dtype, torch.float32))
             pooled, attention = self.pool(instances, generator)

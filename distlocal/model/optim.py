@@ -9,11 +9,12 @@ from torch import nn
 
 from distlocal.config import TrainConfig
 
-__all__ = ["LocalOptimizer", "Reduce", "schedule_metric"]
+__all__ = ["Backward", "LocalOptimizer", "Reduce", "schedule_metric"]
 
 # Sums the gradients (None: this replica has none for that parameter) and slide counts over a stage's replicas;
 # returns the sums, None where no replica had a gradient. The engine supplies it (model/ knows no torch.distributed).
 Reduce = Callable[[list[torch.Tensor | None], int], tuple[list[torch.Tensor | None], int]]
+Backward = Callable[[torch.Tensor], None]  # accumulates the gradients of the (scaled) loss it is given
 
 
 def schedule_metric(cfg: TrainConfig) -> str:
@@ -55,16 +56,19 @@ class LocalOptimizer:
         self.accumulated = 0  # slides whose gradients wait in .grad
         self.steps = 0  # optimizer steps taken
 
-    def backward(self, loss: torch.Tensor) -> bool:
+    def backward(self, loss: torch.Tensor, backward: Backward = torch.Tensor.backward) -> bool:
         """Accumulate the gradients of `loss`; return True when this call took an optimizer step."""
-        self.add(loss)
+        self.add(loss, backward)
         if self.accumulated < self.accumulate:
             return False
         return self.step()
 
-    def add(self, loss: torch.Tensor) -> None:
-        """Accumulate the gradients of one slide's `loss` without stepping."""
-        (loss / self.accumulate).backward()
+    def add(self, loss: torch.Tensor, backward: Backward = torch.Tensor.backward) -> None:
+        """
+        Accumulate the gradients of one slide's `loss` without stepping. ``backward`` back-propagates the scaled
+        loss: autograd's own, or a streamed stage's tile by tile (model/stream.py).
+        """
+        backward(loss / self.accumulate)
         self.accumulated += 1
 
     def _pool(self, reduce: Reduce) -> int:

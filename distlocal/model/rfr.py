@@ -34,17 +34,30 @@ class FeatureReconstruction(nn.Module):
         u = self.factor
         return min(self.patch, x_out.shape[-2], x_out.shape[-1], x_in.shape[-2] // u, x_in.shape[-1] // u)
 
-    def sample(self, x_out: torch.Tensor, x_in: torch.Tensor, generator: torch.Generator | None = None):
-        """Crop the same random windows from both maps: (n x C_i x p x p, n x C_{i-1} x pu x pu)."""
+    def corners(self, x_out: torch.Tensor, x_in: torch.Tensor,
+                generator: torch.Generator | None = None) -> tuple[int, list[tuple[int, int]]]:
+        """The patch side and the random top-left corners (on x_out) of this slide's crops."""
         p, u = self.crop_size(x_out, x_in), self.factor
         ys = torch.randint(0, min(x_out.shape[-2], x_in.shape[-2] // u) - p + 1, (self.patches,), generator=generator)
         xs = torch.randint(0, min(x_out.shape[-1], x_in.shape[-1] // u) - p + 1, (self.patches,), generator=generator)
-        corners = list(zip(ys.tolist(), xs.tolist(), strict=True))
+        return p, list(zip(ys.tolist(), xs.tolist(), strict=True))
+
+    def crops(self, x_out: torch.Tensor, x_in: torch.Tensor, p: int, corners: list[tuple[int, int]]):
+        """The windows at ``corners`` of both maps: (n x C_i x p x p, n x C_{i-1} x pu x pu)."""
+        u = self.factor
         src = torch.stack([x_out[0, :, y:y + p, x:x + p] for y, x in corners])
         tgt = torch.stack([x_in[0, :, y * u:(y + p) * u, x * u:(x + p) * u] for y, x in corners])
         return src, tgt
 
+    def sample(self, x_out: torch.Tensor, x_in: torch.Tensor, generator: torch.Generator | None = None):
+        """Crop the same random windows from both maps: (n x C_i x p x p, n x C_{i-1} x pu x pu)."""
+        return self.crops(x_out, x_in, *self.corners(x_out, x_in, generator))
+
+    def loss(self, src: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+        """L1 between the reconstruction of the output crops ``src`` and the input crops ``tgt``."""
+        return F.l1_loss(self.reconstruct(src), tgt.to(src.dtype))
+
     def forward(self, x_out: torch.Tensor, x_in: torch.Tensor, generator: torch.Generator | None = None):
         """Return (L1 loss, patch side used); the side is below `patch` when the slide is small."""
         src, tgt = self.sample(x_out, x_in, generator)
-        return F.l1_loss(self.reconstruct(src), tgt.to(src.dtype)), src.shape[-1]
+        return self.loss(src, tgt), src.shape[-1]

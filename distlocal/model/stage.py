@@ -17,8 +17,9 @@ from distlocal.config import Config
 from distlocal.model.backbone import StageSpec, freeze_batchnorm, run_blocks
 from distlocal.model.interface import StageInterface
 from distlocal.model.mil import AuxClassifier
-from distlocal.model.optim import LocalOptimizer
+from distlocal.model.optim import Backward, LocalOptimizer
 from distlocal.model.rfr import FeatureReconstruction
+from distlocal.model.stream import StreamedStep, Streaming, streamed_step
 from distlocal.model.tiling import tiled_forward
 
 __all__ = ["STEM_TILE_PIXELS", "Stage", "autocast", "held_dtype", "param_dtype", "peak_memory_mb", "reseed",
@@ -73,16 +74,19 @@ STEM_TILE_PIXELS = 2**22
 
 
 def run_stem(stem: nn.Module, x: torch.Tensor, device: torch.device, bf16: bool,
-             tile_pixels: int = STEM_TILE_PIXELS) -> torch.Tensor:
+             tile_pixels: int = STEM_TILE_PIXELS, host: bool = False) -> torch.Tensor:
     """
     The frozen stem on a 1 x 3 x H x W slide, without gradients, as a map on ``device`` in the dtype the blocks
-    consume (held_dtype: bf16 under bf16 autocast, else the stem's).
+    consume (held_dtype: bf16 under bf16 autocast, else the stem's); on the slide's device with ``host`` (a streamed
+    stage moves it to the device a tile at a time).
     """
     dtype = param_dtype(stem)
-    if x.shape[-2] * x.shape[-1] <= tile_pixels:
+    if x.shape[-2] * x.shape[-1] <= tile_pixels and not host:
         x = x.to(device, non_blocking=True)  # one pass on the device; larger slides stay in host memory, tiles move
     with torch.no_grad(), autocast(device, bf16):
-        return tiled_forward(stem.eval(), x.to(dtype), tile_pixels, device).to(device, held_dtype(stem, bf16))
+        out = tiled_forward(stem.eval(), x.to(dtype), tile_pixels, device)
+    held = held_dtype(stem, bf16)
+    return out.to(held) if host else out.to(device, held)
 
 
 def step_metrics(optim: LocalOptimizer, device: torch.device, start: float, logits: torch.Tensor, y: int,
@@ -112,7 +116,7 @@ class Stage(StageInterface):
 
     def __init__(self, spec: StageSpec, blocks: list[nn.Module], classifier: AuxClassifier,
                  rfr: FeatureReconstruction | None, stem: nn.Module | None, cfg: Config,
-                 device: torch.device, generator_seed: int, is_last: bool):
+                 device: torch.device, generator_seed: int, is_last: bool, streaming: Streaming | None = None):
         self.spec, self.device, self.is_last = spec, torch.device(device), is_last
         self.modules = nn.ModuleDict({"backbone": nn.Sequential(*blocks), "classifier": classifier})
         if stem is not None:  # stage 1 runs the frozen stem; the RFR target of stage 1 is its output
@@ -130,14 +134,27 @@ class Stage(StageInterface):
         self.driver_steps = False  # a replica: the driver decides when the window steps (optim.step with a reduce)
         self.rfr_clamped = 0  # slides whose maps were smaller than the RFR patch
         self.stem_tile_pixels = STEM_TILE_PIXELS
+        self.streaming = streaming  # model.stream: when and in which tiles a slide trains streamed; None: never
 
     def _autocast(self):
         return autocast(self.device, self.bf16)
 
-    def _input(self, x: torch.Tensor) -> torch.Tensor:
+    def _input(self, x: torch.Tensor, host: bool = False) -> torch.Tensor:
+        """The stage input on the device, or where it is with ``host`` (a streamed step moves it tile by tile)."""
         if "stem" in self.modules:
-            return run_stem(self.modules["stem"], x, self.device, self.bf16, self.stem_tile_pixels)
+            return run_stem(self.modules["stem"], x, self.device, self.bf16, self.stem_tile_pixels, host)
+        if host:
+            return x.to(dtype=held_dtype(self.modules, self.bf16))
         return x.to(self.device, held_dtype(self.modules, self.bf16), non_blocking=True)
+
+    def _streamed_step(self, x: torch.Tensor, target: torch.Tensor, tile_out: int) -> StreamedStep:
+        """F_i and A_i's first conv tile by tile, the rest with autograd (model/stream.py); RFR's crops join it."""
+        rfr = self.modules["rfr"] if "rfr" in self.modules else None
+        step = streamed_step(self.modules["backbone"], self.modules["classifier"], self._input(x, host=True), target,
+                             tile_out, self.device, self._autocast, self.generator, rfr, self.alpha, wide)
+        if "rfr" in self.modules:
+            self.rfr_clamped += step.patch < self.modules["rfr"].patch
+        return step
 
     def train_step(self, x: torch.Tensor, y: int, slide: tuple[int, str] | None = None) -> tuple[torch.Tensor, dict]:
         """
@@ -150,8 +167,15 @@ class Stage(StageInterface):
             torch.cuda.reset_peak_memory_stats(self.device)
         self.modules.train()
         freeze_batchnorm(self.modules["backbone"])
-        x = self._input(x)
         target = torch.tensor([y], device=self.device)
+        tile_out = self.streaming.tile_out(self.spec) if self.streaming else None
+        if tile_out is not None:
+            step = self._streamed_step(x, target, tile_out)
+            stepped = self._backward(step.loss, step.backward)
+            metrics = step_metrics(self.optim, self.device, start, step.logits, y, step.loss_cls, step.loss_rec,
+                                   step.loss, stepped, step.patch)
+            return step.out, metrics
+        x = self._input(x)
         with self._autocast():
             out = run_blocks(self.modules["backbone"], x, self.recompute)
             logits, _ = self.modules["classifier"](out, self.generator)
@@ -161,13 +185,16 @@ class Stage(StageInterface):
                 loss_rec, patch = self.modules["rfr"](out, x, self.generator)
                 self.rfr_clamped += patch < self.modules["rfr"].patch
             loss = loss_cls + self.alpha * wide(loss_rec)
-        if self.driver_steps:
-            self.optim.add(loss)
-            stepped = False
-        else:
-            stepped = self.optim.backward(loss)
+        stepped = self._backward(loss)
         metrics = step_metrics(self.optim, self.device, start, logits, y, loss_cls, loss_rec, loss, stepped, patch)
         return out.detach(), metrics
+
+    def _backward(self, loss: torch.Tensor, backward: Backward = torch.Tensor.backward) -> bool:
+        """Accumulate the slide's gradients; step every `accumulate` slides unless the driver steps (replicas)."""
+        if self.driver_steps:
+            self.optim.add(loss, backward)
+            return False
+        return self.optim.backward(loss, backward)
 
     @torch.no_grad()
     def eval_step(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["INDEX_LIMIT", "Footprint", "fit_tile", "footprint", "index_tile", "tile_plan", "tiled_forward"]
+__all__ = ["INDEX_LIMIT", "Footprint", "fit_tile", "footprint", "grid", "index_tile", "stitched_forward", "tile_plan",
+           "tiled_forward"]
 
 INDEX_LIMIT = 2**31 - 1  # elements: cuDNN and many CUDA kernels index a tensor with 32 bits
 
@@ -100,18 +101,34 @@ def tiled_forward(module: nn.Module, x: torch.Tensor, max_tile_pixels: int | Non
         raise ValueError(f"tiles of {max_tile_pixels} px cannot hold one output of a stage whose outputs each see "
                          f"{2 * fp.reach + 1} x {2 * fp.reach + 1} px; raise predict.max_tile_pixels (at least "
                          f"{least}, better 100x that)")
+    return stitched_forward(module, x, tile_out, device, fp)
+
+
+def stitched_forward(module: nn.Module, x: torch.Tensor, tile_out: int, device: torch.device,
+                     fp: Footprint | None = None) -> torch.Tensor:
+    """``module(x)`` in tiles of ``tile_out`` x ``tile_out`` outputs (plus halos) on ``device``, stitched on x's."""
+    fp = fp or footprint(module)
+    height, width = x.shape[-2:]
     out = None
+    for (r0, r1, c0, c1), (y0, y1, x0, x1), (oy, ox) in grid(height, width, fp, tile_out):
+        part = module(x[..., y0:y1, x0:x1].to(device))
+        if out is None:  # stitched in the layout the module gives (channels_last in predict): no copy later
+            shape = (x.shape[0], part.shape[1], fp.out_size(height), fp.out_size(width))
+            nhwc = part.is_contiguous(memory_format=torch.channels_last) and not part.is_contiguous()
+            layout = torch.channels_last if nhwc else torch.contiguous_format
+            out = torch.empty(shape, dtype=part.dtype, device=x.device, memory_format=layout)
+        out[..., r0:r1, c0:c1] = part[..., oy:oy + r1 - r0, ox:ox + c1 - c0].to(x.device)
+    return out
+
+
+def grid(height: int, width: int, fp: Footprint, tile_out: int) -> Iterator[tuple[tuple[int, int, int, int], ...]]:
+    """
+    The 2-D tiles of an H x W input: ((out rows r0:r1, out cols c0:c1), (input rows y0:y1, cols x0:x1), (oy, ox):
+    where the tile's own outputs start in the module's output on that input). The output tiles partition the map.
+    """
     for r0, r1, y0, y1 in tile_plan(height, fp, tile_out):
         for c0, c1, x0, x1 in tile_plan(width, fp, tile_out):
-            part = module(x[..., y0:y1, x0:x1].to(device))
-            oy, ox = r0 - y0 // fp.stride, c0 - x0 // fp.stride
-            if out is None:  # stitched in the layout the module gives (channels_last in predict): no copy later
-                shape = (x.shape[0], part.shape[1], fp.out_size(height), fp.out_size(width))
-                nhwc = part.is_contiguous(memory_format=torch.channels_last) and not part.is_contiguous()
-                layout = torch.channels_last if nhwc else torch.contiguous_format
-                out = torch.empty(shape, dtype=part.dtype, device=x.device, memory_format=layout)
-            out[..., r0:r1, c0:c1] = part[..., oy:oy + r1 - r0, ox:ox + c1 - c0].to(x.device)
-    return out
+            yield (r0, r1, c0, c1), (y0, y1, x0, x1), (r0 - y0 // fp.stride, c0 - x0 // fp.stride)
 
 
 def fit_tile(stages: list[nn.Module], device: torch.device) -> int | None:

@@ -1,0 +1,144 @@
+"""
+Streamed training of one stage (model.stream): its device memory is set by a tile, not by the slide.
+
+StreamingCNN's method (Pinckaers et al. 2020) on a local stage, written for distlocal's stages:
+- the streamed part, F_i and the first (strided, kernel = stride, unpadded) convolution of A_i or H, runs tile by
+  tile without gradients; tiles overlap by their footprint's halo and their valid outputs are stitched into the
+  exact maps (tiling.py): F_i's output x_i, kept in host memory, and the reduced map z, k^2 times smaller;
+- the global part (GroupNorm, gated attention, MLP on z, and RFR on its crops) runs with ordinary autograd and gives
+  d loss / d z and d loss / d crops;
+- the backward runs tile by tile again: the conv, then F_i, each tile's forward rerun with gradients and
+  back-propagated with the slice of the map's gradient that the tile's own outputs own. The output tiles partition
+  the map, so every position is counted once and the weight gradients sum to the whole-slide backward's.
+Every operation of the streamed part is local (frozen BatchNorm is an affine map, folded or not), so the streamed
+step equals the whole-slide step up to float summation order (tests/test_stream.py checks it in float64).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from distlocal.config import ModelConfig
+from distlocal.model.backbone import StageSpec
+from distlocal.model.mil import AuxClassifier
+from distlocal.model.rfr import FeatureReconstruction
+from distlocal.model.tiling import footprint, grid, stitched_forward
+
+__all__ = ["StreamedStep", "Streaming", "streamed_backward", "streamed_step", "tile_outputs"]
+
+Autocast = Callable[[], AbstractContextManager]
+
+
+@dataclass(frozen=True)
+class Streaming:
+    """model.stream=on for a stage: every slide trains streamed, in tiles of ``tile`` slide pixels a side."""
+
+    tile: int  # model.stream_tile
+
+    @classmethod
+    def of(cls, model: ModelConfig) -> Streaming | None:
+        """The stages' streaming from the config; None when model.stream is off."""
+        return cls(model.stream_tile) if model.stream == "on" else None
+
+    def tile_out(self, spec: StageSpec) -> int:
+        """Output positions per tile side for the stage ``spec`` describes."""
+        return tile_outputs(self.tile, spec.out_stride)
+
+
+def tile_outputs(stream_tile: int, out_stride: int) -> int:
+    """
+    Output positions per tile side of a stage whose outputs are ``out_stride`` slide pixels apart: model.stream_tile
+    is the side, in slide pixels, of the region one tile's outputs cover, so a tile means the same slide area at
+    every stage (its input adds the halo its footprint needs).
+    """
+    return max(1, stream_tile // out_stride)
+
+
+def streamed_backward(module: nn.Module, x: torch.Tensor, grad_out: torch.Tensor, tile_out: int,
+                      device: torch.device, autocast: Autocast, grad_in: torch.Tensor | None = None) -> None:
+    """
+    Accumulate into ``module``'s parameters the gradients of <grad_out, module(x)>, tile by tile: each tile's
+    forward is rerun with gradients and only its own outputs (a partition of the map) receive their gradient.
+    With ``grad_in`` the input's gradient is added into it too (the tiles' inputs overlap: their gradients sum).
+    Tiles whose outputs get no gradient are skipped: they would add exactly zero (attention dropout can zero every
+    instance's gradient).
+    """
+    fp = footprint(module)
+    for (r0, r1, c0, c1), (y0, y1, x0, x1), (oy, ox) in grid(x.shape[-2], x.shape[-1], fp, tile_out):
+        grad = grad_out[..., r0:r1, c0:c1]
+        if not grad.any():
+            continue
+        tile = x[..., y0:y1, x0:x1].to(device)
+        if grad_in is not None:
+            tile.requires_grad_()
+        with torch.enable_grad(), autocast():
+            part = module(tile)[..., oy:oy + r1 - r0, ox:ox + c1 - c0]
+        part.backward(grad.to(part.device, part.dtype))
+        if grad_in is not None:
+            grad_in[..., y0:y1, x0:x1] += tile.grad.to(grad_in.device, grad_in.dtype)
+    for p in module.parameters():
+        if p.requires_grad and p.grad is None:  # every tile skipped: autograd would have given zeros, not None,
+            p.grad = torch.zeros_like(p)  # and AdamW treats the two differently (None: no decay, no moment update)
+
+
+@dataclass
+class StreamedStep:
+    """One slide's streamed forward: its output map and losses, and the tile-by-tile backward that goes with it."""
+
+    out: torch.Tensor  # F_i's output x_i, stitched, detached, in host memory
+    logits: torch.Tensor
+    loss_cls: torch.Tensor
+    loss_rec: torch.Tensor
+    patch: int  # RFR's patch side (0 without RFR)
+    loss: torch.Tensor  # loss_cls + alpha * loss_rec, with the global part's graph
+    _backward: Callable[[torch.Tensor], None]
+
+    def backward(self, scaled_loss: torch.Tensor) -> None:
+        """Accumulate every parameter's gradient of ``scaled_loss`` (self.loss times the optimizer's scale)."""
+        self._backward(scaled_loss)
+
+
+def streamed_step(features: nn.Module, classifier: AuxClassifier, x: torch.Tensor, target: torch.Tensor,
+                  tile_out: int, device: torch.device, autocast: Autocast, generator: torch.Generator | None,
+                  rfr: FeatureReconstruction | None = None, alpha: float = 1.0,
+                  widen: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> StreamedStep:
+    """
+    The streamed forward of ``features`` (F_i) and ``classifier`` (A_i or H) on the stage input ``x`` (1 x C x H x W,
+    host memory), ``tile_out`` x ``tile_out`` outputs of F_i per tile. The global part draws from ``generator`` in
+    the whole-slide step's order (attention dropout, then RFR's locations), so both steps draw the same.
+    """
+    conv, kernel = classifier.reduce[0], classifier.kernel
+    tile_z = max(1, tile_out // kernel)
+    with torch.no_grad(), autocast():
+        out = stitched_forward(features, x, tile_out, device)
+        padded = classifier.pad(out)
+        z = stitched_forward(conv, padded, tile_z, device)
+    z = z.to(device).requires_grad_()
+    with autocast():
+        logits, _ = classifier.pooled(z, generator)
+        loss_cls = F.cross_entropy(widen(logits), target)
+        loss_rec, patch, src, corners = torch.zeros((), device=device), 0, None, []
+        if rfr is not None:
+            patch, corners = rfr.corners(out, x, generator)
+            src, tgt = rfr.crops(out, x, patch, corners)
+            src = src.to(device).requires_grad_()
+            loss_rec = rfr.loss(src, tgt.to(device))
+        loss = loss_cls + alpha * widen(loss_rec)
+
+    def backward(scaled_loss: torch.Tensor) -> None:
+        scaled_loss.backward()  # the global part: its own parameters, d loss / d z and d loss / d crops
+        grad_padded = torch.zeros_like(padded)
+        streamed_backward(conv, padded, z.grad, tile_z, device, autocast, grad_in=grad_padded)
+        grad_out = grad_padded[..., :out.shape[-2], :out.shape[-1]]  # the padding is at the bottom and right
+        if src is not None:
+            for crop, (y, x0) in zip(src.grad.to(grad_out.device, grad_out.dtype), corners, strict=True):
+                grad_out[0, :, y:y + patch, x0:x0 + patch] += crop  # crops may overlap: their gradients add
+        streamed_backward(features, x, grad_out, tile_out, device, autocast)
+
+    return StreamedStep(out, logits, loss_cls, loss_rec, patch, loss, backward)

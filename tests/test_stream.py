@@ -1,0 +1,166 @@
+"""Streamed stages (model.stream=on): a streamed training step is the whole-slide step, computed tile by tile."""
+
+import contextlib
+from dataclasses import replace
+
+import pytest
+import torch
+
+from distlocal.config import load_config
+from distlocal.data import SlideLoader, read_manifest
+from distlocal.engine.local import LocalExecutor
+from distlocal.engine.ray_executor import RayExecutor
+from distlocal.model import build_stages
+from distlocal.model.stream import streamed_backward
+from distlocal.model.tiling import stitched_forward
+
+# float64: the two steps differ only in summation order (~1e-16 relative); any real error (a position counted twice
+# or not at all, a missing halo) is of the order of the gradient itself.
+EXACT = {"rtol": 1e-9, "atol": 1e-11}
+
+
+def _modules(stage):
+    return stage.net if hasattr(stage, "net") else stage.modules
+
+
+def _pair(make_cfg, *overrides):
+    """(whole-slide stages, streamed stages), float64, identical weights; the driver steps, so gradients stay."""
+    common = ["model.rfr.patch_size=8", "train.accumulate=1", *overrides]
+    whole = build_stages(make_cfg(*common), 2)
+    streamed = build_stages(make_cfg(*common, "model.stream=on"), 2)
+    for stage in (*whole, *streamed):
+        _modules(stage).double()
+        stage.driver_steps = True
+    assert all(s.streaming for s in streamed)
+    assert not any(s.streaming for s in whole)
+    return whole, streamed
+
+
+def _assert_same_step(whole, streamed, x, y):
+    """Each stage in turn: the same loss (CE and RFR), output, every gradient, and the optimizer's update."""
+    for a, b in zip(whole, streamed, strict=True):
+        out_a, m_a = a.train_step(x, y, (0, "s"))
+        out_b, m_b = b.train_step(x, y, (0, "s"))
+        for key in ("loss", "loss_cls", "loss_rec"):
+            assert m_b[key] == pytest.approx(m_a[key], rel=EXACT["rtol"], abs=1e-12), key
+        torch.testing.assert_close(out_b, out_a, **EXACT)
+        named = list(_modules(a).named_parameters())
+        trained = [(n, p, q) for (n, p), q in zip(named, _modules(b).parameters(), strict=True) if p.requires_grad]
+        assert all(p.grad is not None for _, p, _ in trained)
+        for name, p, q in trained:
+            torch.testing.assert_close(q.grad, p.grad, **EXACT, msg=name)
+        # AdamW's first step moves each weight by lr * g / (|g| + eps) (+ decay): a gradient difference d moves it
+        # by at most lr * d / eps, so rounding-sized gradient differences give this much and no more.
+        lr_over_eps = max(g["lr"] for g in a.optim.optimizer.param_groups) / a.optim.optimizer.defaults["eps"]
+        allowed = {name: lr_over_eps * (q.grad - p.grad).abs().max().item() + 1e-15 for name, p, q in trained}
+        assert a.optim.step()
+        assert b.optim.step()
+        for name, p, q in trained:
+            torch.testing.assert_close(q, p, rtol=0, atol=allowed[name], msg=name)
+        x = out_a
+
+
+@pytest.mark.parametrize(("overrides", "size"), [
+    # tiles of 48 slide px: 8 x 8 positions at stage 1 (16 x 16), 4 at stage 2 ...: they divide every map
+    (("model.k=4", "model.stream_tile=48"), (96, 96)),
+    (("model.k=8", "model.stream_tile=30"), (96, 72)),  # 5 positions at stage 1 (16 x 12): the last tiles are short
+    (("model.k=1", "model.backbone=resnet50", "model.split=balanced", "model.stream_tile=96"), (120, 96)),
+    (("model.k=4", "model.stream_tile=4096"), (72, 60)),  # a slide smaller than one tile
+    (("model.mode=e2e", "model.stream_tile=96"), (72, 132)),  # StreamingCNN's end-to-end method
+], ids=["k4-dividing", "k8-not-dividing", "resnet50-k1", "smaller-than-a-tile", "e2e"])
+def test_streamed_step_equals_whole_slide_step(make_cfg, overrides, size):
+    """In float64 the streamed step is the whole-slide step: losses, output maps, gradients and the update."""
+    whole, streamed = _pair(make_cfg, *overrides)
+    slide = torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    _assert_same_step(whole, streamed, slide, 1)
+
+
+def test_rfr_crops_gradients_join_the_streamed_backward(make_cfg):
+    """RFR alone (no classification loss): its gradient reaches F_1 only through the crops, and matches."""
+    whole, streamed = _pair(make_cfg, "model.k=2", "model.backbone=resnet18", "model.split=balanced",
+                            "model.stream_tile=36", "model.rfr.alpha=1.0")
+    slide = torch.randn(1, 3, 96, 96, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    for stage in (whole[0], streamed[0]):
+        stage.modules["classifier"].requires_grad_(False)
+        stage.modules["classifier"].classify[2].weight.data.zero_()  # constant logits: CE sends F_1 no gradient
+        stage.train_step(slide, 0, (0, "s"))
+    for (name, p), q in zip(whole[0].modules["backbone"].named_parameters(),
+                            streamed[0].modules["backbone"].parameters(), strict=True):
+        torch.testing.assert_close(q.grad, p.grad, **EXACT, msg=name)
+    assert any(p.grad.abs().sum() > 0 for p in whole[0].modules["backbone"].parameters())  # RFR's, and only RFR's
+
+
+def test_streamed_backward_counts_each_position_once():
+    """Overlapping tiles' inputs sum their gradients; each output's gradient is applied once: autograd's result."""
+    conv = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 5, stride=2, padding=2), torch.nn.ReLU(),
+                               torch.nn.Conv2d(3, 3, 3, padding=1)).double()
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 2, 37, 29, generator=gen, dtype=torch.float64)
+    grad = torch.randn(1, 3, 19, 15, generator=gen, dtype=torch.float64)
+    whole_x = x.clone().requires_grad_()
+    conv(whole_x).backward(grad)
+    expected = [p.grad.clone() for p in conv.parameters()]
+    conv.zero_grad()
+    grad_in = torch.zeros_like(x)
+    streamed_backward(conv, x, grad, 4, x.device, contextlib.nullcontext, grad_in)
+    for p, e in zip(conv.parameters(), expected, strict=True):
+        torch.testing.assert_close(p.grad, e, **EXACT)
+    torch.testing.assert_close(grad_in, whole_x.grad, **EXACT)
+    torch.testing.assert_close(stitched_forward(conv, x, 4, x.device), conv(x).detach(), **EXACT)
+
+
+def _executor_cfg(manifest, tmp_path, *overrides):
+    return load_config(None, [
+        f"data.manifest={manifest}", f"run.dir={tmp_path}", "train.device=cpu", "model.backbone=resnet18",
+        "model.k=2", "model.split=balanced", "train.accumulate=2", "model.rfr.patch_size=16", "train.lr_backbone=1e-3",
+        "train.lr_aux=1e-3", "tracking.enabled=false", "train.placement_timeout_s=20", "train.max_inflight=1",
+        "model.stream_tile=48", *overrides])
+
+
+def _train(executor, cfg):
+    records = read_manifest(cfg.data.manifest).split("train")
+    return [m for _, m in executor.train(records, SlideLoader(cfg.data, True, cfg.train.seed), 0)]
+
+
+def test_short_training_streamed_equals_whole_slide_local_and_ray(local_ray, actor_threads, manifest, tmp_path):
+    """
+    An epoch with streaming on ends where one with it off ends (local executor, float64, several optimizer steps),
+    and the Ray pipeline runs the streamed step as the local executor does (fp32, the same arithmetic).
+    """
+    off, on = (_executor_cfg(manifest, tmp_path, f"model.stream={v}") for v in ("off", "on"))
+    whole, streamed = (LocalExecutor(build_stages(c, 2, "cpu")) for c in (off, on))
+    for executor in (whole, streamed):
+        for stage in executor.stages:
+            stage.modules.double()
+    _train(whole, off)
+    _train(streamed, on)
+    for ours, theirs in zip(streamed.state_dicts(), whole.state_dicts(), strict=True):
+        assert ours["optim"]["steps"] == theirs["optim"]["steps"] > 1
+        for name, tensor in theirs["modules"].items():  # several AdamW steps: rounding grows, still far below 1e-6
+            torch.testing.assert_close(ours["modules"][name], tensor, rtol=1e-6, atol=1e-8, msg=name)
+    local = LocalExecutor(build_stages(on, 2, "cpu"))
+    local_metrics = _train(local, on)
+    remote = RayExecutor(replace(on, train=replace(on.train, executor="ray")), 2)
+    try:
+        remote_metrics = _train(remote, on)
+        remote_states = remote.state_dicts()
+    finally:
+        remote.close()
+    assert [m[-1]["loss"] for m in remote_metrics] == pytest.approx([m[-1]["loss"] for m in local_metrics], rel=1e-4)
+    for ours, theirs in zip(remote_states, local.state_dicts(), strict=True):
+        for name, tensor in theirs["modules"].items():
+            torch.testing.assert_close(ours["modules"][name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_stream_keys_read_on_and_off_and_name_bad_values(tmp_path):
+    """YAML 1.1 reads on / off as booleans: model.stream takes them as the choice; bad values name the key."""
+    from distlocal.config import ConfigError
+
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  stream: on\n")
+    assert load_config(path).model.stream == "on"
+    assert load_config(None, ["model.stream=off"]).model.stream == "off"
+    with pytest.raises(ConfigError, match=r"model\.stream_tile"):
+        load_config(None, ["model.stream_tile=0"])
+    with pytest.raises(ConfigError, match=r"model\.stream.*choose one of: off, on"):
+        load_config(None, ["model.stream=sometimes"])
