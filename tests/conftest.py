@@ -86,6 +86,14 @@ def no_shared_ray():
     ray.shutdown()
 
 
+@pytest.fixture
+def on_cluster(no_shared_ray, cluster):
+    """The driver connected to the module's simulated cluster (its `cluster` fixture) for one test."""
+    sim, nodes = cluster
+    ray.init(address=sim.address, configure_logging=False, log_to_driver=False)
+    return sim, nodes
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _threads_per_worker():
     """

@@ -106,3 +106,22 @@ def end_process_group(process: subprocess.Popen, timeout_s: float = 30.0) -> Non
         time.sleep(0.2)
     with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGKILL)
+
+
+def simulated_cluster(nodes: int, gpus_per_node: int = 0):
+    """
+    A head with one CPU and no GPU (the driver's node) and `nodes` raylets of 2 CPUs and `gpus_per_node` (fake)
+    GPUs each, on this machine; yields (cluster, its worker nodes) and shuts all of it down. For module fixtures.
+    """
+    import ray
+    from ray.cluster_utils import Cluster
+
+    ray.shutdown()  # the shared local Ray, if a test before started it: conftest's local_ray starts it again
+    sim = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 0})
+    try:
+        workers = [sim.add_node(num_cpus=2, num_gpus=gpus_per_node) for _ in range(nodes)]
+        sim.wait_for_nodes()
+        yield sim, workers
+    finally:
+        ray.shutdown()
+        sim.shutdown()

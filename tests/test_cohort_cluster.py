@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 import ray
 import torch
-from ray.cluster_utils import Cluster
 
 from distlocal.bench.loading import MARGIN, loaders_needed
 from distlocal.cli import main
@@ -29,6 +28,7 @@ from distlocal.engine.actor import StageActor
 from distlocal.engine.ray_executor import RayExecutor
 from distlocal.engine.trainer import Trainer, epoch_order
 from distlocal.slides.cache import cache_key, read_cached
+from tests.harness import simulated_cluster
 from tests.interrupt import slowed
 
 WORKER_NODES = 2
@@ -37,23 +37,7 @@ WORKER_NODES = 2
 @pytest.fixture(scope="module")
 def cluster():
     """A head with one CPU (the driver's node) and two nodes of two CPUs each."""
-    ray.shutdown()
-    sim = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 0})
-    try:
-        nodes = [sim.add_node(num_cpus=2, num_gpus=0) for _ in range(WORKER_NODES)]
-        sim.wait_for_nodes()
-        yield sim, nodes
-    finally:
-        ray.shutdown()
-        sim.shutdown()
-
-
-@pytest.fixture
-def on_cluster(no_shared_ray, cluster):
-    """The driver connected to the simulated cluster for one test."""
-    sim, nodes = cluster
-    ray.init(address=sim.address, configure_logging=False, log_to_driver=False)
-    return sim, nodes
+    yield from simulated_cluster(WORKER_NODES)
 
 
 def _entries(folder: Path) -> dict[str, bytes]:

@@ -12,7 +12,6 @@ import time
 import pytest
 import ray
 import torch
-from ray.cluster_utils import Cluster
 
 from distlocal.config import load_config
 from distlocal.data import SlideLoader, read_manifest
@@ -22,6 +21,7 @@ from distlocal.engine.faults import ClusterError
 from distlocal.engine.placement import stage_resources
 from distlocal.engine.ray_executor import RayExecutor
 from distlocal.engine.trainer import Trainer
+from tests.harness import simulated_cluster
 from tests.interrupt import failing_actor, fit_and_interrupt
 from tests.tiny_run import tiny_run
 
@@ -31,23 +31,7 @@ GPU_NODES = 2
 @pytest.fixture(scope="module")
 def cluster():
     """A head without GPUs (the driver's node) and two nodes with 2 CPUs and one fake GPU each."""
-    ray.shutdown()  # the shared local Ray, if a test before started it: conftest's local_ray starts it again
-    sim = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 0})
-    try:
-        nodes = [sim.add_node(num_cpus=2, num_gpus=1) for _ in range(GPU_NODES)]
-        sim.wait_for_nodes()
-        yield sim, nodes
-    finally:
-        ray.shutdown()
-        sim.shutdown()
-
-
-@pytest.fixture
-def on_cluster(no_shared_ray, cluster):
-    """The driver connected to the simulated cluster for one test."""
-    sim, nodes = cluster
-    ray.init(address=sim.address, configure_logging=False, log_to_driver=False)
-    return sim, nodes
+    yield from simulated_cluster(GPU_NODES, gpus_per_node=1)
 
 
 def _cfg(manifest, run_dir, *overrides):

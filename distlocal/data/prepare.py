@@ -24,7 +24,7 @@ from distlocal.progress import progress
 from distlocal.slides import SlideError
 from distlocal.slides.cache import CacheKey, cache_key, is_cached, write_cached
 
-__all__ = ["PrepareReport", "entry_key", "prepare_one", "prepare_slides", "write_report"]
+__all__ = ["PrepareReport", "entry_key", "prepare_one", "prepare_slides", "split_cached", "write_report"]
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,20 @@ def entry_key(record: SlideRecord, cfg: DataConfig) -> CacheKey:
     return cache_key(record.path, cfg.magnification, cfg.level, cfg.base_magnification, cfg.reader)
 
 
+def split_cached(records: list[SlideRecord], out_dir: Path, cfg: DataConfig, force: bool,
+                 report: PrepareReport) -> list[SlideRecord]:
+    """The records still to prepare; those already in `out_dir` with the same settings go to report.reused."""
+    todo = []
+    for record in records:
+        if not force and is_cached(out_dir, record.slide_id, entry_key(record, cfg)):
+            report.reused.append(record.slide_id)
+        else:
+            todo.append(record)
+    if report.reused:
+        log.info("%d of %d slide(s) already prepared in %s", len(report.reused), len(records), out_dir)
+    return todo
+
+
 def prepare_one(record: SlideRecord, out_dir: Path, cfg: DataConfig) -> tuple[float, str]:
     slide = read_original(record, cfg)
     write_cached(out_dir, record.slide_id, entry_key(record, cfg), slide)
@@ -67,14 +81,7 @@ def prepare_slides(records: list[SlideRecord], out_dir: str | Path, cfg: DataCon
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     report, start = PrepareReport(), time.perf_counter()
-    todo = []
-    for record in records:
-        if not force and is_cached(out_dir, record.slide_id, entry_key(record, cfg)):
-            report.reused.append(record.slide_id)
-        else:
-            todo.append(record)
-    if report.reused:
-        log.info("%d of %d slide(s) already prepared in %s", len(report.reused), len(records), out_dir)
+    todo = split_cached(records, out_dir, cfg, force, report)
     failure: SlideError | None = None
     with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="prepare") as pool, \
             progress(total=len(todo), desc="prepare", unit="slide") as bar:

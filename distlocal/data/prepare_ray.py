@@ -27,11 +27,10 @@ import ray
 from distlocal.config import DataConfig
 from distlocal.data.loader import SkippedSlide
 from distlocal.data.manifest import SlideRecord
-from distlocal.data.prepare import PrepareReport, entry_key, prepare_one, write_report
+from distlocal.data.prepare import PrepareReport, prepare_one, split_cached, write_report
 from distlocal.engine.placement import connect
 from distlocal.progress import progress
 from distlocal.slides import SlideError
-from distlocal.slides.cache import is_cached
 
 __all__ = ["ClusterPrepareReport", "prepare_on_ray", "prepare_entry"]
 
@@ -73,14 +72,7 @@ def prepare_on_ray(records: list[SlideRecord], out_dir: str | Path, cfg: DataCon
     out_dir = Path(out_dir).resolve()  # the tasks run elsewhere: a relative path would be their working folder's
     out_dir.mkdir(parents=True, exist_ok=True)
     report, start = ClusterPrepareReport(), time.perf_counter()
-    todo = []
-    for record in records:
-        if not force and is_cached(out_dir, record.slide_id, entry_key(record, cfg)):
-            report.reused.append(record.slide_id)
-        else:
-            todo.append(record)
-    if report.reused:
-        log.info("%d of %d slide(s) already prepared in %s", len(report.reused), len(records), out_dir)
+    todo = split_cached(records, out_dir, cfg, force, report)
     failure: str | None = None
     if todo:
         connect()

@@ -25,7 +25,7 @@ from wsidicom.instance import TileType
 
 from distlocal.slides.errors import SlideError
 from distlocal.slides.magnification import BaseMagnification, magnification_from_mpp, plausible_mpp
-from distlocal.slides.pyramid import Pyramid
+from distlocal.slides.pyramid import Pyramid, read_in_chunks
 from distlocal.slides.sniff import is_dicom_file
 
 __all__ = ["DicomLevel", "open_dicom"]
@@ -48,13 +48,7 @@ class DicomLevel:
         self._wsi, self._path, self.number, self._level, self.shape = wsi, path, number, level, shape
 
     def read(self, y0: int, x0: int, y1: int, x1: int) -> np.ndarray:
-        out = np.empty((y1 - y0, x1 - x0, 3), dtype=np.uint8)
-        for top in range(y0, y1, _CHUNK[0]):
-            bottom = min(top + _CHUNK[0], y1)
-            for left in range(x0, x1, _CHUNK[1]):
-                right = min(left + _CHUNK[1], x1)
-                out[top - y0 : bottom - y0, left - x0 : right - x0] = self._read_chunk(top, left, bottom, right)
-        return out
+        return read_in_chunks(y0, x0, y1, x1, self._read_chunk, _CHUNK)
 
     def _read_chunk(self, y0: int, x0: int, y1: int, x1: int) -> np.ndarray:
         try:

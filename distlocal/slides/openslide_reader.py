@@ -19,7 +19,7 @@ import openslide
 
 from distlocal.slides.errors import SlideError
 from distlocal.slides.magnification import BaseMagnification, magnification_from_mpp, plausible_mpp
-from distlocal.slides.pyramid import Pyramid
+from distlocal.slides.pyramid import Pyramid, read_in_chunks
 
 __all__ = ["OpenSlideLevel", "open_openslide", "openslide_vendor"]
 
@@ -54,20 +54,17 @@ class OpenSlideLevel:
         self._downsample = float(slide.level_downsamples[number])
 
     def read(self, y0: int, x0: int, y1: int, x1: int) -> np.ndarray:
-        out = np.empty((y1 - y0, x1 - x0, 3), dtype=np.uint8)
-        for top in range(y0, y1, _CHUNK[0]):
-            bottom = min(top + _CHUNK[0], y1)
-            for left in range(x0, x1, _CHUNK[1]):
-                right = min(left + _CHUNK[1], x1)
-                # read_region takes level 0 coordinates for the corner and the level's own pixels for the size.
-                corner = (round(left * self._downsample), round(top * self._downsample))
-                try:
-                    region = np.asarray(self._slide.read_region(corner, self.number, (right - left, bottom - top)))
-                except openslide.OpenSlideError as exc:
-                    raise SlideError(self._path, f"corrupt or truncated data in level {self.number} (OpenSlide: "
-                                                 f"{exc})", _REEXPORT) from exc
-                out[top - y0 : bottom - y0, left - x0 : right - x0] = _on_white(region)
-        return out
+        return read_in_chunks(y0, x0, y1, x1, self._read_chunk, _CHUNK)
+
+    def _read_chunk(self, y0: int, x0: int, y1: int, x1: int) -> np.ndarray:
+        # read_region takes level 0 coordinates for the corner and the level's own pixels for the size.
+        corner = (round(x0 * self._downsample), round(y0 * self._downsample))
+        try:
+            region = np.asarray(self._slide.read_region(corner, self.number, (x1 - x0, y1 - y0)))
+        except openslide.OpenSlideError as exc:
+            raise SlideError(self._path, f"corrupt or truncated data in level {self.number} (OpenSlide: {exc})",
+                             _REEXPORT) from exc
+        return _on_white(region)
 
 
 def _check_mrxs_folder(path: Path) -> None:

@@ -23,7 +23,7 @@ import tifffile
 from distlocal.slides.errors import SlideError
 from distlocal.slides.magnification import BaseMagnification, find_base_magnification
 
-__all__ = ["ArrayLevel", "Level", "Pyramid", "TiffLevel", "open_pyramid"]
+__all__ = ["ArrayLevel", "Level", "Pyramid", "TiffLevel", "open_pyramid", "read_in_chunks"]
 
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 _IMAGE_MAGIC = {b"\x89PNG": "png", b"\xff\xd8\xff": "jpeg"}
@@ -37,6 +37,22 @@ class Level(Protocol):
     shape: tuple[int, int]
 
     def read(self, y0: int, x0: int, y1: int, x1: int) -> np.ndarray: ...
+
+
+
+def read_in_chunks(y0: int, x0: int, y1: int, x1: int, read_chunk, chunk: tuple[int, int]) -> np.ndarray:
+    """
+    Rows y0:y1, columns x0:x1 as RGB, assembled from ``read_chunk(top, left, bottom, right)`` calls of at most
+    ``chunk`` (rows, columns): a reader whose library returns a whole region per call keeps its memory near the
+    output's size.
+    """
+    out = np.empty((y1 - y0, x1 - x0, 3), dtype=np.uint8)
+    for top in range(y0, y1, chunk[0]):
+        bottom = min(top + chunk[0], y1)
+        for left in range(x0, x1, chunk[1]):
+            right = min(left + chunk[1], x1)
+            out[top - y0 : bottom - y0, left - x0 : right - x0] = read_chunk(top, left, bottom, right)
+    return out
 
 
 class ArrayLevel:
