@@ -67,6 +67,13 @@ def _gpus_per_stage(key: str, value: float) -> str | None:
     return None
 
 
+def _loaders(key: str, value: str | int) -> str | None:
+    if value == "auto" or (isinstance(value, int) and value >= 1):
+        return None
+    return (f"{key}={value!r}; give a number of loader actors (at least 1, e.g. {key}=2), or auto to set it from the "
+            f"measured read rate against the slowest stage's")
+
+
 @dataclass
 class RFRConfig:
     enabled: bool = True  # random feature reconstruction on stages 1..K-1; false for the ablation
@@ -161,7 +168,10 @@ class TrainConfig:
     replicas: int | list[int] = 1
     # Ray executor: slide loader actors feeding stage 1 (slide i of an epoch from loader i mod N, so the order and
     # every tensor are the same whatever N), placed beside stage 1's replicas, then on the other stages' nodes.
-    loaders: int = positive(1)
+    # auto: as many as deliver 1.2x the slowest stage's rate (the planner's profile) at one loader's measured read
+    # rate on this run's first slides, at most one per CPU the stages leave (engine/loader_plan.py); logged with
+    # the plan, and the count is written into the run's config.yaml. 1: one loader.
+    loaders: str | int = checked(1, _loaders)
     # manual: model.k, the cut and train.replicas as given | auto: the planner chooses the cut (with
     # model.split=auto) and the replicas per stage that train fastest on train.gpus devices (engine/planner.py).
     plan: str = choice("manual", "auto")

@@ -18,6 +18,7 @@ import ray
 import torch
 
 from distlocal.bench.loading import MARGIN, loaders_needed
+from distlocal.engine.loader_plan import auto_loaders
 from distlocal.cli import main
 from distlocal.config import load_config
 from distlocal.data import read_manifest
@@ -233,6 +234,15 @@ def test_loaders_needed_cover_the_stage_rate_with_the_margin():
     assert loaders_needed(50.0, 8.0) == 8
     with pytest.raises(ValueError, match="must be positive"):
         loaders_needed(5.0, 0.0)
+
+
+def test_auto_loaders_deliver_the_margin_over_the_slowest_stage_within_the_free_cpus():
+    """train.loaders=auto's count: 1.2x the slowest stage's slides/s at one loader's read rate, at most the CPUs left."""
+    assert auto_loaders(stage_s=0.02, read_s=0.35, cpus=64) == 21  # 50 slides/s, 0.35 s a cached slide: 21 x 2.86
+    assert auto_loaders(stage_s=0.02, read_s=0.35, cpus=8) == 8  # the cluster's free CPUs cap it
+    assert auto_loaders(stage_s=0.5, read_s=0.1, cpus=8) == 1  # a slow stage: one loader is plenty
+    assert auto_loaders(stage_s=0.1, read_s=0.1, cpus=0) == 1  # no CPU left by the stages: one all the same
+    assert auto_loaders(stage_s=0.1, read_s=0.12, cpus=8) == 2  # 1 loader gives 0.83x the stage, 2 give 1.67x
 
 
 def test_a_lost_loader_is_restarted_and_the_epoch_completes_in_order(on_cluster, manifest, tmp_path):

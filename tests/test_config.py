@@ -42,6 +42,9 @@ def test_wrong_type_names_key():
     ("train.gpus=-1", r"^config key 'train\.gpus' must be >= 0, got -1 "),  # each key its own message
     ("train.allreduce_gb_per_s=0", r"^config key 'train\.allreduce_gb_per_s' must be > 0, got 0\.0 "),
     ("train.collective_timeout_s=-5", r"^config key 'train\.collective_timeout_s' must be > 0, got -5\.0 "),
+    ("train.loaders=0", r"^train\.loaders=0; give a number of loader actors \(at least 1, e\.g\. train\.loaders=2\)"
+                        r", or auto"),
+    ("train.loaders=fast", r"^train\.loaders='fast'; give a number .* or auto to set it from the measured read rate"),
 ])
 def test_impossible_values_fail(override, pattern):
     """Impossible values fail at once with the key in the message."""

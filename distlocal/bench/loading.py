@@ -1,16 +1,18 @@
 """
 `distlocal bench loading`: slides per second that the Ray executor's loaders (engine/loading.SlideFeed) deliver to
 a sink that does nothing, from the originals and from the `distlocal prepare` cache, against the number of loaders
-(train.loaders) and the threads of each (data.prefetch); and the loaders a given stage rate needs.
+(train.loaders) and the threads of each (data.prefetch); and the count train.loaders=auto picks for a stage rate.
 
 The sink waits for each slide's tensor to exist (ray.wait without fetching it), so what is timed is what stage 1
-could be fed, not the copy to the driver. The need for a stage rate is computed from the measured rate per loader
-(loaders_needed): on a small VM the loaders of a 50 slides/s stage cannot all run, but how many it takes can be said.
+could be fed, not the copy to the driver. auto's pick comes from auto's own probe (engine/loader_plan.measure_read_s:
+one loader's seconds per slide on the first slides) and its own arithmetic, for stage rates up to a fast GPU stage's;
+what those loaders deliver is measured where that many loaders were run here, else computed from the probe's rate
+(on a small VM the loaders of a 50 slides/s stage cannot all run, but how many it takes, and what they give, can be
+said).
 """
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 
@@ -19,25 +21,13 @@ from ray.util.placement_group import placement_group, remove_placement_group
 
 from distlocal.config import DataConfig
 from distlocal.data import SlideLoader, SlideRecord
+from distlocal.engine.loader_plan import MARGIN, auto_loaders, loaders_needed, measure_read_s
 from distlocal.engine.loading import SlideFeed
 from distlocal.engine.remote import fetch
 
 __all__ = ["MARGIN", "bench_loading", "format_loading", "loaders_needed"]
 
-MARGIN = 1.2  # the loaders deliver at least this many times what the slowest stage consumes
 STAGE_RATES = (1.0, 5.0, 10.0, 25.0, 50.0)  # slides/s: a CPU stage to a fast GPU stage on small 5X slides
-
-
-def loaders_needed(stage_rate: float, per_loader: float, margin: float = MARGIN) -> int:
-    """
-    Loaders so that they deliver `margin` x `stage_rate` slides/s when each delivers `per_loader`.
-
-    >>> loaders_needed(50.0, 8.0)
-    8
-    """
-    if per_loader <= 0:
-        raise ValueError(f"a loader's rate must be positive, got {per_loader}")
-    return max(1, math.ceil(margin * stage_rate / per_loader - 1e-9))
 
 
 def _deliver(cfg: DataConfig, records: list[SlideRecord], loaders: int) -> float:
@@ -69,10 +59,27 @@ def bench_loading(records: list[SlideRecord], cfg: DataConfig, cache_dir: str | 
                 rate = _deliver(replace(cfg, cache_dir=folder, prefetch=t), records, n)
                 rows.append({"source": source, "loaders": n, "threads": t, "slides_per_s": round(rate, 2),
                              "per_loader": round(rate / n, 2)})
-    best = {source: max(r["per_loader"] for r in rows if r["source"] == source) for source, _ in sources}
-    need = [{"stage_rate": s, **{source: loaders_needed(s, rate) for source, rate in best.items()}}
-            for s in STAGE_RATES]
-    return {"slides": len(records), "rows": rows, "best_per_loader": best, "margin": MARGIN, "needed": need}
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    auto = [_auto_picks(replace(cfg, cache_dir=folder), source, records, rows, cpus) for source, folder in sources]
+    return {"slides": len(records), "rows": rows, "margin": MARGIN, "cpus": cpus, "auto": [a for s in auto for a in s]}
+
+
+def _auto_picks(cfg: DataConfig, source: str, records: list[SlideRecord], rows: list[dict], cpus: int) -> list[dict]:
+    """
+    For each stage rate: the loaders train.loaders=auto picks (from its probe of `records`, read from `source`), on a
+    cluster with the CPUs for them and on this one (`cpus`), and what they deliver: measured where that many loaders
+    ran here (the best of their thread counts), else computed from the probe's rate.
+    """
+    read_s, _ = measure_read_s(SlideLoader(cfg, train=True, seed=0), records)
+    picks = []
+    for stage_rate in STAGE_RATES:
+        n = loaders_needed(stage_rate, 1.0 / read_s)
+        ran = [r["slides_per_s"] for r in rows if r["source"] == source and r["loaders"] == n]
+        picks.append({"stage_rate": stage_rate, "source": source, "read_s": round(read_s, 4), "loaders": n,
+                      "here": auto_loaders(1.0 / stage_rate, read_s, cpus),
+                      "delivers": round(max(ran) if ran else n / read_s, 2),
+                      "how": "measured" if ran else "computed"})
+    return picks
 
 
 def format_loading(result: dict) -> str:
@@ -80,9 +87,10 @@ def format_loading(result: dict) -> str:
              "|---|---|---|---|---|"]
     lines += [f"| {r['source']} | {r['loaders']} | {r['threads']} | {r['slides_per_s']} | {r['per_loader']} |"
               for r in result["rows"]]
-    sources = list(result["best_per_loader"])
-    lines += ["", f"loaders needed to deliver {result['margin']}x a stage's rate (from the best rate per loader: "
-              + ", ".join(f"{s} {r} slides/s" for s, r in result["best_per_loader"].items()) + ")",
-              "| stage slides/s | " + " | ".join(sources) + " |", "|---|" + "---|" * len(sources)]
-    lines += [f"| {n['stage_rate']:g} | " + " | ".join(str(n[s]) for s in sources) + " |" for n in result["needed"]]
+    lines += ["", f"train.loaders=auto's pick, to deliver {result['margin']}x the slowest stage's rate (one loader's "
+              f"rate from auto's probe of the first slides); 'here': capped at this cluster's {result['cpus']} CPUs",
+              "| stage slides/s | source | probe s/slide | auto picks | here | they deliver slides/s | x stage | |",
+              "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {a['stage_rate']:g} | {a['source']} | {a['read_s']} | {a['loaders']} | {a['here']} | {a['delivers']} "
+              f"| {a['delivers'] / a['stage_rate']:.2f} | {a['how']} |" for a in result["auto"]]
     return "\n".join(lines)

@@ -1,6 +1,8 @@
 """
 The planner: resolve model.split=auto and train.plan=auto before the stages are built. Profile on the hardware the
 stages will use, then cut the backbone (best_split) or plan the cut and the replicas per stage (plan_pipeline).
+train.loaders=auto needs the slowest stage's time per slide: the same profile gives it for the pipeline as
+configured (pipeline_plan), and engine/loader_plan.py sets the loaders against it.
 """
 
 from __future__ import annotations
@@ -10,9 +12,9 @@ import logging
 
 import torch
 
-from distlocal.config import Config, ConfigError, config_from_dict, config_to_dict
+from distlocal.config import Config, ConfigError, config_from_dict, config_to_dict, stage_replicas
 from distlocal.model import resolve_device
-from distlocal.model.balance import Plan, best_split, plan_pipeline, profile_blocks
+from distlocal.model.balance import BlockCost, Plan, best_split, pipeline_plan, plan_pipeline, profile_blocks
 from distlocal.model.stage import autocast
 
 __all__ = ["profile_on_cluster", "resolve_auto_split", "resolve_plan"]
@@ -61,13 +63,17 @@ def _profile_remote(cfg: Config, num_classes: int, slide: torch.Tensor):
     return costs, memory
 
 
-def resolve_auto_split(cfg: Config, num_classes: int, slide: torch.Tensor) -> Config:
-    """A copy of `cfg` whose model.blocks_per_stage is the profiled best cut (unchanged unless split=auto)."""
+def resolve_auto_split(cfg: Config, num_classes: int, slide: torch.Tensor,
+                       costs: list[BlockCost] | None = None) -> Config:
+    """
+    A copy of `cfg` whose model.blocks_per_stage is the profiled best cut (unchanged unless split=auto); `costs`: a
+    profile already taken on the stages' hardware.
+    """
     if cfg.model.split != "auto" or cfg.model.blocks_per_stage:
         return cfg
-    if cfg.train.executor == "ray":
+    if costs is None and cfg.train.executor == "ray":
         costs, _ = _profile_remote(cfg, num_classes, slide)
-    else:
+    elif costs is None:
         costs = _profile(cfg, num_classes, slide, resolve_device(cfg.train.device))
     sizes, stage_costs = best_split(costs, cfg.model.k)
     rows = [f"block {c.block:2d}: {c.seconds * 1e3:8.1f} ms  classifier {c.classifier_seconds * 1e3:7.1f} ms  "
@@ -99,10 +105,13 @@ def _devices(cfg: Config) -> int:
 def resolve_plan(cfg: Config, num_classes: int, slide: torch.Tensor) -> tuple[Config, Plan | None]:
     """
     A copy of `cfg` with the planner's cut (with model.split=auto) and train.replicas, and the plan (None unless
-    train.plan=auto). K stays model.k: K and the cut change what is learned, the replicas do not.
+    train.plan=auto, or train.loaders=auto on Ray: then the prediction for the pipeline as configured). K stays
+    model.k: K and the cut change what is learned, the replicas do not.
     """
     if cfg.train.plan != "auto":
-        return resolve_auto_split(cfg, num_classes, slide), None
+        if not (cfg.train.executor == "ray" and cfg.train.loaders == "auto"):
+            return resolve_auto_split(cfg, num_classes, slide), None
+        return _configured(cfg, num_classes, slide)
     devices = _devices(cfg)
     costs, memory = _profile_remote(cfg, num_classes, slide)
     fixed = None if cfg.model.split == "auto" else cfg.model.blocks_per_stage
@@ -115,3 +124,18 @@ def resolve_plan(cfg: Config, num_classes: int, slide: torch.Tensor) -> tuple[Co
     data["model"]["blocks_per_stage"], data["train"]["replicas"] = plan.blocks_per_stage, plan.replicas
     data["train"]["plan"] = "manual"  # the resolved config records the plan itself: a resume keeps it
     return config_from_dict(data), plan  # validated again: e.g. a direct transport does not go with replicas
+
+
+def _configured(cfg: Config, num_classes: int, slide: torch.Tensor) -> tuple[Config, Plan]:
+    """
+    train.loaders=auto without train.plan=auto: the profile (one, shared with model.split=auto) priced for the
+    pipeline as configured, so the loaders are set against the stage that will be slowest.
+    """
+    costs, _ = _profile_remote(cfg, num_classes, slide)
+    cfg = resolve_auto_split(cfg, num_classes, slide, costs)
+    plan = pipeline_plan(costs, cfg.model.blocks_per_stage, stage_replicas(cfg.train, cfg.model.k),
+                         cfg.train.accumulate, cfg.train.allreduce_gb_per_s * 1e9)
+    log.info("the pipeline as configured: blocks per stage %s, replicas %s; predicted %.3g slides/s, stage ms per "
+             "slide %s, busy %s", plan.blocks_per_stage, plan.replicas, plan.slides_per_s,
+             [round(s * 1e3, 1) for s in plan.stage_s], [round(b, 2) for b in plan.busy])
+    return cfg, plan

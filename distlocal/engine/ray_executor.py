@@ -7,7 +7,8 @@ This module is the Executor interface over the parts that do the work:
   validation enter while training drains (evaluate_next);
 - replica_driver.py routes slides to a stage's replicas (train.replicas) and steps them window by window;
 - transport.py chooses how activations travel; recovery.py waits for restarted actors after a failure.
-Slides load ahead of the pipeline in one loader actor that lives as long as the executor (loading.py says why).
+Slides load ahead of the pipeline in train.loaders loader actors that live as long as the executor (loading.py
+says why).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 
 from ray.exceptions import RayError
 
-from distlocal.config import Config, config_to_dict, stage_replicas
+from distlocal.config import Config, ConfigError, config_to_dict, stage_replicas
 from distlocal.data import SlideLoader, SlideRecord
 from distlocal.engine.actor import StageActor
 from distlocal.engine.faults import ClusterError, StageFailure
@@ -50,6 +51,9 @@ class RayExecutor:
     """Same interface as LocalExecutor; every stage lives in a Ray actor placed by a placement group."""
 
     def __init__(self, cfg: Config, num_classes: int, actor_cls: type = StageActor):
+        if cfg.train.loaders == "auto":  # the trainer resolves it (engine/loader_plan.py); here it would be a guess
+            raise ConfigError("train.loaders=auto is set by distlocal train from a probe of the slides against the "
+                              "planner's stage times; outside a training run give a number, e.g. train.loaders=2")
         connect()
         self.cfg, self.k = cfg, cfg.model.k
         counts = stage_replicas(cfg.train, self.k)

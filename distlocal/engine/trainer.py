@@ -25,6 +25,7 @@ from distlocal.engine.checkpoint import for_restoring, load_checkpoint, save_che
 from distlocal.engine.evaluate import by_classifier, evaluate, metrics_line, monitored
 from distlocal.engine.executor import make_executor
 from distlocal.engine.faults import RunFailed, StageFailure
+from distlocal.engine.loader_plan import resolve_loaders
 from distlocal.engine.planner import resolve_plan
 from distlocal.engine.report import final_report
 from distlocal.engine.selection import Candidate, oriented, select
@@ -113,10 +114,14 @@ class Trainer:
             resolve_device(cfg.train.device)  # fail on a missing GPU before reading anything
         self.train_loader = SlideLoader(cfg.data, train=True, seed=cfg.train.seed)
         self.valid_loader = SlideLoader(cfg.data, train=False)
-        self.plan = None
-        if (cfg.model.split == "auto" or cfg.train.plan == "auto") and not resume:  # a resumed run keeps its config's
+        self.plan = self.loader_plan = None
+        # A resumed run keeps its config's cut and replicas; train.loaders=auto (which a resume from the run's
+        # config.yaml no longer has) is measured afresh whenever it is asked for: the count changes no result.
+        loaders_auto = cfg.train.executor == "ray" and cfg.train.loaders == "auto"
+        if ((cfg.model.split == "auto" or cfg.train.plan == "auto") and not resume) or loaders_auto:
             sample = self.valid_loader.load(self.train_set[0])
             self.cfg, self.plan = resolve_plan(cfg, len(self.classes), sample)
+            self.cfg, self.loader_plan = resolve_loaders(self.cfg, self.plan, self.train_set, self.train_loader)
         self.state = TrainState()
         self._start_executor(resume)
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -161,6 +166,8 @@ class Trainer:
         if self.plan is not None:  # what the planner predicted, beside what the run will measure
             self.tracker.log_params({"plan.slides_per_s": round(self.plan.slides_per_s, 4),
                                      "plan.busy": json.dumps([round(b, 3) for b in self.plan.busy])})
+        if self.loader_plan is not None:  # train.loaders=auto: what the count came from (the count: train.loaders)
+            self.tracker.log_params(self.loader_plan.params())
         self.tracker.set_tags({**self._tags(), **(extra_tags or {})})
 
     def _tags(self) -> dict:
@@ -321,6 +328,7 @@ class Trainer:
             f"best_val_{self.cfg.train.monitor}": self.state.best,
             "last_val": self.state.history[-1]["stages"] if self.state.history else None, "test": test,
             "skipped": [asdict(s) for s in skipped], "rfr_clamped": clamped, "failures": self.state.failures,
+            "loader_plan": asdict(self.loader_plan) if self.loader_plan else None,  # train.loaders=auto's measures
             "seconds": time.perf_counter() - start,
         }
         # Written before the artifacts are logged, so MLflow keeps the summary too; written again below with the

@@ -20,7 +20,7 @@ from distlocal.config import Config
 from distlocal.model.backbone import build_backbone, freeze_batchnorm
 from distlocal.model.mil import AuxClassifier, classifier_kernel
 
-__all__ = ["BlockCost", "Plan", "allreduce_seconds", "best_split", "plan_pipeline", "profile_blocks"]
+__all__ = ["BlockCost", "Plan", "allreduce_seconds", "best_split", "pipeline_plan", "plan_pipeline", "profile_blocks"]
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +141,35 @@ def allreduce_seconds(nbytes: float, replicas: int, bytes_per_s: float) -> float
     return 0.0 if replicas == 1 else 2 * (replicas - 1) / replicas * nbytes / bytes_per_s
 
 
+def _stage_cost(costs: list[BlockCost], accumulate: int, bytes_per_s: float):
+    """cost(i, j, r): seconds per slide of a stage of blocks i..j-1 (and its classifier on block j-1) in r replicas."""
+    prefix, params = [0.0], [0.0]
+    for c in costs:
+        prefix.append(prefix[-1] + c.seconds)
+        params.append(params[-1] + c.param_bytes)
+
+    def cost(i: int, j: int, r: int) -> float:
+        seconds = prefix[j] - prefix[i] + costs[j - 1].classifier_seconds
+        if r == 1:  # exactly best_split's stage cost, so that with as many devices as stages both cut alike
+            return seconds
+        return (math.ceil(accumulate / r) * seconds + allreduce_seconds(params[j] - params[i], r, bytes_per_s)) \
+            / accumulate
+
+    return cost
+
+
+def pipeline_plan(costs: list[BlockCost], blocks_per_stage: list[int], replicas: list[int], accumulate: int,
+                  bytes_per_s: float = 10e9) -> Plan:
+    """
+    What the cost model predicts for a pipeline as configured (its cut and replicas, not chosen): the stage times
+    plan_pipeline would give it, for train.loaders=auto to set the loaders against the slowest stage.
+    """
+    cost = _stage_cost(costs, accumulate, bytes_per_s)
+    starts = [sum(blocks_per_stage[:i]) for i in range(len(blocks_per_stage))]
+    stage_s = [cost(b, b + size, r) for b, size, r in zip(starts, blocks_per_stage, replicas, strict=True)]
+    return Plan(list(blocks_per_stage), list(replicas), stage_s, 1.0 / max(stage_s))
+
+
 def plan_pipeline(costs: list[BlockCost], devices: int, accumulate: int, k: int | None = None,
                   blocks_per_stage: list[int] | None = None, memory_mb: float = math.inf,
                   bytes_per_s: float = 10e9) -> Plan:
@@ -158,11 +187,9 @@ def plan_pipeline(costs: list[BlockCost], devices: int, accumulate: int, k: int 
         plan = plan_pipeline(profile, devices=8, accumulate=8, k=4)  # plan.replicas, e.g. [3, 2, 2, 1]
     """
     n = len(costs)
-    prefix, mem, params = [0.0], [0.0], [0.0]
+    cost, mem = _stage_cost(costs, accumulate, bytes_per_s), [0.0]
     for c in costs:
-        prefix.append(prefix[-1] + c.seconds)
         mem.append(mem[-1] + c.memory_mb)
-        params.append(params[-1] + c.param_bytes)
     ends = None if blocks_per_stage is None else {sum(blocks_per_stage[:i + 1]) for i in range(len(blocks_per_stage))}
     if blocks_per_stage is not None:
         k = len(blocks_per_stage)
@@ -170,13 +197,6 @@ def plan_pipeline(costs: list[BlockCost], devices: int, accumulate: int, k: int 
     if not stages or max(stages) > min(n, devices):
         raise ValueError(f"cannot plan K={k} stages of {n} blocks on {devices} devices: each stage needs a block "
                          f"and a device")
-
-    def cost(i: int, j: int, r: int) -> float:  # blocks i..j-1 and the classifier on block j-1, in r replicas
-        seconds = prefix[j] - prefix[i] + costs[j - 1].classifier_seconds
-        if r == 1:  # exactly best_split's stage cost, so that with as many devices as stages both cut alike
-            return seconds
-        return (math.ceil(accumulate / r) * seconds + allreduce_seconds(params[j] - params[i], r, bytes_per_s)) \
-            / accumulate
 
     inf = float("inf")
     top = max(stages)
@@ -208,6 +228,4 @@ def plan_pipeline(costs: list[BlockCost], devices: int, accumulate: int, k: int 
         j, g = i, g - r
     sizes.reverse()
     replicas.reverse()
-    starts = [sum(sizes[:i]) for i in range(len(sizes))]
-    stage_s = [cost(b, b + size, r) for b, size, r in zip(starts, sizes, replicas, strict=True)]
-    return Plan(sizes, replicas, stage_s, 1.0 / max(stage_s))
+    return pipeline_plan(costs, sizes, replicas, accumulate, bytes_per_s)
