@@ -7,6 +7,7 @@ One cluster for the module: each start costs 10-20 s on 2 cores.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import shutil
 import threading
@@ -18,7 +19,6 @@ import ray
 import torch
 
 from distlocal.bench.loading import MARGIN, loaders_needed
-from distlocal.engine.loader_plan import auto_loaders
 from distlocal.cli import main
 from distlocal.config import load_config
 from distlocal.data import read_manifest
@@ -26,8 +26,10 @@ from distlocal.data.loader import SlideLoader
 from distlocal.data.prepare import prepare_slides
 from distlocal.data.prepare_ray import prepare_entry, prepare_on_ray
 from distlocal.engine.actor import StageActor
+from distlocal.engine.loader_plan import auto_loaders
 from distlocal.engine.ray_executor import RayExecutor
 from distlocal.engine.trainer import Trainer, epoch_order
+from distlocal.slides import SlideError
 from distlocal.slides.cache import cache_key, read_cached
 from tests.harness import simulated_cluster
 from tests.interrupt import slowed
@@ -39,6 +41,28 @@ WORKER_NODES = 2
 def cluster():
     """A head with one CPU (the driver's node) and two nodes of two CPUs each."""
     yield from simulated_cluster(WORKER_NODES)
+
+
+def _write_manifest(path: Path, rows: list[dict]) -> Path:
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def _with_a_truncated_slide(manifest: Path, folder: Path) -> tuple[Path, Path]:
+    """
+    (a copy of `manifest` with one more training slide, `truncated`, the file): the first third of a real slide's
+    file, whose tiles end past the end of the file, as a copy cut short leaves it.
+    """
+    records = read_manifest(manifest).records
+    with manifest.open(newline="") as handle:
+        rows = [{**row, "path": str(record.path)} for row, record in zip(csv.DictReader(handle), records, strict=True)]
+    whole = records[0].path.read_bytes()
+    (bad := folder / "truncated.tiff").write_bytes(whole[:len(whole) // 3])
+    rows.append({**rows[0], "slide_id": "truncated", "path": str(bad), "split": "train", "patient_id": "truncated"})
+    return _write_manifest(folder / "cohort.csv", rows), bad
 
 
 def _entries(folder: Path) -> dict[str, bytes]:
@@ -66,6 +90,17 @@ def test_prepare_over_two_nodes_equals_local_and_a_rerun_does_nothing(on_cluster
     again = json.loads((tmp_path / "ray" / "prepare.json").read_text())
     assert (again["prepared"], again["reused"], again["nodes"]) == (0, len(ids), {})
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "ray").iterdir() if p.name in written} == written
+
+    # A truncated slide joins the cohort: under on_error=skip it is listed with its reason, and the call succeeds.
+    cohort, bad = _with_a_truncated_slide(manifest, tmp_path)
+    assert main(["prepare", str(cohort), "--out", str(tmp_path / "ray"), "--executor", "ray",
+                 "--set", "data.on_error=skip"]) == 0
+    third = json.loads((tmp_path / "ray" / "prepare.json").read_text())
+    assert (third["prepared"], third["reused"], third["skipped"]) == (0, len(ids), 1)
+    [skipped] = third["skipped_slides"]
+    assert (skipped["slide_id"], skipped["path"]) == ("truncated", str(bad))
+    assert "truncated file" in skipped["reason"]
+    assert "truncated," in (tmp_path / "ray" / "skipped.csv").read_text()
 
 
 def test_prepare_loses_nothing_when_a_node_goes_mid_way(on_cluster, manifest, tmp_path):
@@ -149,11 +184,7 @@ def test_cluster_predict_after_an_interruption_does_only_the_rest(on_cluster, ac
         rows = list(csv.DictReader(handle))
     for row, record in zip(rows, records, strict=True):
         row["path"] = str(tmp_path / "broken.tiff" if record is broken else record.path)
-    cohort = tmp_path / "cohort.csv"
-    with cohort.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    cohort = _write_manifest(tmp_path / "cohort.csv", rows)
     (tmp_path / "broken.tiff").write_bytes(b"not a slide")
     ray_args = ("--executor", "ray", "--actors", "2")
     assert _predict(checkpoint, cohort, tmp_path / "ray", *ray_args) == 2  # the bad slide stops the run
@@ -188,20 +219,28 @@ def _float64_actor() -> type:
 
 
 def _train_epoch(manifest: Path, run_dir: Path, loaders: int) -> dict:
-    """One epoch of K=2 (a stage on each of two nodes) fed by `loaders` loaders: results, states and traces."""
+    """
+    One epoch of K=2 (a stage on each of two nodes) fed by `loaders` loaders, under data.on_error=skip: results,
+    skips, states and traces. Then the same slides, the bad one first, under on_error=fail: the error.
+    """
     cfg = load_config(None, [
         f"data.manifest={manifest}", f"run.dir={run_dir}", "train.device=cpu", "train.executor=ray",
         "model.backbone=resnet18", "model.k=2", "model.split=balanced", "train.accumulate=3",
         "model.rfr.patch_size=16", "tracking.enabled=false", "train.placement=spread", "train.cpus_per_stage=1",
-        "train.placement_timeout_s=60", f"train.loaders={loaders}"])
+        "train.placement_timeout_s=60", f"train.loaders={loaders}", "data.on_error=skip"])
     train = read_manifest(manifest).split("train")
     records = [train[i] for i in epoch_order(len(train), cfg.train.seed, 0)]  # the seed's order of epoch 0
     executor = RayExecutor(cfg, 2, actor_cls=_float64_actor())
     try:
-        results = list(executor.train(records, SlideLoader(cfg.data, True, cfg.train.seed), 0))
-        return {"order": [r.slide_id for r in records], "results": [slide for slide, _ in results],
-                "stage1": [slide for kind, slide, *_ in executor.traces()[0] if kind == "train"],
-                "loaders": executor.feed.traces(), "states": executor.state_dicts()}
+        loader = SlideLoader(cfg.data, True, cfg.train.seed)  # the trainer's: its skips go into summary.json
+        results = list(executor.train(records, loader, 0))
+        out = {"order": [r.slide_id for r in records], "results": [slide for slide, _ in results],
+               "stage1": [slide for kind, slide, *_ in executor.traces()[0] if kind == "train"],
+               "loaders": executor.feed.traces(), "states": executor.state_dicts(), "skipped": loader.skipped}
+        failing = SlideLoader(dataclasses.replace(cfg.data, on_error="fail"), True, cfg.train.seed)
+        with pytest.raises(SlideError) as failed:
+            list(executor.train(sorted(records, key=lambda r: r.slide_id != "truncated"), failing, 1))
+        return {**out, "failed": str(failed.value)}
     finally:
         executor.close()
 
@@ -210,12 +249,21 @@ def test_two_loaders_on_two_nodes_feed_every_slide_once_in_order_as_one_loader(o
                                                                                 tmp_path):
     """
     Two loaders, one on each stage's node: each slide is loaded once, stage 1 trains them in the seed's order, and
-    the stages end exactly (float64) as with one loader.
+    the stages end exactly (float64) as with one loader. A truncated slide among them is skipped with its reason
+    under data.on_error=skip, and stops the run naming its file under fail.
     """
-    two, one = _train_epoch(manifest, tmp_path / "two", 2), _train_epoch(manifest, tmp_path / "one", 1)
-    assert two["results"] == two["stage1"] == two["order"]
+    cohort, bad = _with_a_truncated_slide(manifest, tmp_path)
+    two, one = _train_epoch(cohort, tmp_path / "two", 2), _train_epoch(cohort, tmp_path / "one", 1)
+    assert "truncated" in two["order"]
+    assert two["results"] == two["stage1"] == [slide for slide in two["order"] if slide != "truncated"]
+    for run in (two, one):
+        [skipped] = run["skipped"]
+        assert (skipped.slide_id, skipped.path) == ("truncated", str(bad))
+        assert "truncated file" in skipped.reason
+        assert str(bad) in run["failed"]
+        assert "truncated file" in run["failed"]
     loaded = [slide for trace in two["loaders"] for slide, *_ in trace["loads"]]
-    assert sorted(loaded) == sorted(two["order"])  # every slide once
+    assert sorted(loaded) == sorted(two["order"])  # every slide once (the truncated one tried once)
     assert all(trace["loads"] for trace in two["loaders"])  # both loaders worked
     assert len({trace["node_id"] for trace in two["loaders"]}) == 2
     assert one["stage1"] == two["stage1"]
@@ -237,7 +285,7 @@ def test_loaders_needed_cover_the_stage_rate_with_the_margin():
 
 
 def test_auto_loaders_deliver_the_margin_over_the_slowest_stage_within_the_free_cpus():
-    """train.loaders=auto's count: 1.2x the slowest stage's slides/s at one loader's read rate, at most the CPUs left."""
+    """train.loaders=auto's count: 1.2x the slowest stage's slides/s at one loader's read rate, within the free CPUs."""
     assert auto_loaders(stage_s=0.02, read_s=0.35, cpus=64) == 21  # 50 slides/s, 0.35 s a cached slide: 21 x 2.86
     assert auto_loaders(stage_s=0.02, read_s=0.35, cpus=8) == 8  # the cluster's free CPUs cap it
     assert auto_loaders(stage_s=0.5, read_s=0.1, cpus=8) == 1  # a slow stage: one loader is plenty

@@ -11,9 +11,11 @@ import ray
 import torch
 import torchvision
 
+from distlocal.config import load_config
 from distlocal.data import SlideLoader, read_manifest
 from distlocal.engine.checkpoint import load_checkpoint
 from distlocal.engine.faults import ClusterError, RunFailed
+from distlocal.engine.loader_plan import auto_loaders
 from distlocal.engine.local import LocalExecutor
 from distlocal.engine.ray_executor import RayExecutor
 from distlocal.engine.trainer import Trainer
@@ -118,10 +120,27 @@ def test_unplaceable_stages_fail_within_the_timeout(local_ray, manifest, tmp_pat
         ray.util.remove_placement_group(hog)
 
 
-def test_ray_run_stopped_and_resumed_equals_local_straight_through(local_ray, actor_threads, manifest, tmp_path):
-    """A Ray run stopped mid-epoch and resumed with --resume ends where an uninterrupted local run ends."""
-    stopped = Trainer(_cfg(manifest, tmp_path, "train.max_inflight=1", "train.max_slides=3"), tmp_path / "ray")
-    assert not stopped.fit()["completed"]
+def test_ray_run_stopped_and_resumed_equals_local_straight_through(local_ray, actor_threads, manifest, tmp_path,
+                                                                    caplog):
+    """
+    A Ray run stopped mid-epoch and resumed with --resume ends where an uninterrupted local run ends. Its first part
+    has train.loaders=auto: the count, and the read and stage times it came from, are logged and recorded.
+    """
+    caplog.set_level("INFO")
+    stopped = Trainer(_cfg(manifest, tmp_path, "train.max_inflight=1", "train.max_slides=3", "train.loaders=auto"),
+                      tmp_path / "ray")
+    summary = stopped.fit()
+    assert not summary["completed"]
+    chosen = summary["loader_plan"]
+    assert chosen["loaders"] == auto_loaders(chosen["stage_s"], chosen["read_s"], chosen["cpus"])
+    assert load_config(tmp_path / "ray" / "config.yaml").train.loaders == chosen["loaders"]  # a resume keeps it
+    assert len(stopped.executor.feed.actors) == chosen["loaders"]
+    assert chosen["slides"] == 3
+    assert chosen["read_s"] > 0
+    assert chosen["stage_s"] > 0
+    assert chosen["cpus"] == 6 - 2  # the shared Ray's CPUs less one per stage
+    assert f"train.loaders=auto: {chosen['loaders']} loader(s); one reads a slide in" in caplog.text
+    assert "the pipeline as configured: blocks per stage [4, 4], replicas [1, 1]" in caplog.text
     resumed = Trainer(_cfg(manifest, tmp_path, "train.max_inflight=1"), tmp_path / "ray", resume=True)
     assert resumed.fit()["completed"]
     Trainer(_cfg(manifest, tmp_path, "train.executor=local"), tmp_path / "local").fit()
