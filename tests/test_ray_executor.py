@@ -131,7 +131,7 @@ def test_ray_run_stopped_and_resumed_equals_local_straight_through(local_ray, ac
                       tmp_path / "ray")
     summary = stopped.fit()
     assert not summary["completed"]
-    chosen = summary["loader_plan"]
+    chosen = json.loads((tmp_path / "ray" / "summary.json").read_text())["loader_plan"]
     assert chosen["loaders"] == auto_loaders(chosen["stage_s"], chosen["read_s"], chosen["cpus"])
     assert load_config(tmp_path / "ray" / "config.yaml").train.loaders == chosen["loaders"]  # a resume keeps it
     assert len(stopped.executor.feed.actors) == chosen["loaders"]

@@ -34,6 +34,7 @@ from distlocal.model import resolve_device
 from distlocal.model.optim import schedule_metric
 from distlocal.plots import classifiers_by_epoch
 from distlocal.progress import progress
+from distlocal.slides import SlideError
 from distlocal.tracking import flatten, git_commit, make_tracker
 
 __all__ = ["Trainer", "TrainState", "epoch_order"]
@@ -119,8 +120,7 @@ class Trainer:
         # config.yaml no longer has) is measured afresh whenever it is asked for: the count changes no result.
         loaders_auto = cfg.train.executor == "ray" and cfg.train.loaders == "auto"
         if ((cfg.model.split == "auto" or cfg.train.plan == "auto") and not resume) or loaders_auto:
-            sample = self.valid_loader.load(self.train_set[0])
-            self.cfg, self.plan = resolve_plan(cfg, len(self.classes), sample)
+            self.cfg, self.plan = resolve_plan(cfg, len(self.classes), self._sample())
             self.cfg, self.loader_plan = resolve_loaders(self.cfg, self.plan, self.train_set, self.train_loader)
         self.state = TrainState()
         self._start_executor(resume)
@@ -129,6 +129,17 @@ class Trainer:
         if not resume and self.cfg.train.executor == "ray":
             self._save("last")  # a stage that dies before the first checkpoint restarts from here
         self._start_tracking(resume, parent_run_id, extra_tags)
+
+    def _sample(self):
+        """The first training slide that reads, for the planner to profile on (a bad one is skipped, or stops)."""
+        for record in self.train_set:
+            try:
+                return self.valid_loader.load(record)
+            except SlideError:
+                if self.cfg.data.on_error == "fail":
+                    raise
+        raise ManifestError(f"none of the {len(self.train_set)} training slides of {self.manifest.path} could be "
+                            f"read (data.on_error=skip); fix the slides or their paths")
 
     def _read_manifest(self, resume: bool) -> None:
         """The manifest's classes and splits, checked before anything starts."""
