@@ -18,7 +18,7 @@ import pytest
 import ray
 import torch
 
-from distlocal.bench.loading import MARGIN, loaders_needed
+from distlocal.bench.loading import MARGIN, auto_picks, loaders_needed
 from distlocal.cli import main
 from distlocal.config import load_config
 from distlocal.data import read_manifest
@@ -291,6 +291,19 @@ def test_auto_loaders_deliver_the_margin_over_the_slowest_stage_within_the_free_
     assert auto_loaders(stage_s=0.5, read_s=0.1, cpus=8) == 1  # a slow stage: one loader is plenty
     assert auto_loaders(stage_s=0.1, read_s=0.1, cpus=0) == 1  # no CPU left by the stages: one all the same
     assert auto_loaders(stage_s=0.1, read_s=0.12, cpus=8) == 2  # 1 loader gives 0.83x the stage, 2 give 1.67x
+
+
+def test_bench_loading_reports_autos_pick_measured_where_run_else_computed():
+    """Bench loading's auto column: auto's count per stage rate, delivering 1.2x up to 50 slides/s where computed."""
+    rows = [{"source": "cache", "loaders": n, "threads": 2, "slides_per_s": rate} for n, rate in ((1, 4.0), (2, 5.5))]
+    picks = auto_picks(0.31, "cache", rows, cpus=2)  # a probe's 0.31 s per slide
+    assert [(p["stage_rate"], p["loaders"], p["here"]) for p in picks] == [
+        (1.0, 1, 1), (5.0, 2, 2), (10.0, 4, 2), (25.0, 10, 2), (50.0, 19, 2)]
+    assert [(p["how"], p["delivers"]) for p in picks[:2]] == [("measured", 4.0), ("measured", 5.5)]
+    for pick in picks[2:]:
+        assert pick["how"] == "computed"
+        assert pick["delivers"] == pytest.approx(pick["loaders"] / 0.31, abs=0.01)
+        assert pick["delivers"] >= MARGIN * pick["stage_rate"]
 
 
 def test_a_lost_loader_is_restarted_and_the_epoch_completes_in_order(on_cluster, manifest, tmp_path):

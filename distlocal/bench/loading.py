@@ -25,7 +25,7 @@ from distlocal.engine.loader_plan import MARGIN, auto_loaders, loaders_needed, m
 from distlocal.engine.loading import SlideFeed
 from distlocal.engine.remote import fetch
 
-__all__ = ["MARGIN", "bench_loading", "format_loading", "loaders_needed"]
+__all__ = ["MARGIN", "auto_picks", "bench_loading", "format_loading", "loaders_needed"]
 
 STAGE_RATES = (1.0, 5.0, 10.0, 25.0, 50.0)  # slides/s: a CPU stage to a fast GPU stage on small 5X slides
 
@@ -60,17 +60,19 @@ def bench_loading(records: list[SlideRecord], cfg: DataConfig, cache_dir: str | 
                 rows.append({"source": source, "loaders": n, "threads": t, "slides_per_s": round(rate, 2),
                              "per_loader": round(rate / n, 2)})
     cpus = int(ray.cluster_resources().get("CPU", 1))
-    auto = [_auto_picks(replace(cfg, cache_dir=folder), source, records, rows, cpus) for source, folder in sources]
-    return {"slides": len(records), "rows": rows, "margin": MARGIN, "cpus": cpus, "auto": [a for s in auto for a in s]}
+    picks = []
+    for source, folder in sources:  # auto's own probe: one training read at a time, in this process
+        read_s, _ = measure_read_s(SlideLoader(replace(cfg, cache_dir=folder), train=True, seed=0), records)
+        picks += auto_picks(read_s, source, rows, cpus)
+    return {"slides": len(records), "rows": rows, "margin": MARGIN, "cpus": cpus, "auto": picks}
 
 
-def _auto_picks(cfg: DataConfig, source: str, records: list[SlideRecord], rows: list[dict], cpus: int) -> list[dict]:
+def auto_picks(read_s: float, source: str, rows: list[dict], cpus: int) -> list[dict]:
     """
-    For each stage rate: the loaders train.loaders=auto picks (from its probe of `records`, read from `source`), on a
-    cluster with the CPUs for them and on this one (`cpus`), and what they deliver: measured where that many loaders
-    ran here (the best of their thread counts), else computed from the probe's rate.
+    For each stage rate: the loaders train.loaders=auto picks when its probe reads a slide from `source` in `read_s`,
+    on a cluster with the CPUs for them and on this one (`cpus`), and what they deliver: measured where that many
+    loaders ran here (`rows`: the best of their thread counts), else computed from the probe's rate.
     """
-    read_s, _ = measure_read_s(SlideLoader(cfg, train=True, seed=0), records)
     picks = []
     for stage_rate in STAGE_RATES:
         n = loaders_needed(stage_rate, 1.0 / read_s)
