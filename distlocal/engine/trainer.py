@@ -174,10 +174,12 @@ class Trainer:
         self.logged = _logged_steps(self.run_dir / "metrics.jsonl") if resume else {}
         self.tracker = make_tracker(self.cfg, self.run_dir, resume, parent_run_id)
         self.tracker.log_params(flatten(self.cfg))
-        if self.plan is not None:  # what the planner predicted, beside what the run will measure
+        # What the planner predicted (and train.loaders=auto measured), beside what the run will measure. Logged
+        # once: MLflow params do not change, and a resume with train.loaders=auto measures afresh.
+        if self.plan is not None and not resume:
             self.tracker.log_params({"plan.slides_per_s": round(self.plan.slides_per_s, 4),
                                      "plan.busy": json.dumps([round(b, 3) for b in self.plan.busy])})
-        if self.loader_plan is not None:  # train.loaders=auto: what the count came from (the count: train.loaders)
+        if self.loader_plan is not None and not resume:
             self.tracker.log_params(self.loader_plan.params())
         self.tracker.set_tags({**self._tags(), **(extra_tags or {})})
 
