@@ -20,7 +20,7 @@ import torch
 
 from distlocal.bench.loading import MARGIN, auto_picks, loaders_needed
 from distlocal.cli import main
-from distlocal.config import load_config
+from distlocal.config import ConfigError, load_config
 from distlocal.data import read_manifest
 from distlocal.data.loader import SlideLoader
 from distlocal.data.prepare import prepare_slides
@@ -291,6 +291,13 @@ def test_auto_loaders_deliver_the_margin_over_the_slowest_stage_within_the_free_
     assert auto_loaders(stage_s=0.5, read_s=0.1, cpus=8) == 1  # a slow stage: one loader is plenty
     assert auto_loaders(stage_s=0.1, read_s=0.1, cpus=0) == 1  # no CPU left by the stages: one all the same
     assert auto_loaders(stage_s=0.1, read_s=0.12, cpus=8) == 2  # 1 loader gives 0.83x the stage, 2 give 1.67x
+
+
+def test_auto_loaders_outside_a_training_run_ask_for_a_number(manifest):
+    """An executor built without the trainer (a bench, a script) cannot measure for auto: it says to give a count."""
+    cfg = load_config(None, [f"data.manifest={manifest}", "train.executor=ray", "train.loaders=auto"])
+    with pytest.raises(ConfigError, match=r"train\.loaders=auto is set by distlocal train .* e\.g\. train\.loaders=2"):
+        RayExecutor(cfg, 2)
 
 
 def test_bench_loading_reports_autos_pick_measured_where_run_else_computed():
