@@ -12,6 +12,7 @@ import zlib
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,8 +23,9 @@ from distlocal.data.augment import augment, normalise, to_tensor
 from distlocal.data.manifest import SlideRecord
 from distlocal.slides import SlideError, SlideImage, read_slide
 from distlocal.slides.cache import cache_key, read_cached
+from distlocal.slides.region import OriginalRegions
 
-__all__ = ["SlideLoader", "SkippedSlide", "read_original"]
+__all__ = ["SkippedSlide", "SlideLoader", "named_slide_error", "original_regions", "read_original"]
 
 log = logging.getLogger(__name__)
 _warned_uncached = False  # one warning per process: a run without `distlocal prepare` would warn per slide
@@ -36,15 +38,29 @@ class SkippedSlide:
     reason: str
 
 
-def read_original(record: SlideRecord, cfg: DataConfig) -> SlideImage:
-    """Read a manifest record's slide file with the data settings; any failure is a SlideError naming the slide."""
+@contextmanager
+def named_slide_error(record: SlideRecord) -> Iterator[None]:
+    """Any failure inside becomes a SlideError naming the slide (a SlideError names its file already)."""
     try:
-        return read_slide(record.path, magnification=cfg.magnification, level=cfg.level,
-                          base_magnification=cfg.base_magnification, reader=cfg.reader)
+        yield
     except SlideError:
         raise
     except Exception as exc:
         raise SlideError(f"slide {record.slide_id} ({record.path}) could not be read: {exc}") from exc
+
+
+def read_original(record: SlideRecord, cfg: DataConfig) -> SlideImage:
+    """Read a manifest record's slide file with the data settings; any failure is a SlideError naming the slide."""
+    with named_slide_error(record):
+        return read_slide(record.path, magnification=cfg.magnification, level=cfg.level,
+                          base_magnification=cfg.base_magnification, reader=cfg.reader)
+
+
+def original_regions(record: SlideRecord, cfg: DataConfig) -> OriginalRegions:
+    """A record's original as a region source (slides/region.py), its read planned with the data settings."""
+    with named_slide_error(record):
+        return OriginalRegions.open(record.path, magnification=cfg.magnification, level=cfg.level,
+                                    base_magnification=cfg.base_magnification, reader=cfg.reader)
 
 
 class SlideLoader:
