@@ -111,11 +111,13 @@ class Trainer:
         self._read_manifest(resume)
         if cfg.train.executor == "local":
             resolve_device(cfg.train.device)  # fail on a missing GPU before reading anything
-        self.train_loader = SlideLoader(cfg.data, train=True, seed=cfg.train.seed)
-        self.valid_loader = SlideLoader(cfg.data, train=False)
+        # model.stream: stage 1 reads each slide by region (data/regions.py), never decoded whole
+        by_region = cfg.model.stream != "off"
+        self.train_loader = SlideLoader(cfg.data, train=True, seed=cfg.train.seed, by_region=by_region)
+        self.valid_loader = SlideLoader(cfg.data, train=False, by_region=by_region)
         self.plan = None
         if (cfg.model.split == "auto" or cfg.train.plan == "auto") and not resume:  # a resumed run keeps its config's
-            sample = self.valid_loader.load(self.train_set[0])
+            sample = SlideLoader(cfg.data, train=False).load(self.train_set[0])  # the planner profiles a tensor
             self.cfg, self.plan = resolve_plan(cfg, len(self.classes), sample)
         self.state = TrainState()
         self._start_executor(resume)
