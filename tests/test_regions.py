@@ -19,7 +19,6 @@ from distlocal.slides.cache import cache_key, cached_regions, read_cached
 from distlocal.slides.region import OriginalRegions, thumbnail
 
 
-
 def _boxes(shape: tuple[int, ...]) -> list[tuple[int, int, int, int]]:
     """Regions cut at odd places: one pixel, inner ones across the original's tiles, the crop's far corner, all."""
     h, w = shape[:2]
@@ -73,7 +72,7 @@ def test_prepare_at_10x_equals_the_whole_read_and_reads_by_region(slides: Path, 
 
 @pytest.mark.parametrize("train", [True, False], ids=["augmented", "evaluation"])
 def test_loader_regions_are_slices_of_the_input_tensor(slides: Path, tmp_path: Path, train: bool) -> None:
-    """The loader's SlideRegions (cache and original) are the input tensor's slices, with the same augmentation draws."""
+    """The loader's SlideRegions (cache, original) are the input tensor's slices, with the same augmentation draws."""
     cfg = _cfg(slides, f"data.cache_dir={tmp_path / 'cache'}")
     records = read_manifest(slides).records
     assert main(["prepare", str(slides), "--out", str(tmp_path / "cache"), "--set", "data.magnification=10"]) == 0
@@ -82,7 +81,8 @@ def test_loader_regions_are_slices_of_the_input_tensor(slides: Path, tmp_path: P
         for epoch in (0, 1, 2):  # a few draws: crops, flips and turns vary
             x = SlideLoader(data, train, seed=4).load(record, epoch)
             regions = SlideLoader(data, train, seed=4, by_region=True).load(record, epoch)
-            assert isinstance(regions, SlideRegions) and regions.shape == tuple(x.shape)
+            assert isinstance(regions, SlideRegions)
+            assert regions.shape == tuple(x.shape)
             height, width = x.shape[-2:]
             for y0, y1, x0, x1 in ((0, height, 0, width), (7, height - 3, 2, width // 2)):
                 torch.testing.assert_close(regions.region(y0, y1, x0, x1), x[..., y0:y1, x0:x1], rtol=0, atol=0)
@@ -114,10 +114,13 @@ def test_streamed_stage_one_from_regions_equals_from_the_tensor(slides: Path, ma
         out, metrics = stage.train_step(source, record.label, (3, record.slide_id))
         grads = {n: p.grad.clone() for n, p in stage.modules.named_parameters() if p.grad is not None}
         results.append((out, metrics, grads))
-    assert len(tiles) > 4 and all((y1 - y0) * (x1 - x0) <= 40 * 40 for y0, y1, x0, x1 in tiles)  # never whole
+    assert len(tiles) > 4
+    assert all((y1 - y0) * (x1 - x0) <= 40 * 40 for y0, y1, x0, x1 in tiles)
     (out_a, m_a, g_a), (out_b, m_b, g_b) = results
-    assert m_b["loss"] == pytest.approx(m_a["loss"], rel=1e-12) and m_a["loss_rec"] > 0
+    assert m_b["loss"] == pytest.approx(m_a["loss"], rel=1e-12)
+    assert m_a["loss_rec"] > 0
     torch.testing.assert_close(out_b, out_a, rtol=1e-12, atol=1e-14)
-    assert g_a.keys() == g_b.keys() and len(g_a) > 10
+    assert g_a.keys() == g_b.keys()
+    assert len(g_a) > 10
     for name, grad in g_a.items():
         torch.testing.assert_close(g_b[name], grad, rtol=1e-12, atol=1e-14, msg=name)
