@@ -124,3 +124,4 @@ def test_streamed_stage_one_from_regions_equals_from_the_tensor(slides: Path, ma
     assert len(g_a) > 10
     for name, grad in g_a.items():
         torch.testing.assert_close(g_b[name], grad, rtol=1e-12, atol=1e-14, msg=name)
+
