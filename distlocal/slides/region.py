@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -33,7 +34,7 @@ import tifffile
 
 from distlocal.slides.errors import SlideError
 from distlocal.slides.open import open_slide
-from distlocal.slides.pyramid import Pyramid, TiffLevel
+from distlocal.slides.pyramid import DECODE_THREADS, Pyramid, TiffLevel
 from distlocal.slides.reader import ReadPlan, locate_crop, read_resized, upsample_mask
 
 __all__ = ["BAND_BYTES", "CachedRegions", "OriginalRegions", "RegionSource", "bands", "channel_sums", "thumbnail"]
@@ -57,22 +58,29 @@ class CachedRegions:
 
     path: Path
     shape: tuple[int, int]
-    _open: tuple | None = field(default=None, repr=False, compare=False)  # (TiffFile, TiffLevel) once read
+    _open: tuple | None = field(default=None, repr=False, compare=False)  # (TiffFile, TiffLevel, threads) once read
 
     def read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
         _check_region(self, y0, y1, x0, x1)
         if self._open is None:
+            # zstd releases the GIL: a stem tile's 16 or more tiles decode on a few threads, as a slide's do
+            threads = ThreadPoolExecutor(DECODE_THREADS) if DECODE_THREADS > 1 else None
             try:
                 tif = tifffile.TiffFile(self.path)
-                self._open = (tif, TiffLevel(self.path, tif, tif.pages[0], 0, None))
+                self._open = (tif, TiffLevel(self.path, tif, tif.pages[0], 0, threads), threads)
             except Exception as exc:  # tifffile raises many types for a damaged file
+                if threads is not None:
+                    threads.shutdown()
                 raise SlideError(self.path, f"cache entry is damaged ({type(exc).__name__}: {exc})",
                                  "delete it, or run distlocal prepare again with --force") from None
         return self._open[1].read(y0, x0, y1, x1)
 
     def close(self) -> None:
         if self._open is not None:
-            self._open[0].close()
+            tif, _, threads = self._open
+            tif.close()
+            if threads is not None:
+                threads.shutdown()
             self._open = None
 
     def __getstate__(self) -> dict:
