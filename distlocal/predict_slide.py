@@ -53,6 +53,9 @@ class SlidePredictor:
             result = predictor(x, aux=self.aux)
             if self.heatmaps and image is None:  # read by region: the heatmap's picture too, band by band
                 image = thumbnail(x.source, thumbnail_step((height, width)))
+        except SlideError as exc:  # read by region, a damaged tile shows only when the forward reads it
+            self.loader.skip(record, exc)
+            return self.loader.skipped[-1]
         finally:
             if isinstance(x, SlideRegions):
                 x.close()
