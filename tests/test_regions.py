@@ -129,3 +129,29 @@ def test_streamed_stage_one_from_regions_equals_from_the_tensor(slides: Path, ma
     for name, grad in g_a.items():
         torch.testing.assert_close(g_b[name], grad, rtol=1e-12, atol=1e-14, msg=name)
 
+
+
+def test_crop_sums_from_the_cache_decode_only_the_border_tiles(tmp_path: Path) -> None:
+    """
+    A cache entry's tile sums give a crop's exact channel sums (the contrast jitter's mean grey) reading only the
+    tiles on the crop's border, for crops with and without whole tiles inside and reaching the short last tiles.
+    """
+    from distlocal.slides import SlideImage
+    from distlocal.slides.cache import write_cached
+    from distlocal.slides.region import channel_sums
+
+    image = np.random.default_rng(0).integers(0, 256, (1300, 1700, 3), dtype=np.uint8)
+    key = cache_key(tmp_path / "nowhere.svs", 20.0, None, None)
+    write_cached(tmp_path, "big", key, SlideImage(image, np.ones(image.shape[:2], bool), 20.0, 0, (0, 0, 1300, 1700)))
+    source = cached_regions(tmp_path, "big", key)
+    assert source.tile_sums.shape == (3, 4, 3)
+    read = source.read
+    pixels = []
+    source.read = lambda y0, y1, x0, x1: pixels.append((y1 - y0) * (x1 - x0)) or read(y0, y1, x0, x1)
+    for y0, y1, x0, x1 in [(0, 1300, 0, 1700), (3, 1297, 10, 1650), (100, 1300, 513, 1700), (600, 700, 5, 900)]:
+        pixels.clear()
+        expected = image[y0:y1, x0:x1].sum(axis=(0, 1), dtype=np.int64)
+        np.testing.assert_array_equal(channel_sums(source, y0, y1, x0, x1), expected)
+        assert sum(pixels) < (y1 - y0) * (x1 - x0) or (y1 - y0) < 512  # whole tiles come from the table
+    assert sum(pixels) == 100 * 895  # no whole tile inside: read
+    source.close()

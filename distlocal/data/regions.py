@@ -6,8 +6,9 @@ decoded tensor, so a 20X slide is never decoded whole and its full-size float in
 loader sends it to stage 1's actor, which reads the regions its stem tiles need (model/tiling.py's RegionInput).
 Each region is what the whole input's slice would be, pixel for pixel: augment.py's geometric steps map the region to
 the source region it comes from, and its colour jitter is pointwise given the mean grey, which the loader computes
-region by region from exact integer channel sums (one band-by-band pass over the crop kept by the edge crop; no
-float copy). Stage 1 then holds only its stem map in host memory (model/stage.py run_stem says how much).
+from exact integer channel sums of the crop kept by the edge crop (slides/region.channel_sums): from a cache entry,
+its tiles' sums stored by prepare plus the border tiles decoded; from an original, one band-by-band pass. Stage 1
+then holds only its stem map in host memory (model/stage.py run_stem says how much).
 """
 
 from __future__ import annotations

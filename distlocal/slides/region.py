@@ -37,9 +37,11 @@ from distlocal.slides.open import open_slide
 from distlocal.slides.pyramid import DECODE_THREADS, Pyramid, TiffLevel
 from distlocal.slides.reader import ReadPlan, locate_crop, read_resized, upsample_mask
 
-__all__ = ["BAND_BYTES", "CachedRegions", "OriginalRegions", "RegionSource", "bands", "channel_sums", "thumbnail"]
+__all__ = ["BAND_BYTES", "TILE", "CachedRegions", "OriginalRegions", "RegionSource", "bands", "channel_sums",
+           "thumbnail", "tile_sums"]
 
 BAND_BYTES = 64 * 2**20  # RGB bytes of one band of rows read at a time by whole-crop passes (sums, prepare)
+TILE = 512  # the cache TIFF's tile side (slides/cache.py)
 
 
 class RegionSource(Protocol):
@@ -58,6 +60,9 @@ class CachedRegions:
 
     path: Path
     shape: tuple[int, int]
+    # Each 512 x 512 tile's int64 R, G, B sums (rows x cols x 3) from the entry's JSON (prepare writes them), so the
+    # contrast jitter's mean grey of a crop decodes only the tiles on its border; None for older entries.
+    tile_sums: np.ndarray | None = field(default=None, repr=False, compare=False)
     _open: tuple | None = field(default=None, repr=False, compare=False)  # (TiffFile, TiffLevel, threads) once read
 
     def read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
@@ -84,7 +89,8 @@ class CachedRegions:
             self._open = None
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_open": None}  # an open file does not travel; it opens again where it is read
+        # An open file does not travel (it opens again where it is read), nor the sums: the loader used them.
+        return {**self.__dict__, "_open": None, "tile_sums": None}
 
 
 @dataclass
@@ -153,13 +159,42 @@ def bands(height: int, width: int, multiple: int = 1) -> Iterator[tuple[int, int
 
 def channel_sums(source: RegionSource, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
     """
-    The int64 sums of R, G and B over rows y0:y1, columns x0:x1, read band by band: integers, so exact whatever the
-    bands (the contrast jitter's mean grey comes from them, data/augment.py).
+    The int64 sums of R, G and B over rows y0:y1, columns x0:x1: integers, so exact in any order (the contrast
+    jitter's mean grey comes from them, data/augment.py). From a cache entry's tile sums where a tile lies wholly
+    inside (then only a frame of border tiles is decoded), else read band by band (one pass over the region).
     """
+    table = getattr(source, "tile_sums", None)
+    if table is None:
+        return _read_sums(source, y0, y1, x0, x1)
+    (r0, r1, top, bottom), (c0, c1, left, right) = (_inner(a, b, n) for a, b, n in zip(
+        (y0, x0), (y1, x1), source.shape, strict=True))
+    if r1 <= r0 or c1 <= c0:
+        return _read_sums(source, y0, y1, x0, x1)
+    total = table[r0:r1, c0:c1].sum(axis=(0, 1), dtype=np.int64)
+    for a, b, c, d in ((y0, top, x0, x1), (bottom, y1, x0, x1), (top, bottom, x0, left), (top, bottom, right, x1)):
+        if b > a and d > c:
+            total += _read_sums(source, a, b, c, d)
+    return total
+
+
+def _inner(start: int, stop: int, length: int) -> tuple[int, int, int, int]:
+    """Along one axis: the tiles first..last-1 wholly inside start:stop, and the pixels they span."""
+    first = -(-start // TILE)
+    last = -(-length // TILE) if stop == length else stop // TILE  # the last tile of the axis may be short
+    return first, last, first * TILE, min(last * TILE, length)
+
+
+def _read_sums(source: RegionSource, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
     total = np.zeros(3, dtype=np.int64)
     for top, bottom in bands(y1 - y0, x1 - x0):
         total += source.read(y0 + top, y0 + bottom, x0, x1).sum(axis=(0, 1), dtype=np.int64)
     return total
+
+
+def tile_sums(band: np.ndarray) -> np.ndarray:
+    """The int64 R, G, B sums of each TILE-wide column chunk of a band of TILE rows: (chunks x 3)."""
+    return np.stack([band[:, x:x + TILE].sum(axis=(0, 1), dtype=np.int64)
+                     for x in range(0, band.shape[1], TILE)])
 
 
 def thumbnail(source: RegionSource, step: int) -> np.ndarray:
