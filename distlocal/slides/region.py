@@ -101,7 +101,7 @@ class OriginalRegions:
     reader: str  # data.reader: the backend to open it with
     plan: ReadPlan
     box: tuple[int, int, int, int]  # the crop in the whole slide at the target: (y0, x0, y1, x1)
-    tissue: np.ndarray  # the thumbnail's tissue mask (small)
+    tissue: np.ndarray | None  # the thumbnail's tissue mask (for prepare's mask page; it does not travel)
     opened_by: str = ""  # the backend that opened it (tifffile, openslide, dicom)
     _pyramid: Pyramid | None = field(default=None, repr=False, compare=False)
 
@@ -131,7 +131,9 @@ class OriginalRegions:
         return read_resized(level, self.plan.shape, (top + y0, left + x0, top + y1, left + x1))
 
     def mask(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
-        """The tissue mask of a region (bool), as read_slide's whole mask sliced there."""
+        """The tissue mask of a region (bool), as read_slide's whole mask sliced there (where it was opened)."""
+        if self.tissue is None:
+            raise ValueError("the tissue mask stays where the slide was opened: call mask() before pickling")
         top, left = self.box[:2]
         return upsample_mask(self.tissue, self.plan.shape, (top + y0, left + x0, top + y1, left + x1))
 
@@ -141,7 +143,7 @@ class OriginalRegions:
             self._pyramid = None
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_pyramid": None}
+        return {**self.__dict__, "_pyramid": None, "tissue": None}  # stage 1 reads pixels only: a few hundred bytes
 
 
 def _check_region(source: RegionSource, y0: int, y1: int, x0: int, x1: int) -> None:
