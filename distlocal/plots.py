@@ -11,9 +11,10 @@ from pathlib import Path
 import torch
 
 from distlocal.classifiers import classifier_name
+from distlocal.slides.region import thumbnail_step
 
 __all__ = ["accuracy_by_depth", "attention_heatmap", "classifiers_by_epoch", "confusion_matrix", "deployed_bars",
-           "inference_bars", "roc_curves", "thumbnail_step"]
+           "inference_bars", "roc_curves"]
 
 
 def _pyplot():
@@ -98,11 +99,6 @@ def classifiers_by_epoch(history: list[dict], path: Path, metric: str = "auroc",
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, path)
-
-
-def thumbnail_step(shape: tuple[int, int]) -> int:
-    """The stride of a heatmap's thumbnail of a slide of ``shape``: a thumbnail is enough to see the tissue."""
-    return max(1, max(shape) // 1024)
 
 
 def attention_heatmap(image, attention: torch.Tensor, path: Path, title: str, label: str = "H attention") -> Path:

@@ -16,10 +16,9 @@ import torch
 from distlocal.data import SlideLoader, SlideRecord
 from distlocal.data.loader import SkippedSlide
 from distlocal.data.regions import SlideRegions
-from distlocal.plots import thumbnail_step
 from distlocal.predictor import Predictor
 from distlocal.slides import SlideError
-from distlocal.slides.region import thumbnail
+from distlocal.slides.region import thumbnail, thumbnail_step
 
 __all__ = ["SlidePredictor"]
 

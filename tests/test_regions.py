@@ -91,6 +91,8 @@ def test_loader_regions_are_slices_of_the_input_tensor(slides: Path, tmp_path: P
             for y0, y1, x0, x1 in ((0, height, 0, width), (7, height - 3, 2, width // 2)):
                 torch.testing.assert_close(regions.region(y0, y1, x0, x1), x[..., y0:y1, x0:x1], rtol=0, atol=0)
             regions.close()
+        picture = SlideLoader(data, train, by_region=True).picture(record)  # a heatmap's: the thumbnail (step 1)
+        np.testing.assert_array_equal(picture, SlideLoader(data, train).read(record))
 
 
 @pytest.mark.parametrize("augment", [True, False], ids=["augmented", "not-augmented"])

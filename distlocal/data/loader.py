@@ -24,7 +24,7 @@ from distlocal.data.manifest import SlideRecord
 from distlocal.data.regions import SlideRegions
 from distlocal.slides import SlideError, SlideImage, read_slide
 from distlocal.slides.cache import cache_key, cached_regions, read_cached
-from distlocal.slides.region import OriginalRegions, RegionSource, channel_sums
+from distlocal.slides.region import OriginalRegions, RegionSource, channel_sums, thumbnail, thumbnail_step
 
 __all__ = ["SkippedSlide", "SlideLoader", "named_slide_error", "original_regions", "read_original"]
 
@@ -140,6 +140,20 @@ class SlideLoader:
                 return cached.image
             _note_uncached(record, cfg.cache_dir)
         return read_original(record, cfg).image
+
+    def picture(self, record: SlideRecord) -> np.ndarray:
+        """
+        The slide's crop for a heatmap: read whole, or with ``by_region`` only its thumbnail (every
+        thumbnail_step-th pixel, read band by band), which the heatmap shows the same.
+        """
+        if not self.by_region:
+            return self.read(record)
+        source = self._region_source(record)
+        try:
+            with named_slide_error(record):
+                return thumbnail(source, thumbnail_step(source.shape))
+        finally:
+            source.close()
 
     def skip(self, record: SlideRecord, exc: SlideError) -> None:
         """A slide that could not be read: re-raise it (data.on_error=fail) or note it in `skipped` and go on."""

@@ -38,7 +38,7 @@ from distlocal.slides.pyramid import DECODE_THREADS, Pyramid, TiffLevel
 from distlocal.slides.reader import ReadPlan, locate_crop, read_resized, upsample_mask
 
 __all__ = ["BAND_BYTES", "TILE", "CachedRegions", "OriginalRegions", "RegionSource", "bands", "channel_sums",
-           "thumbnail", "tile_sums"]
+           "thumbnail", "thumbnail_step", "tile_sums"]
 
 BAND_BYTES = 64 * 2**20  # RGB bytes of one band of rows read at a time by whole-crop passes (sums, prepare)
 TILE = 512  # the cache TIFF's tile side (slides/cache.py)
@@ -197,6 +197,11 @@ def tile_sums(band: np.ndarray) -> np.ndarray:
     """The int64 R, G, B sums of each TILE-wide column chunk of a band of TILE rows: (chunks x 3)."""
     return np.stack([band[:, x:x + TILE].sum(axis=(0, 1), dtype=np.int64)
                      for x in range(0, band.shape[1], TILE)])
+
+
+def thumbnail_step(shape: tuple[int, int]) -> int:
+    """The stride of a heatmap's thumbnail of a slide of ``shape``: a thumbnail is enough to see the tissue."""
+    return max(1, max(shape) // 1024)
 
 
 def thumbnail(source: RegionSource, step: int) -> np.ndarray:
