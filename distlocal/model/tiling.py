@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 from torch import nn
 
-__all__ = ["INDEX_LIMIT", "Footprint", "RegionInput", "fit_tile", "footprint", "grid", "index_tile", "region",
+__all__ = ["INDEX_LIMIT", "Footprint", "RegionInput", "fit_tile", "footprint", "grid", "index_tile",
            "stitched_forward", "tile_plan", "tiled_forward", "whole"]
 
 INDEX_LIMIT = 2**31 - 1  # elements: cuDNN and many CUDA kernels index a tensor with 32 bits
@@ -36,11 +37,6 @@ class RegionInput(Protocol):
     def region(self, y0: int, y1: int, x0: int, x1: int) -> torch.Tensor: ...
 
     def close(self) -> None: ...
-
-
-def region(x: torch.Tensor | RegionInput, y0: int, y1: int, x0: int, x1: int) -> torch.Tensor:
-    """``x[..., y0:y1, x0:x1]`` of a tensor or of a RegionInput."""
-    return x[..., y0:y1, x0:x1] if isinstance(x, torch.Tensor) else x.region(y0, y1, x0, x1)
 
 
 def whole(x: torch.Tensor | RegionInput) -> torch.Tensor:
@@ -145,8 +141,9 @@ def stitched_forward(module: nn.Module, x: torch.Tensor | RegionInput, tile_out:
     height, width = x.shape[-2:]
     home = _home(x)
     out = None
-    for (r0, r1, c0, c1), (y0, y1, x0, x1), (oy, ox) in grid(height, width, fp, tile_out):
-        part = module(region(x, y0, y1, x0, x1).to(device))
+    tiles = list(grid(height, width, fp, tile_out))
+    for ((r0, r1, c0, c1), _, (oy, ox)), tile in zip(tiles, _read_ahead(x, [t[1] for t in tiles]), strict=True):
+        part = module(tile.to(device))
         if out is None:  # stitched in the layout the module gives (channels_last in predict): no copy later
             shape = (x.shape[0], part.shape[1], fp.out_size(height), fp.out_size(width))
             nhwc = part.is_contiguous(memory_format=torch.channels_last) and not part.is_contiguous()
@@ -154,6 +151,23 @@ def stitched_forward(module: nn.Module, x: torch.Tensor | RegionInput, tile_out:
             out = torch.empty(shape, dtype=part.dtype, device=home, memory_format=layout)
         out[..., r0:r1, c0:c1] = part[..., oy:oy + r1 - r0, ox:ox + c1 - c0].to(home)
     return out
+
+
+def _read_ahead(x: torch.Tensor | RegionInput, boxes: list[tuple[int, int, int, int]]) -> Iterator[torch.Tensor]:
+    """
+    The input of each tile in turn. A RegionInput's next region is read (decoded, augmented, normalised) on a thread
+    while the current tile computes: the device does not wait for the slide's decoding, and one region more is held.
+    """
+    if isinstance(x, torch.Tensor):
+        yield from (x[..., y0:y1, x0:x1] for y0, y1, x0, x1 in boxes)
+        return
+    with ThreadPoolExecutor(1, thread_name_prefix="region-read") as pool:
+        ahead = [pool.submit(x.region, *box) for box in boxes[:1]]
+        for i in range(len(boxes)):
+            tile = ahead.pop().result()
+            if i + 1 < len(boxes):
+                ahead.append(pool.submit(x.region, *boxes[i + 1]))
+            yield tile
 
 
 def grid(height: int, width: int, fp: Footprint, tile_out: int) -> Iterator[tuple[tuple[int, int, int, int], ...]]:
