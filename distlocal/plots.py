@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from distlocal.classifiers import classifier_name
+from distlocal.slides.region import thumbnail_step
 
 __all__ = ["accuracy_by_depth", "attention_heatmap", "classifiers_by_epoch", "confusion_matrix", "deployed_bars",
            "inference_bars", "roc_curves"]
@@ -101,9 +102,13 @@ def classifiers_by_epoch(history: list[dict], path: Path, metric: str = "auroc",
 
 
 def attention_heatmap(image, attention: torch.Tensor, path: Path, title: str, label: str = "H attention") -> Path:
-    """The slide (uint8 H x W x 3) beside H's attention over it: where the classifier looked."""
+    """
+    The slide (uint8 H x W x 3) beside H's attention over it: where the classifier looked. ``image`` may be the
+    thumbnail already (``image[::thumbnail_step(shape), ::thumbnail_step(shape)]``: a slide read by region): its own
+    step is then 1, so the picture is the same.
+    """
     plt = _pyplot()
-    step = max(1, max(image.shape[:2]) // 1024)  # a thumbnail is enough to see the tissue
+    step = thumbnail_step(image.shape[:2])
     thumb = image[::step, ::step]
     extent = (0, thumb.shape[1], thumb.shape[0], 0)
     fig, axes = plt.subplots(1, 2, figsize=(9, 4.6 * thumb.shape[0] / max(thumb.shape[1], 1) + 0.8))

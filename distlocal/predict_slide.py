@@ -10,10 +10,15 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import numpy as np
+import torch
+
 from distlocal.data import SlideLoader, SlideRecord
 from distlocal.data.loader import SkippedSlide
+from distlocal.data.regions import SlideRegions
 from distlocal.predictor import Predictor
 from distlocal.slides import SlideError
+from distlocal.slides.region import thumbnail, thumbnail_step
 
 __all__ = ["SlidePredictor"]
 
@@ -37,24 +42,47 @@ class SlidePredictor:
         predictor, classes = self.predictor, self.predictor.classes
         start = time.perf_counter()
         try:
-            image = self.loader.read(record)  # read once: the tensor and the heatmap's thumbnail both come from it
+            x, image = self._read(record)
         except SlideError as exc:
             self.loader.skip(record, exc)  # raises under on_error=fail
             return self.loader.skipped[-1]
-        x = self.loader.to_input(image, record, device=predictor.input_device(*image.shape[:2]))
+        height, width = x.shape[-2:]
         read_s = time.perf_counter() - start
-        result = predictor(x, aux=self.aux)
+        try:
+            result = predictor(x, aux=self.aux)
+            if self.heatmaps and image is None:  # read by region: the heatmap's picture too, band by band
+                image = thumbnail(x.source, thumbnail_step((height, width)))
+        except SlideError as exc:  # read by region, a damaged tile shows only when the forward reads it
+            self.loader.skip(record, exc)
+            return self.loader.skipped[-1]
+        finally:
+            if isinstance(x, SlideRegions):
+                x.close()
         probs, decided = result["probs"], predictor.choice.name
         predicted = int(probs.argmax())
         row = {"slide_id": record.slide_id, "path": str(record.path), "predicted": classes[predicted],
                **{f"prob_{c}": round(float(p), 6) for c, p in zip(classes, probs, strict=True)},
                "label": classes[record.label] if record.label >= 0 else "",
                "correct": "" if record.label < 0 else int(predicted == record.label), "classifier": decided,
-               "height": image.shape[0], "width": image.shape[1], "read_s": round(read_s, 4),
+               "height": height, "width": width, "read_s": round(read_s, 4),
                "forward_s": round(result["forward_s"], 4), "head_s": round(result["head_s"], 4)}
         if self.heatmaps:
             self._heatmaps(record, image, result, row, classes[predicted], float(probs[predicted]))
         return row
+
+    def _read(self, record: SlideRecord) -> tuple[torch.Tensor | SlideRegions, np.ndarray | None]:
+        """
+        (the slide's input, its decoded crop): whole when the whole-slide forward fits the device, so the crop is
+        read once for both the tensor and the heatmap; else, or with model.stream on, by region (data/regions.py)
+        with no crop (predictor.by_region): stage 1's tiles read their regions, as a streamed training's do.
+        """
+        regions = self.loader.regions(record)
+        height, width = regions.shape[-2:]
+        if self.predictor.by_region(height, width):
+            return regions, None
+        image = regions.source.read(0, height, 0, width)
+        regions.close()
+        return self.loader.to_input(image, device=self.predictor.input_device(height, width)), image
 
     def _heatmaps(self, record: SlideRecord, image, result: dict, row: dict, predicted: str, p: float) -> None:
         from distlocal.plots import attention_heatmap

@@ -23,7 +23,7 @@ from distlocal.engine.checkpoint import for_restoring, load_checkpoint
 from distlocal.model import StageInterface, build_stages
 from distlocal.model.build import resolve_device
 from distlocal.model.stage import autocast
-from distlocal.model.tiling import fit_tile, tiled_forward
+from distlocal.model.tiling import RegionInput, fit_tile, footprint, tiled_forward
 
 __all__ = ["Predictor", "elapsed"]
 
@@ -66,7 +66,8 @@ class Predictor:
             features.eval().to(memory_format=torch.channels_last)
             classifier.eval()
         choice = choose(cfg.predict.classifier, len(parts), best_classifier)
-        tile = cfg.predict.max_tile_pixels or fit_tile([f for f, _ in parts[:choice.depth]], device)
+        run = [f for f, _ in parts[:choice.depth]]
+        tile = cfg.predict.max_tile_pixels or _stream_tile_pixels(cfg, run) or fit_tile(run, device)
         return cls(cfg, classes, parts, device, tile, choice, best_classifier)
 
     def input_device(self, height: int, width: int) -> torch.device | None:
@@ -77,20 +78,28 @@ class Predictor:
         fits = self.max_tile_pixels is None or height * width <= self.max_tile_pixels
         return self.device if fits else None
 
-    @torch.no_grad()
-    def __call__(self, x: torch.Tensor, aux: bool = False) -> dict:
+    def by_region(self, height: int, width: int) -> bool:
         """
-        For one 1 x 3 x H x W slide tensor: ``probs``, the deciding classifier's probabilities, and ``attention``,
-        its attention map (H's for the ensemble, named by ``attention_of``); ``classifiers`` / ``attentions`` by
-        name for every classifier computed (with ``aux``, every one up to the deciding depth); seconds in the
-        stages, the deciding classifiers (``head_s``) and the others (``aux_s``).
+        Whether a slide is read region by region (data/regions.py), each tile of stage 1 reading its own region,
+        as a streamed training's stage 1 does: with model.stream on, or when the slide runs as tiles anyway.
+        """
+        return self.cfg.model.stream != "off" or self.input_device(height, width) is None
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor | RegionInput, aux: bool = False) -> dict:
+        """
+        For one 1 x 3 x H x W slide tensor, or the slide read by region: ``probs``, the deciding classifier's
+        probabilities, and ``attention``, its attention map (H's for the ensemble, named by ``attention_of``);
+        ``classifiers`` / ``attentions`` by name for every classifier computed (with ``aux``, every one up to the
+        deciding depth); seconds in the stages, the deciding classifiers (``head_s``) and the others (``aux_s``).
         """
         bf16 = self.cfg.train.precision == "bf16" and self.device.type == "cuda"
         out = {"forward_s": 0.0, "head_s": 0.0, "aux_s": 0.0, "classifiers": {}, "attentions": {}}
         k, probs = len(self.parts), {}
         for i, (features, classifier) in enumerate(self.parts[:self.choice.depth]):  # A_i: stages 1..i only
             start = time.perf_counter()
-            x = x.contiguous(memory_format=torch.channels_last)  # copies the slide only: stage outputs are NHWC
+            if isinstance(x, torch.Tensor):  # a slide read by region is read tile by tile (tiling.RegionInput)
+                x = x.contiguous(memory_format=torch.channels_last)  # copies the slide only: stage outputs are NHWC
             with autocast(self.device, bf16):
                 x = tiled_forward(features, x, self.max_tile_pixels, self.device)
             out["forward_s"] += elapsed(start, self.device)
@@ -107,6 +116,17 @@ class Predictor:
         out["attention_of"] = self.choice.attention_of(k)
         out["attention"] = out["attentions"][out["attention_of"]]
         return out
+
+
+def _stream_tile_pixels(cfg: Config, features: list[nn.Module]) -> int | None:
+    """
+    With model.stream on and no predict.max_tile_pixels: tiles whose outputs cover model.stream_tile a side at every
+    stage, halos added (an inference tile holds less than the training tile it was sized for: no gradients).
+    """
+    if cfg.model.stream == "off" or not isinstance(cfg.model.stream_tile, int):
+        return None
+    halos = [-(-fp.reach // fp.stride) * fp.stride for fp in map(footprint, features)]
+    return max((cfg.model.stream_tile + 2 * halo) ** 2 for halo in halos)
 
 
 def elapsed(start: float, device: torch.device) -> float:

@@ -111,6 +111,36 @@ def test_predict_writes_csv_heatmaps_and_matches_evaluation(checkpoint, manifest
     torch.testing.assert_close(tiled, whole, rtol=1e-4, atol=1e-5)
 
 
+def test_predict_by_region_writes_what_the_whole_slide_predict_writes(checkpoint, manifest, tmp_path):
+    """
+    With model.stream on, or a slide larger than one tile, predict reads the slide by region (stage 1's tiles read
+    their own regions, as a streamed training's do) and writes the whole-slide predict's probabilities and heatmap.
+    fp32: tiles sum the same products as the whole map in other orders (~1e-7 relative per layer), far below 1e-5.
+    """
+    from pathlib import Path
+
+    import numpy as np
+
+    from distlocal.plots import _pyplot
+
+    slide = str(next(manifest.parent.glob("slides/*.tiff")))
+    runs = {"whole": [], "stream": ["model.stream=on", "predict.max_tile_pixels=6400"],
+            "tiles": ["predict.max_tile_pixels=6400"]}
+    rows, pictures, plt = {}, {}, _pyplot()
+    for name, overrides in runs.items():
+        out = tmp_path / name
+        assert main(["predict", "--checkpoint", str(checkpoint), "--out", str(out), slide,
+                     *[a for o in overrides for a in ("--set", o)]]) == 0
+        rows[name] = next(csv.DictReader((out / "predictions.csv").open()))
+        pictures[name] = plt.imread(out / "heatmaps" / f"{Path(slide).stem}.png")
+    assert int(rows["whole"]["height"]) * int(rows["whole"]["width"]) > 6400  # so the others read by region
+    for name in ("stream", "tiles"):
+        for key in ("prob_class0", "prob_class1", "height", "width"):
+            assert float(rows[name][key]) == pytest.approx(float(rows["whole"][key]), abs=1e-5)
+        assert pictures[name].shape == pictures["whole"].shape
+        assert np.abs(pictures[name] - pictures["whole"]).mean() < 1e-3  # the attention within fp32 rounding
+
+
 def test_predict_input_errors(checkpoint, tmp_path, capsys):
     """A missing slide, a file that is no slide and a folder that is no checkpoint: exit 2, the path and the fix."""
     (tmp_path / "notes.txt").write_text("x")

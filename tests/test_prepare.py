@@ -181,3 +181,9 @@ def test_bench_io_measures_every_way(tmp_path: Path) -> None:
     for way in ("distlocal", "distlocal_openslide", "distlocal_dicom"):
         assert ways[way]["peak_mb"] < ways["naive"]["peak_mb"], way
     assert (tmp_path / "io.png").stat().st_size > 0
+    # At 20X (model.stream): prepare writes the crop band by band, the whole read holds it all (48 MB here).
+    main(["bench", "io", "--size", "4096", "4096", "--repeats", "1", "--out", str(tmp_path),
+          "--ways", "prepare_base,whole_base"])
+    base = json.loads((tmp_path / "io.json").read_text())["ways"]
+    assert base["prepare_base"]["output_shape"] == base["whole_base"]["output_shape"]
+    assert base["prepare_base"]["peak_mb"] < base["whole_base"]["peak_mb"]  # flat in the size: BENCHMARKS.md

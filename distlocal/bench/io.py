@@ -12,6 +12,10 @@ memory of the process after imports, before the read, is subtracted. Ways:
 - ``distlocal_whole``: the same without the tissue crop, so the output is the whole slide like the naive read;
 - ``naive``: tifffile decodes level 0 in full, then a 4 x 4 (or 8 x 8) block mean gives 5X;
 - ``cache``: reading the crop back from the `distlocal prepare` cache, what every epoch after the first costs.
+Ways at the scan's own magnification (`--ways`, not run by default; 20X training with model.stream):
+- ``prepare_base``: `distlocal prepare` at the base magnification, region by region into a cache entry (a band of
+  the crop in memory at a time: slides/region.py);
+- ``whole_base``: `read_slide` at the base magnification, the whole crop in memory (what prepare did before).
 """
 
 from __future__ import annotations
@@ -27,8 +31,9 @@ from pathlib import Path
 __all__ = ["bench_io", "format_io"]
 
 WAYS = ("distlocal", "distlocal_openslide", "distlocal_dicom", "distlocal_whole", "naive", "cache")
+BASE_WAYS = ("prepare_base", "whole_base")  # at the scan's magnification: chosen with --ways
 _COLOURS = {"distlocal": "#2a7", "distlocal_openslide": "#3b8", "distlocal_dicom": "#4c9", "distlocal_whole": "#5b9",
-            "naive": "#c54", "cache": "#58c"}
+            "naive": "#c54", "cache": "#58c", "prepare_base": "#76b", "whole_base": "#a58"}
 
 
 def _status_mb(field: str) -> float:
@@ -65,6 +70,16 @@ def _measure(way: str, path: str, cache_dir: str, factor: int) -> dict:
         image = read_slide(_dicom_folder(Path(path)), reader="dicom").image
     elif way == "cache":
         image = read_cached(cache_dir, "bench", cache_key(path, 5.0, None, None), with_mask=False).image
+    elif way == "whole_base":
+        image = read_slide(path, magnification=5.0 * factor).image
+    elif way == "prepare_base":
+        from distlocal.slides.cache import write_cached_regions
+        from distlocal.slides.region import OriginalRegions
+
+        regions = OriginalRegions.open(path, magnification=5.0 * factor)
+        write_cached_regions(Path(cache_dir) / "base", "bench", cache_key(path, 5.0 * factor, None, None), regions)
+        regions.close()
+        image = np.empty((*regions.shape, 3), dtype=np.uint8)  # its shape only: never filled, never touched
     else:
         with tifffile.TiffFile(path) as tiff:
             full = tiff.pages[0].asarray()
@@ -155,7 +170,8 @@ def format_io(result: dict) -> str:
     lines = [f"{result['size'][0]} x {result['size'][1]} slide at {result['base_magnification']:g}X "
              f"({result['file_mb']:.0f} MB JPEG file, {result['level0_rgb_mb']:.0f} MB decoded at level 0), "
              f"median of {result['repeats']}:", "",
-             "| read | output (5X) | seconds | MB/s of 5X output | slides/s | peak memory above baseline |",
+             "| read | output (5X; the base magnification for *_base) | seconds | MB/s of output | slides/s | peak "
+             "memory above baseline |",
              "|---|---|---|---|---|---|"]
     for way, row in result["ways"].items():
         h, w = row["output_shape"][:2]
@@ -179,7 +195,8 @@ def _plot(result: dict, path: Path) -> None:
         ax.set_xlabel(label)
         ax.set_xlim(0, max(values) * 1.25 if values and max(values) > 0 else 1)
         ax.invert_yaxis()
-    fig.suptitle(f"{result['size'][0]} x {result['size'][1]} at {result['base_magnification']:g}X to 5X")
+    fig.suptitle(f"{result['size'][0]} x {result['size'][1]} at {result['base_magnification']:g}X to 5X "
+                 f"(*_base: at {result['base_magnification']:g}X)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

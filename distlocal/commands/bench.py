@@ -1,7 +1,7 @@
 """
 distlocal bench pipeline [--config CONFIG] [--set key=value ...] [--slides N] [--size H W] [--epochs N]
                          [--replicas 2,1 | --plan auto]
-distlocal bench io [--size H W] [--base-magnification 20] [--repeats 3]
+distlocal bench io [--size H W] [--base-magnification 20] [--repeats 3] [--ways W1,W2]
 distlocal bench memory [--sizes HxW,HxW] [--device auto|cpu|cuda] [--set key=value ...]
 distlocal bench inference [SLIDE_OR_MANIFEST ...] [--sizes HxW,HxW] [--mode deployed|memory] [--workers N]
                           [--checkpoint PATH] [--batch N] [--repeats 3]
@@ -43,6 +43,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, help="inference: the patch baseline's DataLoader workers (default: 8 on "
                    "CUDA as CLAM, 1 on a CPU)")
     p.add_argument("--repeats", type=int, default=3, help="io, inference: runs per way (the median is reported)")
+    p.add_argument("--ways", default=None, help="io: comma-separated ways to run (default: the six 5X reads; "
+                                                "prepare_base,whole_base: a prepare at the scan's magnification by "
+                                                "region against the whole read)")
     p.add_argument("--sizes", help="memory, inference: synthetic slide sizes at 5X, e.g. 1024x1024,2048x1536 "
                    "(default on CPU: 1024x1024,2048x1536 for memory, 2048x2048,4096x3072 for inference; on CUDA: "
                    "the paper's 8698x7496,12223x10057,23849x10257)")
@@ -185,9 +188,13 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {Path(args.out) / 'memory.json'} and {Path(args.out) / 'memory.png'}")
         return 0
     if args.what == "io":
-        from distlocal.bench.io import bench_io, format_io
+        from distlocal.bench.io import BASE_WAYS, WAYS, bench_io, format_io
 
-        result = bench_io(args.out, tuple(args.size or (40000, 40000)), args.base_magnification, args.repeats)
+        ways = tuple(args.ways.split(",")) if args.ways else WAYS
+        unknown = sorted(set(ways) - set(WAYS + BASE_WAYS))
+        if unknown:
+            raise ValueError(f"bench io --ways: unknown way(s) {unknown}; choose from {', '.join(WAYS + BASE_WAYS)}")
+        result = bench_io(args.out, tuple(args.size or (40000, 40000)), args.base_magnification, args.repeats, ways)
         print(format_io(result))
         print(f"plot: {Path(args.out) / 'io.png'}")
         return 0

@@ -12,18 +12,21 @@ import zlib
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from distlocal.config import DataConfig
-from distlocal.data.augment import augment, normalise, to_tensor
+from distlocal.data.augment import Augmentation, augment, normalise, to_tensor
 from distlocal.data.manifest import SlideRecord
+from distlocal.data.regions import SlideRegions
 from distlocal.slides import SlideError, SlideImage, read_slide
-from distlocal.slides.cache import cache_key, read_cached
+from distlocal.slides.cache import cache_key, cached_regions, read_cached
+from distlocal.slides.region import OriginalRegions, RegionSource, channel_sums, thumbnail, thumbnail_step
 
-__all__ = ["SlideLoader", "SkippedSlide", "read_original"]
+__all__ = ["SkippedSlide", "SlideLoader", "named_slide_error", "original_regions", "read_original"]
 
 log = logging.getLogger(__name__)
 _warned_uncached = False  # one warning per process: a run without `distlocal prepare` would warn per slide
@@ -36,27 +39,80 @@ class SkippedSlide:
     reason: str
 
 
-def read_original(record: SlideRecord, cfg: DataConfig) -> SlideImage:
-    """Read a manifest record's slide file with the data settings; any failure is a SlideError naming the slide."""
+@contextmanager
+def named_slide_error(record: SlideRecord) -> Iterator[None]:
+    """Any failure inside becomes a SlideError naming the slide (a SlideError names its file already)."""
     try:
-        return read_slide(record.path, magnification=cfg.magnification, level=cfg.level,
-                          base_magnification=cfg.base_magnification, reader=cfg.reader)
+        yield
     except SlideError:
         raise
     except Exception as exc:
         raise SlideError(f"slide {record.slide_id} ({record.path}) could not be read: {exc}") from exc
 
 
-class SlideLoader:
-    """Loads slides for one purpose (train with augmentation, or evaluation without)."""
+def read_original(record: SlideRecord, cfg: DataConfig) -> SlideImage:
+    """Read a manifest record's slide file with the data settings; any failure is a SlideError naming the slide."""
+    with named_slide_error(record):
+        return read_slide(record.path, magnification=cfg.magnification, level=cfg.level,
+                          base_magnification=cfg.base_magnification, reader=cfg.reader)
 
-    def __init__(self, cfg: DataConfig, train: bool, seed: int = 0):
-        self.cfg, self.train, self.seed = cfg, train, seed
+
+def original_regions(record: SlideRecord, cfg: DataConfig) -> OriginalRegions:
+    """A record's original as a region source (slides/region.py), its read planned with the data settings."""
+    with named_slide_error(record):
+        return OriginalRegions.open(record.path, magnification=cfg.magnification, level=cfg.level,
+                                    base_magnification=cfg.base_magnification, reader=cfg.reader)
+
+
+class SlideLoader:
+    """
+    Loads slides for one purpose (train with augmentation, or evaluation without); ``by_region`` (model.stream on):
+    as SlideRegions that stage 1 reads region by region, never decoded whole.
+    """
+
+    def __init__(self, cfg: DataConfig, train: bool, seed: int = 0, by_region: bool = False):
+        self.cfg, self.train, self.seed, self.by_region = cfg, train, seed, by_region
         self.skipped: list[SkippedSlide] = []  # with data.on_error=skip; reported at the end, never dropped silently
 
-    def load(self, record: SlideRecord, epoch: int = 0) -> torch.Tensor:
-        """Read one slide at the target magnification: a 1 x 3 x H x W normalised float tensor."""
+    def load(self, record: SlideRecord, epoch: int = 0) -> torch.Tensor | SlideRegions:
+        """
+        One slide at the target magnification: a 1 x 3 x H x W normalised float tensor, or with ``by_region`` the
+        same input as SlideRegions (data/regions.py).
+        """
+        if self.by_region:
+            return self.regions(record, epoch)
         return self.to_input(self.read(record), record, epoch)
+
+    def regions(self, record: SlideRecord, epoch: int = 0) -> SlideRegions:
+        """
+        The slide's input read by region: its crop's region source, its augmentation's draws (the same per-slide RNG
+        as to_input) and, for the contrast jitter, the mean grey of the crop kept, summed band by band.
+        """
+        source = self._region_source(record)
+        try:
+            augmentation, grey = None, 0.0
+            if self.train and self.cfg.augment:
+                augmentation = Augmentation.draw(source.shape, self._rng(record, epoch))
+                with named_slide_error(record):
+                    grey = augmentation.mean_grey(channel_sums(source, *augmentation.crop))
+        finally:
+            source.close()  # the reader opens it again where it reads (stage 1, perhaps another process)
+        return SlideRegions(source, augmentation, grey, self.cfg.mean, self.cfg.std)
+
+    def _region_source(self, record: SlideRecord) -> RegionSource:
+        cfg = self.cfg
+        if cfg.cache_dir:
+            key = cache_key(record.path, cfg.magnification, cfg.level, cfg.base_magnification, cfg.reader)
+            cached = cached_regions(cfg.cache_dir, record.slide_id, key)
+            if cached is not None:
+                return cached
+            _note_uncached(record, cfg.cache_dir)
+        return original_regions(record, cfg)
+
+    def _rng(self, record: SlideRecord, epoch: int) -> np.random.Generator:
+        # Per-slide RNG from (seed, epoch, slide): the same slide gets the same augmentation however many threads
+        # load it, in whatever order, and after a resume.
+        return np.random.default_rng([self.seed, epoch, zlib.crc32(record.slide_id.encode())])
 
     def to_input(self, image: np.ndarray, record: SlideRecord | None = None, epoch: int = 0,
                  device: torch.device | None = None) -> torch.Tensor:
@@ -69,10 +125,7 @@ class SlideLoader:
         if self.train and self.cfg.augment:
             if record is None:
                 raise ValueError("a training input is augmented per slide: give its SlideRecord")
-            # Per-slide RNG from (seed, epoch, slide): the same slide gets the same augmentation however
-            # many threads load it, in whatever order, and after a resume.
-            rng = np.random.default_rng([self.seed, epoch, zlib.crc32(record.slide_id.encode())])
-            x = augment(image, rng)
+            x = augment(image, self._rng(record, epoch))
         else:
             x = to_tensor(image, device)
         return normalise(x, self.cfg.mean, self.cfg.std)[None]
@@ -88,6 +141,20 @@ class SlideLoader:
             _note_uncached(record, cfg.cache_dir)
         return read_original(record, cfg).image
 
+    def picture(self, record: SlideRecord) -> np.ndarray:
+        """
+        The slide's crop for a heatmap: read whole, or with ``by_region`` only its thumbnail (every
+        thumbnail_step-th pixel, read band by band), which the heatmap shows the same.
+        """
+        if not self.by_region:
+            return self.read(record)
+        source = self._region_source(record)
+        try:
+            with named_slide_error(record):
+                return thumbnail(source, thumbnail_step(source.shape))
+        finally:
+            source.close()
+
     def skip(self, record: SlideRecord, exc: SlideError) -> None:
         """A slide that could not be read: re-raise it (data.on_error=fail) or note it in `skipped` and go on."""
         if self.cfg.on_error == "fail":
@@ -95,7 +162,7 @@ class SlideLoader:
         log.warning("skipping slide %s: %s", record.slide_id, exc)
         self.skipped.append(SkippedSlide(record.slide_id, str(record.path), str(exc)))
 
-    def _guarded(self, record: SlideRecord, epoch: int) -> torch.Tensor | None:
+    def _guarded(self, record: SlideRecord, epoch: int) -> torch.Tensor | SlideRegions | None:
         try:
             return self.load(record, epoch)
         except SlideError as exc:

@@ -96,7 +96,7 @@ def evaluate_checkpoint(checkpoint: str | Path, cfg: Config | None = None, split
     executor = make_executor(for_restoring(run_cfg), len(ckpt.classes))  # through the Ray pipeline when the run used it
     try:
         executor.load_stages(ckpt.path)
-        loader = SlideLoader(run_cfg.data, train=False)
+        loader = SlideLoader(run_cfg.data, train=False, by_region=run_cfg.model.stream != "off")
         result = evaluate(executor, records, loader, len(ckpt.classes), desc=f"eval {split}", depth=choice.depth)
     finally:
         executor.close()

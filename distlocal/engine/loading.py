@@ -61,11 +61,14 @@ class SlideLoaderActor:
         self.loads: list[tuple[str, int, float, float]] = []  # (slide_id, pid, start, end): the trace tests read
 
     @ray.method(num_returns=2)
-    def load(self, cfg: DataConfig, train: bool, seed: int, record: SlideRecord, epoch: int):
-        """(slide tensor, None), or (None, the problem) for a bad slide under data.on_error=skip."""
+    def load(self, cfg: DataConfig, train: bool, seed: int, record: SlideRecord, epoch: int, by_region: bool = False):
+        """
+        (slide tensor, None), or (None, the problem) for a bad slide under data.on_error=skip. ``by_region``
+        (model.stream): SlideRegions instead of the tensor, small: stage 1's actor reads the regions itself.
+        """
         start = time.time()
         try:
-            return SlideLoader(cfg, train, seed).load(record, epoch), None
+            return SlideLoader(cfg, train, seed, by_region).load(record, epoch), None
         except SlideError as exc:
             if cfg.on_error == "fail":
                 raise
@@ -107,7 +110,8 @@ class SlideFeed:
             i, record = next(it, (0, None))
             if record is not None:
                 actor = self.actors[i % len(self.actors)]
-                pending.append((record, *actor.load.remote(cfg, loader.train, loader.seed, record, epoch)))
+                pending.append((record, *actor.load.remote(cfg, loader.train, loader.seed, record, epoch,
+                                                           loader.by_region)))
 
         for _ in range(ahead):
             submit()

@@ -97,5 +97,5 @@ def _heatmaps(executor, records: list[SlideRecord], loader: SlideLoader, classes
         predicted = int(probs.argmax())
         title = (f"{slide_id}: true {classes[record.label]}, {shown} predicts {classes[predicted]} "
                  f"(p = {float(probs[predicted]):.2f})")
-        attention_heatmap(loader.read(record), attention, folder / f"{slide_id}.png", title,
+        attention_heatmap(loader.picture(record), attention, folder / f"{slide_id}.png", title,
                           label=f"{shown} attention")

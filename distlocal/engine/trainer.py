@@ -113,8 +113,10 @@ class Trainer:
         self._read_manifest(resume)
         if cfg.train.executor == "local":
             resolve_device(cfg.train.device)  # fail on a missing GPU before reading anything
-        self.train_loader = SlideLoader(cfg.data, train=True, seed=cfg.train.seed)
-        self.valid_loader = SlideLoader(cfg.data, train=False)
+        # model.stream: stage 1 reads each slide by region (data/regions.py), never decoded whole
+        by_region = cfg.model.stream != "off"
+        self.train_loader = SlideLoader(cfg.data, train=True, seed=cfg.train.seed, by_region=by_region)
+        self.valid_loader = SlideLoader(cfg.data, train=False, by_region=by_region)
         self.plan = self.loader_plan = None
         # A resumed run keeps its config's cut and replicas; train.loaders=auto (which a resume from the run's
         # config.yaml no longer has) is measured afresh whenever it is asked for: the count changes no result.
@@ -134,7 +136,7 @@ class Trainer:
         """The first training slide that reads, for the planner to profile on (a bad one is skipped, or stops)."""
         for record in self.train_set:
             try:
-                return self.valid_loader.load(record)
+                return SlideLoader(self.cfg.data, train=False).load(record)  # the planner profiles a tensor
             except SlideError:
                 if self.cfg.data.on_error == "fail":
                     raise

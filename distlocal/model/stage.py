@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +21,7 @@ from distlocal.model.mil import AuxClassifier
 from distlocal.model.optim import Backward, LocalOptimizer
 from distlocal.model.rfr import FeatureReconstruction
 from distlocal.model.stream import StreamedStep, Streaming, streamed_step
-from distlocal.model.tiling import tiled_forward
+from distlocal.model.tiling import RegionInput, tiled_forward, whole
 
 __all__ = ["STEM_TILE_PIXELS", "Stage", "autocast", "held_dtype", "param_dtype", "peak_memory_mb", "reseed",
            "run_stem", "step_metrics", "wide"]
@@ -73,18 +74,49 @@ def reseed(generator: torch.Generator, seed: int, slide: tuple[int, str] | None)
 STEM_TILE_PIXELS = 2**22
 
 
-def run_stem(stem: nn.Module, x: torch.Tensor, device: torch.device, bf16: bool,
+@dataclass
+class _InDtype:
+    """A RegionInput whose regions come in ``dtype`` (the stem's: float64 in the exactness tests)."""
+
+    source: RegionInput
+    dtype: torch.dtype
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return self.source.shape
+
+    def region(self, y0: int, y1: int, x0: int, x1: int) -> torch.Tensor:
+        return self.source.region(y0, y1, x0, x1).to(self.dtype)
+
+    def close(self) -> None:
+        self.source.close()
+
+
+def run_stem(stem: nn.Module, x: torch.Tensor | RegionInput, device: torch.device, bf16: bool,
              tile_pixels: int = STEM_TILE_PIXELS, host: bool = False) -> torch.Tensor:
     """
     The frozen stem on a 1 x 3 x H x W slide, without gradients, as a map on ``device`` in the dtype the blocks
     consume (held_dtype: bf16 under bf16 autocast, else the stem's); on the slide's device with ``host`` (a streamed
     stage moves it to the device a tile at a time).
+
+    ``x`` may be a RegionInput (model.stream: data/regions.py): each stem tile then reads its own region of the slide,
+    so neither the decoded slide nor its full-size float input ever exists; the same tiles as for a tensor, so the
+    same map. What stays is the stem map in host memory, 64 channels at 1/4 of the slide's side: 8 bytes per slide
+    pixel in bf16, 16 in fp32 (computed: the paper's largest slide, 23849 x 10257 at 5X, needs 2.0 GB in bf16 /
+    3.9 GB in fp32 at 5X, 7.8 / 15.7 GB at 10X, 31.3 / 62.6 GB at 20X), beside the stage's output map of the same
+    size: the host memory a stage-1 slide needs, where its 20X input whole was 11.7 GB of uint8 plus 47 GB of fp32.
     """
     dtype = param_dtype(stem)
-    if x.shape[-2] * x.shape[-1] <= tile_pixels and not host:
-        x = x.to(device, non_blocking=True)  # one pass on the device; larger slides stay in host memory, tiles move
-    with torch.no_grad(), autocast(device, bf16):
-        out = tiled_forward(stem.eval(), x.to(dtype), tile_pixels, device)
+    regions = None if isinstance(x, torch.Tensor) else x
+    try:
+        if x.shape[-2] * x.shape[-1] <= tile_pixels and not host:
+            x = whole(x).to(device, non_blocking=True)  # one pass on the device; larger slides stay in host memory
+        x = _InDtype(x, dtype) if not isinstance(x, torch.Tensor) else x.to(dtype)
+        with torch.no_grad(), autocast(device, bf16):
+            out = tiled_forward(stem.eval(), x, tile_pixels, device)
+    finally:
+        if regions is not None:
+            regions.close()
     held = held_dtype(stem, bf16)
     return out.to(held) if host else out.to(device, held)
 

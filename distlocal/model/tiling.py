@@ -12,15 +12,41 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import nn
 
-__all__ = ["INDEX_LIMIT", "Footprint", "fit_tile", "footprint", "grid", "index_tile", "stitched_forward", "tile_plan",
-           "tiled_forward"]
+__all__ = ["INDEX_LIMIT", "Footprint", "RegionInput", "fit_tile", "footprint", "grid", "index_tile",
+           "stitched_forward", "tile_plan", "tiled_forward", "whole"]
 
 INDEX_LIMIT = 2**31 - 1  # elements: cuDNN and many CUDA kernels index a tensor with 32 bits
+
+
+class RegionInput(Protocol):
+    """
+    A 1 x C x H x W input read by region instead of held whole (a streamed stage 1 reads its slide so: the
+    loader's data.regions.SlideRegions): ``region(y0, y1, x0, x1)`` is the tensor ``x[..., y0:y1, x0:x1]`` would be,
+    in host memory; ``close`` releases what the reads opened.
+    """
+
+    shape: tuple[int, int, int, int]
+
+    def region(self, y0: int, y1: int, x0: int, x1: int) -> torch.Tensor: ...
+
+    def close(self) -> None: ...
+
+
+def whole(x: torch.Tensor | RegionInput) -> torch.Tensor:
+    """A tensor, or a RegionInput read whole (where it fits: a small slide, or a stage that does not stream)."""
+    return x if isinstance(x, torch.Tensor) else x.region(0, x.shape[-2], 0, x.shape[-1])
+
+
+def _home(x: torch.Tensor | RegionInput) -> torch.device:
+    """Where a stitched output is kept: the input's device, host memory for a RegionInput."""
+    return x.device if isinstance(x, torch.Tensor) else torch.device("cpu")
 
 
 @dataclass(frozen=True)
@@ -81,18 +107,19 @@ def tile_plan(n: int, fp: Footprint, tile_out: int) -> Iterator[tuple[int, int, 
         yield a, b, in_start, in_end
 
 
-def tiled_forward(module: nn.Module, x: torch.Tensor, max_tile_pixels: int | None,
+def tiled_forward(module: nn.Module, x: torch.Tensor | RegionInput, max_tile_pixels: int | None,
                   device: torch.device | None = None) -> torch.Tensor:
     """
     ``module(x)`` computed tile by tile, each input tile at most about ``max_tile_pixels`` pixels, on ``device``.
 
-    ``x`` (1 x C x H x W) may stay in host memory; the stitched output is returned on ``x``'s device. Without a
-    limit, or when the whole input fits it, this is one ordinary forward pass.
+    ``x`` (1 x C x H x W) may stay in host memory, or be a RegionInput whose tiles are read as they are needed; the
+    stitched output is returned on ``x``'s device (host memory for regions). Without a limit, or when the whole
+    input fits it, this is one ordinary forward pass.
     """
-    device = device or x.device
+    device = device or _home(x)
     height, width = x.shape[-2:]
     if not max_tile_pixels or height * width <= max_tile_pixels:
-        return module(x.to(device)).to(x.device)
+        return module(whole(x).to(device)).to(_home(x))
     fp = footprint(module)
     halo = _halo(fp)
     tile_out = (math.isqrt(max_tile_pixels) - 2 * halo) // fp.stride
@@ -104,21 +131,43 @@ def tiled_forward(module: nn.Module, x: torch.Tensor, max_tile_pixels: int | Non
     return stitched_forward(module, x, tile_out, device, fp)
 
 
-def stitched_forward(module: nn.Module, x: torch.Tensor, tile_out: int, device: torch.device,
+def stitched_forward(module: nn.Module, x: torch.Tensor | RegionInput, tile_out: int, device: torch.device,
                      fp: Footprint | None = None) -> torch.Tensor:
-    """``module(x)`` in tiles of ``tile_out`` x ``tile_out`` outputs (plus halos) on ``device``, stitched on x's."""
+    """
+    ``module(x)`` in tiles of ``tile_out`` x ``tile_out`` outputs (plus halos) on ``device``, stitched on x's
+    device (host memory for a RegionInput, whose tiles are read one at a time).
+    """
     fp = fp or footprint(module)
     height, width = x.shape[-2:]
+    home = _home(x)
     out = None
-    for (r0, r1, c0, c1), (y0, y1, x0, x1), (oy, ox) in grid(height, width, fp, tile_out):
-        part = module(x[..., y0:y1, x0:x1].to(device))
+    tiles = list(grid(height, width, fp, tile_out))
+    for ((r0, r1, c0, c1), _, (oy, ox)), tile in zip(tiles, _read_ahead(x, [t[1] for t in tiles]), strict=True):
+        part = module(tile.to(device))
         if out is None:  # stitched in the layout the module gives (channels_last in predict): no copy later
             shape = (x.shape[0], part.shape[1], fp.out_size(height), fp.out_size(width))
             nhwc = part.is_contiguous(memory_format=torch.channels_last) and not part.is_contiguous()
             layout = torch.channels_last if nhwc else torch.contiguous_format
-            out = torch.empty(shape, dtype=part.dtype, device=x.device, memory_format=layout)
-        out[..., r0:r1, c0:c1] = part[..., oy:oy + r1 - r0, ox:ox + c1 - c0].to(x.device)
+            out = torch.empty(shape, dtype=part.dtype, device=home, memory_format=layout)
+        out[..., r0:r1, c0:c1] = part[..., oy:oy + r1 - r0, ox:ox + c1 - c0].to(home)
     return out
+
+
+def _read_ahead(x: torch.Tensor | RegionInput, boxes: list[tuple[int, int, int, int]]) -> Iterator[torch.Tensor]:
+    """
+    The input of each tile in turn. A RegionInput's next region is read (decoded, augmented, normalised) on a thread
+    while the current tile computes: the device does not wait for the slide's decoding, and one region more is held.
+    """
+    if isinstance(x, torch.Tensor):
+        yield from (x[..., y0:y1, x0:x1] for y0, y1, x0, x1 in boxes)
+        return
+    with ThreadPoolExecutor(1, thread_name_prefix="region-read") as pool:
+        ahead = [pool.submit(x.region, *box) for box in boxes[:1]]
+        for i in range(len(boxes)):
+            tile = ahead.pop().result()
+            if i + 1 < len(boxes):
+                ahead.append(pool.submit(x.region, *boxes[i + 1]))
+            yield tile
 
 
 def grid(height: int, width: int, fp: Footprint, tile_out: int) -> Iterator[tuple[tuple[int, int, int, int], ...]]:

@@ -23,11 +23,11 @@ import tifffile
 from distlocal.slides.errors import SlideError
 from distlocal.slides.magnification import BaseMagnification, find_base_magnification
 
-__all__ = ["ArrayLevel", "Level", "Pyramid", "TiffLevel", "open_pyramid", "read_in_chunks"]
+__all__ = ["DECODE_THREADS", "ArrayLevel", "Level", "Pyramid", "TiffLevel", "open_pyramid", "read_in_chunks"]
 
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 _IMAGE_MAGIC = {b"\x89PNG": "png", b"\xff\xd8\xff": "jpeg"}
-_DECODE_THREADS = min(4, os.cpu_count() or 1)
+DECODE_THREADS = min(4, os.cpu_count() or 1)
 _REEXPORT = "re-download the slide or re-export it (e.g. with vips tiffsave --tile --pyramid --compression jpeg)"
 
 
@@ -184,7 +184,7 @@ def _open_tiff(path: Path) -> Pyramid:
         tif = tifffile.TiffFile(path)
     except Exception as exc:
         raise SlideError(path, f"corrupt or truncated TIFF ({type(exc).__name__}: {exc})", _REEXPORT) from exc
-    executor = ThreadPoolExecutor(_DECODE_THREADS) if _DECODE_THREADS > 1 else None
+    executor = ThreadPoolExecutor(DECODE_THREADS) if DECODE_THREADS > 1 else None
     try:
         # The slide is the largest series: SVS and OME files also hold thumbnail, label and macro images.
         series = max(tif.series, key=lambda s: s.levels[0].keyframe.imagelength * s.levels[0].keyframe.imagewidth)

@@ -26,7 +26,8 @@ from distlocal.slides.pyramid import Level, Pyramid
 from distlocal.slides.resample import area_weights, resample_band
 from distlocal.slides.tissue import MIN_TISSUE_SATURATION, detect_tissue, tissue_bbox
 
-__all__ = ["SlideImage", "read_slide", "slide_info"]
+__all__ = ["CropLocation", "ReadPlan", "SlideImage", "locate_crop", "read_resized", "read_slide", "slide_info",
+           "upsample_mask"]
 
 _LEVEL_TOLERANCE = 0.02  # level sizes are rounded: the "5X" level of a 20X slide can be 4.999X
 _THUMBNAIL_SIDE = 1024  # long side of the image tissue is detected on; a level of half that is used as it is
@@ -59,7 +60,7 @@ class SlideImage:
 
 
 @dataclass(frozen=True)
-class _ReadPlan:
+class ReadPlan:
     level: int
     shape: tuple[int, int]  # the whole slide's size at the output magnification
     magnification: float
@@ -77,31 +78,52 @@ def read_slide(path: str | os.PathLike, magnification: float = 5.0, level: int |
     the tissue's bounding box, as a fraction of the slide's side. Raises SlideError for any unreadable slide,
     including one with no tissue. ``reader`` (``data.reader``) forces a backend; ``auto`` picks one per file.
     """
+    with open_slide(path, reader) as pyramid:
+        where = locate_crop(pyramid, magnification, level, base_magnification, crop_tissue, tissue_margin)
+        plan, box = where.plan, where.box
+        if where.thumbnail is not None:
+            image = where.thumbnail[box[0] : box[2], box[1] : box[3]].copy()  # small slide: the thumbnail is it
+        else:
+            image = read_resized(pyramid.levels[plan.level], plan.shape, box)
+        mask = upsample_mask(where.tissue, plan.shape, box)
+    return SlideImage(image, mask, plan.magnification, plan.level, box, pyramid.reader)
+
+
+@dataclass(frozen=True)
+class CropLocation:
+    """Where a slide's tissue crop lies: the level read, its size at the target, the crop box, the tissue mask."""
+
+    plan: ReadPlan
+    box: tuple[int, int, int, int]  # (y0, x0, y1, x1) at the target magnification
+    tissue: np.ndarray  # bool, the thumbnail's tissue mask (upsample_mask scales it to any box)
+    thumbnail: np.ndarray | None  # the thumbnail when it is the image itself (a small slide), else None
+
+
+def locate_crop(pyramid: Pyramid, magnification: float = 5.0, level: int | None = None,
+                base_magnification: float | None = None, crop_tissue: bool = True,
+                tissue_margin: float = 0.02) -> CropLocation:
+    """
+    read_slide's plan without the read: the level, the crop box from tissue found on a thumbnail-sized (low
+    resolution) level. Raises SlideError for a slide without tissue.
+    """
     if magnification <= 0 or (base_magnification is not None and base_magnification <= 0):
         raise ValueError(f"magnifications must be positive, got magnification={magnification}, "
                          f"base_magnification={base_magnification}")
-    with open_slide(path, reader) as pyramid:
-        plan = _plan_read(pyramid, magnification, level, base_magnification)
-        source = pyramid.levels[plan.level]
-        thumb_level = _thumbnail_level(pyramid.levels, plan.level)
-        thumb_shape = _thumbnail_shape(pyramid.levels[thumb_level].shape)
-        thumbnail = _read_resized(pyramid.levels[thumb_level], thumb_shape, (0, 0, *thumb_shape))
-        tissue = detect_tissue(thumbnail)
-        if not tissue.found:
-            raise SlideError(pyramid.path, f"no tissue found: no region has HSV saturation above "
-                                           f"{tissue.threshold:.0f}/255 (Otsu threshold, floor "
-                                           f"{MIN_TISSUE_SATURATION})", "check that it is a brightfield H&E "
-                                           "scan, or remove it from the manifest")
-        box = (0, 0, *plan.shape)
-        if crop_tissue:
-            box = _scale_box(tissue_bbox(tissue.mask, tissue_margin), thumb_shape, plan.shape)
-        if thumb_level == plan.level and thumb_shape == plan.shape:
-            image = thumbnail[box[0] : box[2], box[1] : box[3]].copy()  # small slide: the thumbnail is the image
-        else:
-            del thumbnail
-            image = _read_resized(source, plan.shape, box)
-        mask = _upsample_mask(tissue.mask, plan.shape, box)
-    return SlideImage(image, mask, plan.magnification, plan.level, box, pyramid.reader)
+    plan = _plan_read(pyramid, magnification, level, base_magnification)
+    thumb_level = _thumbnail_level(pyramid.levels, plan.level)
+    thumb_shape = _thumbnail_shape(pyramid.levels[thumb_level].shape)
+    thumbnail = read_resized(pyramid.levels[thumb_level], thumb_shape, (0, 0, *thumb_shape))
+    tissue = detect_tissue(thumbnail)
+    if not tissue.found:
+        raise SlideError(pyramid.path, f"no tissue found: no region has HSV saturation above "
+                                       f"{tissue.threshold:.0f}/255 (Otsu threshold, floor "
+                                       f"{MIN_TISSUE_SATURATION})", "check that it is a brightfield H&E "
+                                       "scan, or remove it from the manifest")
+    box = (0, 0, *plan.shape)
+    if crop_tissue:
+        box = _scale_box(tissue_bbox(tissue.mask, tissue_margin), thumb_shape, plan.shape)
+    small = thumb_level == plan.level and thumb_shape == plan.shape
+    return CropLocation(plan, box, tissue.mask, thumbnail if small else None)
 
 
 def slide_info(path: str | os.PathLike, reader: str = "auto") -> dict:
@@ -132,7 +154,7 @@ def slide_info(path: str | os.PathLike, reader: str = "auto") -> dict:
         }
 
 
-def _plan_read(pyramid: Pyramid, target: float, level: int | None, base: float | None) -> _ReadPlan:
+def _plan_read(pyramid: Pyramid, target: float, level: int | None, base: float | None) -> ReadPlan:
     shapes = [lvl.shape for lvl in pyramid.levels]
     if level is not None and not 0 <= level < len(shapes):
         raise SlideError(pyramid.path, f"level {level} does not exist: the slide has {len(shapes)} level(s) "
@@ -140,7 +162,7 @@ def _plan_read(pyramid: Pyramid, target: float, level: int | None, base: float |
     base = base if base is not None else pyramid.base.magnification
     if base is None:
         if level is not None:  # the user says this level is what they want
-            return _ReadPlan(level, shapes[level], target)
+            return ReadPlan(level, shapes[level], target)
         if len(shapes) > 1:
             raise SlideError(pyramid.path, f"pyramidal slide ({len(shapes)} levels) without magnification in its "
                                            f"metadata ({_NO_MAGNIFICATION_WHERE.get(pyramid.reader, '')})",
@@ -156,10 +178,10 @@ def _plan_read(pyramid: Pyramid, target: float, level: int | None, base: float |
         level = min(above, key=lambda i: magnifications[i]) if above else 0
     found = magnifications[level]
     if found <= target * (1 + _LEVEL_TOLERANCE):  # at the target, or below it: never upsample
-        return _ReadPlan(level, shapes[level], target if found >= target * (1 - _LEVEL_TOLERANCE) else found)
+        return ReadPlan(level, shapes[level], target if found >= target * (1 - _LEVEL_TOLERANCE) else found)
     scale = target / found
     height, width = shapes[level]
-    return _ReadPlan(level, (max(1, round(height * scale)), max(1, round(width * scale))), target)
+    return ReadPlan(level, (max(1, round(height * scale)), max(1, round(width * scale))), target)
 
 
 def _thumbnail_level(levels: list[Level], source: int) -> int:
@@ -175,7 +197,7 @@ def _thumbnail_shape(shape: tuple[int, int]) -> tuple[int, int]:
     return max(1, round(shape[0] * scale)), max(1, round(shape[1] * scale))
 
 
-def _read_resized(level: Level, shape: tuple[int, int], box: tuple[int, int, int, int]) -> np.ndarray:
+def read_resized(level: Level, shape: tuple[int, int], box: tuple[int, int, int, int]) -> np.ndarray:
     """Pixels ``box`` of ``level`` area-resampled to ``shape`` (the whole level's output size), band by band."""
     y0, x0, y1, x1 = box
     if shape == level.shape:
@@ -199,7 +221,7 @@ def _scale_box(box: tuple[int, int, int, int], small: tuple[int, int],
             min(large[0], math.ceil(box[2] * fy)), min(large[1], math.ceil(box[3] * fx)))
 
 
-def _upsample_mask(mask: np.ndarray, shape: tuple[int, int], box: tuple[int, int, int, int]) -> np.ndarray:
+def upsample_mask(mask: np.ndarray, shape: tuple[int, int], box: tuple[int, int, int, int]) -> np.ndarray:
     # Nearest neighbour by pixel centres: the thumbnail mask is smooth already, and this stays output-sized.
     rows = ((np.arange(box[0], box[2]) + 0.5) * mask.shape[0] / shape[0]).astype(np.int64)
     cols = ((np.arange(box[1], box[3]) + 0.5) * mask.shape[1] / shape[1]).astype(np.int64)
