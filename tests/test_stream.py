@@ -1,6 +1,7 @@
 """Streamed stages (model.stream=on): a streamed training step is the whole-slide step, computed tile by tile."""
 
 import contextlib
+import json
 from dataclasses import replace
 
 import pytest
@@ -172,3 +173,33 @@ def test_stream_keys_read_on_and_off_and_name_bad_values(tmp_path):
         load_config(None, ["model.stream_tile=0"])
     with pytest.raises(ConfigError, match=r"model\.stream.*choose one of: off, on"):
         load_config(None, ["model.stream=sometimes"])
+
+
+def test_10x_training_of_synthetic_slides_from_the_cli(tmp_path, capsys):
+    """
+    `distlocal synth` writes 20X files (levels 20X, 5X, 1.25X): a 10X read is the 20X level area-averaged, twice a
+    5X read's side. `distlocal train configs/synthetic.yaml --set data.magnification=10 --set model.stream=on` then
+    completes for local K=4 and E2E (StreamingCNN's method). (Ray reads slides with the same loader, and trains
+    streamed stages as the local executor does: test_replicas' streamed run.)
+    """
+    from distlocal.cli import main
+    from distlocal.engine.checkpoint import load_checkpoint
+    from distlocal.slides import read_slide
+
+    assert main(["synth", str(tmp_path / "slides"), "--slides", "4", "--size", "40", "40", "--seed", "1"]) == 0
+    manifest = tmp_path / "slides" / "manifest.csv"
+    first = next(r for r in read_manifest(manifest).records)
+    at5, at10 = (read_slide(first.path, m, crop_tissue=False).image.shape[:2] for m in (5, 10))
+    assert (at5, at10) == ((40, 40), (80, 80))
+    common = [f"data.manifest={manifest}", f"run.dir={tmp_path}", "data.magnification=10", "model.stream=on",
+              "model.stream_tile=48", "train.epochs=1", "train.device=cpu", "tracking.enabled=false",
+              "train.heatmaps=0", "model.rfr.patch_size=8", "model.backbone=resnet18"]  # resnet18: half the weights
+    for name, extra in (("k4", []), ("e2e", ["model.mode=e2e"])):
+        capsys.readouterr()
+        sets = [a for key in (*common, f"run.name={name}", *extra) for a in ("--set", key)]
+        assert main(["train", "configs/synthetic.yaml", *sets]) == 0, name
+        summary = json.loads(capsys.readouterr().out.split("\nrun folder:")[0])
+        assert summary["completed"], name
+        assert summary["slides_seen"] > 0, name
+        cfg = load_checkpoint(tmp_path / name / "checkpoints" / "last").config
+        assert (cfg.data.magnification, cfg.model.stream) == (10, "on"), name
