@@ -3,6 +3,7 @@
 import contextlib
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from distlocal.model.tiling import stitched_forward
 # float64: the two steps differ only in summation order (~1e-16 relative); any real error (a position counted twice
 # or not at all, a missing halo) is of the order of the gradient itself.
 EXACT = {"rtol": 1e-9, "atol": 1e-11}
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"  # the shipped configs
 
 
 def _assert_exact(actual: torch.Tensor, expected: torch.Tensor, msg: str, rtol: float = EXACT["rtol"],
@@ -197,7 +199,7 @@ def test_10x_training_of_synthetic_slides_from_the_cli(tmp_path, capsys):
     for name, extra in (("k4", []), ("e2e", ["model.mode=e2e"])):
         capsys.readouterr()
         sets = [a for key in (*common, f"run.name={name}", *extra) for a in ("--set", key)]
-        assert main(["train", "configs/synthetic.yaml", *sets]) == 0, name
+        assert main(["train", str(CONFIGS / "synthetic.yaml"), *sets]) == 0, name
         summary = json.loads(capsys.readouterr().out.split("\nrun folder:")[0])
         assert summary["completed"], name
         assert summary["slides_seen"] > 0, name
