@@ -14,7 +14,7 @@ from distlocal.classifiers import classifier_name
 from distlocal.slides.region import thumbnail_step
 
 __all__ = ["accuracy_by_depth", "attention_heatmap", "classifiers_by_epoch", "confusion_matrix", "deployed_bars",
-           "inference_bars", "roc_curves"]
+           "inference_bars", "magnification_bars", "roc_curves"]
 
 
 def _pyplot():
@@ -198,6 +198,30 @@ def _time_bars(entries: list[dict], baseline_steps: tuple, our_steps: tuple, xla
     ax.set_xlabel(xlabel)
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    return _save(fig, path)
+
+
+def magnification_bars(report: dict, path: Path) -> Path:
+    """`bench magnification`: test accuracy and AUROC of each arm (5X / 10X x local / E2E), 95 % CI whiskers."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3.2))
+    arms = report["arms"]
+    labels = [f"{a['mode']}\n{a['magnification']}X" for a in arms]
+    colours = ["#9bb7d4" if a["magnification"] == 5 else "#2f5d8a" for a in arms]
+    for ax, metric in zip(axes, ("acc", "auroc"), strict=True):
+        values = [a[metric] for a in arms]
+        errors = [[v - a[f"{metric}_ci"][0] for v, a in zip(values, arms, strict=True)],
+                  [a[f"{metric}_ci"][1] - v for v, a in zip(values, arms, strict=True)]]
+        ax.bar(labels, values, color=colours, yerr=errors, capsize=4)
+        for seed_run in report["runs"]:
+            x = next(i for i, a in enumerate(arms) if (a["mode"], a["magnification"]) ==
+                     (seed_run["mode"], seed_run["magnification"]))
+            ax.plot(x, seed_run[metric], "k.", ms=4)
+        ax.axhline(0.5, color="grey", lw=0.8, ls="--")
+        ax.set_ylim(0, 1.05)
+        ax.set_title(f"test {'accuracy' if metric == 'acc' else 'AUROC'} (dots: seeds)", fontsize=9)
+    fig.suptitle(f"fine task: evidence one 10X pixel across ({report['slides']} slides, {report['seeds']} seeds)",
+                 fontsize=9)
     return _save(fig, path)
 
 

@@ -6,6 +6,7 @@ distlocal bench memory [--sizes HxW,HxW] [--device auto|cpu|cuda] [--set key=val
 distlocal bench inference [SLIDE_OR_MANIFEST ...] [--sizes HxW,HxW] [--mode deployed|memory] [--workers N]
                           [--checkpoint PATH] [--batch N] [--repeats 3]
 distlocal bench loading [MANIFEST] [--slides N] [--size H W] [--loaders 1,2,4] [--threads 1,2] [--cache DIR]
+distlocal bench magnification [--slides N] [--size H W] [--seeds N] [--epochs N] [--set key=value ...] [--out DIR]
 """
 
 from __future__ import annotations
@@ -20,20 +21,22 @@ log = logging.getLogger(__name__)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("what", choices=["pipeline", "io", "memory", "inference", "loading"],
+    p.add_argument("what", choices=["pipeline", "io", "memory", "inference", "loading", "magnification"],
                    help="pipeline: Ray executor against the local executor; io: reading a large slide to 5X against "
                         "decoding it in full; memory: one training step, end to end against every stage at K=4/8; "
                         "inference: whole-slide prediction against patch-based GABMIL (the paper's Table 3); loading: "
                         "slides/s the Ray loaders deliver, from originals and the cache, against loaders and threads, "
-                        "and the count train.loaders=auto picks for stage rates up to 50 slides/s")
+                        "and the count train.loaders=auto picks for stage rates up to 50 slides/s; "
+                        "magnification: local K=4 and E2E, both streamed, at 5X and 10X on slides whose evidence is "
+                        "one 10X pixel across (synth --task fine), --seeds runs each, with 95 %% CIs")
     p.add_argument("inputs", nargs="*", metavar="SLIDE_OR_MANIFEST",
                    help="inference: slide files or manifests to time (default: synthetic slides of --sizes)")
     p.add_argument("--config", help="YAML config; default: synthetic slides, resnet18, K=2, one thread per stage")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--slides", type=int, default=20, help="synthetic training slides when no manifest is given")
     p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"),
-                   help="synthetic slide size: at 5X for pipeline (default 384 384), at the base magnification for io "
-                        "(default 40000 40000)")
+                   help="synthetic slide size: at 5X for pipeline (default 384 384) and magnification (48 48), at "
+                        "the base magnification for io (default 40000 40000)")
     p.add_argument("--base-magnification", type=float, default=20.0,
                    help="io, inference: the scan magnification of the synthetic slide files written")
     p.add_argument("--mode", choices=["deployed", "memory"], default="deployed",
@@ -61,6 +64,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--replicas", help="pipeline: also run with these replicas per stage, e.g. 2,1 (stage 1 twice)")
     p.add_argument("--plan", choices=["auto"], help="pipeline: also run the planner's replicas on train.gpus devices "
                    "(default K+1), planned from the stage times measured alone")
+    p.add_argument("--seeds", type=int, default=2, help="magnification: training runs per arm (train.seed 0..N-1)")
     p.add_argument("--loaders", default="1,2,4", help="loading: loader counts (train.loaders) to time")
     p.add_argument("--threads", default="1,2", help="loading: threads per loader (data.prefetch) to time")
     p.add_argument("--cache", help="loading: the manifest's prepare cache (default: prepared into --out/cache)")
@@ -177,6 +181,14 @@ def run(args: argparse.Namespace) -> int:
         return _inference(args)
     if args.what == "loading":
         return _loading(args)
+    if args.what == "magnification":
+        from distlocal.bench.magnification import bench_magnification, format_magnification
+
+        report = bench_magnification(Path(args.out), args.slides, tuple(args.size or (48, 48)), args.seeds,
+                                     args.epochs or 4, args.overrides)
+        print(format_magnification(report))
+        print(f"wrote {Path(args.out) / 'magnification.json'} and {Path(args.out) / 'magnification.png'}")
+        return 0
     if args.what == "memory":
         from distlocal.bench.memory import PAPER_SIZES, bench_memory, format_memory
         from distlocal.model import resolve_device

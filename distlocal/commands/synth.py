@@ -1,4 +1,4 @@
-"""distlocal synth OUT_DIR --slides N --classes C --size H W --seed S [--task subtype|detect|texture]"""
+"""distlocal synth OUT_DIR --slides N --classes C --size H W --seed S [--task subtype|detect|texture|fine]"""
 
 from __future__ import annotations
 
@@ -13,13 +13,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--base-magnification", type=float, default=20.0, choices=(20.0, 40.0),
                    help="magnification of level 0 of the written files")
-    p.add_argument("--task", default="subtype", choices=("subtype", "detect", "texture"),
+    p.add_argument("--task", default="subtype", choices=("subtype", "detect", "texture", "fine"),
                    help="subtype: every class has its own structure shape; detect: class 0 has none (tumour vs "
                         "normal, easier to learn from scratch); texture: two classes, the same nodules, smooth "
-                        "or finely textured (low-level texture decides)")
+                        "or finely textured (low-level texture decides); fine: the texture task at the scale of one "
+                        "10X pixel, invisible at 5X (what a higher magnification buys)")
     p.add_argument("--fraction", type=float, help="share of the tissue the class structures cover (default 0.03; "
-                   "texture: 0.12); smaller is harder")
-    p.add_argument("--checker", type=float, help="texture: grey levels of class 1's fine texture (default 45); "
+                   "texture, fine: 0.12); smaller is harder")
+    p.add_argument("--checker", type=float, help="texture, fine: grey levels of class 1's fine texture (default 45); "
                    "smaller is harder")
 
 

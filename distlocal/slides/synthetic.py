@@ -41,7 +41,8 @@ def write_synthetic_dataset(out_dir: str | os.PathLike, slides: int, classes: in
     times ``base_magnification / 5``) with pyramid levels down to below 5X. Classes are balanced and the
     train/valid/test split is stratified by class; everything is deterministic for ``seed``.
     ``task`` is "subtype" (each class its own structure, same ink area), "detect" (class 0 has no structures,
-    class c has structure c - 1) or "texture" (two classes: smooth or finely textured nodules): see
+    class c has structure c - 1), "texture" (two classes: smooth or finely textured nodules) or "fine" (the
+    texture task at the scale of one 10X pixel: invisible at 5X): see
     ``synthetic_tissue.TASKS``. ``fraction`` (share of the tissue the structures cover) and ``checker`` (the texture
     task's amplitude) make a task harder when smaller; None keeps each task's default.
     """
@@ -49,10 +50,11 @@ def write_synthetic_dataset(out_dir: str | os.PathLike, slides: int, classes: in
         raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
     if slides < 1:
         raise ValueError(f"slides must be at least 1, got {slides}")
-    most = {"detect": len(MOTIFS) + 1, "texture": 2}.get(task, len(MOTIFS))
+    most = {"detect": len(MOTIFS) + 1, "texture": 2, "fine": 2}.get(task, len(MOTIFS))
     if not 1 <= classes <= most:
         raise ValueError(f"classes must be between 1 and {most} for task={task} (structures: "
-                         f"{'smooth, textured nodules' if task == 'texture' else ', '.join(MOTIFS)}), got {classes}")
+                         f"{'smooth, textured nodules' if task in ('texture', 'fine') else ', '.join(MOTIFS)}), "
+                         f"got {classes}")
     if fraction is not None and not 0 < fraction < 1:
         raise ValueError(f"fraction is the share of the tissue the structures cover, in (0, 1); got {fraction}")
     if len(splits) != 3 or min(splits) < 0 or not math.isclose(sum(splits), 1.0):

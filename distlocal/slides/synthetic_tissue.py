@@ -15,6 +15,9 @@ Two tasks (``TASKS``):
 - "texture": two classes with the same round nodules over ``NODULE_FRACTION`` of the tissue, in the same mean
   colour; class 1's nodules are finely textured (a 2-pixel checker at 5X), class 0's smooth. Low-level texture
   alone decides: the task where the shallow classifiers A_1 / A_2 see the evidence first.
+- "fine": the texture task with its checker at the scale of one 10X pixel (2 x 2 pixels at 20X, half a 5X pixel):
+  the evidence exists only above 5X. Every level is the area average of the scene (as a lower objective sees it),
+  so a 5X pixel averages two cells of either sign to the smooth nodule's colour: at 5X the classes are identical.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ _TEXTURE_CELL = 3.0  # 5X pixels between texture nodes
 NODULE = np.array([150.0, 104.0, 176.0], dtype=np.float32)  # the texture task's nodules: mid purple
 NODULE_FRACTION = 0.12  # share of the tissue the texture task's nodules cover, in both classes
 _CHECKER = 45.0  # grey levels either side of NODULE in class 1's texture: zero mean, so the mean colour is equal
+_CHECKER_CELL = {"texture": 2.0, "fine": 0.5}  # side of the checker's squares in 5X pixels, per task
 _DISK, _RING, _ELLIPSE = 0, 1, 2  # primitive kinds; a primitive row is (kind, y, x, a, b, angle) in 5X pixels
 
 
@@ -53,7 +57,8 @@ class SlidePlan:
     primitives: np.ndarray  # float64 (n, 6) rows (kind, y, x, a, b, angle), sorted by y
     reach: float  # largest distance from a primitive's centre to its ink
     ink: np.ndarray = dataclasses.field(default_factory=lambda: INK.copy())  # the structures' colour
-    checker: float = 0.0  # amplitude of the fine texture on the structures (texture task, class 1)
+    checker: float = 0.0  # amplitude of the fine texture on the structures (texture and fine tasks, class 1)
+    checker_cell: float = 2.0  # side of the texture's checker squares, in 5X pixels
 
 
 def _gland(rng: np.random.Generator, y: float, x: float) -> tuple[list, float]:
@@ -108,7 +113,7 @@ MOTIFS: dict[str, Callable[[np.random.Generator, float, float], tuple[list, floa
 _MOTIF = list(MOTIFS.values())
 
 
-TASKS = ("subtype", "detect", "texture")
+TASKS = ("subtype", "detect", "texture", "fine")
 
 
 def plan_slide(shape: tuple[int, int], label: int, rng: np.random.Generator, task: str = "subtype",
@@ -136,14 +141,14 @@ def plan_slide(shape: tuple[int, int], label: int, rng: np.random.Generator, tas
     if task == "detect":  # class 0 is normal tissue; class c carries the structures of shape c - 1
         rows, reach = _place_structures(shape, _MOTIF[label - 1], field, cell, rng, fraction or INK_FRACTION) \
             if label else (np.zeros((0, 6)), 1.0)
-    elif task == "texture":  # the same nodules in both classes; class 1's are finely textured
+    elif task in _CHECKER_CELL:  # the same nodules in both classes; class 1's are finely textured
         rows, reach = _place_structures(shape, _nodule, field, cell, rng, fraction or NODULE_FRACTION)
         ink, checker = NODULE, (_CHECKER if checker is None else checker) * (label == 1)
     else:
         rows, reach = _place_structures(shape, _MOTIF[label], field, cell, rng, fraction or INK_FRACTION)
     order = np.argsort(rows[:, 1], kind="stable")
     return SlidePlan(shape, label, field.astype(np.float32), cell, texture.astype(np.float32), rows[order], reach,
-                     ink.copy(), float(checker or 0.0) if task == "texture" else 0.0)
+                     ink.copy(), float(checker or 0.0) if task in _CHECKER_CELL else 0.0, _CHECKER_CELL.get(task, 2.0))
 
 
 def render_region(plan: SlidePlan, magnification: float, y0: int, x0: int, height: int, width: int,
@@ -160,8 +165,9 @@ def render_region(plan: SlidePlan, magnification: float, y0: int, x0: int, heigh
         tissue = STROMA + texture * (_LAVENDER - STROMA) + 6.0 * grain
         ink = _ink(plan, ys, xs, scale)[..., None]
         colour = plan.ink
-        if plan.checker:  # 2 x 2-pixel checker at 5X: (-1) ** (floor(y / 2) + floor(x / 2)), zero mean
-            sign = 1.0 - 2.0 * ((np.floor(ys / 2)[:, None] + np.floor(xs / 2)[None, :]) % 2)
+        if plan.checker:  # (-1) ** (floor(y / cell) + floor(x / cell)), zero mean, averaged over each pixel
+            sign = _square_wave_mean(ys, scale, plan.checker_cell)[:, None] * \
+                _square_wave_mean(xs, scale, plan.checker_cell)[None, :]
             colour = colour + plan.checker * sign[..., None].astype(np.float32)
         tissue += ink * (colour - tissue)
         out = np.where(inside[..., None], tissue, out)
@@ -211,6 +217,19 @@ def _ink(plan: SlidePlan, ys: np.ndarray, xs: np.ndarray, scale: float) -> np.nd
         coverage = np.clip(0.5 - distance / scale, 0.0, 1.0)
         np.maximum(ink[r0:r1, c0:c1], coverage, out=ink[r0:r1, c0:c1])
     return ink
+
+
+def _square_wave_mean(centres: np.ndarray, width: float, cell: float) -> np.ndarray:
+    """
+    The mean of (-1) ** floor(u / cell) over each pixel [centre - width / 2, centre + width / 2): exact, from the
+    wave's integral (a triangle wave). A pixel inside one cell gets +-1 (point sampling's value, bit for bit); a
+    pixel over an even number of cells gets 0, as an objective that cannot resolve the cells sees them.
+    """
+    def integral(u: np.ndarray) -> np.ndarray:
+        phase = np.mod(u / cell, 2.0)
+        return cell * np.where(phase < 1.0, phase, 2.0 - phase)
+
+    return (integral(centres + width / 2) - integral(centres - width / 2)) / width
 
 
 def _centred(nodes: int, length: float) -> np.ndarray:

@@ -168,3 +168,25 @@ def test_texture_task_differs_in_fine_texture_only(tmp_path):
     assert found[0][1] < 8 < 25 < found[1][1]  # flat vs a +-45 grey-level checker
     with pytest.raises(ValueError, match=r"between 1 and 2 for task=texture"):
         write_synthetic_dataset(tmp_path / "y", slides=2, classes=3, size=(32, 32), seed=0, task="texture")
+
+
+def _checker_energy(image: np.ndarray, mask: np.ndarray) -> float:
+    """Mean |2 x 2 checker filter| of the grey image over the tissue: a 1-pixel checker's energy, ~0 when smooth."""
+    grey = image.astype(float).mean(2)
+    response = np.abs(grey[:-1, :-1] - grey[1:, :-1] - grey[:-1, 1:] + grey[1:, 1:]) / 4
+    return float(response[mask[:-1, :-1]].mean())
+
+
+def test_fine_task_is_visible_at_10x_and_averaged_away_at_5x(tmp_path):
+    """
+    task=fine: the texture task's checker at one 10X pixel (2 x 2 pixels at 20X). Two written 20X slides that differ
+    only in their class (the same seed: the same tissue and nodules) read identically at 5X, pixel for pixel, and at
+    10X class 1 has several times class 0's checker energy.
+    """
+    reads = {}
+    for label in (0, 1):
+        path = write_synthetic_slide(tmp_path / f"{label}.tiff", label, (48, 48), 3, task="fine")
+        reads[label] = [read_slide(path, magnification=m) for m in (5.0, 10.0)]
+    np.testing.assert_array_equal(reads[0][0].image, reads[1][0].image)
+    smooth, fine = (_checker_energy(reads[label][1].image, reads[label][1].mask) for label in (0, 1))
+    assert fine > 3 * smooth, (smooth, fine)
