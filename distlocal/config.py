@@ -70,7 +70,8 @@ def _gpus_per_stage(key: str, value: float) -> str | None:
 def _stream_tile(key: str, value: int | str) -> str | None:
     if value == "auto" or (isinstance(value, int) and value > 0):
         return None
-    return f"{key}={value!r}; give a tile side in slide pixels (e.g. 4096) or auto (the largest that fits train.memory_gb)"
+    return (f"{key}={value!r}; give a tile side in slide pixels (e.g. 4096) or auto (the largest that fits "
+            f"train.memory_gb)")
 
 
 @dataclass

@@ -58,7 +58,8 @@ def test_auto_tile_fits_the_budget(make_cfg):
     stage = build_stage(make_cfg(*SMALL, "model.stream=on", "model.stream_tile=auto", "train.memory_gb=0.1"), 2, 0)
     tile = stage.streaming.tile
     assert stage.streaming.limit is None  # on: every slide streams
-    assert 48 <= tile < 420 and tile % stage.spec.out_stride == 0
+    assert 48 <= tile < 420
+    assert tile % stage.spec.out_stride == 0
     x = _slide(600, 420)  # 2 x 2 tiles or more
     params = {p.untyped_storage().data_ptr() for p in stage.modules.parameters()}
     with SavedTensors(exclude=params) as saved:

@@ -6,12 +6,12 @@ import torch
 
 from distlocal.config import Config, ConfigError
 from distlocal.model.backbone import Backbone, StageSpec, build_backbone, split_backbone
+from distlocal.model.budget import plan_streaming
 from distlocal.model.e2e import EndToEnd, WholeSlideNet
 from distlocal.model.interface import StageInterface
 from distlocal.model.mil import AuxClassifier, classifier_kernel
 from distlocal.model.rfr import FeatureReconstruction
 from distlocal.model.stage import Stage
-from distlocal.model.budget import plan_streaming
 
 __all__ = ["build_stages", "build_stage", "resolve_device", "stage_seed"]
 
