@@ -26,7 +26,7 @@ from distlocal.slides.pyramid import Level, Pyramid
 from distlocal.slides.resample import area_weights, resample_band
 from distlocal.slides.tissue import MIN_TISSUE_SATURATION, detect_tissue, tissue_bbox
 
-__all__ = ["SlideImage", "read_slide", "slide_info"]
+__all__ = ["SlideImage", "read_shape", "read_slide", "slide_info"]
 
 _LEVEL_TOLERANCE = 0.02  # level sizes are rounded: the "5X" level of a 20X slide can be 4.999X
 _THUMBNAIL_SIDE = 1024  # long side of the image tissue is detected on; a level of half that is used as it is
@@ -102,6 +102,16 @@ def read_slide(path: str | os.PathLike, magnification: float = 5.0, level: int |
             image = _read_resized(source, plan.shape, box)
         mask = _upsample_mask(tissue.mask, plan.shape, box)
     return SlideImage(image, mask, plan.magnification, plan.level, box, pyramid.reader)
+
+
+def read_shape(path: str | os.PathLike, magnification: float = 5.0, level: int | None = None,
+               base_magnification: float | None = None, reader: str = "auto") -> tuple[int, int]:
+    """
+    The whole slide's (height, width) at ``magnification`` as read_slide would read it, from the file's level
+    dimensions alone (no pixel decoded): its tissue crop is at most this.
+    """
+    with open_slide(path, reader) as pyramid:
+        return _plan_read(pyramid, magnification, level, base_magnification).shape
 
 
 def slide_info(path: str | os.PathLike, reader: str = "auto") -> dict:
