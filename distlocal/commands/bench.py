@@ -2,7 +2,7 @@
 distlocal bench pipeline [--config CONFIG] [--set key=value ...] [--slides N] [--size H W] [--epochs N]
                          [--replicas 2,1 | --plan auto]
 distlocal bench io [--size H W] [--base-magnification 20] [--repeats 3]
-distlocal bench memory [--sizes HxW,HxW] [--device auto|cpu|cuda] [--set key=value ...]
+distlocal bench memory [--sizes HxW,HxW] [--device auto|cpu|cuda] [--set key=value ...] [--stream [--stream-tile PX]]
 distlocal bench inference [SLIDE_OR_MANIFEST ...] [--sizes HxW,HxW] [--mode deployed|memory] [--workers N]
                           [--checkpoint PATH] [--batch N] [--repeats 3]
 distlocal bench loading [MANIFEST] [--slides N] [--size H W] [--loaders 1,2,4] [--threads 1,2] [--cache DIR]
@@ -45,6 +45,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sizes", help="memory, inference: synthetic slide sizes at 5X, e.g. 1024x1024,2048x1536 "
                    "(default on CPU: 1024x1024,2048x1536 for memory, 2048x2048,4096x3072 for inference; on CUDA: "
                    "the paper's 8698x7496,12223x10057,23849x10257)")
+    p.add_argument("--stream", action="store_true", help="memory: streamed stages (model.stream=on) at K=4 and E2E "
+                   "at --sizes (measured; default on a CPU 1024x768,4096x3072: 16x the pixels, as 5X to 20X), the "
+                   "paper's slides at 5X, 10X and 20X computed from them; writes memory_stream.json and .png")
+    p.add_argument("--stream-tile", type=int, default=512, help="memory --stream: model.stream_tile (slide pixels)")
     p.add_argument("--device", default="auto", help="memory, inference: auto (CUDA when present), cpu or cuda")
     p.add_argument("--checkpoint", help="inference: time this trained model (default: the config's, random weights)")
     p.add_argument("--classifiers", help="inference: also time ours deciding by each of these predict.classifier "
@@ -173,6 +177,17 @@ def run(args: argparse.Namespace) -> int:
         return _inference(args)
     if args.what == "loading":
         return _loading(args)
+    if args.what == "memory" and args.stream:
+        from distlocal.bench.stream_memory import bench_stream_memory, format_stream_memory
+
+        sizes = _sizes(args.sizes) if args.sizes else [(1024, 768), (4096, 3072)]
+        if len(sizes) < 2:
+            raise ConfigError(f"--sizes {args.sizes!r}: bench memory --stream needs two sizes or more (a line "
+                              f"through them computes the paper's), e.g. 1024x768,4096x3072")
+        report = bench_stream_memory(Path(args.out), sizes, args.stream_tile, args.overrides, args.device)
+        print(format_stream_memory(report))
+        print(f"wrote {Path(args.out) / 'memory_stream.json'} and {Path(args.out) / 'memory_stream.png'}")
+        return 0
     if args.what == "memory":
         from distlocal.bench.memory import PAPER_SIZES, bench_memory, format_memory
         from distlocal.model import resolve_device

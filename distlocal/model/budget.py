@@ -53,7 +53,8 @@ class SavedTensors:
     """
     The storages autograd saves for backward while a step runs (a context manager), each storage counted once:
     ``total``, every storage it saved, and ``peak``, the most it held at one moment (a streamed step frees each
-    tile's before the next).
+    tile's before the next); ``first_peak`` and ``later_peak`` split it at the first release (a streamed step's
+    global part, saved before its backward starts, and its tiles' reruns after).
 
     ``held``: storages kept for backward some other way (the block inputs that recomputation keeps), by key; counted
     in ``total`` with the rest. ``exclude``: storages counted elsewhere (parameters, which a convolution saves for
@@ -64,7 +65,8 @@ class SavedTensors:
         self.seen = held if held is not None else {}
         self.exclude = exclude
         self.count: dict[int, int] = {}
-        self.now = self.peak = 0
+        self.now = self.peak = self.first_peak = self.later_peak = 0
+        self.released = False
 
     def __enter__(self) -> SavedTensors:
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
@@ -79,9 +81,15 @@ class SavedTensors:
         return sum(v for k, v in self.seen.items() if k not in self.exclude)
 
     def _pack(self, t: torch.Tensor):
-        storage = t.untyped_storage()
-        key = storage.data_ptr()
-        self.seen[key] = storage.nbytes()
+        base = t._base
+        if base is not None and base.grad_fn is None and not base.requires_grad:
+            # A tile cut from a map held outside the step (a streamed stage's host map): on a device it is a copy of
+            # its own, not the map (on a CPU the tile's .to(device) is the map's view).
+            key, nbytes = t.data_ptr(), t.numel() * t.element_size()
+        else:
+            storage = t.untyped_storage()
+            key, nbytes = storage.data_ptr(), storage.nbytes()
+        self.seen[key] = nbytes
         # Detached: a saved output packed as itself would hold its own grad_fn, a cycle that no collector frees
         # when backward never runs (bench memory's reruns): 0.7 GB a stage at 4096 x 3072 before this.
         if key in self.exclude:
@@ -89,6 +97,10 @@ class SavedTensors:
         if not self.count.get(key):
             self.now += self.seen[key]
             self.peak = max(self.peak, self.now)
+            if self.released:
+                self.later_peak = max(self.later_peak, self.now)
+            else:
+                self.first_peak = self.now
         self.count[key] = self.count.get(key, 0) + 1
         return _Held(t.detach(), key, self)
 
@@ -100,6 +112,7 @@ class SavedTensors:
         self.count[key] -= 1
         if not self.count[key]:
             self.now -= self.seen[key]
+            self.released = True
 
 
 def state_bytes(modules) -> dict[str, int]:
