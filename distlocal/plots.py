@@ -150,7 +150,7 @@ def memory_bars(report: dict, path: Path) -> Path:
 
 def stream_memory_lines(report: dict, path: Path) -> Path:
     """
-    bench memory --stream: the largest stage's bytes against the slide's pixels, streamed (measured points, computed
+    Bench memory --stream: the largest stage's bytes against the slide's pixels, streamed (measured points, computed
     lines) against E2E without streaming, with 16 GB of device memory marked.
     """
     plt = _pyplot()

@@ -72,7 +72,7 @@ def test_a_bf16_run_labels_its_rows_and_adds_an_fp32_row():
 
 def test_bench_memory_stream_rows_and_a_stage_flat_against_the_slide(tmp_path):
     """
-    bench memory --stream at two small sizes (3 and 6 tiles of 192 px): every row; each stage's peak in its tiles'
+    Bench memory --stream at two small sizes (3 and 6 tiles of 192 px): every row; each stage's peak in its tiles'
     reruns is the same at both (the tile sets it, not the slide), the global part grows; the largest stage stays
     within 10 %.
     """
