@@ -71,16 +71,15 @@ def _run(cfg, size: tuple[int, int], device: torch.device) -> list[dict]:
 
 def _computed(measured: list[list[dict]], sizes: list[tuple[int, int]], pixels: float) -> list[dict]:
     """
-    Each stage at ``pixels``: state + the larger of its two peaks, each on the line through the first and last
-    measured sizes: the global part's, and the tiles' (a tile's rerun, plus what of the global part's graph autograd
-    still holds then: it grows with the slide, far slower).
+    Each stage at ``pixels``: state + the larger of its global part, on the line through the first and last measured
+    sizes, and its tiles' peak at the last size (where, at 3 tiles a side or more, an inner tile with its halo on
+    every side is measured: the largest a tile's rerun gets, whatever the slide).
     """
     (p0, p1), rows = (sizes[0][0] * sizes[0][1], sizes[-1][0] * sizes[-1][1]), []
     for small, large in zip(measured[0], measured[-1], strict=True):
-        line = {key: small[key] + max(0.0, (large[key] - small[key]) / (p1 - p0)) * (pixels - p0)
-                for key in ("global", "tile")}
-        rows.append({"stage": small["stage"], **line, "model_total": small["state"] + max(line.values()),
-                     "computed": True})
+        global_bytes = small["global"] + max(0.0, (large["global"] - small["global"]) / (p1 - p0)) * (pixels - p0)
+        rows.append({"stage": small["stage"], "global": global_bytes, "tile": large["tile"],
+                     "model_total": small["state"] + max(global_bytes, large["tile"]), "computed": True})
     return rows
 
 
@@ -169,11 +168,17 @@ def format_stream_memory(report: dict) -> str:
               "maps per slide, largest stage (GB) |", "|---|---|---|---|---|---|---|---|---|"]
     for entry in report["computed"]:
         stages = " / ".join(f"{r['model_total'] / GB:.2f}" for r in entry["k4"])
+        e2e = f"{_largest(entry['e2e']) / GB:.2f}" if "e2e" in entry else "-"
         lines.append(f"| {entry['size_5x'][0]} x {entry['size_5x'][1]} | {entry['magnification']}X | "
                      f"{entry['size'][0]} x {entry['size'][1]} | {stages} | {_largest(entry['k4']) / GB:.2f} | "
-                     f"{_largest(entry['e2e']) / GB if 'e2e' in entry else 0:.2f} | {entry['e2e_whole_gb']:,.0f} | "
+                     f"{e2e} | {entry['e2e_whole_gb']:,.0f} | "
                      f"{entry['paper_e2e_gb']:,.0f}"
                      f" | {max(entry['host_maps_gb']):,.1f} |")
+    by_slide = {}
+    for entry in report["computed"]:
+        by_slide.setdefault(tuple(entry["size_5x"]), {})[entry["magnification"]] = _largest(entry["k4"])
+    lines += ["", "K=4 largest stage from 5X to 20X (16x the pixels), computed: " + ", ".join(
+        f"{h} x {w}: {100 * (mags[20] / mags[5] - 1):+.1f} %" for (h, w), mags in by_slide.items())]
     lines += ["", "| method | stage | whole-slide step (s) | streamed step (s) | streamed / whole |",
               "|---|---|---|---|---|"]
     for name, timing in report["time"].items():
