@@ -7,6 +7,7 @@ import ray
 
 from distlocal.config import ConfigError
 from distlocal.data import read_manifest
+from distlocal.data.prepare import prepare_slides
 from distlocal.engine.capacity import slide_shape, slides_in_flight, stage_maps
 from distlocal.engine.trainer import Trainer
 from distlocal.model.backbone import build_backbone, split_backbone
@@ -22,6 +23,9 @@ def test_map_bytes_follow_the_slide_and_the_travelling_dtype(manifest, tmp_path)
     image = read_slide(record.path).image
     assert image.shape[0] <= height  # the whole slide bounds its tissue crop
     assert image.shape[1] <= width
+    prepare_slides([record], tmp_path / "cache", cfg.data, workers=1)
+    cached = tiny_run(manifest, tmp_path, f"data.cache_dir={tmp_path / 'cache'}")
+    assert slide_shape(record, cached.data) == image.shape[:2]  # a prepared slide: its crop's, from the JSON
     specs = split_backbone(build_backbone(cfg.model), cfg.model.k, cfg.model.split, cfg.model.blocks_per_stage)
     fp32 = stage_maps(cfg, specs, (96, 96))
     assert fp32[0].output == 128 * 8 * 8 * 4  # resnet18's layer2: 128 channels at 1/12
