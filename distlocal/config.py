@@ -74,6 +74,13 @@ def _loaders(key: str, value: str | int) -> str | None:
             f"measured read rate against the slowest stage's")
 
 
+def _stream_tile(key: str, value: int | str) -> str | None:
+    if value == "auto" or (isinstance(value, int) and value > 0):
+        return None
+    return (f"{key}={value!r}; give a tile side in slide pixels (e.g. 4096) or auto (the largest that fits "
+            f"train.memory_gb)")
+
+
 @dataclass
 class RFRConfig:
     enabled: bool = True  # random feature reconstruction on stages 1..K-1; false for the ablation
@@ -104,11 +111,13 @@ class ModelConfig:
     aux_kernels: list[int] = field(default_factory=list)
     rfr: RFRConfig = field(default_factory=RFRConfig)
     # Streamed stages (model/stream.py): off: each stage holds its whole slide's activations | on: each stage (and
-    # E2E) trains tile by tile with the same gradients, its device memory set by model.stream_tile, not the slide.
-    stream: str = choice("off", "on")
-    # model.stream=on: side, in slide pixels, of the region one tile's outputs cover (the same slide area at every
-    # stage; each tile adds its footprint's halo). Smaller tiles: less device memory, more recomputed halo.
-    stream_tile: int = positive(4096)
+    # E2E) trains tile by tile with the same gradients, its device memory set by model.stream_tile, not the slide |
+    # auto: a stage streams a slide only when its whole-slide step would not fit train.memory_gb (model/budget.py).
+    stream: str = choice("off", "on", "auto")
+    # model.stream on / auto: side, in slide pixels, of the region one tile's outputs cover (the same slide area at
+    # every stage; each tile adds its footprint's halo). Smaller tiles: less device memory, more recomputed halo.
+    # auto: each stage's largest tile that fits train.memory_gb, from a probe step's measured working set.
+    stream_tile: int | str = checked(4096, _stream_tile)
 
 
 @dataclass
@@ -145,6 +154,12 @@ class TrainConfig:
     # Run each frozen BatchNorm folded into the convolution before it: the same function (BatchNorm is a fixed
     # per-channel scale and shift in eval mode), about half the activations kept for backward, and faster.
     fold_batchnorm: bool = True
+    # Device memory one stage may use, in GB, for model.stream=auto and model.stream_tile=auto: 0 is the device's
+    # free memory on CUDA (when the stage is built), the host's available memory on a CPU (its cgroup's limit too).
+    memory_gb: float = non_negative(0.0)
+    # Host memory the slides' maps may use, in GB: a slide whose stage input and output maps, times the slides in
+    # flight, exceed it is refused before training (engine/capacity.py). 0: the node's available memory.
+    host_memory_gb: float = non_negative(0.0)
     device: str = checked("auto", lambda key, v: None if v in ("auto", "cpu", "cuda") or v.startswith("cuda:") else
                           f"{key}={v!r}; choose auto, cpu, cuda or cuda:N")  # auto: cuda if present
     # Ray executor: dtype of the activations between stages: auto (train.precision's, on any device) | fp32 | bf16

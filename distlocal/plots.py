@@ -153,6 +153,37 @@ def memory_bars(report: dict, path: Path) -> Path:
     return _save(fig, path)
 
 
+def stream_memory_lines(report: dict, path: Path) -> Path:
+    """
+    Bench memory --stream: the largest stage's bytes against the slide's pixels, streamed (measured points, computed
+    lines) against E2E without streaming, with 16 GB of device memory marked.
+    """
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 5))
+    computed = sorted(report["computed"], key=lambda e: e["size"][0] * e["size"][1])
+    pixels = [e["size"][0] * e["size"][1] for e in computed]
+    for name, label, colour in (("k4", "K=4 largest stage, streamed", "#08519c"), ("e2e", "E2E, streamed", "#333333")):
+        if name not in report["measured"]:
+            continue
+        ax.plot(pixels, [max(r["model_total"] for r in e[name]) / 1e9 for e in computed], "-", color=colour,
+                label=f"{label} (computed)")
+        measured = report["measured"][name]
+        ax.plot([m["size"][0] * m["size"][1] for m in measured],
+                [max(r["model_total"] for r in m["rows"]) / 1e9 for m in measured], "o", color=colour,
+                label=f"{label} (measured)")
+    ax.plot(pixels, [e["e2e_whole_gb"] for e in computed], "--", color="#a63603", label="E2E whole-slide (computed)")
+    ax.plot(pixels, [e["paper_e2e_gb"] for e in computed], ":", color="#a63603", label="E2E, paper's Table 2 x pixels")
+    ax.axhline(16, color="grey", linewidth=0.8, label="16 GB")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("slide pixels (the paper's three slides at 5X, 10X, 20X)")
+    ax.set_ylabel("GB per training step")
+    ax.set_title(f"Streamed stages, tiles of {report['tile']} px ({report['device']}, {report['precision']})",
+                 fontsize=9)
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
 def inference_bars(report: dict, path: Path) -> Path:
     """Seconds per slide: GABMIL's tiling / features / prediction stacked against whole-slide prediction."""
     steps = (("tiling_s", "tiling", "#bbbbbb"), ("features_s", "features", "#ff7f0e"),

@@ -31,6 +31,7 @@ import torch
 from distlocal.bench import base_overrides
 from distlocal.config import Config, load_config
 from distlocal.model import build_stages, resolve_device
+from distlocal.model.budget import SavedTensors, state_bytes
 from distlocal.model.stage import autocast
 
 __all__ = ["PAPER_SIZES", "bench_memory", "format_memory"]
@@ -51,24 +52,12 @@ def _key(t: torch.Tensor) -> int:
 
 def _saved_bytes(step, held: dict[int, int] | None = None, exclude: set[int] = frozenset()) -> tuple[int, object]:
     """
-    Run ``step()`` and return (bytes of distinct storages autograd saved for backward, step's result).
-
-    ``held``: storages kept for backward some other way (the block inputs that recomputation keeps), by key;
-    counted once with the rest. ``exclude``: storages counted elsewhere (parameters, which a convolution saves
-    for its backward too, and the stage's input).
+    Run ``step()`` and return (bytes of distinct storages autograd saved for backward, step's result): SavedTensors'
+    total, with its ``held`` (the block inputs recomputation keeps) and ``exclude`` (parameters, the input).
     """
-    seen: dict[int, int] = held if held is not None else {}
-
-    def pack(t: torch.Tensor):
-        storage = t.untyped_storage()
-        seen[storage.data_ptr()] = storage.nbytes()
-        # Detached: a saved output packed as itself would hold its own grad_fn, a cycle that no collector frees
-        # when backward never runs (the reruns below): 0.7 GB a stage at 4096 x 3072 before this.
-        return t.detach()
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with SavedTensors(held, exclude) as saved:
         result = step()
-    return sum(v for k, v in seen.items() if k not in exclude), result
+    return saved.total, result
 
 
 def _blocks(stage):
@@ -99,13 +88,6 @@ def _largest_block(inputs: dict, bf16: bool) -> int:
             saved, _ = _saved_bytes(lambda b=block, h=x: b(h), exclude=exclude)
         largest = max(largest, saved)
     return largest
-
-
-def _state_bytes(modules) -> dict[str, int]:
-    params = [p for m in modules for p in m.parameters()]
-    trainable = sum(_bytes(p) for p in params if p.requires_grad)
-    return {"params": sum(_bytes(p) for p in params), "grads": trainable,
-            "optimizer": 2 * trainable}  # AdamW: exp_avg and exp_avg_sq
 
 
 def _stem(stage):
@@ -157,7 +139,7 @@ def measure(cfg: Config, size: tuple[int, int], device: torch.device) -> list[di
         seconds = time.perf_counter() - start
         # Read now: _largest_block below reruns blocks on the device, and their activations are no part of the step.
         step_peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
-        state = _state_bytes(_modules(stage))
+        state = state_bytes(_modules(stage))
         slide = _bytes(x)
         # A later stage's input is held by its caller all step; stage 1's slide only while the stem runs, but its
         # stem output all step: counted here when the blocks saved a copy of it instead (an fp32 map under bf16).

@@ -2,7 +2,7 @@
 distlocal bench pipeline [--config CONFIG] [--set key=value ...] [--slides N] [--size H W] [--epochs N]
                          [--replicas 2,1 | --plan auto]
 distlocal bench io [--size H W] [--base-magnification 20] [--repeats 3] [--ways W1,W2]
-distlocal bench memory [--sizes HxW,HxW] [--device auto|cpu|cuda] [--set key=value ...]
+distlocal bench memory [--sizes HxW,HxW] [--device auto|cpu|cuda] [--set key=value ...] [--stream [--stream-tile PX]]
 distlocal bench inference [SLIDE_OR_MANIFEST ...] [--sizes HxW,HxW] [--mode deployed|memory] [--workers N]
                           [--checkpoint PATH] [--batch N] [--repeats 3]
 distlocal bench loading [MANIFEST] [--slides N] [--size H W] [--loaders 1,2,4] [--threads 1,2] [--cache DIR]
@@ -52,6 +52,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sizes", help="memory, inference: synthetic slide sizes at 5X, e.g. 1024x1024,2048x1536 "
                    "(default on CPU: 1024x1024,2048x1536 for memory, 2048x2048,4096x3072 for inference; on CUDA: "
                    "the paper's 8698x7496,12223x10057,23849x10257)")
+    p.add_argument("--stream", action="store_true", help="memory: streamed stages (model.stream=on) at K=4 and E2E "
+                   "at --sizes (measured; default 768x1536,3072x6144: 16x the pixels, as 5X to 20X), the "
+                   "paper's slides at 5X, 10X and 20X computed from them; writes memory_stream.json and .png")
+    p.add_argument("--stream-tile", type=int, default=512, help="memory --stream: model.stream_tile (slide pixels)")
+    p.add_argument("--stream-methods", default="k4,e2e", help="memory --stream: what to measure streamed: k4, e2e "
+                   "(E2E's halo is 672 px: small tiles recompute most of each tile)")
     p.add_argument("--device", default="auto", help="memory, inference: auto (CUDA when present), cpu or cuda")
     p.add_argument("--checkpoint", help="inference: time this trained model (default: the config's, random weights)")
     p.add_argument("--classifiers", help="inference: also time ours deciding by each of these predict.classifier "
@@ -188,6 +194,19 @@ def run(args: argparse.Namespace) -> int:
                                      args.epochs or 4, args.overrides)
         print(format_magnification(report))
         print(f"wrote {Path(args.out) / 'magnification.json'} and {Path(args.out) / 'magnification.png'}")
+    if args.what == "memory" and args.stream:
+        from distlocal.bench.stream_memory import bench_stream_memory, format_stream_memory
+
+        sizes = _sizes(args.sizes) if args.sizes else [(768, 1536), (3072, 6144)]
+        methods = tuple(m.strip() for m in args.stream_methods.split(","))
+        if not methods or not set(methods) <= {"k4", "e2e"}:
+            raise ConfigError(f"--stream-methods {args.stream_methods!r}: choose k4, e2e or both (k4,e2e)")
+        if len(sizes) < 2:
+            raise ConfigError(f"--sizes {args.sizes!r}: bench memory --stream needs two sizes or more (a line "
+                              f"through them computes the paper's), e.g. 768x1536,3072x6144")
+        report = bench_stream_memory(Path(args.out), sizes, args.stream_tile, args.overrides, args.device, methods)
+        print(format_stream_memory(report))
+        print(f"wrote {Path(args.out) / 'memory_stream.json'} and {Path(args.out) / 'memory_stream.png'}")
         return 0
     if args.what == "memory":
         from distlocal.bench.memory import PAPER_SIZES, bench_memory, format_memory

@@ -21,6 +21,7 @@ import numpy as np
 from distlocal.classifiers import best_index, choose, classifier_name
 from distlocal.config import Config, save_config
 from distlocal.data import ManifestError, SlideLoader, read_manifest
+from distlocal.engine.capacity import check_capacity
 from distlocal.engine.checkpoint import for_restoring, load_checkpoint, save_checkpoint
 from distlocal.engine.evaluate import by_classifier, evaluate, metrics_line, monitored
 from distlocal.engine.executor import make_executor
@@ -124,6 +125,8 @@ class Trainer:
         if ((cfg.model.split == "auto" or cfg.train.plan == "auto") and not resume) or loaders_auto:
             self.cfg, self.plan = resolve_plan(cfg, len(self.classes), self._sample())
             self.cfg, self.loader_plan = resolve_loaders(self.cfg, self.plan, self.train_set, self.train_loader)
+        # Before any stage starts: a slide whose maps cannot fit host memory or the object store is refused now.
+        check_capacity(self.cfg, self.manifest.records)
         self.state = TrainState()
         self._start_executor(resume)
         self.run_dir.mkdir(parents=True, exist_ok=True)

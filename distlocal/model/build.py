@@ -6,12 +6,12 @@ import torch
 
 from distlocal.config import Config, ConfigError
 from distlocal.model.backbone import Backbone, StageSpec, build_backbone, split_backbone
+from distlocal.model.budget import plan_streaming
 from distlocal.model.e2e import EndToEnd, WholeSlideNet
 from distlocal.model.interface import StageInterface
 from distlocal.model.mil import AuxClassifier, classifier_kernel
 from distlocal.model.rfr import FeatureReconstruction
 from distlocal.model.stage import Stage
-from distlocal.model.stream import Streaming
 
 __all__ = ["build_stages", "build_stage", "resolve_device", "stage_seed"]
 
@@ -57,12 +57,14 @@ def _make(cfg: Config, backbone: Backbone, specs: list[StageSpec], index: int, n
     is_last = index == len(specs) - 1
     classifier, rfr = _aux_models(cfg, backbone, spec, num_classes, is_last)
     if cfg.model.mode == "e2e":
-        net = WholeSlideNet(backbone, classifier)
-        return EndToEnd(spec, net, cfg, device, stage_seed(cfg.train.seed, 0), Streaming.of(cfg.model))
-    blocks = [backbone.blocks[b] for b in spec.blocks]
-    stem = backbone.stem if index == 0 else None
-    return Stage(spec, blocks, classifier, rfr, stem, cfg, device, stage_seed(cfg.train.seed, index), is_last,
-                 Streaming.of(cfg.model))
+        stage = EndToEnd(spec, WholeSlideNet(backbone, classifier), cfg, device, stage_seed(cfg.train.seed, 0))
+    else:
+        blocks = [backbone.blocks[b] for b in spec.blocks]
+        stem = backbone.stem if index == 0 else None
+        stage = Stage(spec, blocks, classifier, rfr, stem, cfg, device, stage_seed(cfg.train.seed, index), is_last)
+    # model.stream: as given, or (auto) from a probe of this stage on its own device against train.memory_gb
+    stage.streaming = plan_streaming(stage, cfg)
+    return stage
 
 
 def build_stages(cfg: Config, num_classes: int, device: torch.device | str = "cpu") -> list[StageInterface]:

@@ -69,18 +69,33 @@ class EndToEnd(StageInterface):
             torch.cuda.reset_peak_memory_stats(self.device)
         self.net.train()
         freeze_batchnorm(self.net)
-        if self.streaming:
+        if self.streaming and self.streaming.streams(self.slide_pixels(x)):
             return self._streamed_step(x, y, start)
-        with self._autocast():
-            # The frozen stem keeps nothing for backward: run it in tiles, as stage 1 does (run_stem).
-            x = run_stem(self.net.stem, x, self.device, self.bf16)
-            logits, _ = self.net.head(self.net.run_blocks(x), self.generator)
-            loss = F.cross_entropy(wide(logits), torch.tensor([y], device=self.device))
+        logits, loss = self._whole_step(x, torch.tensor([y], device=self.device), self.generator)
         if self.driver_steps:
             self.optim.add(loss)
         stepped = False if self.driver_steps else self.optim.backward(loss)
         metrics = step_metrics(self.optim, self.device, start, logits, y, loss, torch.zeros(()), loss, stepped)
         return logits.detach(), metrics
+
+    def _whole_step(self, x: torch.Tensor, target: torch.Tensor, generator: torch.Generator):
+        """The whole-slide forward and loss: (logits, loss with its graph)."""
+        with self._autocast():
+            # The frozen stem keeps nothing for backward: run it in tiles, as stage 1 does (run_stem).
+            x = run_stem(self.net.stem, x, self.device, self.bf16)
+            logits, _ = self.net.head(self.net.run_blocks(x), generator)
+            return logits, F.cross_entropy(wide(logits), target)
+
+    def slide_pixels(self, x: torch.Tensor) -> int:
+        """E2E takes the slide itself."""
+        return x.shape[-2] * x.shape[-1]
+
+    def probe_loss(self, x: torch.Tensor) -> torch.Tensor:
+        """The whole-slide step's loss on ``x`` with its graph (model/budget.py); nothing of the run's state moves."""
+        self.net.train()
+        freeze_batchnorm(self.net)
+        target = torch.zeros(1, dtype=torch.long, device=self.device)
+        return self._whole_step(x, target, torch.Generator().manual_seed(0))[1]
 
     def _streamed_step(self, x: torch.Tensor, y: int, start: float) -> tuple[torch.Tensor, dict]:
         """Every block tile by tile, H's first conv too, the rest of H with autograd (model/stream.py)."""
@@ -92,7 +107,7 @@ class EndToEnd(StageInterface):
             self.optim.add(step.loss, step.backward)
         stepped = False if self.driver_steps else self.optim.backward(step.loss, step.backward)
         metrics = step_metrics(self.optim, self.device, start, step.logits, y, step.loss, torch.zeros(()), step.loss,
-                               stepped)
+                               stepped, streamed=True)
         return step.logits.detach(), metrics
 
     @torch.no_grad()

@@ -123,7 +123,7 @@ def run_stem(stem: nn.Module, x: torch.Tensor | RegionInput, device: torch.devic
 
 def step_metrics(optim: LocalOptimizer, device: torch.device, start: float, logits: torch.Tensor, y: int,
                  loss_cls: torch.Tensor, loss_rec: torch.Tensor, loss: torch.Tensor, stepped: bool,
-                 patch: int = 0) -> dict:
+                 patch: int = 0, streamed: bool = False) -> dict:
     """The numbers a training step reports (plain floats, cheap to send from a Ray actor)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -132,7 +132,7 @@ def step_metrics(optim: LocalOptimizer, device: torch.device, start: float, logi
         "loss_cls": loss_cls.item(), "loss_rec": loss_rec.item(), "loss": loss.item(),
         "correct": float(logits.argmax(1).item() == y), "lr": lrs["backbone"], "lr_aux": lrs["auxiliary"],
         "step_s": time.perf_counter() - start, "stepped": float(stepped), "rfr_patch": float(patch),
-        "peak_mem_mb": peak_memory_mb(device),
+        "peak_mem_mb": peak_memory_mb(device), "streamed": float(streamed),
     }
 
 
@@ -200,26 +200,46 @@ class Stage(StageInterface):
         self.modules.train()
         freeze_batchnorm(self.modules["backbone"])
         target = torch.tensor([y], device=self.device)
-        tile_out = self.streaming.tile_out(self.spec) if self.streaming else None
-        if tile_out is not None:
-            step = self._streamed_step(x, target, tile_out)
+        if self.streaming and self.streaming.streams(self.slide_pixels(x)):
+            step = self._streamed_step(x, target, self.streaming.tile_out(self.spec))
             stepped = self._backward(step.loss, step.backward)
             metrics = step_metrics(self.optim, self.device, start, step.logits, y, step.loss_cls, step.loss_rec,
-                                   step.loss, stepped, step.patch)
+                                   step.loss, stepped, step.patch, streamed=True)
             return step.out, metrics
-        x = self._input(x)
-        with self._autocast():
-            out = run_blocks(self.modules["backbone"], x, self.recompute)
-            logits, _ = self.modules["classifier"](out, self.generator)
-            loss_cls = F.cross_entropy(wide(logits), target)
-            loss_rec, patch = torch.zeros((), device=self.device), 0
-            if "rfr" in self.modules:
-                loss_rec, patch = self.modules["rfr"](out, x, self.generator)
-                self.rfr_clamped += patch < self.modules["rfr"].patch
-            loss = loss_cls + self.alpha * wide(loss_rec)
+        out, logits, loss_cls, loss_rec, patch, loss = self._whole_step(x, target, self.generator)
+        if "rfr" in self.modules:
+            self.rfr_clamped += patch < self.modules["rfr"].patch
         stepped = self._backward(loss)
         metrics = step_metrics(self.optim, self.device, start, logits, y, loss_cls, loss_rec, loss, stepped, patch)
         return out.detach(), metrics
+
+    def slide_pixels(self, x: torch.Tensor) -> int:
+        """The slide pixels behind a stage input: stage 1 takes the slide, a later stage a map of in_stride."""
+        scale = 1 if "stem" in self.modules else self.spec.in_stride
+        return x.shape[-2] * x.shape[-1] * scale * scale
+
+    def _whole_step(self, x: torch.Tensor, target: torch.Tensor, generator: torch.Generator):
+        """The whole-slide forward and loss: (output, logits, CE, RFR loss, RFR patch, loss with its graph)."""
+        x = self._input(x)
+        with self._autocast():
+            out = run_blocks(self.modules["backbone"], x, self.recompute)
+            logits, _ = self.modules["classifier"](out, generator)
+            loss_cls = F.cross_entropy(wide(logits), target)
+            loss_rec, patch = torch.zeros((), device=self.device), 0
+            if "rfr" in self.modules:
+                loss_rec, patch = self.modules["rfr"](out, x, generator)
+            loss = loss_cls + self.alpha * wide(loss_rec)
+        return out, logits, loss_cls, loss_rec, patch, loss
+
+    def probe_loss(self, x: torch.Tensor) -> torch.Tensor:
+        """
+        The whole-slide step's loss on ``x`` with its graph, drawing from a generator of its own (model/budget.py
+        measures the step's working set from it; the stage's generator, gradients and optimizer stay untouched).
+        """
+        self.modules.train()
+        freeze_batchnorm(self.modules["backbone"])
+        target = torch.zeros(1, dtype=torch.long, device=self.device)
+        return self._whole_step(x, target, torch.Generator().manual_seed(0))[-1]
 
     def _backward(self, loss: torch.Tensor, backward: Backward = torch.Tensor.backward) -> bool:
         """Accumulate the slide's gradients; step every `accumulate` slides unless the driver steps (replicas)."""

@@ -37,14 +37,22 @@ Autocast = Callable[[], AbstractContextManager]
 
 @dataclass(frozen=True)
 class Streaming:
-    """model.stream=on for a stage: every slide trains streamed, in tiles of ``tile`` slide pixels a side."""
+    """
+    When and how a stage streams: in tiles of ``tile`` slide pixels a side, every slide (model.stream=on) or the
+    slides of more than ``limit`` pixels, whose whole-slide step would not fit the memory budget (auto: budget.py).
+    """
 
-    tile: int  # model.stream_tile
+    tile: int  # model.stream_tile, or the one budget.py fitted for this stage
+    limit: int | None = None  # slide pixels up to which the whole-slide step fits; None: every slide streams
 
     @classmethod
     def of(cls, model: ModelConfig) -> Streaming | None:
-        """The stages' streaming from the config; None when model.stream is off."""
-        return cls(model.stream_tile) if model.stream == "on" else None
+        """The stages' streaming from the config when nothing in it is auto; None when model.stream is off."""
+        return cls(model.stream_tile) if model.stream == "on" and model.stream_tile != "auto" else None
+
+    def streams(self, pixels: int) -> bool:
+        """Whether a slide of ``pixels`` slide pixels trains streamed: arithmetic, no trial step."""
+        return self.limit is None or pixels > self.limit
 
     def tile_out(self, spec: StageSpec) -> int:
         """Output positions per tile side for the stage ``spec`` describes."""

@@ -29,8 +29,8 @@ from distlocal.slides.errors import SlideError
 from distlocal.slides.reader import SlideImage
 from distlocal.slides.region import TILE, CachedRegions, OriginalRegions, tile_sums
 
-__all__ = ["CacheKey", "cache_key", "cached_regions", "entry_paths", "is_cached", "read_cached", "write_cached",
-           "write_cached_regions"]
+__all__ = ["CacheKey", "cache_key", "cached_regions", "cached_shape", "entry_paths", "is_cached", "read_cached",
+           "write_cached", "write_cached_regions"]
 
 CACHE_VERSION = 1
 _TILE = TILE  # 512: a region decodes only the tiles it touches
@@ -112,6 +112,12 @@ def is_cached(cache_dir: str | os.PathLike, slide_id: str, key: CacheKey) -> boo
             return len(tiff.pages) == 2
     except Exception:  # unreadable or damaged: not usable, prepare it again
         return False
+
+
+def cached_shape(cache_dir: str | os.PathLike, slide_id: str, key: CacheKey) -> tuple[int, int] | None:
+    """The (height, width) of the slide's cached crop, from its metadata alone; None when there is no usable entry."""
+    meta = _matching_meta(cache_dir, slide_id, key)
+    return None if meta is None or "shape" not in meta else tuple(meta["shape"][:2])
 
 
 def read_cached(cache_dir: str | os.PathLike, slide_id: str, key: CacheKey,

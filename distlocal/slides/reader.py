@@ -26,8 +26,8 @@ from distlocal.slides.pyramid import Level, Pyramid
 from distlocal.slides.resample import area_weights, resample_band
 from distlocal.slides.tissue import MIN_TISSUE_SATURATION, detect_tissue, tissue_bbox
 
-__all__ = ["CropLocation", "ReadPlan", "SlideImage", "locate_crop", "read_resized", "read_slide", "slide_info",
-           "upsample_mask"]
+__all__ = ["CropLocation", "ReadPlan", "SlideImage", "locate_crop", "read_resized", "read_shape", "read_slide",
+           "slide_info", "upsample_mask"]
 
 _LEVEL_TOLERANCE = 0.02  # level sizes are rounded: the "5X" level of a 20X slide can be 4.999X
 _THUMBNAIL_SIDE = 1024  # long side of the image tissue is detected on; a level of half that is used as it is
@@ -124,6 +124,16 @@ def locate_crop(pyramid: Pyramid, magnification: float = 5.0, level: int | None 
         box = _scale_box(tissue_bbox(tissue.mask, tissue_margin), thumb_shape, plan.shape)
     small = thumb_level == plan.level and thumb_shape == plan.shape
     return CropLocation(plan, box, tissue.mask, thumbnail if small else None)
+
+
+def read_shape(path: str | os.PathLike, magnification: float = 5.0, level: int | None = None,
+               base_magnification: float | None = None, reader: str = "auto") -> tuple[int, int]:
+    """
+    The whole slide's (height, width) at ``magnification`` as read_slide would read it, from the file's level
+    dimensions alone (no pixel decoded): its tissue crop is at most this.
+    """
+    with open_slide(path, reader) as pyramid:
+        return _plan_read(pyramid, magnification, level, base_magnification).shape
 
 
 def slide_info(path: str | os.PathLike, reader: str = "auto") -> dict:

@@ -1,0 +1,128 @@
+"""
+Host memory and the Ray object store against the slides' maps, checked before training (issue 28).
+
+Streaming bounds a stage's device memory by its tile; what grows with the slide is then host memory. A stage holds
+its input and output maps there (streamed: the output's gradient and the classifier's padded copy too), every slide
+in flight holds its own, and under the Ray executor each map between stages passes through the object store. A slide
+whose maps cannot fit is refused here, naming the slide, the stage, the bytes and the fix, instead of failing
+mid-epoch. Sizes come from the prepared cache's metadata or the slide file's level dimensions: nothing is decoded.
+Maps are counted in the dtype they travel in (transport.activation_dtype: train.precision's, so bf16 on GPU runs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+
+from distlocal.config import Config, ConfigError, DataConfig, stage_replicas
+from distlocal.data.manifest import SlideRecord
+from distlocal.engine.transport import activation_dtype
+from distlocal.model.backbone import StageSpec, build_backbone, split_backbone
+from distlocal.model.budget import GB, host_memory_bytes
+from distlocal.slides import SlideError
+from distlocal.slides.cache import cache_key, cached_shape
+from distlocal.slides.reader import read_shape
+
+__all__ = ["StageMaps", "check_capacity", "slide_shape", "slides_in_flight", "stage_maps"]
+
+SLIDE_BYTES = 3 * 4  # the loader's normalised slide: 3 channels of fp32 per pixel
+
+
+@dataclass(frozen=True)
+class StageMaps:
+    """One stage's maps for one slide, in bytes."""
+
+    stage: int  # 1-based
+    input: int  # the slide and the stem's output on stage 1, the previous stage's output after
+    output: int
+    streamed: bool  # a streamed stage also holds the output's gradient and the classifier's padded copy
+
+    @property
+    def host(self) -> int:
+        return self.input + self.output * (3 if self.streamed else 1)
+
+
+def stage_maps(cfg: Config, specs: list[StageSpec], shape: tuple[int, int]) -> list[StageMaps]:
+    """Each stage's maps for a slide of ``shape`` (height, width) at the read magnification."""
+    height, width = shape
+    itemsize = torch.empty((), dtype=activation_dtype(cfg.train.activation_dtype, cfg.train.precision)).element_size()
+
+    def size(channels: int, stride: int) -> int:
+        return channels * math.ceil(height / stride) * math.ceil(width / stride) * itemsize
+
+    rows = []
+    for spec in specs:
+        held = size(spec.in_channels, spec.in_stride) + (SLIDE_BYTES * height * width if spec.index == 0 else 0)
+        rows.append(StageMaps(spec.index + 1, held, size(spec.out_channels, spec.out_stride),
+                              cfg.model.stream != "off"))
+    return rows
+
+
+def slides_in_flight(cfg: Config) -> int:
+    """One on the local executor; train.max_inflight (default K + the most replicas of a stage) on Ray."""
+    if cfg.train.executor != "ray":
+        return 1
+    return cfg.train.max_inflight or cfg.model.k + max(stage_replicas(cfg.train, cfg.model.k))
+
+
+def slide_shape(record: SlideRecord, data: DataConfig) -> tuple[int, int] | None:
+    """
+    The slide's (height, width) at data.magnification: its cached crop's, else the whole slide's from the file's
+    level dimensions (its crop is at most that). None for a slide that cannot be opened: the loader reports it.
+    """
+    try:
+        if data.cache_dir:
+            key = cache_key(record.path, data.magnification, data.level, data.base_magnification, data.reader)
+            shape = cached_shape(data.cache_dir, record.slide_id, key)
+            if shape is not None:
+                return shape
+        return read_shape(record.path, data.magnification, data.level, data.base_magnification, data.reader)
+    except (SlideError, OSError):
+        return None
+
+
+def _object_store_bytes() -> float:
+    import ray
+
+    from distlocal.engine.placement import connect
+
+    connect()
+    return ray.cluster_resources().get("object_store_memory", math.inf)
+
+
+def _gb(nbytes: float) -> str:
+    return f"{nbytes / GB:.3g} GB" if nbytes >= GB / 10 else f"{nbytes / 1e6:.3g} MB"
+
+
+def check_capacity(cfg: Config, records: list[SlideRecord]) -> None:
+    """Refuse, before training, a slide whose maps times the slides in flight exceed host memory or the store."""
+    shapes_only = dataclasses.replace(cfg.model, pretrained="none", weights="")  # no download for the shapes
+    specs = split_backbone(build_backbone(shapes_only), cfg.model.k, cfg.model.split, cfg.model.blocks_per_stage)
+    inflight = slides_in_flight(cfg)
+    host = cfg.train.host_memory_gb * GB if cfg.train.host_memory_gb else host_memory_bytes()
+    where = f"train.host_memory_gb={cfg.train.host_memory_gb:g}" if cfg.train.host_memory_gb else "available now"
+    store = _object_store_bytes() if cfg.train.executor == "ray" and cfg.model.k > 1 else math.inf
+    fix = ", ".join([*([f"fewer slides in flight (train.max_inflight=1; now {inflight})"] if inflight > 1 else []),
+                     f"fewer stages (model.k={cfg.model.k}: K + 1 slides in flight by default on Ray)",
+                     f"a lower data.magnification ({cfg.data.magnification:g} now)",
+                     "or more host memory (train.host_memory_gb)"])
+    for record in records:
+        shape = slide_shape(record, cfg.data)
+        if shape is None:
+            continue
+        slide = f"slide {record.slide_id} ({shape[0]} x {shape[1]} px at {cfg.data.magnification:g}X)"
+        for maps in stage_maps(cfg, specs, shape):
+            per_slide = f"{_gb(maps.input)} input + {_gb(maps.output)} output" + (
+                " x 3 (streamed: its gradient and padded copy)" if maps.streamed else "")
+            if inflight * maps.host > host:
+                raise ConfigError(f"{slide} cannot train: stage {maps.stage}'s maps need {_gb(inflight * maps.host)} "
+                                  f"of host memory ({per_slide} per slide, x {inflight} slide(s) in flight), more "
+                                  f"than the {_gb(host)} it has ({where}); fix: {fix}")
+            if maps.stage < cfg.model.k and inflight * maps.output > store:
+                raise ConfigError(f"{slide} cannot train: stage {maps.stage}'s output maps need "
+                                  f"{_gb(inflight * maps.output)} of the Ray object store ({_gb(maps.output)} per "
+                                  f"slide, x {inflight} slide(s) in flight), more than its {_gb(store)}; fix: {fix}, "
+                                  f"or a larger object store (ray start --object-store-memory)")
