@@ -86,6 +86,20 @@ def test_streamed_step_equals_whole_slide_step(make_cfg, overrides, size):
     _assert_same_step(whole, streamed, slide, 1)
 
 
+@pytest.mark.parametrize("overrides", [("model.k=4", "model.stream_tile=48"), ("model.mode=e2e", "model.stream_tile=96")])
+def test_streamed_evaluation_equals_whole_slide_evaluation(make_cfg, overrides):
+    """A slide that trains streamed is validated tile by tile too: the same outputs, probabilities and attention."""
+    whole, streamed = _pair(make_cfg, *overrides)
+    x = torch.randn(1, 3, 96, 144, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    for a, b in zip(whole, streamed, strict=True):
+        out_a, probs_a, attention_a = a.eval_step(x)
+        out_b, probs_b, attention_b = b.eval_step(x)
+        assert b.streaming.streams(b.slide_pixels(x))  # the streamed path ran
+        for actual, expected in ((out_b, out_a), (probs_b, probs_a), (attention_b, attention_a)):
+            torch.testing.assert_close(actual, expected, **EXACT)
+        x = out_a
+
+
 def test_rfr_crops_gradients_join_the_streamed_backward(make_cfg):
     """RFR alone (no classification loss): its gradient reaches F_1 only through the crops, and matches."""
     whole, streamed = _pair(make_cfg, "model.k=2", "model.backbone=resnet18", "model.split=balanced",

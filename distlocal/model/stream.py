@@ -30,7 +30,8 @@ from distlocal.model.mil import AuxClassifier
 from distlocal.model.rfr import FeatureReconstruction
 from distlocal.model.tiling import footprint, grid, stitched_forward
 
-__all__ = ["StreamedStep", "Streaming", "streamed_backward", "streamed_step", "tile_outputs"]
+__all__ = ["StreamedStep", "Streaming", "reduced_tile", "streamed_backward", "streamed_forward", "streamed_step",
+           "tile_outputs"]
 
 Autocast = Callable[[], AbstractContextManager]
 
@@ -112,6 +113,25 @@ class StreamedStep:
         self._backward(scaled_loss)
 
 
+def reduced_tile(classifier: AuxClassifier, tile_out: int) -> int:
+    """Outputs per tile side of the classifier's first (kernel = stride) conv when F_i runs ``tile_out`` a side."""
+    return max(1, tile_out // classifier.kernel)
+
+
+def streamed_forward(features: nn.Module, classifier: AuxClassifier, x: torch.Tensor, tile_out: int,
+                     device: torch.device, autocast: Autocast) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """
+    The streamed part's forward without gradients, tile by tile: (F_i's output map in host memory, that map padded
+    as the classifier pads it, and the classifier's reduced map z). Training's streamed step and evaluation share it,
+    so a slide that trains streamed is also validated and predicted without its whole maps on the device.
+    """
+    with torch.no_grad(), autocast():
+        out = stitched_forward(features, x, tile_out, device)
+        padded = classifier.pad(out)
+        z = stitched_forward(classifier.reduce[0], padded, reduced_tile(classifier, tile_out), device)
+    return out, padded, z
+
+
 def streamed_step(features: nn.Module, classifier: AuxClassifier, x: torch.Tensor, target: torch.Tensor,
                   tile_out: int, device: torch.device, autocast: Autocast, generator: torch.Generator | None,
                   rfr: FeatureReconstruction | None = None, alpha: float = 1.0,
@@ -121,12 +141,8 @@ def streamed_step(features: nn.Module, classifier: AuxClassifier, x: torch.Tenso
     host memory), ``tile_out`` x ``tile_out`` outputs of F_i per tile. The global part draws from ``generator`` in
     the whole-slide step's order (attention dropout, then RFR's locations), so both steps draw the same.
     """
-    conv, kernel = classifier.reduce[0], classifier.kernel
-    tile_z = max(1, tile_out // kernel)
-    with torch.no_grad(), autocast():
-        out = stitched_forward(features, x, tile_out, device)
-        padded = classifier.pad(out)
-        z = stitched_forward(conv, padded, tile_z, device)
+    conv, tile_z = classifier.reduce[0], reduced_tile(classifier, tile_out)
+    out, padded, z = streamed_forward(features, classifier, x, tile_out, device, autocast)
     z = z.to(device).requires_grad_()
     with autocast():
         logits, _ = classifier.pooled(z, generator)
