@@ -117,7 +117,8 @@ def simulated_cluster(nodes: int, gpus_per_node: int = 0):
     from ray.cluster_utils import Cluster
 
     ray.shutdown()  # the shared local Ray, if a test before started it: conftest's local_ray starts it again
-    sim = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 0})
+    # No dashboard: no test here reads it, and its process costs CPU-seconds at start and polls all along.
+    sim = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 0, "include_dashboard": False})
     try:
         workers = [sim.add_node(num_cpus=2, num_gpus=gpus_per_node) for _ in range(nodes)]
         sim.wait_for_nodes()

@@ -75,10 +75,27 @@ def _fit_and_kill(trainer, stage: int, run_dir) -> dict:
     return fit_and_interrupt(trainer, run_dir, 2, lambda: os.kill(victim, signal.SIGKILL))
 
 
-def test_killed_stage_restarts_and_the_run_completes(local_ray, manifest, tmp_path):
-    """SIGKILL of a stage actor mid-epoch: Ray restarts it, every stage reloads, the run finishes and says so."""
-    cfg = _cfg(manifest, tmp_path, "train.epochs=2", "train.checkpoint_every=1", "train.max_inflight=2")
-    result = _fit_and_kill(Trainer(cfg, tmp_path / "run"), 1, tmp_path / "run")["summary"]
+def test_killed_stage_restarts_from_the_checkpoint_without_its_weights_file_and_the_run_completes(
+        local_ray, manifest, tmp_path):
+    """
+    SIGKILL of a stage actor mid-epoch: Ray restarts it, every stage reloads, the run finishes and says so. The
+    restarted stage's node has no model.weights file (nor, for imagenet, internet): it rebuilds from the checkpoint.
+    """
+    # One run for both claims (a restart, and a restart without the weights file): each costs a Ray training.
+    weights = tmp_path / "resnet18.pt"
+    torch.save(torchvision.models.resnet18().state_dict(), weights)
+    cfg = _cfg(manifest, tmp_path, "train.epochs=2", f"model.weights={weights}", "train.checkpoint_every=1",
+               "train.max_inflight=2")
+    trainer = Trainer(cfg, tmp_path / "run")
+    victim = trainer.executor.info[1]["pid"]
+
+    def lose_the_node():
+        weights.unlink()  # the node it restarts on has no such file
+        os.kill(victim, signal.SIGKILL)
+
+    outcome = fit_and_interrupt(trainer, tmp_path / "run", 2, lose_the_node)
+    assert "summary" in outcome, outcome.get("error")
+    result = outcome["summary"]
     assert result["completed"]
     assert len(result["failures"]) == 1
     assert "Actor" in result["failures"][0]["error"]  # ActorDiedError / ActorUnavailableError
@@ -183,24 +200,6 @@ def test_a_stage_asked_for_cuda_without_gpu_ids_refuses(local_ray, manifest, tmp
     """train.device=cuda with train.gpus_per_stage=0: the actors get no GPU, and refuse rather than use the CPU."""
     with pytest.raises(ClusterError, match=r"stage \d .*train.device=cuda but Ray gave it no GPU .*gpus_per_stage"):
         RayExecutor(_cfg(manifest, tmp_path, "train.device=cuda", "train.gpus_per_stage=0"), 2)
-
-
-def test_a_restarted_stage_comes_back_from_the_checkpoint_without_its_weights_file(local_ray, manifest, tmp_path):
-    """A stage restarted where model.weights (or ImageNet's download) is missing rebuilds from the checkpoint."""
-    weights = tmp_path / "resnet18.pt"
-    torch.save(torchvision.models.resnet18().state_dict(), weights)
-    cfg = _cfg(manifest, tmp_path, f"model.weights={weights}", "train.checkpoint_every=1", "train.max_inflight=2")
-    trainer = Trainer(cfg, tmp_path / "run")
-    victim = trainer.executor.info[1]["pid"]
-
-    def lose_the_node():
-        weights.unlink()  # the node it restarts on has no such file (nor, for imagenet, internet)
-        os.kill(victim, signal.SIGKILL)
-
-    outcome = fit_and_interrupt(trainer, tmp_path / "run", 2, lose_the_node)
-    assert "summary" in outcome, outcome.get("error")
-    assert outcome["summary"]["completed"]
-    assert len(outcome["summary"]["failures"]) == 1
 
 
 def test_a_stage_that_does_not_come_back_fails_after_train_recovery_timeout_s(local_ray, manifest, tmp_path):
