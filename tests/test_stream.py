@@ -86,7 +86,8 @@ def test_streamed_step_equals_whole_slide_step(make_cfg, overrides, size):
     _assert_same_step(whole, streamed, slide, 1)
 
 
-@pytest.mark.parametrize("overrides", [("model.k=4", "model.stream_tile=48"), ("model.mode=e2e", "model.stream_tile=96")])
+@pytest.mark.parametrize("overrides", [("model.k=4", "model.stream_tile=48"),
+                                       ("model.mode=e2e", "model.stream_tile=96")])
 def test_streamed_evaluation_equals_whole_slide_evaluation(make_cfg, overrides):
     """A slide that trains streamed is validated tile by tile too: the same outputs, probabilities and attention."""
     whole, streamed = _pair(make_cfg, *overrides)
