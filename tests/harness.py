@@ -10,6 +10,7 @@ deep. `conftest.py` checks at the end of the run that none is left, ends the one
 from __future__ import annotations
 
 import contextlib
+import csv
 import ctypes
 import os
 import signal
@@ -126,3 +127,12 @@ def simulated_cluster(nodes: int, gpus_per_node: int = 0):
     finally:
         ray.shutdown()
         sim.shutdown()
+
+
+def write_manifest_rows(path: Path, rows: list[dict]) -> Path:
+    """A manifest CSV of ``rows`` (dicts with the same keys, written as the header) at ``path``."""
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path

@@ -31,7 +31,7 @@ from distlocal.engine.ray_executor import RayExecutor
 from distlocal.engine.trainer import Trainer, epoch_order
 from distlocal.slides import SlideError
 from distlocal.slides.cache import cache_key, read_cached
-from tests.harness import simulated_cluster
+from tests.harness import simulated_cluster, write_manifest_rows
 from tests.interrupt import slowed
 
 WORKER_NODES = 2
@@ -41,14 +41,6 @@ WORKER_NODES = 2
 def cluster():
     """A head with one CPU (the driver's node) and two nodes of two CPUs each."""
     yield from simulated_cluster(WORKER_NODES)
-
-
-def _write_manifest(path: Path, rows: list[dict]) -> Path:
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
 
 
 def _with_a_truncated_slide(manifest: Path, folder: Path) -> tuple[Path, Path]:
@@ -62,7 +54,7 @@ def _with_a_truncated_slide(manifest: Path, folder: Path) -> tuple[Path, Path]:
     whole = records[0].path.read_bytes()
     (bad := folder / "truncated.tiff").write_bytes(whole[:len(whole) // 3])
     rows.append({**rows[0], "slide_id": "truncated", "path": str(bad), "split": "train", "patient_id": "truncated"})
-    return _write_manifest(folder / "cohort.csv", rows), bad
+    return write_manifest_rows(folder / "cohort.csv", rows), bad
 
 
 def _entries(folder: Path) -> dict[str, bytes]:
@@ -174,7 +166,7 @@ def test_cluster_predict_after_an_interruption_does_only_the_rest(on_cluster, ac
         rows = list(csv.DictReader(handle))
     for row, record in zip(rows, records, strict=True):
         row["path"] = str(tmp_path / "broken.tiff" if record is broken else record.path)
-    cohort = _write_manifest(tmp_path / "cohort.csv", rows)
+    cohort = write_manifest_rows(tmp_path / "cohort.csv", rows)
     (tmp_path / "broken.tiff").write_bytes(b"not a slide")
     ray_args = ("--executor", "ray", "--actors", "2")
     assert _predict(checkpoint, cohort, tmp_path / "ray", *ray_args) == 2  # the bad slide stops the run

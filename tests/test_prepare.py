@@ -17,6 +17,7 @@ from distlocal.data import read_manifest
 from distlocal.data.loader import SlideLoader
 from distlocal.slides import SlideError, read_slide, write_synthetic_dataset
 from distlocal.slides.cache import cache_key, entry_paths, read_cached
+from tests.harness import write_manifest_rows
 
 
 @pytest.fixture
@@ -33,14 +34,6 @@ def _prepare(manifest: Path, out: Path, *extra: str) -> tuple[int, dict]:
 def _rows(manifest: Path) -> list[dict]:
     with manifest.open(newline="") as handle:
         return list(csv.DictReader(handle))
-
-
-def _write_rows(path: Path, rows: list[dict]) -> Path:
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
 
 
 def test_prepare_stores_every_slide_losslessly(dataset: Path, tmp_path: Path) -> None:
@@ -136,7 +129,7 @@ def _with_bad_slides(dataset: Path, tmp_path: Path) -> Path:
     corrupt.write_bytes(b"II*\x00" + bytes(range(256)) * 8)
     bad = [dict(rows[0], slide_id="corrupt_slide", path=str(corrupt)),
            dict(rows[0], slide_id="missing_slide", path=str(tmp_path / "gone.svs"))]
-    return _write_rows(dataset.parent / "bad.csv", rows[:3] + bad + rows[3:])
+    return write_manifest_rows(dataset.parent / "bad.csv", rows[:3] + bad + rows[3:])
 
 
 def test_skip_reports_bad_slides_and_prepares_the_rest(dataset: Path, tmp_path: Path,
@@ -162,7 +155,7 @@ def test_fail_stops_keeps_the_work_done_and_continues_later(dataset: Path, tmp_p
         assert part in err
     report = json.loads((tmp_path / "cache" / "prepare.json").read_text())
     assert report["prepared"] == 3  # the slides before the bad one, kept
-    _write_rows(manifest, [r for r in _rows(manifest) if not r["slide_id"].endswith("_slide")])
+    write_manifest_rows(manifest, [r for r in _rows(manifest) if not r["slide_id"].endswith("_slide")])
     _, rerun = _prepare(manifest, tmp_path / "cache")
     assert (rerun["prepared"], rerun["reused"], rerun["skipped"]) == (3, 3, 0)
 
