@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 from distlocal.classifiers import Choice, choose, classifier_name
-from distlocal.config import Config, load_config
+from distlocal.config import Config
+from distlocal.config_load import load_config
 from distlocal.engine.checkpoint import for_restoring, load_checkpoint
 from distlocal.model import StageInterface, build_stages
 from distlocal.model.build import resolve_device

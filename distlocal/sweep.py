@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from distlocal.ablation import ablation_rows, format_markdown, table_metric, write_csv
-from distlocal.config import Config, ConfigError, load_config
+from distlocal.config import Config, ConfigError
+from distlocal.config_load import load_config
 from distlocal.engine.faults import RunFailed
 from distlocal.tracking import RUN_ID_FILE, flatten, make_tracker, tracking_uri
 

@@ -14,7 +14,7 @@ import pytest
 import ray
 import torch
 
-from distlocal.config import load_config
+from distlocal.config_load import load_config
 from distlocal.slides import write_synthetic_dataset
 from tests.harness import become_subreaper, end_leftovers
 

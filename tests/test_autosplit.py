@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from distlocal.config import ConfigError, load_config
+from distlocal.config import ConfigError
+from distlocal.config_load import load_config
 from distlocal.engine.planner import profile_on_cluster
 from distlocal.engine.trainer import Trainer
 from distlocal.model.balance import BlockCost, best_split

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from distlocal.config import ConfigError, load_config
+from distlocal.config import ConfigError
+from distlocal.config_load import load_config
 from distlocal.model import build_stage, build_stages
 from distlocal.model.budget import GB, SavedTensors, _probe, state_bytes, working_set
 

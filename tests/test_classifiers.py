@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from distlocal.classifiers import best_index, choose
-from distlocal.config import ConfigError, load_config
+from distlocal.config import ConfigError
+from distlocal.config_load import load_config
 from distlocal.data import SlideLoader, read_manifest
 from distlocal.engine.local import LocalExecutor
 from distlocal.engine.metrics import classification_metrics, resampled_metrics

@@ -21,7 +21,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 from ray.util.placement_group import remove_placement_group
 
-from distlocal.config import load_config
+from distlocal.config_load import load_config
 from distlocal.engine.faults import ClusterError
 from distlocal.engine.placement import place_stages, stage_resources
 from distlocal.engine.ray_executor import RayExecutor

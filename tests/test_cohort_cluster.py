@@ -20,7 +20,8 @@ import torch
 
 from distlocal.bench.loading import MARGIN, auto_picks, loaders_needed
 from distlocal.cli import main
-from distlocal.config import ConfigError, load_config
+from distlocal.config import ConfigError
+from distlocal.config_load import load_config
 from distlocal.data import read_manifest
 from distlocal.data.loader import SlideLoader
 from distlocal.data.prepare import prepare_slides

@@ -2,7 +2,8 @@
 
 import pytest
 
-from distlocal.config import ConfigError, config_from_dict, config_to_dict, load_config, save_config
+from distlocal.config import ConfigError
+from distlocal.config_load import config_from_dict, config_to_dict, load_config, save_config
 
 
 def test_defaults_hold_the_contract_keys():

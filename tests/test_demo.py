@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from distlocal.commands.demo import CONFIG, DATASET, ensure_slides, report
-from distlocal.config import load_config
+from distlocal.config_load import load_config
 from distlocal.engine.trainer import Trainer
 from distlocal.slides import write_synthetic_dataset
 

@@ -16,7 +16,7 @@ import torch
 
 import distlocal.engine.planner as autosplit
 import distlocal.model.e2e as e2e
-from distlocal.config import load_config
+from distlocal.config_load import load_config
 from distlocal.data import SlideLoader, read_manifest
 from distlocal.engine.faults import StageOutOfMemory
 from distlocal.engine.local import LocalExecutor

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from distlocal.commands.demo import CONFIG, DATASET
-from distlocal.config import load_config
+from distlocal.config_load import load_config
 from distlocal.data import SlideRecord, read_manifest
 from distlocal.engine.report import heatmap_slides
 from distlocal.slides import write_synthetic_dataset

@@ -9,7 +9,7 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 
 from distlocal.bench.whole_run import bench_whole_run, format_whole_run
-from distlocal.config import load_config
+from distlocal.config_load import load_config
 from distlocal.data import SlideLoader, read_manifest
 from distlocal.engine.loading import SlideFeed
 from distlocal.engine.ray_executor import RayExecutor

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from distlocal.config import config_to_dict, load_config
+from distlocal.config_load import config_to_dict, load_config
 from distlocal.engine.faults import ClusterError
 from distlocal.engine.placement import stage_resources
 from distlocal.model import build_stages
@@ -71,7 +71,7 @@ def test_every_resolved_config_trains_one_step(path, overrides):
 
 def test_reference_split_falls_back_to_balanced_with_a_note(caplog):
     """K=2 on the paper's split trains the balanced one, says so, and records it."""
-    caplog.set_level("INFO", logger="distlocal.config")
+    caplog.set_level("INFO", logger="distlocal.config_load")
     m = load_config(CONFIGS[0], ["model.k=2"]).model
     assert (m.split, m.blocks_per_stage) == ("balanced", [8, 8])
     assert "uses model.split=balanced" in caplog.text

@@ -50,7 +50,7 @@ def test_tiles_too_small_name_the_key(make_cfg):
 
 @pytest.fixture(scope="module")
 def checkpoint(manifest, tmp_path_factory):
-    from distlocal.config import load_config
+    from distlocal.config_load import load_config
 
     run_dir = tmp_path_factory.mktemp("run")
     cfg = load_config(None, ["train.device=cpu", "train.epochs=1", "model.k=4", "model.rfr.patch_size=24",

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from distlocal.cli import main
-from distlocal.config import load_config
+from distlocal.config_load import load_config
 from distlocal.data import read_manifest
 from distlocal.data.loader import SlideLoader
 from distlocal.slides import SlideError, read_slide, write_synthetic_dataset

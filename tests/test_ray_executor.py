@@ -11,7 +11,7 @@ import ray
 import torch
 import torchvision
 
-from distlocal.config import load_config
+from distlocal.config_load import load_config
 from distlocal.data import SlideLoader, read_manifest
 from distlocal.engine.checkpoint import load_checkpoint
 from distlocal.engine.faults import ClusterError, RunFailed

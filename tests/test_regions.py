@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from distlocal.cli import main
-from distlocal.config import load_config
+from distlocal.config_load import load_config
 from distlocal.data import SlideLoader, read_manifest
 from distlocal.data.regions import SlideRegions
 from distlocal.model import build_stages

@@ -9,7 +9,8 @@ import threading
 import pytest
 import torch
 
-from distlocal.config import ConfigError, load_config
+from distlocal.config import ConfigError
+from distlocal.config_load import load_config
 from distlocal.data import SlideLoader, read_manifest
 from distlocal.engine import planner as autosplit
 from distlocal.engine.actor import StageActor

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from distlocal.config import ConfigError, load_config
+from distlocal.config import ConfigError
+from distlocal.config_load import load_config
 from distlocal.model.optim import LocalOptimizer
 
 

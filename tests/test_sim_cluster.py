@@ -13,7 +13,7 @@ import pytest
 import ray
 import torch
 
-from distlocal.config import load_config
+from distlocal.config_load import load_config
 from distlocal.data import SlideLoader, read_manifest
 from distlocal.engine.actor import StageActor
 from distlocal.engine.checkpoint import load_checkpoint

@@ -5,7 +5,8 @@ import pytest
 import yaml
 
 from distlocal.cli import main
-from distlocal.config import DataConfig, load_config
+from distlocal.config import DataConfig
+from distlocal.config_load import load_config
 from distlocal.data import read_manifest
 from distlocal.data.loader import read_original
 from distlocal.data.stats import channel_stats

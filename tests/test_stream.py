@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from distlocal.config import load_config
+from distlocal.config_load import load_config
 from distlocal.data import SlideLoader, read_manifest
 from distlocal.engine.local import LocalExecutor
 from distlocal.engine.ray_executor import RayExecutor

@@ -10,7 +10,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from distlocal.cli import main
-from distlocal.config import ConfigError, load_config
+from distlocal.config import ConfigError
+from distlocal.config_load import load_config
 from distlocal.slides import write_synthetic_dataset
 from distlocal.sweep import auto_parallel, child_configs, parse_grid, plan_children
 from tests.tiny_run import tiny_run

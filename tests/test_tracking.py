@@ -12,7 +12,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from distlocal.cli import main
-from distlocal.config import load_config
+from distlocal.config_load import load_config
 from distlocal.data import read_manifest
 from distlocal.engine.trainer import Trainer
 from distlocal.slides import SlideError

@@ -8,7 +8,7 @@ import torch
 
 from distlocal.classifiers import best_index, classifier_name
 from distlocal.cli import main
-from distlocal.config import load_config, save_config
+from distlocal.config_load import load_config, save_config
 from distlocal.data import ManifestError
 from distlocal.engine.checkpoint import CheckpointError, load_checkpoint
 from distlocal.engine.evaluate import evaluate_checkpoint

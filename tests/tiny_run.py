@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from distlocal.config import Config, load_config
+from distlocal.config import Config
+from distlocal.config_load import load_config
 
 __all__ = ["TINY_RUN", "tiny_run"]
 

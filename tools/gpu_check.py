@@ -112,7 +112,7 @@ def _oom() -> None:
     import ray
     import torch
 
-    from distlocal.config import load_config
+    from distlocal.config_load import load_config
     from distlocal.data import SlideLoader, read_manifest
     from distlocal.engine.actor import StageActor
     from distlocal.engine.faults import StageOutOfMemory

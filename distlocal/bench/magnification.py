@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from distlocal.config import load_config
+from distlocal.config_load import load_config
 
 __all__ = ["ARMS", "bench_magnification", "format_magnification"]
 

@@ -29,7 +29,8 @@ from pathlib import Path
 import torch
 
 from distlocal.bench import base_overrides
-from distlocal.config import Config, load_config
+from distlocal.config import Config
+from distlocal.config_load import load_config
 from distlocal.model import build_stages, resolve_device
 from distlocal.model.budget import SavedTensors, state_bytes
 from distlocal.model.stage import autocast

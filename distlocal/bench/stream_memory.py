@@ -25,7 +25,7 @@ import torch
 
 from distlocal.bench import base_overrides
 from distlocal.bench.memory import METHODS, PAPER_SIZES
-from distlocal.config import load_config
+from distlocal.config_load import load_config
 from distlocal.model import build_stages, resolve_device
 from distlocal.model.budget import GB, SavedTensors, state_bytes, working_set
 

@@ -87,7 +87,8 @@ def _inference(args: argparse.Namespace) -> int:
     from distlocal.bench.deployed import format_deployed, write_bench_slides
     from distlocal.bench.inference import bench_inference, format_inference, slide_images, synthetic_images
     from distlocal.bench.memory import PAPER_SIZES
-    from distlocal.config import ConfigError, load_config
+    from distlocal.config import ConfigError
+    from distlocal.config_load import load_config
     from distlocal.model import resolve_device
     from distlocal.predict import slide_records
 
@@ -120,7 +121,7 @@ def _inference(args: argparse.Namespace) -> int:
 
 def _loading(args: argparse.Namespace) -> int:
     from distlocal.bench.loading import bench_loading, format_loading
-    from distlocal.config import load_config
+    from distlocal.config_load import load_config
     from distlocal.data import read_manifest
     from distlocal.data.prepare import prepare_slides
     from distlocal.engine.placement import connect
@@ -230,7 +231,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"plot: {Path(args.out) / 'io.png'}")
         return 0
     from distlocal.bench.pipeline import bench_pipeline, format_result
-    from distlocal.config import load_config
+    from distlocal.config_load import load_config
     from distlocal.slides import write_synthetic_dataset
 
     out = Path(args.out)

@@ -17,7 +17,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from distlocal.ablation import format_markdown, write_csv
-    from distlocal.config import load_config
+    from distlocal.config_load import load_config
     from distlocal.tracking import tracking_uri
     from distlocal.tracking.compare import compare_experiment
 

@@ -31,7 +31,7 @@ def ensure_slides(manifest: Path) -> tuple[Path, bool]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from distlocal.config import load_config
+    from distlocal.config_load import load_config
 
     start = time.perf_counter()
     # Config errors show before the slow imports. On a laptop with fewer cores than stages, the stages share the

@@ -13,7 +13,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from distlocal.config import load_config
+    from distlocal.config_load import load_config
     from distlocal.engine.evaluate import evaluate_checkpoint, format_metrics
 
     report = evaluate_checkpoint(args.checkpoint, load_config(args.config, args.overrides), args.split)

@@ -26,7 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from distlocal.config import load_config
+    from distlocal.config_load import load_config
     from distlocal.data.manifest import read_manifest
     from distlocal.data.prepare import prepare_slides
 

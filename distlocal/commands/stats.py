@@ -17,7 +17,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from distlocal.config import load_config
+    from distlocal.config_load import load_config
     from distlocal.data.manifest import ManifestError, read_manifest
     from distlocal.data.stats import channel_stats
 

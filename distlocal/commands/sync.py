@@ -13,7 +13,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from distlocal.config import ConfigError, load_config
+    from distlocal.config import ConfigError
+    from distlocal.config_load import load_config
     from distlocal.tracking.replay import SPILL_FILE, replay_unsent
 
     run_dir = Path(args.run_dir)

@@ -20,7 +20,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def resolve_run(args: argparse.Namespace):
     """(config, run dir, resuming?) for a new run or a resumed one."""
-    from distlocal.config import ConfigError, load_config
+    from distlocal.config import ConfigError
+    from distlocal.config_load import load_config
 
     if args.resume:
         run_dir = Path(args.resume)

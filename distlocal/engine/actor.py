@@ -18,7 +18,7 @@ from pathlib import Path
 import ray
 import torch
 
-from distlocal.config import config_from_dict
+from distlocal.config_load import config_from_dict
 from distlocal.engine.checkpoint import stage_file
 from distlocal.engine.faults import (
     ClusterError,

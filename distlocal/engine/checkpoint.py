@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from distlocal.config import Config, config_from_dict, config_to_dict, save_config
+from distlocal.config import Config
+from distlocal.config_load import config_from_dict, config_to_dict, save_config
 
 __all__ = ["Checkpoint", "CheckpointError", "for_restoring", "load_checkpoint", "save_checkpoint", "stage_file"]
 

@@ -12,7 +12,8 @@ import logging
 
 import torch
 
-from distlocal.config import Config, ConfigError, config_from_dict, config_to_dict, stage_replicas
+from distlocal.config import Config, ConfigError, stage_replicas
+from distlocal.config_load import config_from_dict, config_to_dict
 from distlocal.model import resolve_device
 from distlocal.model.balance import BlockCost, Plan, best_split, pipeline_plan, plan_pipeline, profile_blocks
 from distlocal.model.stage import autocast

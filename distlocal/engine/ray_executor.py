@@ -19,7 +19,8 @@ from pathlib import Path
 
 from ray.exceptions import RayError
 
-from distlocal.config import Config, ConfigError, config_to_dict, stage_replicas
+from distlocal.config import Config, ConfigError, stage_replicas
+from distlocal.config_load import config_to_dict
 from distlocal.data import SlideLoader, SlideRecord
 from distlocal.engine.actor import StageActor
 from distlocal.engine.faults import ClusterError, StageFailure

@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from distlocal.classifiers import best_index, choose, classifier_name
-from distlocal.config import Config, save_config
+from distlocal.config import Config
+from distlocal.config_load import save_config
 from distlocal.data import ManifestError, SlideLoader, read_manifest
 from distlocal.engine.capacity import check_capacity
 from distlocal.engine.checkpoint import for_restoring, load_checkpoint, save_checkpoint

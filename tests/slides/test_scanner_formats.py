@@ -19,7 +19,8 @@ import pytest
 import tifffile
 
 from distlocal.cli import main
-from distlocal.config import ConfigError, load_config
+from distlocal.config import ConfigError
+from distlocal.config_load import load_config
 from distlocal.slides import SlideError, read_slide, slide_info
 from distlocal.slides.cache import cache_key
 from distlocal.slides.dicom_writer import write_dicom_slide
