@@ -195,6 +195,7 @@ def run(args: argparse.Namespace) -> int:
                                      args.epochs or 4, args.overrides)
         print(format_magnification(report))
         print(f"wrote {Path(args.out) / 'magnification.json'} and {Path(args.out) / 'magnification.png'}")
+        return 0
     if args.what == "memory" and args.stream:
         from distlocal.bench.stream_memory import bench_stream_memory, format_stream_memory
 
