@@ -86,7 +86,8 @@ def test_streamed_step_equals_whole_slide_step(make_cfg, overrides, size):
     _assert_same_step(whole, streamed, slide, 1)
 
 
-@pytest.mark.parametrize("overrides", [("model.k=4", "model.stream_tile=48"), ("model.mode=e2e", "model.stream_tile=96")])
+@pytest.mark.parametrize("overrides", [("model.k=4", "model.stream_tile=48"),
+                                       ("model.mode=e2e", "model.stream_tile=96")])
 def test_streamed_evaluation_equals_whole_slide_evaluation(make_cfg, overrides):
     """A slide that trains streamed is validated tile by tile too: the same outputs, probabilities and attention."""
     whole, streamed = _pair(make_cfg, *overrides)
@@ -222,3 +223,39 @@ def test_10x_training_of_synthetic_slides_from_the_cli(tmp_path, capsys):
         assert summary["slides_seen"] > 0, name
         cfg = load_checkpoint(tmp_path / name / "checkpoints" / "last").config
         assert (cfg.data.magnification, cfg.model.stream) == (10, "on"), name
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 35])
+def test_chunked_global_part_equals_pooled(chunk):
+    """
+    GroupNorm, attention (dropout on) and MLP in chunks of 1, 7 and N instances: AuxClassifier.pooled's values, the
+    same dropout draws, and every gradient (parameters and d loss / d z), in float64.
+    """
+    from distlocal.model.mil import AuxClassifier
+    from distlocal.model.stream_global import ChunkedPooled
+
+    gen = torch.Generator().manual_seed(0)
+    classifier = AuxClassifier.auxiliary(6, 3, 2).double().train()
+    for p in classifier.parameters():  # GroupNorm's affine away from 1 / 0, so its gradients are not trivial
+        p.data.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64))
+    z = (3 + 2 * torch.randn(1, 6, 5, 7, generator=gen, dtype=torch.float64))  # means far from 0: two-pass matters
+    target = torch.tensor([2])
+    whole_z = z.clone().requires_grad_()
+    logits, attention = classifier.pooled(whole_z, torch.Generator().manual_seed(1))
+    torch.nn.functional.cross_entropy(logits, target).backward()
+    expected = {n: p.grad.clone() for n, p in classifier.named_parameters() if not n.startswith("reduce.0")}
+    classifier.zero_grad(set_to_none=True)
+    draws = torch.Generator().manual_seed(1)
+    part = ChunkedPooled(classifier, z, chunk, z.device, draws)
+    torch.nn.functional.cross_entropy(part.logits, target).backward()
+    grad_z = part.backward()
+    torch.testing.assert_close(part.logits, logits, **EXACT)
+    torch.testing.assert_close(part.attention_map, attention, **EXACT)
+    torch.testing.assert_close(grad_z, whole_z.grad, **EXACT)
+    assert len(expected) == 12  # GroupNorm's 2, the attention's 6, the MLP's 4 (the strided conv is not global)
+    for name, p in classifier.named_parameters():
+        if name in expected:
+            torch.testing.assert_close(p.grad, expected[name], **EXACT, msg=name)
+    reference = torch.Generator().manual_seed(1)
+    torch.rand(35, generator=reference)  # one draw of N: the generators end in the same state
+    assert torch.equal(draws.get_state(), reference.get_state())
