@@ -73,8 +73,8 @@ def test_a_bf16_run_labels_its_rows_and_adds_an_fp32_row():
 def test_bench_memory_stream_rows_and_a_stage_flat_against_the_slide(tmp_path):
     """
     Bench memory --stream at two small sizes (3 and 6 tiles of 192 px): every row; each stage's peak in its tiles'
-    reruns is the same at both (the tile sets it, not the slide), the global part grows; the largest stage stays
-    within 10 %.
+    and chunks' reruns and in its global part's autograd is the same at both (the tile sets it, not the slide), so
+    the largest stage is too, measured and computed up to 20X.
     """
     from distlocal.bench.stream_memory import bench_stream_memory, format_stream_memory
 
@@ -86,11 +86,12 @@ def test_bench_memory_stream_rows_and_a_stage_flat_against_the_slide(tmp_path):
     assert all(r["streamed"] for r in small + large)
     for a, b in zip(small, large, strict=True):
         assert a["tile"] == b["tile"] > 0, a["stage"]  # the slide doubles, a tile's rerun does not
-        assert b["global"] > a["global"], a["stage"]  # the reduced map z and the classifier on it grow
+        assert a["global"] == b["global"] > 0, a["stage"]  # nor the MLP and RFR's crops (z stays in host memory)
     largest = [max(r["model_total"] for r in rows) for rows in (small, large)]
-    assert largest[1] <= 1.1 * largest[0]
+    assert largest[1] == largest[0]
     assert not any(r["streamed"] for r in report["time"]["k4"]["whole"])
     assert len(report["computed"]) == 9  # the paper's three slides at 5X, 10X, 20X
     assert report["computed"][-1]["size"] == [4 * 23849, 4 * 10257]
+    assert len({max(r["model_total"] for r in entry["k4"]) for entry in report["computed"]}) == 1  # 5X to 20X: flat
     assert "| 23849 x 10257 | 20X | 95396 x 41028 |" in format_stream_memory(report)
     assert (tmp_path / "memory_stream.png").stat().st_size > 5000

@@ -71,9 +71,11 @@ def _assert_same_step(whole, streamed, x, y):
 
 
 @pytest.mark.parametrize(("overrides", "size"), [
-    # tiles of 48 slide px: 8 x 8 positions at stage 1 (16 x 16), 4 at stage 2 ...: they divide every map
-    (("model.k=4", "model.stream_tile=48"), (96, 96)),
-    (("model.k=8", "model.stream_tile=30"), (96, 72)),  # 5 positions at stage 1 (16 x 12): the last tiles are short
+    # tiles of 48 slide px: 8 x 8 positions at stage 1 (16 x 16), 4 at stage 2 ...: they divide every map; with
+    # classifier kernels of 2 the global part runs in chunks of 16 of stage 1's 64 instances, 4 of stage 2's 16
+    (("model.k=4", "model.stream_tile=48", "model.classifier_kernels=[2,2,2,1]"), (96, 96)),
+    # 6 positions at stage 1 (16 x 12): the last tiles are short, and chunks of 9 of its 48 instances too
+    (("model.k=8", "model.stream_tile=36", "model.classifier_kernels=[2,2,2,1]"), (96, 72)),
     (("model.k=1", "model.stream_tile=96"), (144, 96)),  # one stage, all of ResNet34: 3 x 2 outputs in 2 x 1 tiles
     (("model.k=1", "model.backbone=resnet50", "model.split=balanced", "model.stream_tile=96"), (120, 96)),
     (("model.k=4", "model.stream_tile=4096"), (72, 60)),  # a slide smaller than one tile
@@ -226,3 +228,39 @@ def test_10x_training_of_synthetic_slides_from_the_cli(tmp_path, capsys):
         assert summary["slides_seen"] > 0, name
         cfg = load_checkpoint(tmp_path / name / "checkpoints" / "last").config
         assert (cfg.data.magnification, cfg.model.stream) == (10, "on"), name
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 35])
+def test_chunked_global_part_equals_pooled(chunk):
+    """
+    GroupNorm, attention (dropout on) and MLP in chunks of 1, 7 and N instances: AuxClassifier.pooled's values, the
+    same dropout draws, and every gradient (parameters and d loss / d z), in float64.
+    """
+    from distlocal.model.mil import AuxClassifier
+    from distlocal.model.stream_global import ChunkedPooled
+
+    gen = torch.Generator().manual_seed(0)
+    classifier = AuxClassifier.auxiliary(6, 3, 2).double().train()
+    for p in classifier.parameters():  # GroupNorm's affine away from 1 / 0, so its gradients are not trivial
+        p.data.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64))
+    z = (3 + 2 * torch.randn(1, 6, 5, 7, generator=gen, dtype=torch.float64))  # means far from 0: two-pass matters
+    weights = torch.randn(1, 3, generator=gen, dtype=torch.float64)  # a loss whose gradient no softmax saturates
+    whole_z = z.clone().requires_grad_()
+    logits, attention = classifier.pooled(whole_z, torch.Generator().manual_seed(1))
+    (logits * weights).sum().backward()
+    expected = {n: p.grad.clone() for n, p in classifier.named_parameters() if not n.startswith("reduce.0")}
+    classifier.zero_grad(set_to_none=True)
+    draws = torch.Generator().manual_seed(1)
+    part = ChunkedPooled(classifier, z, chunk, z.device, draws)
+    (part.logits * weights).sum().backward()
+    grad_z = part.backward()
+    torch.testing.assert_close(part.logits, logits, **EXACT)
+    torch.testing.assert_close(part.attention_map, attention, **EXACT)
+    torch.testing.assert_close(grad_z, whole_z.grad, **EXACT)
+    assert len(expected) == 12  # GroupNorm's 2, the attention's 6, the MLP's 4 (the strided conv is not global)
+    for name, p in classifier.named_parameters():
+        if name in expected:
+            torch.testing.assert_close(p.grad, expected[name], **EXACT, msg=name)
+    reference = torch.Generator().manual_seed(1)
+    torch.rand(35, generator=reference)  # one draw of N: the generators end in the same state
+    assert torch.equal(draws.get_state(), reference.get_state())

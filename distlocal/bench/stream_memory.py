@@ -5,8 +5,9 @@ Measured: one streamed training step (model.stream=on, tiles of --stream-tile sl
 and of E2E (StreamingCNN's method), at the sizes given (on a CPU two sizes 16x apart in pixels, as 5X to 20X are),
 counted as bench memory counts ("model" bytes: autograd's saved bytes, here at their peak, since a streamed step
 frees each tile's before the next, plus weights, gradients and AdamW state; CUDA's max allocated where a device is).
-A streamed step peaks either in its global part (the classifier on the reduced map z and RFR's crops, which grow
-with the slide) or in one tile's rerun (which does not): both are measured (SavedTensors' first and later peaks).
+A streamed step peaks either in its global part's autograd (the classifier's MLP on the pooled vector and RFR's
+crops; GroupNorm and attention run in chunks with z in host memory, model/stream_global.py) or in one tile's or
+chunk's rerun: both are measured (SavedTensors' first and later peaks), and neither grows with the slide.
 
 Computed (marked so): the paper's three slides at 5X, 10X and 20X, from the tile's measured bytes and the global
 part's measured bytes per pixel (a line through the two sizes); E2E without streaming from its measured whole-slide

@@ -32,8 +32,9 @@ log = logging.getLogger(__name__)
 
 GB = 1e9
 PROBE_SIDES = (256, 512)  # slide pixels a side: a fraction of a second per stage on a CPU, already linear
-# A streamed step holds one tile's rerun plus what grows with the slide (the reduced map z and its gradient, the
-# classifier's activations on it, RFR's crops) and the allocator's slack: a tile gets half the budget.
+# A streamed step holds one tile's rerun (or one chunk of the global part's recomputation, no larger), plus what the
+# slide's size does not change (the classifier's MLP, RFR's crops; z and its gradient stay in host memory) and the
+# allocator's slack: a tile gets half the budget.
 TILE_SHARE = 0.5
 
 
@@ -54,7 +55,8 @@ class SavedTensors:
     The storages autograd saves for backward while a step runs (a context manager), each storage counted once:
     ``total``, every storage it saved, and ``peak``, the most it held at one moment (a streamed step frees each
     tile's before the next); ``first_peak`` and ``later_peak`` split it at the first release (a streamed step's
-    global part, saved before its backward starts, and its tiles' reruns after).
+    global part's autograd (the MLP and RFR's crops), saved before its backward starts, and the chunks' and tiles'
+    reruns after).
 
     ``held``: storages kept for backward some other way (the block inputs that recomputation keeps), by key; counted
     in ``total`` with the rest. ``exclude``: storages counted elsewhere (parameters, which a convolution saves for

@@ -20,7 +20,7 @@ from distlocal.model.interface import StageInterface
 from distlocal.model.mil import AuxClassifier
 from distlocal.model.optim import LocalOptimizer
 from distlocal.model.stage import autocast, reseed, run_stem, step_metrics, wide
-from distlocal.model.stream import Streaming, streamed_forward, streamed_step
+from distlocal.model.stream import Streaming, streamed_evaluation, streamed_step
 
 __all__ = ["EndToEnd", "WholeSlideNet"]
 
@@ -115,10 +115,8 @@ class EndToEnd(StageInterface):
         self.net.eval()
         if self.streaming and self.streaming.streams(self.slide_pixels(x)):  # as the slide trains: tile by tile
             x = run_stem(self.net.stem, x, self.device, self.bf16, host=True)
-            _, _, z = streamed_forward(self.net.blocks, self.net.head, x, self.streaming.tile_out(self.spec),
-                                       self.device, self._autocast)
-            with self._autocast():
-                logits, attention = self.net.head.pooled(z.to(self.device))
+            _, logits, attention = streamed_evaluation(self.net.blocks, self.net.head, x,
+                                                       self.streaming.tile_out(self.spec), self.device, self._autocast)
             return logits, torch.softmax(wide(logits), 1)[0].cpu(), wide(attention).cpu()
         with self._autocast():
             # The stem in tiles, as in training: whole, its first maps hold several times the slide (run_stem).

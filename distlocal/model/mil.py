@@ -36,14 +36,21 @@ class GatedAttentionPool(nn.Module):
         self.dropout = dropout
 
     def forward(self, h: torch.Tensor, generator: torch.Generator | None = None):
-        a = torch.softmax(self.w(torch.tanh(self.v(h)) * torch.sigmoid(self.u(h))).squeeze(-1), dim=0)
-        pooled_a = a
+        a = torch.softmax(self.scores(h), dim=0)
+        return self.dropped(a, generator) @ h, a
+
+    def scores(self, h: torch.Tensor) -> torch.Tensor:
+        """The attention scores w^T (tanh(V h) * sigmoid(U h)) of instances ``h`` (n x dim), before the softmax."""
+        return self.w(torch.tanh(self.v(h)) * torch.sigmoid(self.u(h))).squeeze(-1)
+
+    def dropped(self, a: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The attention that pools: with attention dropout in training, one draw per instance from ``generator``."""
         if self.training and self.dropout > 0:
             # Our own mask from the stage's generator, so a stage's randomness does not depend on
             # what else ran in the process (local and Ray executors then agree bit for bit).
             keep = torch.rand(a.shape, generator=generator) >= self.dropout
-            pooled_a = a * keep.to(a.device, a.dtype) / (1 - self.dropout)
-        return pooled_a @ h, a
+            return a * keep.to(a.device, a.dtype) / (1 - self.dropout)
+        return a
 
 
 class AuxClassifier(nn.Module):
@@ -89,7 +96,7 @@ class AuxClassifier(nn.Module):
     def pooled(self, z: torch.Tensor, generator: torch.Generator | None = None):
         """
         What follows the strided conv (GroupNorm, ReLU, attention, MLP) on its output ``z``: the part that sees the
-        whole map, which a streamed stage runs with ordinary autograd (model/stream.py).
+        whole map, which a streamed stage runs in chunks of instances instead (model/stream_global.py).
         """
         z = self.reduce[2](self.reduce[1](z))
         instances = z.flatten(2)[0].transpose(0, 1)

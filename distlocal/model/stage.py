@@ -20,7 +20,7 @@ from distlocal.model.interface import StageInterface
 from distlocal.model.mil import AuxClassifier
 from distlocal.model.optim import Backward, LocalOptimizer
 from distlocal.model.rfr import FeatureReconstruction
-from distlocal.model.stream import StreamedStep, Streaming, streamed_forward, streamed_step
+from distlocal.model.stream import StreamedStep, Streaming, streamed_evaluation, streamed_step
 from distlocal.model.tiling import RegionInput, tiled_forward, whole
 
 __all__ = ["STEM_TILE_PIXELS", "Stage", "autocast", "held_dtype", "param_dtype", "peak_memory_mb", "reseed",
@@ -253,11 +253,9 @@ class Stage(StageInterface):
         """Forward only. Returns (output, class probabilities, attention map on the CPU)."""
         self.modules.eval()
         if self.streaming and self.streaming.streams(self.slide_pixels(x)):  # as the slide trains: tile by tile
-            out, _, z = streamed_forward(self.modules["backbone"], self.modules["classifier"],
-                                         self._input(x, host=True), self.streaming.tile_out(self.spec), self.device,
-                                         self._autocast)
-            with self._autocast():
-                logits, attention = self.modules["classifier"].pooled(z.to(self.device))
+            out, logits, attention = streamed_evaluation(self.modules["backbone"], self.modules["classifier"],
+                                                         self._input(x, host=True), self.streaming.tile_out(self.spec),
+                                                         self.device, self._autocast)
             return out, torch.softmax(wide(logits), 1)[0].cpu(), wide(attention).cpu()
         x = self._input(x)
         with self._autocast():

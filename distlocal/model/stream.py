@@ -5,8 +5,9 @@ StreamingCNN's method (Pinckaers et al. 2020) on a local stage, written for dist
 - the streamed part, F_i and the first (strided, kernel = stride, unpadded) convolution of A_i or H, runs tile by
   tile without gradients; tiles overlap by their footprint's halo and their valid outputs are stitched into the
   exact maps (tiling.py): F_i's output x_i, kept in host memory, and the reduced map z, k^2 times smaller;
-- the global part (GroupNorm, gated attention, MLP on z, and RFR on its crops) runs with ordinary autograd and gives
-  d loss / d z and d loss / d crops;
+- the global part (GroupNorm, gated attention, MLP on z) runs in chunks of a tile's instances with z and its gradient
+  in host memory (stream_global.py), and RFR on its crops with ordinary autograd: they give d loss / d z and
+  d loss / d crops;
 - the backward runs tile by tile again: the conv, then F_i, each tile's forward rerun with gradients and
   back-propagated with the slice of the map's gradient that the tile's own outputs own. The output tiles partition
   the map, so every position is counted once and the weight gradients sum to the whole-slide backward's.
@@ -28,10 +29,11 @@ from distlocal.config import ModelConfig
 from distlocal.model.backbone import StageSpec
 from distlocal.model.mil import AuxClassifier
 from distlocal.model.rfr import FeatureReconstruction
+from distlocal.model.stream_global import ChunkedPooled
 from distlocal.model.tiling import footprint, grid, stitched_forward
 
-__all__ = ["StreamedStep", "Streaming", "reduced_tile", "streamed_backward", "streamed_forward", "streamed_step",
-           "tile_outputs"]
+__all__ = ["StreamedStep", "Streaming", "reduced_tile", "streamed_backward", "streamed_evaluation", "streamed_forward",
+           "streamed_step", "tile_outputs"]
 
 Autocast = Callable[[], AbstractContextManager]
 
@@ -132,6 +134,19 @@ def streamed_forward(features: nn.Module, classifier: AuxClassifier, x: torch.Te
     return out, padded, z
 
 
+def streamed_evaluation(features: nn.Module, classifier: AuxClassifier, x: torch.Tensor, tile_out: int,
+                        device: torch.device, autocast: Autocast) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """
+    Evaluation's streamed forward, no gradients: (F_i's output map in host memory, the classifier's logits, its
+    attention map); the global part runs in chunks of a tile's instances, as in training.
+    """
+    out, _, z = streamed_forward(features, classifier, x, tile_out, device, autocast)
+    tile_z = reduced_tile(classifier, tile_out)
+    with torch.no_grad():
+        part = ChunkedPooled(classifier, z, tile_z * tile_z, device)
+    return out, part.logits, part.attention_map
+
+
 def streamed_step(features: nn.Module, classifier: AuxClassifier, x: torch.Tensor, target: torch.Tensor,
                   tile_out: int, device: torch.device, autocast: Autocast, generator: torch.Generator | None,
                   rfr: FeatureReconstruction | None = None, alpha: float = 1.0,
@@ -143,9 +158,9 @@ def streamed_step(features: nn.Module, classifier: AuxClassifier, x: torch.Tenso
     """
     conv, tile_z = classifier.reduce[0], reduced_tile(classifier, tile_out)
     out, padded, z = streamed_forward(features, classifier, x, tile_out, device, autocast)
-    z = z.to(device).requires_grad_()
+    part = ChunkedPooled(classifier, z, tile_z * tile_z, device, generator)  # a tile's instances per chunk
+    logits = part.logits
     with autocast():
-        logits, _ = classifier.pooled(z, generator)
         loss_cls = F.cross_entropy(widen(logits), target)
         loss_rec, patch, src, corners = torch.zeros((), device=device), 0, None, []
         if rfr is not None:
@@ -156,9 +171,9 @@ def streamed_step(features: nn.Module, classifier: AuxClassifier, x: torch.Tenso
         loss = loss_cls + alpha * widen(loss_rec)
 
     def backward(scaled_loss: torch.Tensor) -> None:
-        scaled_loss.backward()  # the global part: its own parameters, d loss / d z and d loss / d crops
+        scaled_loss.backward()  # the MLP's and RFR's parameters, d loss / d pooled and d loss / d crops
         grad_padded = torch.zeros_like(padded)
-        streamed_backward(conv, padded, z.grad, tile_z, device, autocast, grad_in=grad_padded)
+        streamed_backward(conv, padded, part.backward(), tile_z, device, autocast, grad_in=grad_padded)
         grad_out = grad_padded[..., :out.shape[-2], :out.shape[-1]]  # the padding is at the bottom and right
         if src is not None:
             for crop, (y, x0) in zip(src.grad.to(grad_out.device, grad_out.dtype), corners, strict=True):
