@@ -10,6 +10,7 @@ predict.py's.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ from distlocal.engine.checkpoint import for_restoring, load_checkpoint
 from distlocal.model import StageInterface, build_stages
 from distlocal.model.build import resolve_device
 from distlocal.model.stage import autocast
+from distlocal.model.stream import streamed_classifier
 from distlocal.model.tiling import RegionInput, fit_tile, footprint, tiled_forward
 
 __all__ = ["Predictor", "elapsed"]
@@ -107,8 +109,15 @@ class Predictor:
             deciding = i in self.choice.members
             if deciding or aux:
                 start = time.perf_counter()
-                with autocast(self.device, bf16):
-                    logits, attention = classifier(x.to(self.device))
+                if self.max_tile_pixels is not None and x.shape[-2] * x.shape[-1] > self.max_tile_pixels:
+                    # a map larger than a tile (a slide run as tiles): the classifier in tiles and chunks too, so
+                    # the whole map never goes to the device
+                    side = max(1, math.isqrt(self.max_tile_pixels) // classifier.kernel)
+                    logits, attention = streamed_classifier(classifier, x, side, self.device,
+                                                            lambda: autocast(self.device, bf16))
+                else:
+                    with autocast(self.device, bf16):
+                        logits, attention = classifier(x)
                 name = classifier_name(i, k)
                 probs[i] = out["classifiers"][name] = torch.softmax(logits.float(), 1)[0].cpu()
                 out["attentions"][name] = attention.float().cpu()

@@ -264,3 +264,19 @@ def test_chunked_global_part_equals_pooled(chunk):
     reference = torch.Generator().manual_seed(1)
     torch.rand(35, generator=reference)  # one draw of N: the generators end in the same state
     assert torch.equal(draws.get_state(), reference.get_state())
+
+
+@pytest.mark.parametrize("tile_z", [1, 3, 16])
+def test_predict_classifier_on_a_map_in_host_memory_equals_the_whole(tile_z):
+    """Predict's classifier on a stage map larger than a tile: first conv in tiles, global part in chunks (float64)."""
+    from distlocal.model.mil import AuxClassifier
+    from distlocal.model.stream import streamed_classifier
+
+    gen = torch.Generator().manual_seed(2)
+    classifier = AuxClassifier.auxiliary(8, 3, 2).double().eval()
+    x = torch.randn(1, 8, 13, 10, generator=gen, dtype=torch.float64)  # 6 x 5 instances: tiles that do not divide
+    with torch.no_grad():
+        logits, attention = classifier(x)
+    tiled_logits, tiled_attention = streamed_classifier(classifier, x, tile_z, x.device, contextlib.nullcontext)
+    torch.testing.assert_close(tiled_logits, logits, **EXACT)
+    torch.testing.assert_close(tiled_attention, attention, **EXACT)

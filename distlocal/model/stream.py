@@ -32,8 +32,8 @@ from distlocal.model.rfr import FeatureReconstruction
 from distlocal.model.stream_global import ChunkedPooled
 from distlocal.model.tiling import footprint, grid, stitched_forward
 
-__all__ = ["StreamedStep", "Streaming", "reduced_tile", "streamed_backward", "streamed_evaluation", "streamed_forward",
-           "streamed_step", "tile_outputs"]
+__all__ = ["StreamedStep", "Streaming", "reduced_tile", "streamed_backward", "streamed_classifier",
+           "streamed_evaluation", "streamed_forward", "streamed_step", "tile_outputs"]
 
 Autocast = Callable[[], AbstractContextManager]
 
@@ -145,6 +145,19 @@ def streamed_evaluation(features: nn.Module, classifier: AuxClassifier, x: torch
     with torch.no_grad():
         part = ChunkedPooled(classifier, z, tile_z * tile_z, device)
     return out, part.logits, part.attention_map
+
+
+def streamed_classifier(classifier: AuxClassifier, x: torch.Tensor, tile_z: int, device: torch.device,
+                        autocast: Autocast) -> tuple[torch.Tensor, torch.Tensor]:
+    """
+    (logits, attention map) of ``classifier`` on a stage map ``x`` held in host memory, no gradients: its first conv
+    in tiles of ``tile_z`` x ``tile_z`` outputs, the global part in chunks of as many instances (predict of a slide
+    that runs as tiles: the whole map never goes to the device).
+    """
+    with torch.no_grad(), autocast():
+        z = stitched_forward(classifier.reduce[0], classifier.pad(x), tile_z, device)
+        part = ChunkedPooled(classifier, z, tile_z * tile_z, device)
+    return part.logits, part.attention_map
 
 
 def streamed_step(features: nn.Module, classifier: AuxClassifier, x: torch.Tensor, target: torch.Tensor,
