@@ -12,6 +12,7 @@ import importlib.util
 import os
 import socket
 import time
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -55,7 +56,9 @@ class StageActor:
     def __init__(self, cfg: dict, num_classes: int, index: int, rank: int = 0, size: int = 1):
         # Restarted by Ray: built without its weights, which recover() loads from the checkpoint next; until then
         # it refuses work, so a restart before any checkpoint can never train or save random weights unnoticed.
-        self.unloaded = ray.get_runtime_context().was_current_actor_reconstructed
+        with warnings.catch_warnings():  # Ray's own property reads its deprecated actor_id: a warning in every run
+            warnings.simplefilter("ignore", DeprecationWarning)
+            self.unloaded = ray.get_runtime_context().was_current_actor_reconstructed
         if self.unloaded:
             cfg = restart_config(cfg)
         self.cfg = config_from_dict(cfg)
