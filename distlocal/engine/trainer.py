@@ -22,21 +22,18 @@ from distlocal.classifiers import best_index, choose, classifier_name
 from distlocal.config import Config
 from distlocal.config_load import save_config
 from distlocal.data import ManifestError, SlideLoader, read_manifest
-from distlocal.engine.capacity import check_capacity
 from distlocal.engine.checkpoint import for_restoring, load_checkpoint, save_checkpoint
 from distlocal.engine.evaluate import by_classifier, evaluate, metrics_line, monitored
 from distlocal.engine.executor import make_executor
 from distlocal.engine.faults import RunFailed, StageFailure
-from distlocal.engine.loader_plan import resolve_loaders
-from distlocal.engine.planner import resolve_plan
 from distlocal.engine.report import final_report
+from distlocal.engine.run_plan import plan_run
 from distlocal.engine.selection import Candidate, oriented, select
 from distlocal.engine.timing import split_transfer
 from distlocal.model import resolve_device
 from distlocal.model.optim import schedule_metric
 from distlocal.plots import classifiers_by_epoch
 from distlocal.progress import progress
-from distlocal.slides import SlideError
 from distlocal.tracking import flatten, git_commit, make_tracker
 
 __all__ = ["Trainer", "TrainState", "epoch_order"]
@@ -119,15 +116,8 @@ class Trainer:
         by_region = cfg.model.stream != "off"
         self.train_loader = SlideLoader(cfg.data, train=True, seed=cfg.train.seed, by_region=by_region)
         self.valid_loader = SlideLoader(cfg.data, train=False, by_region=by_region)
-        self.plan = self.loader_plan = None
-        # A resumed run keeps its config's cut and replicas; train.loaders=auto (which a resume from the run's
-        # config.yaml no longer has) is measured afresh whenever it is asked for: the count changes no result.
-        loaders_auto = cfg.train.executor == "ray" and cfg.train.loaders == "auto"
-        if ((cfg.model.split == "auto" or cfg.train.plan == "auto") and not resume) or loaders_auto:
-            self.cfg, self.plan = resolve_plan(cfg, len(self.classes), self._sample())
-            self.cfg, self.loader_plan = resolve_loaders(self.cfg, self.plan, self.train_set, self.train_loader)
-        # Before any stage starts: a slide whose maps cannot fit host memory or the object store is refused now.
-        check_capacity(self.cfg, self.manifest.records)
+        self.cfg, self.plan, self.loader_plan = plan_run(cfg, len(self.classes), self.train_set,
+                                                         self.manifest.records, self.train_loader, resume)
         self.state = TrainState()
         self._start_executor(resume)
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -135,17 +125,6 @@ class Trainer:
         if not resume and self.cfg.train.executor == "ray":
             self._save("last")  # a stage that dies before the first checkpoint restarts from here
         self._start_tracking(resume, parent_run_id, extra_tags)
-
-    def _sample(self):
-        """The first training slide that reads, for the planner to profile on (a bad one is skipped, or stops)."""
-        for record in self.train_set:
-            try:
-                return SlideLoader(self.cfg.data, train=False).load(record)  # the planner profiles a tensor
-            except SlideError:
-                if self.cfg.data.on_error == "fail":
-                    raise
-        raise ManifestError(f"none of the {len(self.train_set)} training slides of {self.manifest.path} could be "
-                            f"read (data.on_error=skip); fix the slides or their paths")
 
     def _read_manifest(self, resume: bool) -> None:
         """The manifest's classes and splits, checked before anything starts."""

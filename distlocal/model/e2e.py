@@ -69,7 +69,7 @@ class EndToEnd(StageInterface):
             torch.cuda.reset_peak_memory_stats(self.device)
         self.net.train()
         freeze_batchnorm(self.net)
-        if self.streaming and self.streaming.streams(self.slide_pixels(x)):
+        if self.streams(x):
             return self._streamed_step(x, y, start)
         logits, loss = self._whole_step(x, torch.tensor([y], device=self.device), self.generator)
         if self.driver_steps:
@@ -113,7 +113,7 @@ class EndToEnd(StageInterface):
     @torch.no_grad()
     def eval_step(self, x: torch.Tensor):
         self.net.eval()
-        if self.streaming and self.streaming.streams(self.slide_pixels(x)):  # as the slide trains: tile by tile
+        if self.streams(x):  # as the slide trains: tile by tile
             x = run_stem(self.net.stem, x, self.device, self.bf16, host=True)
             _, logits, attention = streamed_evaluation(self.net.blocks, self.net.head, x,
                                                        self.streaming.tile_out(self.spec), self.device, self._autocast)

@@ -14,6 +14,7 @@ from torch import nn
 
 from distlocal.model.backbone import StageSpec
 from distlocal.model.optim import LocalOptimizer
+from distlocal.model.stream import Streaming
 
 __all__ = ["StageInterface"]
 
@@ -29,6 +30,7 @@ class StageInterface(Protocol):
     # Set from outside by a replica's actor: the driver decides when the window steps (optim.step with a reduce).
     driver_steps: bool
     rfr_clamped: int  # slides whose maps were smaller than the RFR patch (always 0 without RFR)
+    streaming: Streaming | None  # model.stream: when and in which tiles a slide runs streamed; None: never
 
     def train_step(self, x: torch.Tensor, y: int, slide: tuple[int, str] | None = None) -> tuple[torch.Tensor, dict]:
         """Forward, local loss, backward (and step when the window fills); (detached output, metrics)."""
@@ -44,6 +46,13 @@ class StageInterface(Protocol):
 
     def load_state_dict(self, state: dict) -> None:
         """The inverse of state_dict."""
+
+    def slide_pixels(self, x: torch.Tensor) -> int:
+        """The slide pixels behind an input of this stage (what model.stream=auto decides on)."""
+
+    def streams(self, x: torch.Tensor) -> bool:
+        """Whether the slide behind ``x`` trains (and is evaluated) tile by tile; shared by Stage and EndToEnd."""
+        return self.streaming is not None and self.streaming.streams(self.slide_pixels(x))
 
     def end_epoch(self, metric: float) -> None:
         """Feed this stage's own validation metric to its lr schedule (train.schedule)."""

@@ -200,7 +200,7 @@ class Stage(StageInterface):
         self.modules.train()
         freeze_batchnorm(self.modules["backbone"])
         target = torch.tensor([y], device=self.device)
-        if self.streaming and self.streaming.streams(self.slide_pixels(x)):
+        if self.streams(x):
             step = self._streamed_step(x, target, self.streaming.tile_out(self.spec))
             stepped = self._backward(step.loss, step.backward)
             metrics = step_metrics(self.optim, self.device, start, step.logits, y, step.loss_cls, step.loss_rec,
@@ -252,7 +252,7 @@ class Stage(StageInterface):
     def eval_step(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Forward only. Returns (output, class probabilities, attention map on the CPU)."""
         self.modules.eval()
-        if self.streaming and self.streaming.streams(self.slide_pixels(x)):  # as the slide trains: tile by tile
+        if self.streams(x):  # as the slide trains: tile by tile
             out, logits, attention = streamed_evaluation(self.modules["backbone"], self.modules["classifier"],
                                                          self._input(x, host=True), self.streaming.tile_out(self.spec),
                                                          self.device, self._autocast)
