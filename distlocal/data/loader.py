@@ -23,10 +23,10 @@ from distlocal.data.augment import Augmentation, augment, normalise, to_tensor
 from distlocal.data.manifest import SlideRecord
 from distlocal.data.regions import SlideRegions
 from distlocal.slides import SlideError, SlideImage, read_slide
-from distlocal.slides.cache import cache_key, cached_regions, read_cached
+from distlocal.slides.cache import CacheKey, cache_key, cached_regions, read_cached
 from distlocal.slides.region import OriginalRegions, RegionSource, channel_sums, thumbnail, thumbnail_step
 
-__all__ = ["SkippedSlide", "SlideLoader", "named_slide_error", "original_regions", "read_original"]
+__all__ = ["SkippedSlide", "SlideLoader", "entry_key", "named_slide_error", "original_regions", "read_original"]
 
 log = logging.getLogger(__name__)
 _warned_uncached = False  # one warning per process: a run without `distlocal prepare` would warn per slide
@@ -62,6 +62,11 @@ def original_regions(record: SlideRecord, cfg: DataConfig) -> OriginalRegions:
     with named_slide_error(record):
         return OriginalRegions.open(record.path, magnification=cfg.magnification, level=cfg.level,
                                     base_magnification=cfg.base_magnification, reader=cfg.reader)
+
+
+def entry_key(record: SlideRecord, cfg: DataConfig) -> CacheKey:
+    """The cache key of a manifest record's entry under the data settings (prepare writes it, loaders look it up)."""
+    return cache_key(record.path, cfg.magnification, cfg.level, cfg.base_magnification, cfg.reader)
 
 
 class SlideLoader:
@@ -102,7 +107,7 @@ class SlideLoader:
     def _region_source(self, record: SlideRecord) -> RegionSource:
         cfg = self.cfg
         if cfg.cache_dir:
-            key = cache_key(record.path, cfg.magnification, cfg.level, cfg.base_magnification, cfg.reader)
+            key = entry_key(record, cfg)
             cached = cached_regions(cfg.cache_dir, record.slide_id, key)
             if cached is not None:
                 return cached
@@ -134,7 +139,7 @@ class SlideLoader:
         """The slide's uint8 RGB tissue crop: from `data.cache_dir` when prepared there, else from the original."""
         cfg = self.cfg
         if cfg.cache_dir:
-            key = cache_key(record.path, cfg.magnification, cfg.level, cfg.base_magnification, cfg.reader)
+            key = entry_key(record, cfg)
             cached = read_cached(cfg.cache_dir, record.slide_id, key, with_mask=False)
             if cached is not None:
                 return cached.image

@@ -19,13 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from distlocal.config import DataConfig
-from distlocal.data.loader import SkippedSlide, named_slide_error, original_regions
+from distlocal.data.loader import SkippedSlide, entry_key, named_slide_error, original_regions
 from distlocal.data.manifest import SlideRecord
 from distlocal.progress import progress
 from distlocal.slides import SlideError
-from distlocal.slides.cache import CacheKey, cache_key, is_cached, write_cached_regions
+from distlocal.slides.cache import is_cached, write_cached_regions
 
-__all__ = ["PrepareReport", "entry_key", "prepare_one", "prepare_slides", "split_cached", "write_report"]
+__all__ = ["PrepareReport", "prepare_one", "prepare_slides", "split_cached", "write_report"]
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +45,6 @@ class PrepareReport:
                 "mb_per_s": round(self.megabytes / self.seconds, 2) if self.seconds else None,
                 "readers": dict(Counter(self.readers.values())), "reader_of": self.readers,
                 "skipped_slides": [s.__dict__ for s in self.skipped]}
-
-
-def entry_key(record: SlideRecord, cfg: DataConfig) -> CacheKey:
-    return cache_key(record.path, cfg.magnification, cfg.level, cfg.base_magnification, cfg.reader)
 
 
 def split_cached(records: list[SlideRecord], out_dir: Path, cfg: DataConfig, force: bool,

@@ -1,8 +1,8 @@
 """
 `distlocal prepare --executor ray`: one Ray task per slide, spread over the cluster's nodes by their CPUs.
 
-Each task reads one original from shared storage and writes its cache entry there (slides/cache.write_cached: the
-TIFF renamed into place, then the JSON, so no reader sees half an entry). The driver only decides what is missing
+Each task reads one original from shared storage and writes its cache entry there (slides/cache.write_cached_regions:
+the TIFF renamed into place, then the JSON, so no reader sees half an entry). The driver only decides what is missing
 or stale (as the local prepare does), keeps a bounded window of tasks in flight (twice the cluster's CPUs, so the
 progress bar and an on_error=fail stop stay prompt and a thousand-slide cohort is not one burst of submissions),
 and collects small results. A node lost mid-way kills only the tasks running there; Ray runs them again on the

@@ -18,12 +18,13 @@ from dataclasses import dataclass
 import torch
 
 from distlocal.config import Config, ConfigError, DataConfig, stage_replicas
+from distlocal.data.loader import entry_key
 from distlocal.data.manifest import SlideRecord
 from distlocal.engine.transport import activation_dtype
 from distlocal.model.backbone import StageSpec, build_backbone, split_backbone
 from distlocal.model.budget import GB, host_memory_bytes
 from distlocal.slides import SlideError
-from distlocal.slides.cache import cache_key, cached_shape
+from distlocal.slides.cache import cached_shape
 from distlocal.slides.reader import read_shape
 
 __all__ = ["StageMaps", "check_capacity", "slide_shape", "slides_in_flight", "stage_maps"]
@@ -75,7 +76,7 @@ def slide_shape(record: SlideRecord, data: DataConfig) -> tuple[int, int] | None
     """
     try:
         if data.cache_dir:
-            key = cache_key(record.path, data.magnification, data.level, data.base_magnification, data.reader)
+            key = entry_key(record, data)
             shape = cached_shape(data.cache_dir, record.slide_id, key)
             if shape is not None:
                 return shape

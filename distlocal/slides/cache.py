@@ -33,7 +33,6 @@ __all__ = ["CacheKey", "cache_key", "cached_regions", "cached_shape", "entry_pat
            "write_cached", "write_cached_regions"]
 
 CACHE_VERSION = 1
-_TILE = TILE  # 512: a region decodes only the tiles it touches
 _SAFE = re.compile(r"[^A-Za-z0-9._-]")
 
 
@@ -160,7 +159,7 @@ def write_cached(cache_dir: str | os.PathLike, slide_id: str, key: CacheKey, sli
         tiff.write(slide.image, photometric="rgb", **_PAGE)
         tiff.write(slide.mask.astype(np.uint8), photometric="minisblack", **_PAGE)
 
-    sums = [tile_sums(slide.image[y:y + _TILE]) for y in range(0, height, _TILE)]
+    sums = [tile_sums(slide.image[y:y + TILE]) for y in range(0, height, TILE)]
     return _write_entry(cache_dir, slide_id, key, pages, slide.image.shape[:2], slide.magnification,
                         slide.source_level, slide.bbox, slide.reader, sums)
 
@@ -168,7 +167,7 @@ def write_cached(cache_dir: str | os.PathLike, slide_id: str, key: CacheKey, sli
 def write_cached_regions(cache_dir: str | os.PathLike, slide_id: str, key: CacheKey,
                          regions: OriginalRegions) -> Path:
     """
-    Store a slide's crop atomically, read region by region: one band of _TILE rows of the crop and its mask are in
+    Store a slide's crop atomically, read region by region: one band of TILE rows of the crop and its mask are in
     memory at a time (tifffile writes tiles from an iterator), so a 20X crop is never whole. The pixels are
     read_slide's exactly (slides/region.py says why).
     """
@@ -176,12 +175,12 @@ def write_cached_regions(cache_dir: str | os.PathLike, slide_id: str, key: Cache
     sums: list[np.ndarray] = []  # each image tile's channel sums, filled as the bands go by
 
     def tiles(read, summed: bool) -> Iterator[np.ndarray]:
-        for y0 in range(0, height, _TILE):
-            band = read(y0, min(y0 + _TILE, height), 0, width)
+        for y0 in range(0, height, TILE):
+            band = read(y0, min(y0 + TILE, height), 0, width)
             if summed:
                 sums.append(tile_sums(band))
-            for x0 in range(0, width, _TILE):
-                yield band[:, x0:x0 + _TILE]
+            for x0 in range(0, width, TILE):
+                yield band[:, x0:x0 + TILE]
 
     def pages(tiff: tifffile.TiffWriter) -> None:
         tiff.write(tiles(regions.read, True), shape=(height, width, 3), dtype=np.uint8, photometric="rgb", **_PAGE)
@@ -192,7 +191,7 @@ def write_cached_regions(cache_dir: str | os.PathLike, slide_id: str, key: Cache
                         regions.plan.level, regions.box, regions.opened_by, sums)
 
 
-_PAGE = {"tile": (_TILE, _TILE), "compression": "zstd", "compressionargs": {"level": 3}, "metadata": None}
+_PAGE = {"tile": (TILE, TILE), "compression": "zstd", "compressionargs": {"level": 3}, "metadata": None}
 
 
 def _write_entry(cache_dir: str | os.PathLike, slide_id: str, key: CacheKey, pages, shape: tuple[int, int],
