@@ -31,6 +31,8 @@ def test_map_bytes_follow_the_slide_and_the_travelling_dtype(manifest, tmp_path)
     assert fp32[0].output == 128 * 8 * 8 * 4  # resnet18's layer2: 128 channels at 1/12
     assert fp32[1].input == fp32[0].output
     assert fp32[0].input == 64 * 16 * 16 * 4 + 3 * 96 * 96 * 4  # the stem's output beside the slide itself
+    streamed = stage_maps(tiny_run(manifest, tmp_path, "model.stream=on"), specs, (96, 96))
+    assert streamed[0].input == 64 * 16 * 16 * 4  # read by region: the slide's float input never exists whole
     bf16 = stage_maps(tiny_run(manifest, tmp_path, "train.precision=bf16"), specs, (96, 96))
     assert bf16[0].output * 2 == fp32[0].output
     assert slides_in_flight(tiny_run(manifest, tmp_path, "train.executor=ray")) == 3  # K + 1

@@ -37,7 +37,7 @@ class StageMaps:
     """One stage's maps for one slide, in bytes."""
 
     stage: int  # 1-based
-    input: int  # the slide and the stem's output on stage 1, the previous stage's output after
+    input: int  # the stem's output on stage 1 (and the slide, unless read by region), the previous stage's after
     output: int
     streamed: bool  # a streamed stage also holds the output's gradient and the classifier's padded copy
 
@@ -54,9 +54,11 @@ def stage_maps(cfg: Config, specs: list[StageSpec], shape: tuple[int, int]) -> l
     def size(channels: int, stride: int) -> int:
         return channels * math.ceil(height / stride) * math.ceil(width / stride) * itemsize
 
+    # model.stream on or auto: stage 1 reads the slide by region (data/regions.py), its float input never whole
+    slide = 0 if cfg.model.stream != "off" else SLIDE_BYTES * height * width
     rows = []
     for spec in specs:
-        held = size(spec.in_channels, spec.in_stride) + (SLIDE_BYTES * height * width if spec.index == 0 else 0)
+        held = size(spec.in_channels, spec.in_stride) + (slide if spec.index == 0 else 0)
         rows.append(StageMaps(spec.index + 1, held, size(spec.out_channels, spec.out_stride),
                               cfg.model.stream != "off"))
     return rows
