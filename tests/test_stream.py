@@ -6,6 +6,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import tifffile
 import torch
 
 from distlocal.config_load import load_config
@@ -15,6 +16,8 @@ from distlocal.engine.ray_executor import RayExecutor
 from distlocal.model import build_stages
 from distlocal.model.stream import streamed_backward
 from distlocal.model.tiling import stitched_forward
+from distlocal.slides import SlideError
+from distlocal.slides.cache import entry_paths
 
 # float64: the two steps differ only in summation order (~1e-16 relative); any real error (a position counted twice
 # or not at all, a missing halo) is of the order of the gradient itself.
@@ -151,12 +154,78 @@ def _train(executor, cfg, slides: int | None = None, by_region: bool = False):
     return [m for _, m in executor.train(records, loader, 0)]
 
 
-def test_short_training_streamed_equals_whole_slide_local_and_ray(local_ray, actor_threads, manifest, tmp_path):
+@pytest.fixture(scope="module")
+def damaged_cache(manifest, tmp_path_factory):
+    """
+    The manifest prepared into a cache, then the second training slide's entry damaged inside: its first tile's
+    zstd frame loses its magic number. The entry's header and JSON read (the loader hands the slide over); the tile
+    fails only when stage 1 decodes it. (cache folder, the damaged slide's id)
+    """
+    from distlocal.cli import main
+
+    cache = tmp_path_factory.mktemp("cache")
+    assert main(["prepare", str(manifest), "--out", str(cache), "--workers", "1"]) == 0
+    damaged = read_manifest(manifest).split("train")[1].slide_id
+    image, _ = entry_paths(cache, damaged)
+    with tifffile.TiffFile(image) as tif:
+        offset = tif.pages[0].dataoffsets[0]
+    with image.open("r+b") as handle:
+        handle.seek(offset)
+        handle.write(bytes(4))
+    return cache, damaged
+
+
+def _unread_pass(executor, cfg, cache: Path, on_error: str = "skip", epoch: int = 1):
+    """Four training slides from the damaged cache, read by region: (slide ids trained, the loader's skips)."""
+    data = replace(cfg.data, cache_dir=str(cache), on_error=on_error)
+    loader = SlideLoader(data, True, cfg.train.seed, by_region=True)
+    records = read_manifest(cfg.data.manifest).split("train")[:4]
+    return [slide_id for slide_id, _ in executor.train(records, loader, epoch)], loader.skipped
+
+
+def test_a_tile_damaged_inside_skips_the_slide_as_if_it_were_absent(manifest, damaged_cache, tmp_path):
+    """
+    Streamed, stage 1 reads the slide by region: a cache tile damaged inside fails only then. Under
+    data.on_error=skip the slide is reported with the tile and the file, and nothing learned from it: the stages
+    end bit for bit where training on the other three slides alone ends (the stem reads every region before any
+    gradient, optimizer count or random draw; each slide's draws are seeded by its id). Evaluation skips it too;
+    under on_error=fail the run stops naming the cache file.
+    """
+    cache, damaged = damaged_cache
+    cfg = _executor_cfg(manifest, tmp_path, "model.stream=on")
+    skipping = LocalExecutor(build_stages(cfg, 2, "cpu"))
+    trained, skipped = _unread_pass(skipping, cfg, cache)
+    others = [r for r in read_manifest(manifest).split("train")[:4] if r.slide_id != damaged]
+    assert trained == [r.slide_id for r in others]
+    assert [s.slide_id for s in skipped] == [damaged]
+    assert "corrupt or truncated tile 0" in skipped[0].reason
+    assert entry_paths(cache, damaged)[0].name in skipped[0].reason
+    absent = LocalExecutor(build_stages(cfg, 2, "cpu"))
+    loader = SlideLoader(replace(cfg.data, cache_dir=str(cache)), True, cfg.train.seed, by_region=True)
+    assert [slide_id for slide_id, _ in absent.train(others, loader, 1)] == trained
+    for ours, theirs in zip(skipping.state_dicts(), absent.state_dicts(), strict=True):
+        assert ours["optim"]["steps"] == theirs["optim"]["steps"] == 1
+        for name, tensor in theirs["modules"].items():  # the same arithmetic in one process: no rounding to allow
+            assert torch.equal(ours["modules"][name], tensor), name
+    evaluating = SlideLoader(replace(cfg.data, cache_dir=str(cache), on_error="skip"), False, by_region=True)
+    evaluated = [slide_id for slide_id, _ in skipping.evaluate(read_manifest(manifest).split("train")[:4], evaluating)]
+    assert evaluated == trained
+    assert [s.slide_id for s in evaluating.skipped] == [damaged]
+    with pytest.raises(SlideError, match=rf"{entry_paths(cache, damaged)[0].name}: cache entry is damaged: corrupt "
+                                         r"or truncated tile 0.*prepare again with --force"):
+        _unread_pass(skipping, cfg, cache, on_error="fail")
+
+
+def test_short_training_streamed_equals_whole_slide_local_and_ray(local_ray, actor_threads, manifest, damaged_cache,
+                                                                  tmp_path):
     """
     Training with streaming on ends where it ends with it off (local executor, float64, two optimizer steps: the
     second starts from AdamW state the first left), and the Ray pipeline runs the streamed step as the local
     executor does (fp32, the same arithmetic). The streamed runs read their slides by region (data/regions.py;
     through the Ray loader actor to stage 1's actor), the others decoded whole: the same augmented inputs.
+    Then both run an epoch from the damaged cache under on_error=skip: Ray's stage 1 passes the slide it cannot
+    read on as a marker (engine/unread.py), nothing enters recovery, and the pipeline skips it as the local executor
+    does.
     """
     # Half of the 8 training slides: two windows of 2 show what a whole epoch (4 windows) did, at half the cost of
     # the four runs (two in float64).
@@ -177,10 +246,16 @@ def test_short_training_streamed_equals_whole_slide_local_and_ray(local_ray, act
     remote = RayExecutor(replace(on, train=replace(on.train, executor="ray")), 2)
     try:
         remote_metrics = _train(remote, on, slides, by_region=True)
+        remote_unread = _unread_pass(remote, on, damaged_cache[0])
         remote_states = remote.state_dicts()
     finally:
         remote.close()
     assert [m[-1]["loss"] for m in remote_metrics] == pytest.approx([m[-1]["loss"] for m in local_metrics], rel=1e-4)
+    local_unread = _unread_pass(local, on, damaged_cache[0])
+    assert remote_unread[0] == local_unread[0]
+    assert len(local_unread[0]) == 3
+    assert remote_unread[1] == local_unread[1]
+    assert [s.slide_id for s in local_unread[1]] == [damaged_cache[1]]
     for ours, theirs in zip(remote_states, local.state_dicts(), strict=True):
         for name, tensor in theirs["modules"].items():
             torch.testing.assert_close(ours["modules"][name], tensor, rtol=1e-4, atol=1e-5, msg=name)

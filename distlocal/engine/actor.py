@@ -34,7 +34,9 @@ from distlocal.engine.recovery import restart_config
 from distlocal.engine.replicas import ReplicaGroup
 from distlocal.engine.stage_device import choose_device, node_id
 from distlocal.engine.transport import activation_dtype
+from distlocal.engine.unread import Unread, is_marker, marker
 from distlocal.model import build_stage
+from distlocal.slides import SlideError
 
 __all__ = ["StageActor", "to_cpu"]
 
@@ -151,9 +153,14 @@ class StageActor:
     def train_step(self, x: torch.Tensor, y: int, slide_id: str, epoch: int | None = None):
         """(activation for the next stage, metrics) for one slide; `epoch` seeds the slide's random draws."""
         start, waited = self._begin()
-        with self._named(slide_id, x):
-            out, metrics = self.stage.train_step(x, y, None if epoch is None else (epoch, slide_id))
-            sent = self._send(out)
+        if is_marker(x):  # stage 1 could not read this slide: pass it on (engine/unread.py)
+            return self._unread(None, "train", slide_id, start)
+        try:
+            with self._named(slide_id, x):
+                out, metrics = self.stage.train_step(x, y, None if epoch is None else (epoch, slide_id))
+                sent = self._send(out)
+        except SlideError as exc:  # read by region, a damaged tile shows only when stage 1 reads it
+            return self._unread(exc, "train", slide_id, start)
         # started_at / sent_at: the driver splits the next stage's wait into starved and transfer (engine/timing.py).
         metrics.update(wait_s=waited, steps=float(self.stage.optim.steps), replica=float(self.rank),
                        started_at=start, sent_at=time.time())
@@ -167,11 +174,21 @@ class StageActor:
         stops at this stage (predict.classifier=A_i), so no activation is sent on.
         """
         start, _ = self._begin()
-        with self._named(slide_id, x):
-            out, probs, _ = self.stage.eval_step(x)
-            sent = None if exits else self._send(out)
+        if is_marker(x):
+            return self._unread(None, "eval", slide_id, start, exits)
+        try:
+            with self._named(slide_id, x):
+                out, probs, _ = self.stage.eval_step(x)
+                sent = None if exits else self._send(out)
+        except SlideError as exc:
+            return self._unread(exc, "eval", slide_id, start, exits)
         self._end("eval", slide_id, start)
         return sent, probs
+
+    def _unread(self, error: SlideError | None, kind: str, slide_id: str, start: float, exits: bool = False):
+        """(the marker for the next stage, Unread): a slide stage 1 could not read leaves the pass untrained."""
+        self._end(kind, slide_id, start)
+        return None if exits else self._send(marker(self.device)), Unread(error)
 
     # Direct transport (nccl, cuda_ipc, gloo): the driver calls these with .options(tensor_transport=...), and Ray
     # hands the returned tensor straight to the next actor instead of through the object store. Such methods
@@ -214,8 +231,13 @@ class StageActor:
     def attend(self, x: torch.Tensor, slide_id: str):
         """(class probabilities, attention map) of this stage's classifier: H's attention for heatmaps."""
         start, _ = self._begin()
-        with self._named(slide_id, x):
-            _, probs, attention = self.stage.eval_step(x)
+        if is_marker(x):
+            return self._unread(None, "eval", slide_id, start, exits=True)[1]
+        try:
+            with self._named(slide_id, x):
+                _, probs, attention = self.stage.eval_step(x)
+        except SlideError as exc:
+            return self._unread(exc, "eval", slide_id, start, exits=True)[1]
         self._end("eval", slide_id, start)
         return probs, attention
 

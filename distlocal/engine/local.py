@@ -14,6 +14,7 @@ import torch
 from distlocal.data import SlideLoader, SlideRecord
 from distlocal.engine.checkpoint import stage_file
 from distlocal.model import StageInterface
+from distlocal.slides import SlideError
 
 __all__ = ["LocalExecutor"]
 
@@ -31,9 +32,13 @@ class LocalExecutor:
         """For each slide, in order, (slide_id, one metrics dict per stage); loading runs ahead in threads."""
         for record, x in loader.stream(records, epoch):
             metrics = []
-            for stage in self.stages:
-                x, m = stage.train_step(x, record.label, (epoch, record.slide_id))
-                metrics.append(m)
+            try:
+                for stage in self.stages:
+                    x, m = stage.train_step(x, record.label, (epoch, record.slide_id))
+                    metrics.append(m)
+            except SlideError as exc:  # read by region, a damaged tile shows only now: nothing trained on it
+                loader.skip(record, exc)  # (engine/unread.py); raises under data.on_error=fail
+                continue
             yield record.slide_id, metrics
 
     def evaluate(self, records: Iterable[SlideRecord], loader: SlideLoader,
@@ -41,9 +46,13 @@ class LocalExecutor:
         """For each slide (slide_id, class probabilities of stage 1..depth's classifiers), forward only."""
         for record, x in loader.stream(records):
             probs = []
-            for stage in self.stages[:depth]:
-                x, p, _ = stage.eval_step(x)
-                probs.append(p)
+            try:
+                for stage in self.stages[:depth]:
+                    x, p, _ = stage.eval_step(x)
+                    probs.append(p)
+            except SlideError as exc:
+                loader.skip(record, exc)
+                continue
             yield record.slide_id, probs
 
     def evaluate_next(self, records: list[SlideRecord], loader: SlideLoader) -> None:
@@ -53,8 +62,12 @@ class LocalExecutor:
                   depth: int | None = None) -> Iterator[tuple[str, tuple]]:
         """Each slide's (slide_id, (probabilities, attention map)) of stage ``depth``'s classifier (H's by default)."""
         for record, x in loader.stream(records):
-            for stage in self.stages[:depth]:
-                x, probs, attention = stage.eval_step(x)
+            try:
+                for stage in self.stages[:depth]:
+                    x, probs, attention = stage.eval_step(x)
+            except SlideError as exc:
+                loader.skip(record, exc)
+                continue
             yield record.slide_id, (probs, attention)
 
     def end_epoch(self, metrics: list[float]) -> None:

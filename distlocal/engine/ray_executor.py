@@ -42,6 +42,7 @@ from distlocal.engine.transport import (
     plan_hops,
     summary,
 )
+from distlocal.engine.unread import Unread, read_results
 
 __all__ = ["RayExecutor"]
 
@@ -126,8 +127,10 @@ class RayExecutor:
         """For each slide, in order, (slide_id, one metrics dict per stage); stages overlap on different slides."""
         if self.next_pass is not None and self.next_pass.entered:
             self.next_pass = None  # it entered after an earlier pass, which then failed: its results are not wanted
-        return self.stream.run(TRAINING, self.stream.slides(records, loader, epoch),
-                               lambda r: (r.label, r.slide_id, epoch), following=self.next_pass)
+        records = list(records)
+        results = self.stream.run(TRAINING, self.stream.slides(records, loader, epoch),
+                                  lambda r: (r.label, r.slide_id, epoch), following=self.next_pass)
+        return read_results(results, records, loader)
 
     def evaluate_next(self, records: list[SlideRecord], loader: SlideLoader) -> NextPass:
         """The next call is evaluate(records, loader): its slides enter as the training under way drains."""
@@ -140,8 +143,11 @@ class RayExecutor:
         records = list(records)
         next_pass, self.next_pass = self.next_pass, None
         if next_pass is not None and next_pass.serves(records, loader, full_depth=depth in (None, self.k)):
-            return self.stream.run(EVALUATION, next_pass.slides, evaluation_inputs, continuing=next_pass)
-        return self.stream.run(EVALUATION, self.stream.slides(records, loader, 0), evaluation_inputs, depth=depth)
+            results = self.stream.run(EVALUATION, next_pass.slides, evaluation_inputs, continuing=next_pass)
+        else:
+            results = self.stream.run(EVALUATION, self.stream.slides(records, loader, 0), evaluation_inputs,
+                                      depth=depth)
+        return read_results(results, records, loader)
 
     def attention(self, records: Iterable[SlideRecord], loader: SlideLoader,
                   depth: int | None = None) -> Iterator[tuple[str, tuple]]:
@@ -151,10 +157,15 @@ class RayExecutor:
         """
         last = (depth or self.k) - 1
         for record, x in self.stream.slides(records, loader, 0):
+            earlier = []
             for replicas in self.actors.stages[:last]:
-                x, _ = replicas[0].eval_step.remote(x, record.slide_id)
-            yield record.slide_id, fetch(self.actors.stages[last][0].attend.remote(x, record.slide_id),
-                                         f"slide {record.slide_id}")
+                x, result = replicas[0].eval_step.remote(x, record.slide_id)
+                earlier.append(result)
+            result = fetch(self.actors.stages[last][0].attend.remote(x, record.slide_id), f"slide {record.slide_id}")
+            if isinstance(result, Unread):  # stage 1 could not read it (engine/unread.py): its result has the error
+                loader.skip(record, fetch(earlier[0], f"slide {record.slide_id}").error if earlier else result.error)
+                continue
+            yield record.slide_id, result
 
     # -- state --------------------------------------------------------------------------------------------------
 

@@ -42,6 +42,7 @@ __all__ = ["BAND_BYTES", "TILE", "CachedRegions", "OriginalRegions", "RegionSour
 
 BAND_BYTES = 64 * 2**20  # RGB bytes of one band of rows read at a time by whole-crop passes (sums, prepare)
 TILE = 512  # the cache TIFF's tile side (slides/cache.py)
+_PREPARE_AGAIN = "delete it, or run distlocal prepare again with --force"
 
 
 class RegionSource(Protocol):
@@ -76,9 +77,12 @@ class CachedRegions:
             except Exception as exc:  # tifffile raises many types for a damaged file
                 if threads is not None:
                     threads.shutdown()
-                raise SlideError(self.path, f"cache entry is damaged ({type(exc).__name__}: {exc})",
-                                 "delete it, or run distlocal prepare again with --force") from None
-        return self._open[1].read(y0, x0, y1, x1)
+                raise SlideError(self.path, f"cache entry is damaged ({type(exc).__name__}: {exc})", _PREPARE_AGAIN) \
+                    from None
+        try:
+            return self._open[1].read(y0, x0, y1, x1)
+        except SlideError as exc:  # the tile's own fix speaks of the original slide: this file is ours to rewrite
+            raise SlideError(self.path, f"cache entry is damaged: {exc.problem}", _PREPARE_AGAIN) from None
 
     def close(self) -> None:
         if self._open is not None:
