@@ -275,12 +275,12 @@ def test_stream_keys_read_on_and_off_and_name_bad_values(tmp_path):
         load_config(None, ["model.stream=sometimes"])
 
 
-def test_10x_training_of_synthetic_slides_from_the_cli(tmp_path, capsys):
+def test_10x_training_of_synthetic_slides_from_the_cli(local_ray, tmp_path, capsys):
     """
     `distlocal synth` writes 20X files (levels 20X, 5X, 1.25X): a 10X read is the 20X level area-averaged, twice a
     5X read's side. `distlocal train configs/synthetic.yaml --set data.magnification=10 --set model.stream=on` then
-    completes for local K=4 and E2E (StreamingCNN's method). (Ray reads slides with the same loader, and trains
-    streamed stages as the local executor does: test_replicas' streamed run.)
+    completes for local K=4, E2E (StreamingCNN's method) and the Ray pipeline (K=2: a stage actor on each side of
+    one hop, fed by a loader actor that hands stage 1 the slide's regions).
     """
     from distlocal.cli import main
     from distlocal.engine.checkpoint import load_checkpoint
@@ -294,7 +294,8 @@ def test_10x_training_of_synthetic_slides_from_the_cli(tmp_path, capsys):
     common = [f"data.manifest={manifest}", f"run.dir={tmp_path}", "data.magnification=10", "model.stream=on",
               "model.stream_tile=48", "train.epochs=1", "train.device=cpu", "tracking.enabled=false",
               "train.heatmaps=0", "model.rfr.patch_size=8", "model.backbone=resnet18"]  # resnet18: half the weights
-    for name, extra in (("k4", []), ("e2e", ["model.mode=e2e"])):
+    for name, extra in (("k4", []), ("e2e", ["model.mode=e2e"]),
+                        ("ray", ["train.executor=ray", "model.k=2", "train.placement_timeout_s=60"])):
         capsys.readouterr()
         sets = [a for key in (*common, f"run.name={name}", *extra) for a in ("--set", key)]
         assert main(["train", str(CONFIGS / "synthetic.yaml"), *sets]) == 0, name
@@ -303,6 +304,7 @@ def test_10x_training_of_synthetic_slides_from_the_cli(tmp_path, capsys):
         assert summary["slides_seen"] > 0, name
         cfg = load_checkpoint(tmp_path / name / "checkpoints" / "last").config
         assert (cfg.data.magnification, cfg.model.stream) == (10, "on"), name
+        assert cfg.train.executor == ("ray" if name == "ray" else "local"), name
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 35])
