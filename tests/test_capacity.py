@@ -26,14 +26,20 @@ def test_map_bytes_follow_the_slide_and_the_travelling_dtype(manifest, tmp_path)
     prepare_slides([record], tmp_path / "cache", cfg.data, workers=1)
     cached = tiny_run(manifest, tmp_path, f"data.cache_dir={tmp_path / 'cache'}")
     assert slide_shape(record, cached.data) == image.shape[:2]  # a prepared slide: its crop's, from the JSON
-    specs = split_backbone(build_backbone(cfg.model), cfg.model.k, cfg.model.split, cfg.model.blocks_per_stage)
-    fp32 = stage_maps(cfg, specs, (96, 96))
+    backbone = build_backbone(cfg.model)
+    specs = split_backbone(backbone, cfg.model.k, cfg.model.split, cfg.model.blocks_per_stage)
+    fp32 = stage_maps(cfg, specs, (96, 96), backbone.stem_stride)
     assert fp32[0].output == 128 * 8 * 8 * 4  # resnet18's layer2: 128 channels at 1/12
     assert fp32[1].input == fp32[0].output
     assert fp32[0].input == 64 * 16 * 16 * 4 + 3 * 96 * 96 * 4  # the stem's output beside the slide itself
-    streamed = stage_maps(tiny_run(manifest, tmp_path, "model.stream=on"), specs, (96, 96))
+    assert fp32[0].host == fp32[0].input + fp32[0].output
+    streamed = stage_maps(tiny_run(manifest, tmp_path, "model.stream=on"), specs, (96, 96), backbone.stem_stride)
     assert streamed[0].input == 64 * 16 * 16 * 4  # read by region: the slide's float input never exists whole
-    bf16 = stage_maps(tiny_run(manifest, tmp_path, "train.precision=bf16"), specs, (96, 96))
+    # Streamed, the classifier's z and its gradient too: layer2 (1/12) opens A_1 with a kernel of 9
+    # (model.classifier_kernels), so a 960 px side gives at most 9 x 9 instances of 128 channels
+    wide = stage_maps(tiny_run(manifest, tmp_path, "model.stream=on"), specs, (960, 960), backbone.stem_stride)
+    assert wide[0].host == wide[0].input + wide[0].output + 2 * 128 * 9 * 9 * 4
+    bf16 = stage_maps(tiny_run(manifest, tmp_path, "train.precision=bf16"), specs, (96, 96), backbone.stem_stride)
     assert bf16[0].output * 2 == fp32[0].output
     assert slides_in_flight(tiny_run(manifest, tmp_path, "train.executor=ray")) == 3  # K + 1
 

@@ -153,22 +153,47 @@ def test_rfr_crops_gradients_join_the_streamed_backward(make_cfg):
 
 
 def test_streamed_backward_counts_each_position_once():
-    """Overlapping tiles' inputs sum their gradients; each output's gradient is applied once: autograd's result."""
+    """Overlapping tiles' inputs: each output's gradient is applied once, and the weights get autograd's gradient."""
     conv = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 5, stride=2, padding=2), torch.nn.ReLU(),
                                torch.nn.Conv2d(3, 3, 3, padding=1)).double()
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(1, 2, 37, 29, generator=gen, dtype=torch.float64)
     grad = torch.randn(1, 3, 19, 15, generator=gen, dtype=torch.float64)
-    whole_x = x.clone().requires_grad_()
-    conv(whole_x).backward(grad)
+    conv(x).backward(grad)
     expected = [p.grad.clone() for p in conv.parameters()]
     conv.zero_grad()
-    grad_in = torch.zeros_like(x)
-    streamed_backward(conv, x, grad, 4, x.device, contextlib.nullcontext, grad_in)
+    streamed_backward(conv, x, grad, 4, x.device, contextlib.nullcontext)
     for p, e in zip(conv.parameters(), expected, strict=True):
         torch.testing.assert_close(p.grad, e, **EXACT)
-    torch.testing.assert_close(grad_in, whole_x.grad, **EXACT)
     torch.testing.assert_close(stitched_forward(conv, x, 4, x.device), conv(x).detach(), **EXACT)
+
+
+@pytest.mark.parametrize(("shape", "kernel", "patch"), [((37, 29), 3, 6), ((2, 3), 2, 1)],
+                         ids=["k-does-not-divide", "padded-to-two-instances"])
+def test_output_gradient_region_by_region_is_autograds(shape, kernel, patch):
+    """
+    x_i's gradient made region by region from z's and the RFR crops' (output_gradient) is autograd's gradient of the
+    whole map: sides the kernel does not divide (their last rows the conv never reads), regions that do not align
+    with the kernel's cells, overlapping crops, and a map AuxClassifier.pad extends to two instances.
+    """
+    from distlocal.model.mil import AuxClassifier
+    from distlocal.model.stream import output_gradient
+
+    gen = torch.Generator().manual_seed(5)
+    classifier = AuxClassifier.auxiliary(4, 2, kernel).double()
+    x = torch.randn(1, 4, *shape, generator=gen, dtype=torch.float64, requires_grad=True)
+    z = classifier.reduce[0](classifier.pad(x))
+    grad_z = torch.randn(z.shape, generator=gen, dtype=torch.float64)
+    corners = [(0, 1), (shape[0] - patch, shape[1] - patch - 1), (1, 2)]  # the first and last overlap the third
+    crops = torch.randn(len(corners), 4, patch, patch, generator=gen, dtype=torch.float64)
+    loss = (z * grad_z).sum() + sum((c * x[0, :, y:y + patch, x0:x0 + patch]).sum()
+                                    for c, (y, x0) in zip(crops, corners, strict=True))
+    loss.backward()
+    region = output_gradient(classifier.reduce[0], grad_z, x.detach(), crops, corners, x.device,
+                             contextlib.nullcontext)
+    rows = [torch.cat([region(r, min(r + 4, shape[0]), c, min(c + 5, shape[1])) for c in range(0, shape[1], 5)], -1)
+            for r in range(0, shape[0], 4)]
+    torch.testing.assert_close(torch.cat(rows, -2), x.grad, **EXACT)
 
 
 def _executor_cfg(manifest, tmp_path, *overrides):

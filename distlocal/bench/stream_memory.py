@@ -117,7 +117,8 @@ def bench_stream_memory(out_dir: Path, sizes: list[tuple[int, int]], tile: int, 
     report["e2e_whole_per_pixel"] = working_set(build_stages(load_config(None, [*base, *STREAMED["e2e"]]), 2,
                                                              dev)[0]).per_pixel
     model = load_config(None, [*base, *STREAMED["k4"], "model.stream=on"])
-    specs = split_backbone(build_backbone(model.model), 4, model.model.split, model.model.blocks_per_stage)
+    backbone = build_backbone(model.model)
+    specs = split_backbone(backbone, 4, model.model.split, model.model.blocks_per_stage)
     for height, width in PAPER_SIZES:
         for mag in MAGNIFICATIONS:
             scale = mag / 5
@@ -126,7 +127,7 @@ def bench_stream_memory(out_dir: Path, sizes: list[tuple[int, int]], tile: int, 
             entry = {"size_5x": [height, width], "magnification": mag, "size": list(shape),
                      "e2e_whole_gb": report["e2e_whole_per_pixel"] * pixels / GB,
                      "paper_e2e_gb": PAPER_E2E_GB[(height, width)] * scale**2,
-                     "host_maps_gb": [m.host / GB for m in stage_maps(model, specs, shape)]}
+                     "host_maps_gb": [m.host / GB for m in stage_maps(model, specs, shape, backbone.stem_stride)]}
             for name in methods:
                 measured = [m["rows"] for m in report["measured"][name]]
                 entry[name] = _computed(measured, sizes, pixels)

@@ -2,7 +2,8 @@
 Host memory and the Ray object store against the slides' maps, checked before training (issue 28).
 
 Streaming bounds a stage's device memory by its tile; what grows with the slide is then host memory. A stage holds
-its input and output maps there (streamed: the output's gradient and the classifier's padded copy too), every slide
+its input and output maps there (streamed: the classifier's reduced map z and z's gradient too, k^2 times smaller;
+the output's gradient is made tile by tile, model/stream.py output_gradient), every slide
 in flight holds its own, and under the Ray executor each map between stages passes through the object store. A slide
 whose maps cannot fit is refused here, naming the slide, the stage, the bytes and the fix, instead of failing
 mid-epoch. Sizes come from the prepared cache's metadata or the slide file's level dimensions: nothing is decoded.
@@ -23,6 +24,7 @@ from distlocal.data.manifest import SlideRecord
 from distlocal.engine.transport import activation_dtype
 from distlocal.model.backbone import StageSpec, build_backbone, split_backbone
 from distlocal.model.budget import GB, host_memory_bytes
+from distlocal.model.build import stage_kernel
 from distlocal.slides import SlideError
 from distlocal.slides.cache import cached_shape
 from distlocal.slides.reader import read_shape
@@ -39,14 +41,14 @@ class StageMaps:
     stage: int  # 1-based
     input: int  # the stem's output on stage 1 (and the slide, unless read by region), the previous stage's after
     output: int
-    streamed: bool  # a streamed stage also holds the output's gradient and the classifier's padded copy
+    reduced: int = 0  # streamed: the classifier's z and its gradient (fp32 at least), beside the output
 
     @property
     def host(self) -> int:
-        return self.input + self.output * (3 if self.streamed else 1)
+        return self.input + self.output + self.reduced
 
 
-def stage_maps(cfg: Config, specs: list[StageSpec], shape: tuple[int, int]) -> list[StageMaps]:
+def stage_maps(cfg: Config, specs: list[StageSpec], shape: tuple[int, int], stem_stride: int) -> list[StageMaps]:
     """Each stage's maps for a slide of ``shape`` (height, width) at the read magnification."""
     height, width = shape
     itemsize = torch.empty((), dtype=activation_dtype(cfg.train.activation_dtype, cfg.train.precision)).element_size()
@@ -59,8 +61,11 @@ def stage_maps(cfg: Config, specs: list[StageSpec], shape: tuple[int, int]) -> l
     rows = []
     for spec in specs:
         held = size(spec.in_channels, spec.in_stride) + (slide if spec.index == 0 else 0)
-        rows.append(StageMaps(spec.index + 1, held, size(spec.out_channels, spec.out_stride),
-                              cfg.model.stream != "off"))
+        reduced = 0
+        if cfg.model.stream != "off":
+            z = size(spec.out_channels, spec.out_stride * stage_kernel(cfg, stem_stride, spec))
+            reduced = z + z * max(4, itemsize) // itemsize
+        rows.append(StageMaps(spec.index + 1, held, size(spec.out_channels, spec.out_stride), reduced))
     return rows
 
 
@@ -103,7 +108,8 @@ def _gb(nbytes: float) -> str:
 def check_capacity(cfg: Config, records: list[SlideRecord]) -> None:
     """Refuse, before training, a slide whose maps times the slides in flight exceed host memory or the store."""
     shapes_only = dataclasses.replace(cfg.model, pretrained="none", weights="")  # no download for the shapes
-    specs = split_backbone(build_backbone(shapes_only), cfg.model.k, cfg.model.split, cfg.model.blocks_per_stage)
+    backbone = build_backbone(shapes_only)
+    specs = split_backbone(backbone, cfg.model.k, cfg.model.split, cfg.model.blocks_per_stage)
     inflight = slides_in_flight(cfg)
     host = cfg.train.host_memory_gb * GB if cfg.train.host_memory_gb else host_memory_bytes()
     where = f"train.host_memory_gb={cfg.train.host_memory_gb:g}" if cfg.train.host_memory_gb else "available now"
@@ -117,9 +123,10 @@ def check_capacity(cfg: Config, records: list[SlideRecord]) -> None:
         if shape is None:
             continue
         slide = f"slide {record.slide_id} ({shape[0]} x {shape[1]} px at {cfg.data.magnification:g}X)"
-        for maps in stage_maps(cfg, specs, shape):
+        for maps in stage_maps(cfg, specs, shape, backbone.stem_stride):
             per_slide = f"{_gb(maps.input)} input + {_gb(maps.output)} output" + (
-                " x 3 (streamed: its gradient and padded copy)" if maps.streamed else "")
+                f" + {_gb(maps.reduced)} (streamed: the classifier's reduced map and its gradient)"
+                if maps.reduced else "")
             if inflight * maps.host > host:
                 raise ConfigError(f"{slide} cannot train: stage {maps.stage}'s maps need {_gb(inflight * maps.host)} "
                                   f"of host memory ({per_slide} per slide, x {inflight} slide(s) in flight), more "

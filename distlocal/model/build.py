@@ -30,11 +30,16 @@ def stage_seed(seed: int, index: int) -> int:
     return seed * 1009 + 17 * (index + 1)
 
 
+def stage_kernel(cfg: Config, stem_stride: int, spec: StageSpec) -> int:
+    """The kernel (= stride) of the strided conv that opens stage ``spec``'s classifier, A_i or H."""
+    per_stage = cfg.model.aux_kernels  # an older config's kernel per stage, if it has one
+    return per_stage[spec.index] if per_stage else \
+        classifier_kernel(spec.out_stride // stem_stride, cfg.model.classifier_kernels)
+
+
 def _aux_models(cfg: Config, backbone: Backbone, spec: StageSpec, num_classes: int, is_last: bool):
     torch.manual_seed(stage_seed(cfg.train.seed, spec.index))
-    per_stage = cfg.model.aux_kernels  # an older config's kernel per stage, if it has one
-    level = spec.out_stride // backbone.stem_stride
-    kernel = per_stage[spec.index] if per_stage else classifier_kernel(level, cfg.model.classifier_kernels)
+    kernel = stage_kernel(cfg, backbone.stem_stride, spec)
     if is_last:
         return AuxClassifier.head(spec.out_channels, num_classes, kernel), None
     classifier = AuxClassifier.auxiliary(spec.out_channels, num_classes, kernel)

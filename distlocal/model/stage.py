@@ -101,10 +101,11 @@ def run_stem(stem: nn.Module, x: torch.Tensor | RegionInput, device: torch.devic
 
     ``x`` may be a RegionInput (model.stream: data/regions.py): each stem tile then reads its own region of the slide,
     so neither the decoded slide nor its full-size float input ever exists; the same tiles as for a tensor, so the
-    same map. What stays is the stem map in host memory, 64 channels at 1/4 of the slide's side: 8 bytes per slide
-    pixel in bf16, 16 in fp32 (computed: the paper's largest slide, 23849 x 10257 at 5X, needs 2.0 GB in bf16 /
-    3.9 GB in fp32 at 5X, 7.8 / 15.7 GB at 10X, 31.3 / 62.6 GB at 20X), beside the stage's output map of the same
-    size: the host memory a stage-1 slide needs, where its 20X input whole was 11.7 GB of uint8 plus 47 GB of fp32.
+    same map. What stays is the stem map in host memory, 64 channels at 1/6 of the slide's side (conv stride 3, then
+    the max-pool's 2): 3.6 bytes per slide pixel in bf16, 7.1 in fp32 (computed: the paper's largest slide,
+    23849 x 10257 at 5X, needs 0.87 GB in bf16 / 1.7 GB in fp32 at 5X, 3.5 / 7.0 GB at 10X, 13.9 / 27.8 GB at 20X),
+    beside the stage's output map: the host memory a stage-1 slide needs (engine/capacity.py counts it), where its
+    20X input whole was 11.7 GB of uint8 plus 47 GB of fp32.
     """
     dtype = param_dtype(stem)
     regions = None if isinstance(x, torch.Tensor) else x

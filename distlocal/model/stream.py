@@ -10,7 +10,9 @@ StreamingCNN's method (Pinckaers et al. 2020) on a local stage, written for dist
   d loss / d crops;
 - the backward runs tile by tile again: the conv, then F_i, each tile's forward rerun with gradients and
   back-propagated with the slice of the map's gradient that the tile's own outputs own. The output tiles partition
-  the map, so every position is counted once and the weight gradients sum to the whole-slide backward's.
+  the map, so every position is counted once and the weight gradients sum to the whole-slide backward's. x_i's
+  gradient is made tile by tile from z's (output_gradient), so host memory holds the stage's input and output maps
+  and no third map of their size.
 Every operation of the streamed part is local (frozen BatchNorm is an affine map, folded or not), so the streamed
 step equals the whole-slide step up to float summation order (tests/test_stream.py checks it in float64).
 """
@@ -32,7 +34,7 @@ from distlocal.model.rfr import FeatureReconstruction
 from distlocal.model.stream_global import ChunkedPooled
 from distlocal.model.tiling import footprint, grid, stitched_forward
 
-__all__ = ["StreamedStep", "Streaming", "reduced_tile", "streamed_backward", "streamed_classifier",
+__all__ = ["StreamedStep", "Streaming", "output_gradient", "reduced_tile", "streamed_backward", "streamed_classifier",
            "streamed_evaluation", "streamed_forward", "streamed_step", "tile_outputs"]
 
 Autocast = Callable[[], AbstractContextManager]
@@ -71,31 +73,61 @@ def tile_outputs(stream_tile: int, out_stride: int) -> int:
     return max(1, stream_tile // out_stride)
 
 
-def streamed_backward(module: nn.Module, x: torch.Tensor, grad_out: torch.Tensor, tile_out: int,
-                      device: torch.device, autocast: Autocast, grad_in: torch.Tensor | None = None) -> None:
+# The gradient of a map's rows r0:r1, columns c0:c1 (its outputs of one tile), made when the tile needs it.
+RegionGradient = Callable[[int, int, int, int], torch.Tensor]
+
+
+def streamed_backward(module: nn.Module, x: torch.Tensor, grad_out: torch.Tensor | RegionGradient, tile_out: int,
+                      device: torch.device, autocast: Autocast) -> None:
     """
     Accumulate into ``module``'s parameters the gradients of <grad_out, module(x)>, tile by tile: each tile's
     forward is rerun with gradients and only its own outputs (a partition of the map) receive their gradient.
-    With ``grad_in`` the input's gradient is added into it too (the tiles' inputs overlap: their gradients sum).
+    ``grad_out`` is the output map's gradient, or a function that gives it region by region (output_gradient).
     Tiles whose outputs get no gradient are skipped: they would add exactly zero (attention dropout can zero every
     instance's gradient).
     """
     fp = footprint(module)
     for (r0, r1, c0, c1), (y0, y1, x0, x1), (oy, ox) in grid(x.shape[-2], x.shape[-1], fp, tile_out):
-        grad = grad_out[..., r0:r1, c0:c1]
+        grad = grad_out[..., r0:r1, c0:c1] if isinstance(grad_out, torch.Tensor) else grad_out(r0, r1, c0, c1)
         if not grad.any():
             continue
         tile = x[..., y0:y1, x0:x1].to(device)
-        if grad_in is not None:
-            tile.requires_grad_()
         with torch.enable_grad(), autocast():
             part = module(tile)[..., oy:oy + r1 - r0, ox:ox + c1 - c0]
         part.backward(grad.to(part.device, part.dtype))
-        if grad_in is not None:
-            grad_in[..., y0:y1, x0:x1] += tile.grad.to(grad_in.device, grad_in.dtype)
     for p in module.parameters():
         if p.requires_grad and p.grad is None:  # every tile skipped: autograd would have given zeros, not None,
             p.grad = torch.zeros_like(p)  # and AdamW treats the two differently (None: no decay, no moment update)
+
+
+def output_gradient(conv: nn.Conv2d, grad_z: torch.Tensor, out: torch.Tensor, crops: torch.Tensor | None,
+                    corners: list[tuple[int, int]], device: torch.device, autocast: Autocast) -> RegionGradient:
+    """
+    The gradient d loss / d x_i region by region, so the whole map's gradient is never held beside x_i (host memory).
+    z = conv(x_i) with kernel = stride = k and no padding, so each output position's gradient is local:
+    d loss / d x_i[c, y, x] = sum_o W[o, c, y % k, x % k] d loss / d z[o, y // k, x // k], a transposed convolution of
+    the z positions over the region (zero past the last whole k x k cell, which the conv never read; AuxClassifier.pad
+    adds cells only past x_i's edge). RFR's crop gradients ``crops`` (at ``corners``) add where they overlap it.
+    """
+    k, weight = conv.stride[0], conv.weight
+    rows, cols = grad_z.shape[-2:]
+
+    def region(r0: int, r1: int, c0: int, c1: int) -> torch.Tensor:
+        grad = torch.zeros((1, out.shape[1], r1 - r0, c1 - c0), dtype=out.dtype, device=device)
+        z0, z1, w0, w1 = r0 // k, min(rows, -(-r1 // k)), c0 // k, min(cols, -(-c1 // k))
+        if z1 > z0 and w1 > w0:
+            with torch.no_grad(), autocast():
+                part = F.conv_transpose2d(grad_z[..., z0:z1, w0:w1].to(device), weight, stride=k)
+            top, left = r0 - z0 * k, c0 - w0 * k  # the cells start at or before the region
+            h, w = min(r1 - r0, part.shape[-2] - top), min(c1 - c0, part.shape[-1] - left)
+            grad[..., :h, :w] = part[..., top:top + h, left:left + w]
+        for crop, (y, x) in zip(() if crops is None else crops, corners, strict=False):
+            y0, y1, x0, x1 = max(r0, y), min(r1, y + crop.shape[-2]), max(c0, x), min(c1, x + crop.shape[-1])
+            if y1 > y0 and x1 > x0:  # crops may overlap each other and the region's edge: their gradients add
+                grad[0, :, y0 - r0:y1 - r0, x0 - c0:x1 - c0] += crop[:, y0 - y:y1 - y, x0 - x:x1 - x].to(grad)
+        return grad
+
+    return region
 
 
 @dataclass
@@ -185,12 +217,9 @@ def streamed_step(features: nn.Module, classifier: AuxClassifier, x: torch.Tenso
 
     def backward(scaled_loss: torch.Tensor) -> None:
         scaled_loss.backward()  # the MLP's and RFR's parameters, d loss / d pooled and d loss / d crops
-        grad_padded = torch.zeros_like(padded)
-        streamed_backward(conv, padded, part.backward(), tile_z, device, autocast, grad_in=grad_padded)
-        grad_out = grad_padded[..., :out.shape[-2], :out.shape[-1]]  # the padding is at the bottom and right
-        if src is not None:
-            for crop, (y, x0) in zip(src.grad.to(grad_out.device, grad_out.dtype), corners, strict=True):
-                grad_out[0, :, y:y + patch, x0:x0 + patch] += crop  # crops may overlap: their gradients add
+        grad_z = part.backward()
+        streamed_backward(conv, padded, grad_z, tile_z, device, autocast)
+        grad_out = output_gradient(conv, grad_z, out, None if src is None else src.grad, corners, device, autocast)
         streamed_backward(features, x, grad_out, tile_out, device, autocast)
 
     return StreamedStep(out, logits, loss_cls, loss_rec, patch, loss, backward)
