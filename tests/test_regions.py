@@ -157,3 +157,35 @@ def test_crop_sums_from_the_cache_decode_only_the_border_tiles(tmp_path: Path) -
         assert sum(pixels) < (y1 - y0) * (x1 - x0) or (y1 - y0) < 512  # whole tiles come from the table
     assert sum(pixels) == 100 * 895  # no whole tile inside: read
     source.close()
+
+
+def test_an_originals_tile_sums_are_made_once_then_only_border_tiles_decode(tmp_path: Path, monkeypatch) -> None:
+    """
+    Streamed training from an original (no cache): the first load of a slide sums its crop tile by tile in one pass
+    and the process keeps the table (data/original_sums.py); a later epoch's mean grey then decodes only the border
+    tiles of its augmentation's crop, and equals a full pass's bit for bit. The table does not travel to stage 1.
+    """
+    from distlocal.data.loader import original_regions
+    from distlocal.slides.region import channel_sums
+
+    manifest = write_synthetic_dataset(tmp_path / "big", slides=2, classes=2, size=(400, 400), seed=4)
+    record = read_manifest(manifest).records[0]
+    cfg = load_config(None, [f"data.manifest={manifest}", "data.magnification=20"]).data
+    pixels = []
+    read = OriginalRegions.read
+    monkeypatch.setattr(OriginalRegions, "read", lambda self, y0, y1, x0, x1: pixels.append((y1 - y0) * (x1 - x0))
+                        or read(self, y0, y1, x0, x1))
+    loader = SlideLoader(cfg, train=True, seed=0, by_region=True)
+    first = loader.regions(record, 0)
+    crop = first.source.shape[0] * first.source.shape[1]
+    # An edge crop keeps 90-100 % of a side under 3000 px: a whole 512-px tile lies inside it on each axis
+    assert min(first.source.shape) > 1024 + 0.1 * max(first.source.shape)
+    assert sum(pixels) >= crop  # the one pass
+    pixels.clear()
+    later = loader.regions(record, 1)
+    y0, y1, x0, x1 = later.augmentation.crop
+    assert sum(pixels) <= (y1 - y0) * (x1 - x0) - 512 * 512  # a frame of border tiles at most, never the whole crop
+    fresh = original_regions(record, cfg)  # no table: a full pass
+    assert fresh.tile_sums is None
+    assert later.grey == later.augmentation.mean_grey(channel_sums(fresh, *later.augmentation.crop))
+    assert pickle.loads(pickle.dumps(later.source)).tile_sums is None

@@ -21,6 +21,7 @@ import torch
 from distlocal.config import DataConfig
 from distlocal.data.augment import Augmentation, augment, normalise, to_tensor
 from distlocal.data.manifest import SlideRecord
+from distlocal.data.original_sums import with_tile_sums
 from distlocal.data.regions import SlideRegions
 from distlocal.slides import SlideError, SlideImage, read_slide
 from distlocal.slides.cache import CacheKey, cache_key, cached_regions, read_cached
@@ -99,6 +100,8 @@ class SlideLoader:
             if self.train and self.cfg.augment:
                 augmentation = Augmentation.draw(source.shape, self._rng(record, epoch))
                 with named_slide_error(record):
+                    if isinstance(source, OriginalRegions):  # one pass over the crop per process, not per epoch
+                        source = with_tile_sums(source, entry_key(record, self.cfg))
                     grey = augmentation.mean_grey(channel_sums(source, *augmentation.crop))
         finally:
             source.close()  # the reader opens it again where it reads (stage 1, perhaps another process)

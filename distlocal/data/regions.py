@@ -7,7 +7,8 @@ loader sends it to stage 1's actor, which reads the regions its stem tiles need 
 Each region is what the whole input's slice would be, pixel for pixel: augment.py's geometric steps map the region to
 the source region it comes from, and its colour jitter is pointwise given the mean grey, which the loader computes
 from exact integer channel sums of the crop kept by the edge crop (slides/region.channel_sums): from a cache entry,
-its tiles' sums stored by prepare plus the border tiles decoded; from an original, one band-by-band pass. Stage 1
+its tiles' sums stored by prepare plus the border tiles decoded; from an original, the same table made in one
+band-by-band pass the first time the process loads it, and kept (data/original_sums.py). Stage 1
 then holds only its stem map in host memory (model/stage.py run_stem says how much).
 """
 

@@ -38,7 +38,7 @@ from distlocal.slides.pyramid import DECODE_THREADS, Pyramid, TiffLevel
 from distlocal.slides.reader import ReadPlan, locate_crop, read_resized, upsample_mask
 
 __all__ = ["BAND_BYTES", "TILE", "CachedRegions", "OriginalRegions", "RegionSource", "bands", "channel_sums",
-           "thumbnail", "thumbnail_step", "tile_sums"]
+           "crop_tile_sums", "thumbnail", "thumbnail_step", "tile_sums"]
 
 BAND_BYTES = 64 * 2**20  # RGB bytes of one band of rows read at a time by whole-crop passes (sums, prepare)
 TILE = 512  # the cache TIFF's tile side (slides/cache.py)
@@ -108,6 +108,8 @@ class OriginalRegions:
     tissue: np.ndarray | None  # the thumbnail's tissue mask (for prepare's mask page; it does not travel)
     opened_by: str = ""  # the backend that opened it (tifffile, openslide, dicom)
     _pyramid: Pyramid | None = field(default=None, repr=False, compare=False)
+    # As CachedRegions': set by the loader from the sums it keeps per original (data/original_sums.py)
+    tile_sums: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def open(cls, path: str | os.PathLike, magnification: float = 5.0, level: int | None = None,
@@ -147,7 +149,8 @@ class OriginalRegions:
             self._pyramid = None
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_pyramid": None, "tissue": None}  # stage 1 reads pixels only: a few hundred bytes
+        # stage 1 reads pixels only: a few hundred bytes
+        return {**self.__dict__, "_pyramid": None, "tissue": None, "tile_sums": None}
 
 
 def _check_region(source: RegionSource, y0: int, y1: int, x0: int, x1: int) -> None:
@@ -195,6 +198,19 @@ def _read_sums(source: RegionSource, y0: int, y1: int, x0: int, x1: int) -> np.n
     for top, bottom in bands(y1 - y0, x1 - x0):
         total += source.read(y0 + top, y0 + bottom, x0, x1).sum(axis=(0, 1), dtype=np.int64)
     return total
+
+
+def crop_tile_sums(source: RegionSource) -> np.ndarray:
+    """
+    Each TILE x TILE tile's int64 R, G, B sums over the whole crop (rows x cols x 3, the table prepare stores in a
+    cache entry), in one band-by-band pass: channel_sums then decodes only a frame of border tiles.
+    """
+    height, width = source.shape
+    rows = []
+    for y0, y1 in bands(height, width, multiple=TILE):
+        band = source.read(y0, y1, 0, width)
+        rows.extend(tile_sums(band[y:y + TILE]) for y in range(0, y1 - y0, TILE))
+    return np.stack(rows)
 
 
 def tile_sums(band: np.ndarray) -> np.ndarray:
