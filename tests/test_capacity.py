@@ -8,7 +8,7 @@ import ray
 from distlocal.config import ConfigError
 from distlocal.data import read_manifest
 from distlocal.data.prepare import prepare_slides
-from distlocal.engine.capacity import slide_shape, slides_in_flight, stage_maps
+from distlocal.engine.capacity import check_capacity, slide_shape, slides_in_flight, stage_maps
 from distlocal.engine.trainer import Trainer
 from distlocal.model.backbone import build_backbone, split_backbone
 from distlocal.slides import read_slide
@@ -53,6 +53,24 @@ def test_a_slide_too_large_for_host_memory_is_refused_before_training(manifest, 
                                           r"stages \(model\.k=2.*data\.magnification \(5 now\)"):
         Trainer(cfg, tmp_path / "run")
     assert not (tmp_path / "run").exists()  # no config, checkpoint or metric written
+
+
+def test_an_uncached_slide_is_refused_on_its_tissue_crop_not_its_whole_size(manifest, tmp_path):
+    """
+    Without a cache the check first sizes a slide from its file's level dimensions (cheap, an upper bound); before
+    refusing, it finds the tissue crop as the loader would. Host memory between the crop's need and the whole
+    slide's: trained; below the crop's: refused, the message giving the crop's size.
+    """
+    cfg = tiny_run(manifest, tmp_path)
+    record = min(read_manifest(manifest).records, key=lambda r: slide_shape(r, cfg.data, crop=True))
+    whole, crop = slide_shape(record, cfg.data), slide_shape(record, cfg.data, crop=True)
+    backbone = build_backbone(cfg.model)
+    specs = split_backbone(backbone, cfg.model.k, cfg.model.split, cfg.model.blocks_per_stage)
+    need = {shape: max(m.host for m in stage_maps(cfg, specs, shape, backbone.stem_stride)) for shape in (whole, crop)}
+    assert need[crop] < need[whole]
+    check_capacity(tiny_run(manifest, tmp_path, f"train.host_memory_gb={(need[crop] + need[whole]) / 2e9}"), [record])
+    with pytest.raises(ConfigError, match=rf"slide {record.slide_id} \({crop[0]} x {crop[1]} px at 5X\) cannot train"):
+        check_capacity(tiny_run(manifest, tmp_path, f"train.host_memory_gb={need[crop] * 0.9e-9}"), [record])
 
 
 def test_maps_beyond_the_object_store_are_refused(local_ray, manifest, tmp_path):

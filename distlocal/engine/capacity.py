@@ -7,6 +7,8 @@ the output's gradient is made tile by tile, model/stream.py output_gradient), ev
 in flight holds its own, and under the Ray executor each map between stages passes through the object store. A slide
 whose maps cannot fit is refused here, naming the slide, the stage, the bytes and the fix, instead of failing
 mid-epoch. Sizes come from the prepared cache's metadata or the slide file's level dimensions: nothing is decoded.
+The file's dimensions are the whole slide's, an upper bound on its tissue crop: a slide they would refuse is sized
+again by its crop, found on a low-resolution level as the loader finds it, and refused only if that does not fit.
 Maps are counted in the dtype they travel in (transport.activation_dtype: train.precision's, so bf16 on GPU runs).
 """
 
@@ -19,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from distlocal.config import Config, ConfigError, DataConfig, stage_replicas
-from distlocal.data.loader import entry_key
+from distlocal.data.loader import entry_key, original_regions
 from distlocal.data.manifest import SlideRecord
 from distlocal.engine.transport import activation_dtype
 from distlocal.model.backbone import StageSpec, build_backbone, split_backbone
@@ -76,10 +78,11 @@ def slides_in_flight(cfg: Config) -> int:
     return cfg.train.max_inflight or cfg.model.k + max(stage_replicas(cfg.train, cfg.model.k))
 
 
-def slide_shape(record: SlideRecord, data: DataConfig) -> tuple[int, int] | None:
+def slide_shape(record: SlideRecord, data: DataConfig, crop: bool = False) -> tuple[int, int] | None:
     """
     The slide's (height, width) at data.magnification: its cached crop's, else the whole slide's from the file's
-    level dimensions (its crop is at most that). None for a slide that cannot be opened: the loader reports it.
+    level dimensions (its crop is at most that), or with ``crop`` its tissue crop's, found as the loader finds it
+    (on a low-resolution level). None for a slide that cannot be opened: the loader reports it.
     """
     try:
         if data.cache_dir:
@@ -87,6 +90,10 @@ def slide_shape(record: SlideRecord, data: DataConfig) -> tuple[int, int] | None
             shape = cached_shape(data.cache_dir, record.slide_id, key)
             if shape is not None:
                 return shape
+        if crop:
+            source = original_regions(record, data)
+            source.close()
+            return source.shape
         return read_shape(record.path, data.magnification, data.level, data.base_magnification, data.reader)
     except (SlideError, OSError):
         return None
@@ -118,21 +125,28 @@ def check_capacity(cfg: Config, records: list[SlideRecord]) -> None:
                      f"fewer stages (model.k={cfg.model.k}: K + 1 slides in flight by default on Ray)",
                      f"a lower data.magnification ({cfg.data.magnification:g} now)",
                      "or more host memory (train.host_memory_gb)"])
-    for record in records:
-        shape = slide_shape(record, cfg.data)
-        if shape is None:
-            continue
+    def refusal(record: SlideRecord, shape: tuple[int, int]) -> str | None:
         slide = f"slide {record.slide_id} ({shape[0]} x {shape[1]} px at {cfg.data.magnification:g}X)"
         for maps in stage_maps(cfg, specs, shape, backbone.stem_stride):
             per_slide = f"{_gb(maps.input)} input + {_gb(maps.output)} output" + (
                 f" + {_gb(maps.reduced)} (streamed: the classifier's reduced map and its gradient)"
                 if maps.reduced else "")
             if inflight * maps.host > host:
-                raise ConfigError(f"{slide} cannot train: stage {maps.stage}'s maps need {_gb(inflight * maps.host)} "
-                                  f"of host memory ({per_slide} per slide, x {inflight} slide(s) in flight), more "
-                                  f"than the {_gb(host)} it has ({where}); fix: {fix}")
+                return (f"{slide} cannot train: stage {maps.stage}'s maps need {_gb(inflight * maps.host)} of host "
+                        f"memory ({per_slide} per slide, x {inflight} slide(s) in flight), more than the {_gb(host)} "
+                        f"it has ({where}); fix: {fix}")
             if maps.stage < cfg.model.k and inflight * maps.output > store:
-                raise ConfigError(f"{slide} cannot train: stage {maps.stage}'s output maps need "
-                                  f"{_gb(inflight * maps.output)} of the Ray object store ({_gb(maps.output)} per "
-                                  f"slide, x {inflight} slide(s) in flight), more than its {_gb(store)}; fix: {fix}, "
-                                  f"or a larger object store (ray start --object-store-memory)")
+                return (f"{slide} cannot train: stage {maps.stage}'s output maps need {_gb(inflight * maps.output)} "
+                        f"of the Ray object store ({_gb(maps.output)} per slide, x {inflight} slide(s) in flight), "
+                        f"more than its {_gb(store)}; fix: {fix}, or a larger object store (ray start "
+                        f"--object-store-memory)")
+        return None
+
+    for record in records:
+        shape = slide_shape(record, cfg.data)
+        problem = None if shape is None else refusal(record, shape)
+        if problem is not None:  # an uncached slide's shape is the whole slide's: refuse on its tissue crop only
+            crop = slide_shape(record, cfg.data, crop=True)
+            problem = None if crop is None or crop == shape else refusal(record, crop)
+        if problem is not None:
+            raise ConfigError(problem)
