@@ -34,3 +34,27 @@ def test_stats_command_writes_numbers_a_config_takes(manifest, tmp_path, capsys)
     cfg = load_config(None, [line[1], line[3]])
     assert (cfg.data.mean, cfg.data.std) == (data["mean"], data["std"])
     assert data["mean"] != DataConfig().mean
+
+
+def test_stats_read_band_by_band_from_the_cache_equal_the_originals(manifest, tmp_path, monkeypatch):
+    """
+    Slides are read band by band (bands of 7 rows here: a 20X crop is never decoded whole), from a prepared cache
+    (its tissue mask read by region from the entry's mask page) or from the originals: the same numbers, exactly.
+    """
+    from dataclasses import replace
+
+    from distlocal.data.loader import entry_key
+    from distlocal.data.prepare import prepare_slides
+    from distlocal.slides.cache import cached_regions, read_cached
+
+    monkeypatch.setattr("distlocal.slides.region.BAND_BYTES", 3 * 96 * 7)
+    records = read_manifest(manifest).split("train")[:3]
+    prepare_slides(records, tmp_path / "cache", DataConfig(), workers=1)
+    cached = replace(DataConfig(), cache_dir=str(tmp_path / "cache"))
+    assert channel_stats(records, cached) == channel_stats(records, DataConfig())
+    key = entry_key(records[0], cached)
+    source, whole = cached_regions(cached.cache_dir, records[0].slide_id, key), read_cached(
+        cached.cache_dir, records[0].slide_id, key, with_mask=True)
+    h, w = source.shape
+    np.testing.assert_array_equal(source.mask(3, h - 2, 5, w - 1), whole.mask[3:h - 2, 5:w - 1])
+    source.close()

@@ -70,8 +70,9 @@ class TiffLevel:
     """A TIFF page read tile by tile (or strip by strip); the last tile row read is kept for the next band."""
 
     def __init__(self, slide: Path, tif: tifffile.TiffFile, page: tifffile.TiffPage, number: int,
-                 executor: ThreadPoolExecutor | None) -> None:
-        _check_page(slide, page, number)
+                 executor: ThreadPoolExecutor | None, rgb: bool = True) -> None:
+        if rgb:  # else a one-channel page of our own (a cache entry's mask), returned in each of the 3 channels
+            _check_page(slide, page, number)
         self.slide, self.number, self._tif, self._page, self._executor = slide, number, tif, page, executor
         self.shape = (int(page.imagelength), int(page.imagewidth))
         if page.is_tiled:

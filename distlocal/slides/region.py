@@ -64,25 +64,37 @@ class CachedRegions:
     # Each 512 x 512 tile's int64 R, G, B sums (rows x cols x 3) from the entry's JSON (prepare writes them), so the
     # contrast jitter's mean grey of a crop decodes only the tiles on its border; None for older entries.
     tile_sums: np.ndarray | None = field(default=None, repr=False, compare=False)
-    _open: tuple | None = field(default=None, repr=False, compare=False)  # (TiffFile, TiffLevel, threads) once read
+    # (TiffFile, {page: TiffLevel}, threads) once read
+    _open: tuple | None = field(default=None, repr=False, compare=False)
 
     def read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        return self._read(0, y0, y1, x0, x1)
+
+    def mask(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        """The tissue mask of a region (bool), from the entry's second page."""
+        return self._read(1, y0, y1, x0, x1)[..., 0] > 0
+
+    def _read(self, page: int, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
         _check_region(self, y0, y1, x0, x1)
-        if self._open is None:
-            # zstd releases the GIL: a stem tile's 16 or more tiles decode on a few threads, as a slide's do
-            threads = ThreadPoolExecutor(DECODE_THREADS) if DECODE_THREADS > 1 else None
-            try:
-                tif = tifffile.TiffFile(self.path)
-                self._open = (tif, TiffLevel(self.path, tif, tif.pages[0], 0, threads), threads)
-            except Exception as exc:  # tifffile raises many types for a damaged file
-                if threads is not None:
-                    threads.shutdown()
-                raise SlideError(self.path, f"cache entry is damaged ({type(exc).__name__}: {exc})", _PREPARE_AGAIN) \
-                    from None
         try:
-            return self._open[1].read(y0, x0, y1, x1)
+            return self._level(page).read(y0, x0, y1, x1)
         except SlideError as exc:  # the tile's own fix speaks of the original slide: this file is ours to rewrite
             raise SlideError(self.path, f"cache entry is damaged: {exc.problem}", _PREPARE_AGAIN) from None
+
+    def _level(self, page: int) -> TiffLevel:
+        try:
+            if self._open is None:
+                tif = tifffile.TiffFile(self.path)
+                # zstd releases the GIL: a stem tile's 16 or more tiles decode on a few threads, as a slide's do
+                self._open = (tif, {}, ThreadPoolExecutor(DECODE_THREADS) if DECODE_THREADS > 1 else None)
+            tif, levels, threads = self._open
+            if page not in levels:
+                levels[page] = TiffLevel(self.path, tif, tif.pages[page], page, threads, rgb=page == 0)
+            return levels[page]
+        except Exception as exc:  # tifffile raises many types for a damaged file
+            self.close()
+            raise SlideError(self.path, f"cache entry is damaged ({type(exc).__name__}: {exc})", _PREPARE_AGAIN) \
+                from None
 
     def close(self) -> None:
         if self._open is not None:
