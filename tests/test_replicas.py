@@ -7,6 +7,7 @@ import signal
 import threading
 
 import pytest
+import ray
 import torch
 
 from distlocal.config import ConfigError
@@ -50,6 +51,13 @@ def _float64_actor() -> type:
             super().__init__(*args)
             self.stage.modules.double()
             self.activation_dtype = torch.float64
+
+        def fail_steps(self) -> None:
+            """From now on this stage's optimizer step runs out of memory (the all-reduce's flat buffer, say)."""
+            def step(reduce=None):
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB")
+
+            self.stage.optim.step = step
 
     return Float64Actor
 
@@ -155,7 +163,8 @@ def test_k4_replicas_equal_one_stage_overlap_and_keep_slide_order(local_ray, act
     """
     K=4, stage 2 in 2 replicas, accumulate 3 over 8 slides (two windows and an open one of 2): the same parameters,
     optimizer steps and pending gradients as one stage per stage (float64); slides come back in order; the two
-    replicas of stage 2 work at the same time.
+    replicas of stage 2 work at the same time. Then an out-of-memory in the replicas' optimizer step is reported as
+    such (stage, replica, device, window), not as a failed all-reduce to recover from.
     """
     cfg = _cfg(manifest, tmp_path, "model.k=4", "train.replicas=[1,2,1,1]", "train.max_inflight=6")
     records = read_manifest(manifest).split("train")
@@ -166,6 +175,10 @@ def test_k4_replicas_equal_one_stage_overlap_and_keep_slide_order(local_ray, act
         results = list(executor.train(records, SlideLoader(cfg.data, True, cfg.train.seed), 0))
         traces = executor.traces()
         states = executor.state_dicts()
+        ray.get([replica.fail_steps.remote() for replica in executor.actors.stages[1]])
+        with pytest.raises(StageOutOfMemory, match=r"stage 2/4 replica [12]/2 ran out of memory on cpu \(cpu\) on "
+                                                   r"\S+ in the optimizer step of window 3 .*4.00 GiB"):
+            list(executor.train(records[:1], SlideLoader(cfg.data, True, cfg.train.seed), 1))  # window 3's third
     finally:
         executor.close()
     assert [slide for slide, _ in results] == [r.slide_id for r in records], "results in slide order"
@@ -220,31 +233,3 @@ def test_killed_replica_recovers_and_resume_with_one_replica_equals_a_straight_r
     theirs = load_checkpoint(tmp_path / "local" / "checkpoints" / "last").stages
     for i, (a, b) in enumerate(zip(ours, theirs, strict=True)):
         _same_state(a, b, f"stage {i + 1}", **STREAMED)
-
-
-def _step_out_of_memory_actor() -> type:
-    """Stage 1's replicas run out of memory in their optimizer step (the all-reduce's flat buffer, say)."""
-
-    class StepOutOfMemory(StageActor):
-        def __init__(self, cfg, num_classes, index, *replica):
-            super().__init__(cfg, num_classes, index, *replica)
-            if index == 0:
-                def step(reduce=None):
-                    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB")
-
-                self.stage.optim.step = step
-
-    return StepOutOfMemory
-
-
-def test_out_of_memory_in_a_replicas_step_is_named_not_a_failed_all_reduce(local_ray, manifest, tmp_path):
-    """An OOM in a replicated stage's step() is reported as such (stage, replica, device), not replayed as a failure."""
-    cfg = _cfg(manifest, tmp_path, "train.replicas=[2,1]")
-    executor = RayExecutor(cfg, 2, actor_cls=_step_out_of_memory_actor())
-    try:
-        records = read_manifest(manifest).split("train")[:cfg.train.accumulate]
-        with pytest.raises(StageOutOfMemory, match=r"stage 1/2 replica [12]/2 ran out of memory on cpu \(cpu\) on "
-                                                   r"\S+ in the optimizer step of window 1 .*4.00 GiB"):
-            list(executor.train(records, SlideLoader(cfg.data, True, 0), 0))
-    finally:
-        executor.close()
