@@ -69,8 +69,12 @@ def test_an_uncached_slide_is_refused_on_its_tissue_crop_not_its_whole_size(mani
     need = {shape: max(m.host for m in stage_maps(cfg, specs, shape, backbone.stem_stride)) for shape in (whole, crop)}
     assert need[crop] < need[whole]
     check_capacity(tiny_run(manifest, tmp_path, f"train.host_memory_gb={(need[crop] + need[whole]) / 2e9}"), [record])
+    below = f"train.host_memory_gb={need[crop] * 0.9e-9}"
     with pytest.raises(ConfigError, match=rf"slide {record.slide_id} \({crop[0]} x {crop[1]} px at 5X\) cannot train"):
-        check_capacity(tiny_run(manifest, tmp_path, f"train.host_memory_gb={need[crop] * 0.9e-9}"), [record])
+        check_capacity(tiny_run(manifest, tmp_path, below), [record])
+    prepare_slides([record], tmp_path / "cache", cfg.data, workers=1)  # cached: its crop's size straight away
+    with pytest.raises(ConfigError, match=rf"slide {record.slide_id} \({crop[0]} x {crop[1]} px at 5X\) cannot train"):
+        check_capacity(tiny_run(manifest, tmp_path, below, f"data.cache_dir={tmp_path / 'cache'}"), [record])
 
 
 def test_maps_beyond_the_object_store_are_refused(local_ray, manifest, tmp_path):

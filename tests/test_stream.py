@@ -94,10 +94,12 @@ def test_streamed_step_equals_whole_slide_step(make_cfg, overrides, size):
 def test_bf16_streamed_step_is_the_whole_slide_step_to_bf16_precision(make_cfg):
     """
     Under train.precision=bf16 the streamed step computes what the whole-slide bf16 step computes, to bf16's
-    precision: the same bf16 output map (each element within one bf16 rounding, 2^-8 relative), the same loss, and
+    precision: the same bf16 output map (each element within one bf16 ulp, 2^-7 relative), the same loss, and
     gradients that point where the fp32 step's do. bf16's 8-bit significand alone moves each stage's gradient by
-    4-27 % (normwise) from fp32's, for the whole-slide and the streamed step alike (measured, ResNet18 K=2): the
-    claim is that streaming adds no error of another order, cosine similarity > 0.9 (a normwise error under ~0.45).
+    4-27 % (normwise) from fp32's, for the whole-slide and the streamed step alike, and the two bf16 steps' gradients
+    differ by 0.3-13 % (measured, ResNet18 K=2: cosine similarity 0.99 or more): the claim is that streaming adds no
+    error of another order, cosine > 0.9 to fp32's and > 0.98 to the whole-slide bf16 step's (a quarter of the
+    gradient lost would give 0.87).
     """
     common = ["model.backbone=resnet18", "model.k=2", "model.split=balanced", "model.stream_tile=48",
               "model.classifier_kernels=[2,2,2,1]", "model.rfr.patch_size=8"]
@@ -115,11 +117,12 @@ def test_bf16_streamed_step_is_the_whole_slide_step_to_bf16_precision(make_cfg):
             results[name], inputs[name] = (out, metrics["loss"], grad), out
         (_, fp32_loss, fp32_grad), (whole, loss, grad), (streamed, streamed_loss, streamed_grad) = results.values()
         assert streamed.dtype == whole.dtype == torch.bfloat16  # the map held and sent on is bf16
-        torch.testing.assert_close(streamed.float(), whole.float(), rtol=2**-8, atol=1e-6)
+        torch.testing.assert_close(streamed.float(), whole.float(), rtol=2**-7, atol=1e-6)  # one bf16 ulp
         assert abs(streamed_loss - loss) <= abs(loss - fp32_loss) + 1e-3 * abs(loss)
         cosine = torch.nn.functional.cosine_similarity
         assert cosine(grad, fp32_grad, dim=0) > 0.9
         assert cosine(streamed_grad, fp32_grad, dim=0) > 0.9
+        assert cosine(streamed_grad, grad, dim=0) > 0.98
 
 
 @pytest.mark.parametrize("overrides", [("model.k=4", "model.stream_tile=48"),
@@ -191,9 +194,17 @@ def test_output_gradient_region_by_region_is_autograds(shape, kernel, patch):
     loss.backward()
     region = output_gradient(classifier.reduce[0], grad_z, x.detach(), crops, corners, x.device,
                              contextlib.nullcontext)
-    rows = [torch.cat([region(r, min(r + 4, shape[0]), c, min(c + 5, shape[1])) for c in range(0, shape[1], 5)], -1)
+
+    def tile(r0, r1, c0, c1):  # None: no gradient reaches the region (past the last whole cell, no crop there)
+        grad = region(r0, r1, c0, c1)
+        return torch.zeros(1, 4, r1 - r0, c1 - c0, dtype=torch.float64) if grad is None else grad
+
+    rows = [torch.cat([tile(r, min(r + 4, shape[0]), c, min(c + 5, shape[1])) for c in range(0, shape[1], 5)], -1)
             for r in range(0, shape[0], 4)]
     torch.testing.assert_close(torch.cat(rows, -2), x.grad, **EXACT)
+    nothing = output_gradient(classifier.reduce[0], torch.zeros_like(grad_z), x.detach(), None, [], x.device,
+                              contextlib.nullcontext)
+    assert nothing(0, shape[0], 0, shape[1]) is None  # no gradient reaches the map: its tiles are skipped
 
 
 def _executor_cfg(manifest, tmp_path, *overrides):

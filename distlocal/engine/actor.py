@@ -19,6 +19,7 @@ from pathlib import Path
 import ray
 import torch
 
+from distlocal.config import stage_replicas
 from distlocal.config_load import config_from_dict
 from distlocal.engine.checkpoint import stage_file
 from distlocal.engine.faults import (
@@ -81,6 +82,7 @@ class StageActor:
         self.direct = False  # sending through a direct transport: the activation stays on the device
         self.stage = build_stage(self.cfg, num_classes, index, self.device)
         self.stage.driver_steps = size > 1  # replicas step when the driver says their window is complete
+        self.replicated_run = max(stage_replicas(self.cfg.train, self.cfg.model.k)) > 1
         self.activation_dtype = activation_dtype(self.cfg.train.activation_dtype, self.cfg.train.precision)
         self.trace: list[tuple[str, str, float, float]] = []  # (kind, slide_id, start, end), wall clock
         self.idle_since = time.time()
@@ -187,6 +189,8 @@ class StageActor:
 
     def _unread(self, error: SlideError | None, kind: str, slide_id: str, start: float, exits: bool = False):
         """(the marker for the next stage, Unread): a slide stage 1 could not read leaves the pass untrained."""
+        if kind == "train" and self.replicated_run:  # the driver routed it into a window: an empty slot there
+            self.stage.optim.add_empty(steps=not self.stage.driver_steps)
         self._end(kind, slide_id, start)
         return None if exits else self._send(marker(self.device)), Unread(error)
 

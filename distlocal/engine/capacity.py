@@ -146,7 +146,8 @@ def check_capacity(cfg: Config, records: list[SlideRecord]) -> None:
         shape = slide_shape(record, cfg.data)
         problem = None if shape is None else refusal(record, shape)
         if problem is not None:  # an uncached slide's shape is the whole slide's: refuse on its tissue crop only
-            crop = slide_shape(record, cfg.data, crop=True)
-            problem = None if crop is None or crop == shape else refusal(record, crop)
+            crop = slide_shape(record, cfg.data, crop=True)  # (a cached slide's is its crop already: the same)
+            if crop is not None and crop != shape:
+                problem = refusal(record, crop)
         if problem is not None:
             raise ConfigError(problem)

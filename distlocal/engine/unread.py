@@ -7,10 +7,12 @@ every region before any gradient, optimizer state or random draw of the step (mo
 can leave the pass as a loader's bad slide does: data.on_error decides, the loader's `skip` reports it, and no stage
 has learned from it.
 
-Both executors do that. The local one catches the SlideError around the slide's stages (`skipped`). In the Ray
-pipeline the error cannot travel as one: a task that raises makes every later stage's input an error, and the
-driver would stop the run or enter recovery. Stage 1's actor returns `Unread` as its result instead and sends
-`marker()` on as its activation; each later stage passes the marker on; the driver's `unread` reports the slide.
+Both executors do that. The local one catches the SlideError around the slide's stages and calls `loader.skip`. In
+the Ray pipeline the error cannot travel as one: a task that raises makes every later stage's input an error, and
+the driver would stop the run or enter recovery. Stage 1's actor returns `Unread` as its result instead and sends
+`marker()` on as its activation; each later stage passes the marker on; `read_results` reports the slide to the
+loader in the driver. With train.replicas the driver has already routed the slide into a window, so every stage
+counts it as an empty slot there (LocalOptimizer.add_empty): the stages' windows stay the driver's.
 """
 
 from __future__ import annotations

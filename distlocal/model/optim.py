@@ -71,6 +71,15 @@ class LocalOptimizer:
         backward(loss / self.accumulate)
         self.accumulated += 1
 
+    def add_empty(self, steps: bool = True) -> bool:
+        """
+        A window slot without gradients: a slide that stage 1 could not read after the driver had routed it into a
+        replicated window (engine/unread.py), counted by every stage so their windows stay the driver's. With
+        ``steps`` (a stage the driver does not step) the full window steps, as backward's does.
+        """
+        self.accumulated += 1
+        return steps and self.accumulated >= self.accumulate and self.step()
+
     def _pool(self, reduce: Reduce) -> int:
         """Replace each gradient by its sum over the replicas; return the window's slide count over them all."""
         params = self.params()

@@ -73,8 +73,9 @@ def tile_outputs(stream_tile: int, out_stride: int) -> int:
     return max(1, stream_tile // out_stride)
 
 
-# The gradient of a map's rows r0:r1, columns c0:c1 (its outputs of one tile), made when the tile needs it.
-RegionGradient = Callable[[int, int, int, int], torch.Tensor]
+# The gradient of a map's rows r0:r1, columns c0:c1 (its outputs of one tile), made when the tile needs it; None
+# where no gradient reaches them.
+RegionGradient = Callable[[int, int, int, int], torch.Tensor | None]
 
 
 def streamed_backward(module: nn.Module, x: torch.Tensor, grad_out: torch.Tensor | RegionGradient, tile_out: int,
@@ -84,12 +85,15 @@ def streamed_backward(module: nn.Module, x: torch.Tensor, grad_out: torch.Tensor
     forward is rerun with gradients and only its own outputs (a partition of the map) receive their gradient.
     ``grad_out`` is the output map's gradient, or a function that gives it region by region (output_gradient).
     Tiles whose outputs get no gradient are skipped: they would add exactly zero (attention dropout can zero every
-    instance's gradient).
+    instance's gradient); a RegionGradient says so with None.
     """
     fp = footprint(module)
     for (r0, r1, c0, c1), (y0, y1, x0, x1), (oy, ox) in grid(x.shape[-2], x.shape[-1], fp, tile_out):
-        grad = grad_out[..., r0:r1, c0:c1] if isinstance(grad_out, torch.Tensor) else grad_out(r0, r1, c0, c1)
-        if not grad.any():
+        if isinstance(grad_out, torch.Tensor):
+            grad = grad_out[..., r0:r1, c0:c1]
+            if not grad.any():
+                continue
+        elif (grad := grad_out(r0, r1, c0, c1)) is None:
             continue
         tile = x[..., y0:y1, x0:x1].to(device)
         with torch.enable_grad(), autocast():
@@ -110,21 +114,31 @@ def output_gradient(conv: nn.Conv2d, grad_z: torch.Tensor, out: torch.Tensor, cr
     adds cells only past x_i's edge). RFR's crop gradients ``crops`` (at ``corners``) add where they overlap it.
     """
     k, weight = conv.stride[0], conv.weight
+    if conv.kernel_size != (k, k) or conv.stride != (k, k) or conv.padding != (0, 0) or conv.dilation != (1, 1) \
+            or conv.groups != 1:
+        raise ValueError(f"output_gradient needs a conv with kernel = stride, no padding, dilation or groups: {conv}")
     rows, cols = grad_z.shape[-2:]
 
-    def region(r0: int, r1: int, c0: int, c1: int) -> torch.Tensor:
-        grad = torch.zeros((1, out.shape[1], r1 - r0, c1 - c0), dtype=out.dtype, device=device)
+    def region(r0: int, r1: int, c0: int, c1: int) -> torch.Tensor | None:
         z0, z1, w0, w1 = r0 // k, min(rows, -(-r1 // k)), c0 // k, min(cols, -(-c1 // k))
-        if z1 > z0 and w1 > w0:
+        cells = grad_z[..., z0:z1, w0:w1] if z1 > z0 and w1 > w0 else None
+        cells = cells if cells is not None and cells.any() else None  # z's gradient is in host memory: no sync
+        hits = []  # crops may overlap each other and the region's edge: their gradients add
+        for crop, (y, x) in zip(() if crops is None else crops, () if crops is None else corners, strict=True):
+            y0, y1, x0, x1 = max(r0, y), min(r1, y + crop.shape[-2]), max(c0, x), min(c1, x + crop.shape[-1])
+            if y1 > y0 and x1 > x0:
+                hits.append((crop[:, y0 - y:y1 - y, x0 - x:x1 - x], (y0 - r0, y1 - r0, x0 - c0, x1 - c0)))
+        if cells is None and not hits:
+            return None
+        grad = torch.zeros((1, out.shape[1], r1 - r0, c1 - c0), dtype=out.dtype, device=device)
+        if cells is not None:
             with torch.no_grad(), autocast():
-                part = F.conv_transpose2d(grad_z[..., z0:z1, w0:w1].to(device), weight, stride=k)
+                part = F.conv_transpose2d(cells.to(device), weight, stride=k)
             top, left = r0 - z0 * k, c0 - w0 * k  # the cells start at or before the region
             h, w = min(r1 - r0, part.shape[-2] - top), min(c1 - c0, part.shape[-1] - left)
             grad[..., :h, :w] = part[..., top:top + h, left:left + w]
-        for crop, (y, x) in zip(() if crops is None else crops, corners, strict=False):
-            y0, y1, x0, x1 = max(r0, y), min(r1, y + crop.shape[-2]), max(c0, x), min(c1, x + crop.shape[-1])
-            if y1 > y0 and x1 > x0:  # crops may overlap each other and the region's edge: their gradients add
-                grad[0, :, y0 - r0:y1 - r0, x0 - c0:x1 - c0] += crop[:, y0 - y:y1 - y, x0 - x:x1 - x].to(grad)
+        for part, (y0, y1, x0, x1) in hits:
+            grad[0, :, y0:y1, x0:x1] += part.to(grad)
         return grad
 
     return region
