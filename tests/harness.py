@@ -136,3 +136,24 @@ def write_manifest_rows(path: Path, rows: list[dict]) -> Path:
         writer.writeheader()
         writer.writerows(rows)
     return path
+
+
+def damaged_cache(manifest: Path, cache: Path, slide_id: str) -> Path:
+    """
+    ``manifest`` prepared into ``cache``, then ``slide_id``'s entry damaged inside: its first tile's zstd frame loses
+    its magic number. The entry's header and JSON read (the loader hands the slide over); the tile fails only when
+    stage 1 decodes it.
+    """
+    import tifffile
+
+    from distlocal.cli import main
+    from distlocal.slides.cache import entry_paths
+
+    assert main(["prepare", str(manifest), "--out", str(cache), "--workers", "1"]) == 0
+    image, _ = entry_paths(cache, slide_id)
+    with tifffile.TiffFile(image) as tif:
+        offset = tif.pages[0].dataoffsets[0]
+    with image.open("r+b") as handle:
+        handle.seek(offset)
+        handle.write(bytes(4))
+    return cache

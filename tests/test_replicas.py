@@ -1,6 +1,7 @@
 """Replicas per stage (train.replicas) on a real local Ray with gloo: they learn what one stage learns."""
 
 import copy
+import dataclasses
 import json
 import os
 import signal
@@ -24,6 +25,7 @@ from distlocal.engine.trainer import Trainer
 from distlocal.model import build_stages
 from distlocal.model.balance import BlockCost
 from distlocal.model.optim import LocalOptimizer
+from tests.harness import damaged_cache
 from tests.interrupt import fit_and_interrupt
 from tests.tiny_run import tiny_run
 
@@ -163,11 +165,15 @@ def test_k4_replicas_equal_one_stage_overlap_and_keep_slide_order(local_ray, act
     """
     K=4, stage 2 in 2 replicas, accumulate 3 over 8 slides (two windows and an open one of 2): the same parameters,
     optimizer steps and pending gradients as one stage per stage (float64); slides come back in order; the two
-    replicas of stage 2 work at the same time. Then an out-of-memory in the replicas' optimizer step is reported as
-    such (stage, replica, device, window), not as a failed all-reduce to recover from.
+    replicas of stage 2 work at the same time. Then 4 slides read by region from a cache whose second entry has a
+    damaged tile (stage 1 fails on it after the driver routed it into stage 2's window, data.on_error=skip): it is
+    skipped, and every stage counts it as an empty slot of that window, so all stages have stepped the same windows.
+    Last, an out-of-memory in the replicas' optimizer step is reported as such (stage, replica, device, window), not
+    as a failed all-reduce to recover from.
     """
     cfg = _cfg(manifest, tmp_path, "model.k=4", "train.replicas=[1,2,1,1]", "train.max_inflight=6")
     records = read_manifest(manifest).split("train")
+    cache = damaged_cache(manifest, tmp_path / "cache", records[1].slide_id)
     local = LocalExecutor(_float64(build_stages(cfg, 2, "cpu")))
     list(local.train(records, SlideLoader(cfg.data, True, cfg.train.seed), 0))
     executor = RayExecutor(cfg, 2, actor_cls=_float64_actor())
@@ -175,10 +181,17 @@ def test_k4_replicas_equal_one_stage_overlap_and_keep_slide_order(local_ray, act
         results = list(executor.train(records, SlideLoader(cfg.data, True, cfg.train.seed), 0))
         traces = executor.traces()
         states = executor.state_dicts()
+        unread = SlideLoader(dataclasses.replace(cfg.data, cache_dir=str(cache), on_error="skip"), True,
+                             cfg.train.seed, by_region=True)
+        trained = [slide for slide, _ in executor.train(records[:4], unread, 1)]
+        assert trained == [records[i].slide_id for i in (0, 2, 3)]
+        assert [s.slide_id for s in unread.skipped] == [records[1].slide_id]
+        # 8 + 4 slots: windows 3 (closed by the first slide) and 4 (the unread slide's) stepped in every stage
+        assert [(s["optim"]["steps"], s["optim"]["accumulated"]) for s in executor.state_dicts()] == [(4, 0)] * 4
         ray.get([replica.fail_steps.remote() for replica in executor.actors.stages[1]])
         with pytest.raises(StageOutOfMemory, match=r"stage 2/4 replica [12]/2 ran out of memory on cpu \(cpu\) on "
-                                                   r"\S+ in the optimizer step of window 3 .*4.00 GiB"):
-            list(executor.train(records[:1], SlideLoader(cfg.data, True, cfg.train.seed), 1))  # window 3's third
+                                                   r"\S+ in the optimizer step of window 5 .*4.00 GiB"):
+            list(executor.train(records[:3], SlideLoader(cfg.data, True, cfg.train.seed), 2))  # window 5 whole
     finally:
         executor.close()
     assert [slide for slide, _ in results] == [r.slide_id for r in records], "results in slide order"

@@ -6,7 +6,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-import tifffile
 import torch
 
 from distlocal.config_load import load_config
@@ -18,6 +17,7 @@ from distlocal.model.stream import streamed_backward
 from distlocal.model.tiling import stitched_forward
 from distlocal.slides import SlideError
 from distlocal.slides.cache import entry_paths
+from tests.harness import damaged_cache
 
 # float64: the two steps differ only in summation order (~1e-16 relative); any real error (a position counted twice
 # or not at all, a missing halo) is of the order of the gradient itself.
@@ -222,24 +222,10 @@ def _train(executor, cfg, slides: int | None = None, by_region: bool = False):
 
 
 @pytest.fixture(scope="module")
-def damaged_cache(manifest, tmp_path_factory):
-    """
-    The manifest prepared into a cache, then the second training slide's entry damaged inside: its first tile's
-    zstd frame loses its magic number. The entry's header and JSON read (the loader hands the slide over); the tile
-    fails only when stage 1 decodes it. (cache folder, the damaged slide's id)
-    """
-    from distlocal.cli import main
-
-    cache = tmp_path_factory.mktemp("cache")
-    assert main(["prepare", str(manifest), "--out", str(cache), "--workers", "1"]) == 0
+def damaged_entry(manifest, tmp_path_factory):
+    """(the manifest prepared into a cache with the second training slide's entry damaged inside, that slide's id)"""
     damaged = read_manifest(manifest).split("train")[1].slide_id
-    image, _ = entry_paths(cache, damaged)
-    with tifffile.TiffFile(image) as tif:
-        offset = tif.pages[0].dataoffsets[0]
-    with image.open("r+b") as handle:
-        handle.seek(offset)
-        handle.write(bytes(4))
-    return cache, damaged
+    return damaged_cache(manifest, tmp_path_factory.mktemp("cache"), damaged), damaged
 
 
 def _unread_pass(executor, cfg, cache: Path, on_error: str = "skip", epoch: int = 1):
@@ -250,7 +236,7 @@ def _unread_pass(executor, cfg, cache: Path, on_error: str = "skip", epoch: int 
     return [slide_id for slide_id, _ in executor.train(records, loader, epoch)], loader.skipped
 
 
-def test_a_tile_damaged_inside_skips_the_slide_as_if_it_were_absent(manifest, damaged_cache, tmp_path):
+def test_a_tile_damaged_inside_skips_the_slide_as_if_it_were_absent(manifest, damaged_entry, tmp_path):
     """
     Streamed, stage 1 reads the slide by region: a cache tile damaged inside fails only then. Under
     data.on_error=skip the slide is reported with the tile and the file, and nothing learned from it: the stages
@@ -258,7 +244,7 @@ def test_a_tile_damaged_inside_skips_the_slide_as_if_it_were_absent(manifest, da
     gradient, optimizer count or random draw; each slide's draws are seeded by its id). Evaluation skips it too;
     under on_error=fail the run stops naming the cache file.
     """
-    cache, damaged = damaged_cache
+    cache, damaged = damaged_entry
     cfg = _executor_cfg(manifest, tmp_path, "model.stream=on")
     skipping = LocalExecutor(build_stages(cfg, 2, "cpu"))
     trained, skipped = _unread_pass(skipping, cfg, cache)
@@ -283,7 +269,7 @@ def test_a_tile_damaged_inside_skips_the_slide_as_if_it_were_absent(manifest, da
         _unread_pass(skipping, cfg, cache, on_error="fail")
 
 
-def test_short_training_streamed_equals_whole_slide_local_and_ray(local_ray, actor_threads, manifest, damaged_cache,
+def test_short_training_streamed_equals_whole_slide_local_and_ray(local_ray, actor_threads, manifest, damaged_entry,
                                                                   tmp_path):
     """
     Training with streaming on ends where it ends with it off (local executor, float64, two optimizer steps: the
@@ -313,16 +299,16 @@ def test_short_training_streamed_equals_whole_slide_local_and_ray(local_ray, act
     remote = RayExecutor(replace(on, train=replace(on.train, executor="ray")), 2)
     try:
         remote_metrics = _train(remote, on, slides, by_region=True)
-        remote_unread = _unread_pass(remote, on, damaged_cache[0])
+        remote_unread = _unread_pass(remote, on, damaged_entry[0])
         remote_states = remote.state_dicts()
     finally:
         remote.close()
     assert [m[-1]["loss"] for m in remote_metrics] == pytest.approx([m[-1]["loss"] for m in local_metrics], rel=1e-4)
-    local_unread = _unread_pass(local, on, damaged_cache[0])
+    local_unread = _unread_pass(local, on, damaged_entry[0])
     assert remote_unread[0] == local_unread[0]
     assert len(local_unread[0]) == 3
     assert remote_unread[1] == local_unread[1]
-    assert [s.slide_id for s in local_unread[1]] == [damaged_cache[1]]
+    assert [s.slide_id for s in local_unread[1]] == [damaged_entry[1]]
     for ours, theirs in zip(remote_states, local.state_dicts(), strict=True):
         for name, tensor in theirs["modules"].items():
             torch.testing.assert_close(ours["modules"][name], tensor, rtol=1e-4, atol=1e-5, msg=name)
