@@ -27,6 +27,7 @@ __all__ = ["TABLE_BYTES", "with_tile_sums"]
 TABLE_BYTES = 256 * 2**20  # the tables one process keeps, at most: thousands of slides at 5X
 
 _tables: OrderedDict[CacheKey, np.ndarray] = OrderedDict()
+_held = 0  # their bytes
 _lock = threading.Lock()  # the loader's prefetch threads share the tables
 
 
@@ -37,10 +38,13 @@ def with_tile_sums(source: OriginalRegions, key: CacheKey) -> OriginalRegions:
         if table is not None:
             _tables.move_to_end(key)
     if table is None:
-        table = crop_tile_sums(source)
+        table = crop_tile_sums(source)  # (two threads loading one slide at once may both make it: the same table)
         with _lock:
-            _tables[key] = table
-            while sum(t.nbytes for t in _tables.values()) > TABLE_BYTES and len(_tables) > 1:
-                _tables.popitem(last=False)
+            global _held
+            if key not in _tables:
+                _tables[key] = table
+                _held += table.nbytes
+            while _held > TABLE_BYTES and len(_tables) > 1:
+                _held -= _tables.popitem(last=False)[1].nbytes
     source.tile_sums = table
     return source

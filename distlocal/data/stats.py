@@ -55,10 +55,11 @@ def _tissue_sums(record: SlideRecord, cfg: DataConfig) -> tuple[int, np.ndarray,
     try:
         with named_slide_error(record):
             for y0, y1 in bands(height, width):
-                pixels = source.read(y0, y1, 0, width)[source.mask(y0, y1, 0, width)].astype(np.int64)
+                # uint16 holds a square (255^2 = 65025): two copies of the band's tissue, not 8-byte ones
+                pixels = source.read(y0, y1, 0, width)[source.mask(y0, y1, 0, width)].astype(np.uint16)
                 count += len(pixels)
-                sums += pixels.sum(0)
-                squares += (pixels * pixels).sum(0)  # at most 255^2 a pixel: int64 holds 10^14 pixels' worth
+                sums += pixels.sum(0, dtype=np.int64)
+                squares += (pixels * pixels).sum(0, dtype=np.int64)  # int64 holds 10^14 pixels' worth
     finally:
         source.close()
     return count, sums, squares
