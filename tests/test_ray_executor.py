@@ -202,19 +202,6 @@ def test_a_stage_asked_for_cuda_without_gpu_ids_refuses(local_ray, manifest, tmp
         RayExecutor(_cfg(manifest, tmp_path, "train.device=cuda", "train.gpus_per_stage=0"), 2)
 
 
-def test_a_stage_that_does_not_come_back_fails_after_train_recovery_timeout_s(local_ray, manifest, tmp_path):
-    """Recovery waits train.recovery_timeout_s for a restarted stage, then names the setting."""
-    executor = RayExecutor(_cfg(manifest, tmp_path, "train.max_restarts=0", "train.recovery_timeout_s=2"), 2)
-    try:
-        ray.kill(executor.actors.all[1], no_restart=True)
-        start = time.monotonic()
-        with pytest.raises(ClusterError, match=r"stage 2 did not come back within 2 s .*train.recovery_timeout_s"):
-            executor.recover(tmp_path / "checkpoints" / "last")
-        assert time.monotonic() - start < 10
-    finally:
-        executor.close()
-
-
 def _first_send_fails_actor() -> type:
     """Stage 2 cannot take stage 1's first gloo tensor (a firewall, a wrong interface), and has a long call to run."""
     from distlocal.engine.actor import StageActor
@@ -229,19 +216,26 @@ def _first_send_fails_actor() -> type:
     return FirstSendFails
 
 
-def test_a_hop_whose_first_send_fails_at_start_falls_back_and_close_does_not_wait_for_busy_stages(
+def test_a_failed_first_send_falls_back_a_lost_stage_times_out_and_close_does_not_wait_for_busy_stages(
         local_ray, manifest, tmp_path):
     """
     The start sends one tensor per gloo hop: its failure is the hop's fallback cause, not a stage killed at the first
-    slide. close() ends the actors before it destroys the group, so a stage in a long call does not hold it up.
+    slide. Recovery waits train.recovery_timeout_s for a stage that does not come back, then names the setting.
+    close() ends the actors before it destroys the group, so a stage in a long call does not hold it up.
     """
-    executor = RayExecutor(_cfg(manifest, tmp_path, "train.transport=gloo"), 2, actor_cls=_first_send_fails_actor())
+    cfg = _cfg(manifest, tmp_path, "train.transport=gloo", "train.max_restarts=0", "train.recovery_timeout_s=2")
+    executor = RayExecutor(cfg, 2, actor_cls=_first_send_fails_actor())
     try:
         assert executor.transport is None
         assert executor.hops[0].transport == "object_store"
         assert "first gloo send failed at start (RuntimeError: Connection refused" in executor.hops[0].why
         assert "GLOO_SOCKET_IFNAME" in executor.hops[0].why
-        busy = executor.actors.all[1].busy.remote(120)
+        ray.kill(executor.actors.all[1], no_restart=True)
+        start = time.monotonic()
+        with pytest.raises(ClusterError, match=r"stage 2 did not come back within 2 s .*train.recovery_timeout_s"):
+            executor.recover(tmp_path / "checkpoints" / "last")
+        assert time.monotonic() - start < 10
+        busy = executor.actors.all[0].busy.remote(120)
     finally:
         start = time.monotonic()
         executor.close()

@@ -49,8 +49,8 @@ def _pair(make_cfg, *overrides):
     return whole, streamed
 
 
-def _assert_same_step(whole, streamed, x, y):
-    """Each stage in turn: the same loss (CE and RFR), output, every gradient, and the optimizer's update."""
+def _assert_same_step(whole, streamed, x, y, update: bool = True):
+    """Each stage in turn: the same loss (CE and RFR), output, every gradient and (``update``) AdamW's update."""
     for a, b in zip(whole, streamed, strict=True):
         out_a, m_a = a.train_step(x, y, (0, "s"))
         out_b, m_b = b.train_step(x, y, (0, "s"))
@@ -64,6 +64,9 @@ def _assert_same_step(whole, streamed, x, y):
             _assert_exact(q.grad, p.grad, name)
         # AdamW's first step moves each weight by lr * g / (|g| + eps) (+ decay): a gradient difference d moves it
         # by at most lr * d / eps, so rounding-sized gradient differences give this much and no more.
+        if not update:
+            x = out_a
+            continue
         lr_over_eps = max(g["lr"] for g in a.optim.optimizer.param_groups) / a.optim.optimizer.defaults["eps"]
         allowed = {name: lr_over_eps * (q.grad - p.grad).abs().max().item() + 1e-15 for name, p, q in trained}
         assert a.optim.step()
@@ -85,10 +88,14 @@ def _assert_same_step(whole, streamed, x, y):
     (("model.mode=e2e", "model.stream_tile=96"), (72, 132)),  # StreamingCNN's end-to-end method
 ], ids=["k4-dividing", "k8-not-dividing", "resnet34-k1", "resnet50-k1", "smaller-than-a-tile", "e2e"])
 def test_streamed_step_equals_whole_slide_step(make_cfg, overrides, size):
-    """In float64 the streamed step is the whole-slide step: losses, output maps, gradients and the update."""
+    """
+    In float64 the streamed step is the whole-slide step: losses, output maps, gradients and the update. (ResNet50's
+    25 M float64 weights: its bottleneck blocks' gradients are compared, not AdamW's update of them, the same code
+    as every other case's and half of this case's time.)
+    """
     whole, streamed = _pair(make_cfg, *overrides)
     slide = torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-    _assert_same_step(whole, streamed, slide, 1)
+    _assert_same_step(whole, streamed, slide, 1, update="model.backbone=resnet50" not in overrides)
 
 
 def test_bf16_streamed_step_is_the_whole_slide_step_to_bf16_precision(make_cfg):
