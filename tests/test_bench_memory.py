@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import torch
 
@@ -95,3 +96,23 @@ def test_bench_memory_stream_rows_and_a_stage_flat_against_the_slide(tmp_path):
     assert len({max(r["model_total"] for r in entry["k4"]) for entry in report["computed"]}) == 1  # 5X to 20X: flat
     assert "| 23849 x 10257 | 20X | 95396 x 41028 |" in format_stream_memory(report)
     assert (tmp_path / "memory_stream.png").stat().st_size > 5000
+
+
+def test_bench_stream_step_trains_every_stage_of_a_slide_read_by_region(tmp_path, capsys):
+    """
+    `bench memory --stream --step HxW`: one streamed K=4 step of a slide that stage 1 reads region by region, each
+    stage on the previous one's output; the table and stream_step.json give each stage's seconds, bytes and map.
+    """
+    from distlocal.cli import main
+
+    assert main(["bench", "memory", "--stream", "--step", "300x200", "--stream-tile", "96", "--device", "cpu",
+                 "--set", "model.backbone=resnet18", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "stream_step.json").read_text())
+    shapes = [r["output_shape"] for r in report["stages"]]
+    assert all(r["streamed"] for r in report["stages"])
+    # ResNet18 K=4 (balanced: one layer a stage): 64 channels at 1/6 (the stem's stride), then halving each stage
+    assert shapes == [[1, 64, 50, 34], [1, 128, 25, 17], [1, 256, 13, 9], [1, 512, 7, 5]]
+    assert [r["host_output_gb"] for r in report["stages"]] == [math.prod(s) * 4 / 1e9 for s in shapes]
+    assert "| 4 | yes |" in capsys.readouterr().out
+    assert main(["bench", "memory", "--stream", "--step", "300x200,400x400", "--out", str(tmp_path)]) == 2
+    assert "--step '300x200,400x400': give one size" in capsys.readouterr().err

@@ -2,7 +2,8 @@
 distlocal bench pipeline [--config CONFIG] [--set key=value ...] [--slides N] [--size H W] [--epochs N]
                          [--replicas 2,1 | --plan auto]
 distlocal bench io [--size H W] [--base-magnification 20] [--repeats 3] [--ways W1,W2]
-distlocal bench memory [--sizes HxW,HxW] [--device auto|cpu|cuda] [--set key=value ...] [--stream [--stream-tile PX]]
+distlocal bench memory [--sizes HxW,HxW] [--device auto|cpu|cuda] [--set key=value ...] [--stream [--stream-tile PX]
+                       [--step HxW]]
 distlocal bench inference [SLIDE_OR_MANIFEST ...] [--sizes HxW,HxW] [--mode deployed|memory] [--workers N]
                           [--checkpoint PATH] [--batch N] [--repeats 3]
 distlocal bench loading [MANIFEST] [--slides N] [--size H W] [--loaders 1,2,4] [--threads 1,2] [--cache DIR]
@@ -56,6 +57,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "at --sizes (measured; default 768x1536,3072x6144: 16x the pixels, as 5X to 20X), the "
                    "paper's slides at 5X, 10X and 20X computed from them; writes memory_stream.json and .png")
     p.add_argument("--stream-tile", type=int, default=512, help="memory --stream: model.stream_tile (slide pixels)")
+    p.add_argument("--step", help="memory --stream: instead, one real streamed K=4 training step of a slide of this "
+                   "size (HxW px, read by region: e.g. 95396x41028, the paper's largest slide at 20X), each stage's "
+                   "seconds, model bytes, CUDA peak and host maps; writes stream_step.json")
     p.add_argument("--stream-methods", default="k4,e2e", help="memory --stream: what to measure streamed: k4, e2e "
                    "(E2E's halo is 672 px: small tiles recompute most of each tile)")
     p.add_argument("--device", default="auto", help="memory, inference: auto (CUDA when present), cpu or cuda")
@@ -195,6 +199,17 @@ def run(args: argparse.Namespace) -> int:
                                      args.epochs or 4, args.overrides)
         print(format_magnification(report))
         print(f"wrote {Path(args.out) / 'magnification.json'} and {Path(args.out) / 'magnification.png'}")
+        return 0
+    if args.what == "memory" and args.stream and args.step:
+        from distlocal.bench.stream_step import bench_stream_step, format_stream_step
+
+        sizes = _sizes(args.step)
+        if len(sizes) != 1:
+            raise ConfigError(f"--step {args.step!r}: give one size, HxW (e.g. 95396x41028)")
+        size = sizes[0]
+        report = bench_stream_step(Path(args.out), size, args.stream_tile, args.overrides, args.device)
+        print(format_stream_step(report))
+        print(f"wrote {Path(args.out) / 'stream_step.json'}")
         return 0
     if args.what == "memory" and args.stream:
         from distlocal.bench.stream_memory import bench_stream_memory, format_stream_memory
