@@ -1,5 +1,6 @@
 """The Ray executor on a real local Ray: parity with the local executor, overlap, faults, placement errors."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -20,6 +21,7 @@ from distlocal.engine.local import LocalExecutor
 from distlocal.engine.ray_executor import RayExecutor
 from distlocal.engine.trainer import Trainer
 from distlocal.model import build_stages
+from tests.harness import damaged_cache
 from tests.interrupt import fit_and_interrupt
 from tests.tiny_run import tiny_run
 
@@ -49,19 +51,32 @@ def test_workers_run_the_drivers_interpreter_in_place(local_ray):
 # K=3 has a middle stage; gloo sends stage to stage directly. Hops through the object store are compared with the
 # local executor by test_ray_run_stopped_and_resumed_equals_local_straight_through (K=2).
 def test_one_slide_in_flight_matches_the_local_executor(local_ray, actor_threads, manifest, tmp_path):
-    """With max_inflight 1 the actors end with the same parameters as the single-process executor."""
+    """
+    With max_inflight 1 the actors end with the same parameters as the single-process executor. Then a pass read by
+    region from a cache whose second entry has a damaged tile (data.on_error=skip): stage 1 sends its marker over
+    the gloo hops instead of an activation (engine/unread.py), and both executors skip that slide alike.
+    """
     cfg = _cfg(manifest, tmp_path, "model.k=3", "train.max_inflight=1", "train.transport=gloo")
     records = _train_records(cfg)
+    cache = damaged_cache(manifest, tmp_path / "cache", records[1].slide_id)
+    unread = dataclasses.replace(cfg.data, cache_dir=str(cache), on_error="skip")
     local = LocalExecutor(build_stages(cfg, 2, "cpu"))
     local_metrics = [m for _, m in local.train(records, SlideLoader(cfg.data, True, cfg.train.seed), 0)]
+    local_unread = SlideLoader(unread, True, cfg.train.seed, by_region=True)
+    assert [s for s, _ in local.train(records[:3], local_unread, 1)] == [records[0].slide_id, records[2].slide_id]
     remote = RayExecutor(cfg, 2)
     assert remote.transport == "gloo"
     assert {info["activation_dtype"] for info in remote.info} == {"float32"}  # train.precision=fp32 sends fp32
     try:
         remote_metrics = [m for _, m in remote.train(records, SlideLoader(cfg.data, True, cfg.train.seed), 0)]
+        remote_unread = SlideLoader(unread, True, cfg.train.seed, by_region=True)
+        assert [s for s, _ in remote.train(records[:3], remote_unread, 1)] == [records[0].slide_id,
+                                                                              records[2].slide_id]
         remote_states = remote.state_dicts()
     finally:
         remote.close()
+    assert remote_unread.skipped == local_unread.skipped
+    assert [s.slide_id for s in remote_unread.skipped] == [records[1].slide_id]
     assert [m[-1]["loss"] for m in remote_metrics] == pytest.approx([m[-1]["loss"] for m in local_metrics], rel=1e-4)
     for ours, theirs in zip(remote_states, local.state_dicts(), strict=True):
         assert ours["optim"]["steps"] == theirs["optim"]["steps"] > 0
