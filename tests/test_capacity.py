@@ -41,6 +41,10 @@ def test_map_bytes_follow_the_slide_and_the_travelling_dtype(manifest, tmp_path)
     assert wide[0].host == wide[0].input + wide[0].output + 2 * 128 * 9 * 9 * 4
     bf16 = stage_maps(tiny_run(manifest, tmp_path, "train.precision=bf16"), specs, (96, 96), backbone.stem_stride)
     assert bf16[0].output * 2 == fp32[0].output
+    assert bf16[0].sent == bf16[0].output  # bf16 training sends bf16
+    narrow = stage_maps(tiny_run(manifest, tmp_path, "train.activation_dtype=bf16"), specs, (96, 96),
+                        backbone.stem_stride)
+    assert (narrow[0].output, narrow[0].sent) == (fp32[0].output, fp32[0].output // 2)  # held in fp32, sent in bf16
     assert slides_in_flight(tiny_run(manifest, tmp_path, "train.executor=ray")) == 3  # K + 1
 
 

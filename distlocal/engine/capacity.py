@@ -9,7 +9,8 @@ whose maps cannot fit is refused here, naming the slide, the stage, the bytes an
 mid-epoch. Sizes come from the prepared cache's metadata or the slide file's level dimensions: nothing is decoded.
 The file's dimensions are the whole slide's, an upper bound on its tissue crop: a slide they would refuse is sized
 again by its crop, found on a low-resolution level as the loader finds it, and refused only if that does not fit.
-Maps are counted in the dtype they travel in (transport.activation_dtype: train.precision's, so bf16 on GPU runs).
+Maps are counted in host memory in the dtype a stage computes in (train.precision's) and in the object store in the
+dtype they travel in (transport.activation_dtype: train.precision's by default, so bf16 on GPU runs).
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ class StageMaps:
     input: int  # the stem's output on stage 1 (and the slide, unless read by region), the previous stage's after
     output: int
     reduced: int = 0  # streamed: the classifier's z and its gradient (fp32 at least), beside the output
+    sent: int = 0  # the output as it travels (Ray's object store): in train.activation_dtype
+
 
     @property
     def host(self) -> int:
@@ -53,10 +56,13 @@ class StageMaps:
 def stage_maps(cfg: Config, specs: list[StageSpec], shape: tuple[int, int], stem_stride: int) -> list[StageMaps]:
     """Each stage's maps for a slide of ``shape`` (height, width) at the read magnification."""
     height, width = shape
-    itemsize = torch.empty((), dtype=activation_dtype(cfg.train.activation_dtype, cfg.train.precision)).element_size()
+    # A stage holds its maps in the dtype it computes in (bf16 under train.precision=bf16, else fp32: model/stage.py
+    # held_dtype) and sends its output in train.activation_dtype, which may be narrower (fp32 training, bf16 hops).
+    itemsize = 2 if cfg.train.precision == "bf16" else 4
+    travels = torch.empty((), dtype=activation_dtype(cfg.train.activation_dtype, cfg.train.precision)).element_size()
 
-    def size(channels: int, stride: int) -> int:
-        return channels * math.ceil(height / stride) * math.ceil(width / stride) * itemsize
+    def size(channels: int, stride: int, nbytes: int = itemsize) -> int:
+        return channels * math.ceil(height / stride) * math.ceil(width / stride) * nbytes
 
     # model.stream on or auto: stage 1 reads the slide by region (data/regions.py), its float input never whole
     slide = 0 if cfg.model.stream != "off" else SLIDE_BYTES * height * width
@@ -67,7 +73,8 @@ def stage_maps(cfg: Config, specs: list[StageSpec], shape: tuple[int, int], stem
         if cfg.model.stream != "off":
             z = size(spec.out_channels, spec.out_stride * stage_kernel(cfg, stem_stride, spec))
             reduced = z + z * max(4, itemsize) // itemsize
-        rows.append(StageMaps(spec.index + 1, held, size(spec.out_channels, spec.out_stride), reduced))
+        rows.append(StageMaps(spec.index + 1, held, size(spec.out_channels, spec.out_stride), reduced,
+                              size(spec.out_channels, spec.out_stride, travels)))
     return rows
 
 
@@ -135,9 +142,9 @@ def check_capacity(cfg: Config, records: list[SlideRecord]) -> None:
                 return (f"{slide} cannot train: stage {maps.stage}'s maps need {_gb(inflight * maps.host)} of host "
                         f"memory ({per_slide} per slide, x {inflight} slide(s) in flight), more than the {_gb(host)} "
                         f"it has ({where}); fix: {fix}")
-            if maps.stage < cfg.model.k and inflight * maps.output > store:
-                return (f"{slide} cannot train: stage {maps.stage}'s output maps need {_gb(inflight * maps.output)} "
-                        f"of the Ray object store ({_gb(maps.output)} per slide, x {inflight} slide(s) in flight), "
+            if maps.stage < cfg.model.k and inflight * maps.sent > store:
+                return (f"{slide} cannot train: stage {maps.stage}'s output maps need {_gb(inflight * maps.sent)} "
+                        f"of the Ray object store ({_gb(maps.sent)} per slide, x {inflight} slide(s) in flight), "
                         f"more than its {_gb(store)}; fix: {fix}, or a larger object store (ray start "
                         f"--object-store-memory)")
         return None
