@@ -35,6 +35,9 @@ def test_map_bytes_follow_the_slide_and_the_travelling_dtype(manifest, tmp_path)
     assert fp32[0].host == fp32[0].input + fp32[0].output
     streamed = stage_maps(tiny_run(manifest, tmp_path, "model.stream=on"), specs, (96, 96), backbone.stem_stride)
     assert streamed[0].input == 64 * 16 * 16 * 4  # read by region: the slide's float input never exists whole
+    recomputed = stage_maps(tiny_run(manifest, tmp_path, "model.stream=on", "model.stream_stem=recompute"), specs,
+                            (96, 96), backbone.stem_stride)
+    assert (recomputed[0].input, recomputed[1].input) == (0, streamed[1].input)  # the stem map is never held
     # Streamed, the classifier's z and its gradient too: layer2 (1/12) opens A_1 with a kernel of 9
     # (model.classifier_kernels), so a 960 px side gives at most 9 x 9 instances of 128 channels
     wide = stage_maps(tiny_run(manifest, tmp_path, "model.stream=on"), specs, (960, 960), backbone.stem_stride)

@@ -95,20 +95,23 @@ def test_loader_regions_are_slices_of_the_input_tensor(slides: Path, tmp_path: P
         np.testing.assert_array_equal(picture, SlideLoader(data, train).read(record))
 
 
-@pytest.mark.parametrize("augment", [True, False], ids=["augmented", "not-augmented"])
-def test_streamed_stage_one_from_regions_equals_from_the_tensor(slides: Path, make_cfg, augment: bool) -> None:
+@pytest.mark.parametrize(("augment", "stem"), [(True, "keep"), (False, "keep"), (True, "recompute")],
+                         ids=["augmented", "not-augmented", "stem-recomputed"])
+def test_streamed_stage_one_from_regions_equals_from_the_tensor(slides: Path, make_cfg, augment: bool,
+                                                                stem: str) -> None:
     """
     In float64 a streamed stage-1 step whose stem reads the slide region by region is the step on the decoded
-    tensor: loss, output map and every gradient (the stem tiles and the regions they read are the same).
+    tensor: loss, output map and every gradient (the stem tiles and the regions they read are the same). With
+    model.stream_stem=recompute the stem map is never held: each region of it (a tile's input with its halo, an RFR
+    crop) is computed again from the slide's regions where it is read, and the step is the same.
     """
     cfg = make_cfg(f"data.manifest={slides}", f"data.augment={str(augment).lower()}", "model.k=4",
                    "model.backbone=resnet18", "model.split=balanced", "model.stream=on", "model.stream_tile=48",
-                   "model.rfr.patch_size=8")
+                   "model.rfr.patch_size=8", f"model.stream_stem={stem}")
     record = read_manifest(slides).records[0]
     x = SlideLoader(cfg.data, True, seed=1).load(record, 3)
     regions = SlideLoader(cfg.data, True, seed=1, by_region=True).load(record, 3)
-    tiles = []
-    results = []
+    tiles, results, evaluated = [], [], []
     for source in (x, regions):
         stage = build_stages(cfg, 2)[0]
         stage.modules.double()
@@ -120,8 +123,12 @@ def test_streamed_stage_one_from_regions_equals_from_the_tensor(slides: Path, ma
         out, metrics = stage.train_step(source, record.label, (3, record.slide_id))
         grads = {n: p.grad.clone() for n, p in stage.modules.named_parameters() if p.grad is not None}
         results.append((out, metrics, grads))
+        evaluated.append(stage.eval_step(source))  # the driver steps: the weights are still the same in both
     assert len(tiles) > 4
-    assert all((y1 - y0) * (x1 - x0) <= 40 * 40 for y0, y1, x0, x1 in tiles)
+    if stem == "keep":
+        assert all((y1 - y0) * (x1 - x0) <= 40 * 40 for y0, y1, x0, x1 in tiles)
+    else:  # the slide is read again in the backward and for RFR's crops: more reads than one pass's tiles
+        assert sum((y1 - y0) * (x1 - x0) for y0, y1, x0, x1 in tiles) > 2 * regions.shape[-2] * regions.shape[-1]
     (out_a, m_a, g_a), (out_b, m_b, g_b) = results
     assert m_b["loss"] == pytest.approx(m_a["loss"], rel=1e-12)
     assert m_a["loss_rec"] > 0
@@ -130,6 +137,8 @@ def test_streamed_stage_one_from_regions_equals_from_the_tensor(slides: Path, ma
     assert len(g_a) > 10
     for name, grad in g_a.items():
         torch.testing.assert_close(g_b[name], grad, rtol=1e-12, atol=1e-14, msg=name)
+    for ours, theirs in zip(evaluated[1], evaluated[0], strict=True):  # output map, probabilities, attention
+        torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-14)
 
 
 

@@ -66,9 +66,12 @@ def stage_maps(cfg: Config, specs: list[StageSpec], shape: tuple[int, int], stem
 
     # model.stream on or auto: stage 1 reads the slide by region (data/regions.py), its float input never whole
     slide = 0 if cfg.model.stream != "off" else SLIDE_BYTES * height * width
+    # model.stream_stem=recompute: stage 1 never holds its stem map (each region is computed where it is read)
+    stem_held = not (cfg.model.stream != "off" and cfg.model.stream_stem == "recompute")
     rows = []
     for spec in specs:
-        held = size(spec.in_channels, spec.in_stride) + (slide if spec.index == 0 else 0)
+        held = size(spec.in_channels, spec.in_stride) if spec.index > 0 or stem_held else 0
+        held += slide if spec.index == 0 else 0
         reduced = 0
         if cfg.model.stream != "off":
             z = size(spec.out_channels, spec.out_stride * stage_kernel(cfg, stem_stride, spec))
@@ -128,7 +131,10 @@ def check_capacity(cfg: Config, records: list[SlideRecord]) -> None:
     host = cfg.train.host_memory_gb * GB if cfg.train.host_memory_gb else host_memory_bytes()
     where = f"train.host_memory_gb={cfg.train.host_memory_gb:g}" if cfg.train.host_memory_gb else "available now"
     store = _object_store_bytes() if cfg.train.executor == "ray" and cfg.model.k > 1 else math.inf
+    recompute = cfg.model.stream != "off" and cfg.model.stream_stem == "keep"
     fix = ", ".join([*([f"fewer slides in flight (train.max_inflight=1; now {inflight})"] if inflight > 1 else []),
+                     *(["stage 1's stem map recomputed where it is read instead of held (model.stream_stem="
+                        "recompute)"] if recompute else []),
                      f"fewer stages (model.k={cfg.model.k}: K + 1 slides in flight by default on Ray)",
                      f"a lower data.magnification ({cfg.data.magnification:g} now)",
                      "or more host memory (train.host_memory_gb)"])

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from distlocal.model.tiling import window
+
 __all__ = ["FeatureReconstruction"]
 
 
@@ -46,7 +48,8 @@ class FeatureReconstruction(nn.Module):
         """The windows at ``corners`` of both maps: (n x C_i x p x p, n x C_{i-1} x pu x pu)."""
         u = self.factor
         src = torch.stack([x_out[0, :, y:y + p, x:x + p] for y, x in corners])
-        tgt = torch.stack([x_in[0, :, y * u:(y + p) * u, x * u:(x + p) * u] for y, x in corners])
+        # x_in may be read by region (model.stream_stem=recompute: stage 1's stem map is never whole)
+        tgt = torch.stack([window(x_in, y * u, (y + p) * u, x * u, (x + p) * u)[0] for y, x in corners])
         return src, tgt
 
     def sample(self, x_out: torch.Tensor, x_in: torch.Tensor, generator: torch.Generator | None = None):

@@ -21,7 +21,7 @@ from distlocal.model.mil import AuxClassifier
 from distlocal.model.optim import Backward, LocalOptimizer
 from distlocal.model.rfr import FeatureReconstruction
 from distlocal.model.stream import StreamedStep, Streaming, streamed_evaluation, streamed_step
-from distlocal.model.tiling import RegionInput, tiled_forward, whole
+from distlocal.model.tiling import ModuleRegions, RegionInput, tiled_forward, whole
 
 __all__ = ["STEM_TILE_PIXELS", "Stage", "autocast", "held_dtype", "param_dtype", "peak_memory_mb", "reseed",
            "run_stem", "step_metrics", "wide"]
@@ -90,6 +90,11 @@ class _InDtype:
 
     def close(self) -> None:
         self.source.close()
+
+
+def _close(x: torch.Tensor | RegionInput) -> None:
+    if not isinstance(x, torch.Tensor):
+        x.close()
 
 
 def run_stem(stem: nn.Module, x: torch.Tensor | RegionInput, device: torch.device, bf16: bool,
@@ -168,6 +173,7 @@ class Stage(StageInterface):
         self.rfr_clamped = 0  # slides whose maps were smaller than the RFR patch
         self.stem_tile_pixels = STEM_TILE_PIXELS
         self.streaming = streaming  # model.stream: when and in which tiles a slide trains streamed; None: never
+        self.recompute_stem = cfg.model.stream_stem == "recompute"
 
     def _autocast(self):
         return autocast(self.device, self.bf16)
@@ -180,10 +186,20 @@ class Stage(StageInterface):
             return x.to(dtype=held_dtype(self.modules, self.bf16))
         return x.to(self.device, held_dtype(self.modules, self.bf16), non_blocking=True)
 
+    def _streamed_input(self, x: torch.Tensor | RegionInput) -> torch.Tensor | RegionInput:
+        """
+        A streamed step's input, in host memory; stage 1 reading its slide by region with model.stream_stem=recompute:
+        its stem map, computed region by region where it is read and never held (tiling.ModuleRegions).
+        """
+        if "stem" in self.modules and self.recompute_stem and not isinstance(x, torch.Tensor):
+            held = held_dtype(self.modules, self.bf16)
+            return ModuleRegions(self.modules["stem"], x, self.device, self._autocast, held)
+        return self._input(x, host=True)
+
     def _streamed_step(self, x: torch.Tensor, target: torch.Tensor, tile_out: int) -> StreamedStep:
         """F_i and A_i's first conv tile by tile, the rest with autograd (model/stream.py); RFR's crops join it."""
         rfr = self.modules["rfr"] if "rfr" in self.modules else None
-        step = streamed_step(self.modules["backbone"], self.modules["classifier"], self._input(x, host=True), target,
+        step = streamed_step(self.modules["backbone"], self.modules["classifier"], self._streamed_input(x), target,
                              tile_out, self.device, self._autocast, self.generator, rfr, self.alpha, wide)
         if "rfr" in self.modules:
             self.rfr_clamped += step.patch < self.modules["rfr"].patch
@@ -202,8 +218,11 @@ class Stage(StageInterface):
         freeze_batchnorm(self.modules["backbone"])
         target = torch.tensor([y], device=self.device)
         if self.streams(x):
-            step = self._streamed_step(x, target, self.streaming.tile_out(self.spec))
-            stepped = self._backward(step.loss, step.backward)
+            try:
+                step = self._streamed_step(x, target, self.streaming.tile_out(self.spec))
+                stepped = self._backward(step.loss, step.backward)
+            finally:
+                _close(x)  # a slide read by region: its file (model.stream_stem=recompute reads it to the end)
             metrics = step_metrics(self.optim, self.device, start, step.logits, y, step.loss_cls, step.loss_rec,
                                    step.loss, stepped, step.patch, streamed=True)
             return step.out, metrics
@@ -254,9 +273,13 @@ class Stage(StageInterface):
         """Forward only. Returns (output, class probabilities, attention map on the CPU)."""
         self.modules.eval()
         if self.streams(x):  # as the slide trains: tile by tile
-            out, logits, attention = streamed_evaluation(self.modules["backbone"], self.modules["classifier"],
-                                                         self._input(x, host=True), self.streaming.tile_out(self.spec),
-                                                         self.device, self._autocast)
+            try:
+                out, logits, attention = streamed_evaluation(self.modules["backbone"], self.modules["classifier"],
+                                                             self._streamed_input(x),
+                                                             self.streaming.tile_out(self.spec), self.device,
+                                                             self._autocast)
+            finally:
+                _close(x)
             return out, torch.softmax(wide(logits), 1)[0].cpu(), wide(attention).cpu()
         x = self._input(x)
         with self._autocast():

@@ -32,7 +32,7 @@ from distlocal.model.backbone import StageSpec
 from distlocal.model.mil import AuxClassifier
 from distlocal.model.rfr import FeatureReconstruction
 from distlocal.model.stream_global import ChunkedPooled
-from distlocal.model.tiling import footprint, grid, stitched_forward
+from distlocal.model.tiling import RegionInput, footprint, grid, stitched_forward, window
 
 __all__ = ["StreamedStep", "Streaming", "output_gradient", "reduced_tile", "streamed_backward", "streamed_classifier",
            "streamed_evaluation", "streamed_forward", "streamed_step", "tile_outputs"]
@@ -78,8 +78,8 @@ def tile_outputs(stream_tile: int, out_stride: int) -> int:
 RegionGradient = Callable[[int, int, int, int], torch.Tensor | None]
 
 
-def streamed_backward(module: nn.Module, x: torch.Tensor, grad_out: torch.Tensor | RegionGradient, tile_out: int,
-                      device: torch.device, autocast: Autocast) -> None:
+def streamed_backward(module: nn.Module, x: torch.Tensor | RegionInput, grad_out: torch.Tensor | RegionGradient,
+                      tile_out: int, device: torch.device, autocast: Autocast) -> None:
     """
     Accumulate into ``module``'s parameters the gradients of <grad_out, module(x)>, tile by tile: each tile's
     forward is rerun with gradients and only its own outputs (a partition of the map) receive their gradient.
@@ -95,7 +95,7 @@ def streamed_backward(module: nn.Module, x: torch.Tensor, grad_out: torch.Tensor
                 continue
         elif (grad := grad_out(r0, r1, c0, c1)) is None:
             continue
-        tile = x[..., y0:y1, x0:x1].to(device)
+        tile = window(x, y0, y1, x0, x1).to(device)
         with torch.enable_grad(), autocast():
             part = module(tile)[..., oy:oy + r1 - r0, ox:ox + c1 - c0]
         part.backward(grad.to(part.device, part.dtype))

@@ -11,16 +11,17 @@ input and output maps kept in host memory.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 from torch import nn
 
-__all__ = ["INDEX_LIMIT", "Footprint", "RegionInput", "fit_tile", "footprint", "grid", "index_tile",
-           "stitched_forward", "tile_plan", "tiled_forward", "whole"]
+__all__ = ["INDEX_LIMIT", "Footprint", "ModuleRegions", "RegionInput", "fit_tile", "footprint", "grid", "index_tile",
+           "input_window", "stitched_forward", "tile_plan", "tiled_forward", "whole", "window"]
 
 INDEX_LIMIT = 2**31 - 1  # elements: cuDNN and many CUDA kernels index a tensor with 32 bits
 
@@ -96,15 +97,23 @@ def _halo(fp: Footprint) -> int:
     return math.ceil(fp.reach / fp.stride) * fp.stride  # a multiple of the stride keeps the sampling grids aligned
 
 
+def input_window(a: int, b: int, n: int, fp: Footprint) -> tuple[int, int]:
+    """
+    Along one axis of an input of length ``n``: the input rows [start, end) whose output rows include [a, b) exactly,
+    at the same offset in the sampling grid (start is a multiple of the stride) and with the map's own padding only
+    where the window meets its edge. Output row a is then row ``a - start // fp.stride`` of the window's output.
+    """
+    start = max(0, a * fp.stride - _halo(fp))
+    end = n if b == fp.out_size(n) else min(n, (b - 1) * fp.stride + fp.reach + 1)
+    return start, end
+
+
 def tile_plan(n: int, fp: Footprint, tile_out: int) -> Iterator[tuple[int, int, int, int]]:
     """Along one axis: (out_start, out_end, in_start, in_end) per tile of at most ``tile_out`` output positions."""
     total = fp.out_size(n)
-    halo = _halo(fp)
     for a in range(0, total, tile_out):
         b = min(total, a + tile_out)
-        in_start = max(0, a * fp.stride - halo)
-        in_end = n if b == total else min(n, (b - 1) * fp.stride + fp.reach + 1)
-        yield a, b, in_start, in_end
+        yield a, b, *input_window(a, b, n, fp)
 
 
 def tiled_forward(module: nn.Module, x: torch.Tensor | RegionInput, max_tile_pixels: int | None,
@@ -151,6 +160,50 @@ def stitched_forward(module: nn.Module, x: torch.Tensor | RegionInput, tile_out:
             out = torch.empty(shape, dtype=part.dtype, device=home, memory_format=layout)
         out[..., r0:r1, c0:c1] = part[..., oy:oy + r1 - r0, ox:ox + c1 - c0].to(home)
     return out
+
+
+def window(x: torch.Tensor | RegionInput, y0: int, y1: int, x0: int, x1: int) -> torch.Tensor:
+    """Rows y0:y1, columns x0:x1 of a map held whole (a slice) or read by region."""
+    return x[..., y0:y1, x0:x1] if isinstance(x, torch.Tensor) else x.region(y0, y1, x0, x1)
+
+
+@dataclass
+class ModuleRegions:
+    """
+    A frozen ``module``'s output on a RegionInput, computed region by region where it is read and never held whole
+    (model.stream_stem=recompute: stage 1's stem map). Each region's input window adds the module's halo, clamped at
+    the map's edges as tile_plan's tiles are, so every output is the whole map's (the same sums). ``context`` (bf16
+    autocast) is entered in each call: a region may be read on another thread (_read_ahead), and autocast is
+    per thread. Regions come on ``device`` in ``dtype`` (the dtype the held map would have).
+    """
+
+    module: nn.Module
+    source: RegionInput
+    device: torch.device
+    context: Callable[[], AbstractContextManager]
+    dtype: torch.dtype
+
+    def __post_init__(self) -> None:
+        self.fp = footprint(self.module)
+        self.channels = [m for m in self.module.modules() if isinstance(m, nn.Conv2d)][-1].out_channels
+        self.in_dtype = next(self.module.parameters()).dtype
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        height, width = self.source.shape[-2:]
+        return 1, self.channels, self.fp.out_size(height), self.fp.out_size(width)
+
+    def region(self, y0: int, y1: int, x0: int, x1: int) -> torch.Tensor:
+        height, width = self.source.shape[-2:]
+        (top, bottom), (left, right) = input_window(y0, y1, height, self.fp), input_window(x0, x1, width, self.fp)
+        oy, ox = y0 - top // self.fp.stride, x0 - left // self.fp.stride
+        part = self.source.region(top, bottom, left, right).to(self.device, self.in_dtype)
+        with torch.no_grad(), self.context():
+            out = self.module.eval()(part)
+        return out[..., oy:oy + y1 - y0, ox:ox + x1 - x0].to(self.dtype)
+
+    def close(self) -> None:
+        self.source.close()
 
 
 def _read_ahead(x: torch.Tensor | RegionInput, boxes: list[tuple[int, int, int, int]]) -> Iterator[torch.Tensor]:
