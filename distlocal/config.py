@@ -101,9 +101,10 @@ class ModelConfig:
     # every stage; each tile adds its footprint's halo). Smaller tiles: less device memory, more recomputed halo.
     # auto: each stage's largest tile that fits train.memory_gb, from a probe step's measured working set.
     stream_tile: int | str = checked(4096, _stream_tile)
-    # model.stream on / auto, stage 1 reading its slide by region: keep: its frozen stem's map is computed once and held
-    # in host memory for the step (3.6 bytes per slide pixel in bf16) | recompute: never held, each region of it is
-    # computed again where it is read (forward, backward, RFR's crops): less host memory, the slide decoded ~3 times.
+    # model.stream on / auto, stage 1 (or E2E) reading its slide by region: keep: its frozen stem's map is computed
+    # once and held in host memory for the step (3.6 bytes per slide pixel in bf16) | recompute: never held, each
+    # region of it is computed again where it is read (forward, backward, RFR's crops): less host memory, the slide
+    # decoded ~3 times.
     stream_stem: str = choice("keep", "recompute")
 
 

@@ -19,8 +19,9 @@ from distlocal.model.backbone import Backbone, StageSpec, freeze_batchnorm, run_
 from distlocal.model.interface import StageInterface
 from distlocal.model.mil import AuxClassifier
 from distlocal.model.optim import LocalOptimizer
-from distlocal.model.stage import autocast, reseed, run_stem, step_metrics, wide
+from distlocal.model.stage import autocast, reseed, run_stem, step_metrics, streamed_stem, wide
 from distlocal.model.stream import Streaming, streamed_evaluation, streamed_step
+from distlocal.model.tiling import RegionInput
 
 __all__ = ["EndToEnd", "WholeSlideNet"]
 
@@ -58,6 +59,7 @@ class EndToEnd(StageInterface):
         self.rfr_clamped = 0  # no RFR end to end
         self.driver_steps = False  # a replica: the driver decides when the window steps (optim.step with a reduce)
         self.streaming = streaming  # model.stream=on: StreamingCNN's end-to-end method (model/stream.py)
+        self.recompute_stem = cfg.model.stream_stem == "recompute"
 
     def _autocast(self):
         return autocast(self.device, self.bf16)
@@ -70,7 +72,11 @@ class EndToEnd(StageInterface):
         self.net.train()
         freeze_batchnorm(self.net)
         if self.streams(x):
-            return self._streamed_step(x, y, start)
+            try:
+                return self._streamed_step(x, y, start)
+            finally:
+                if not isinstance(x, torch.Tensor):
+                    x.close()  # a slide read by region: its file
         logits, loss = self._whole_step(x, torch.tensor([y], device=self.device), self.generator)
         if self.driver_steps:
             self.optim.add(loss)
@@ -97,9 +103,15 @@ class EndToEnd(StageInterface):
         target = torch.zeros(1, dtype=torch.long, device=self.device)
         return self._whole_step(x, target, torch.Generator().manual_seed(0))[1]
 
+    def _stem_map(self, x: torch.Tensor | RegionInput) -> torch.Tensor | RegionInput:
+        """The streamed step's stem map: held in host memory, or recomputed where read (model.stream_stem)."""
+        if self.recompute_stem:
+            return streamed_stem(self.net.stem, x, self.device, self.bf16)
+        return run_stem(self.net.stem, x, self.device, self.bf16, host=True)
+
     def _streamed_step(self, x: torch.Tensor, y: int, start: float) -> tuple[torch.Tensor, dict]:
         """Every block tile by tile, H's first conv too, the rest of H with autograd (model/stream.py)."""
-        x = run_stem(self.net.stem, x, self.device, self.bf16, host=True)
+        x = self._stem_map(x)
         target = torch.tensor([y], device=self.device)
         step = streamed_step(self.net.blocks, self.net.head, x, target, self.streaming.tile_out(self.spec),
                              self.device, self._autocast, self.generator, widen=wide)
@@ -114,9 +126,13 @@ class EndToEnd(StageInterface):
     def eval_step(self, x: torch.Tensor):
         self.net.eval()
         if self.streams(x):  # as the slide trains: tile by tile
-            x = run_stem(self.net.stem, x, self.device, self.bf16, host=True)
-            _, logits, attention = streamed_evaluation(self.net.blocks, self.net.head, x,
-                                                       self.streaming.tile_out(self.spec), self.device, self._autocast)
+            try:
+                _, logits, attention = streamed_evaluation(self.net.blocks, self.net.head, self._stem_map(x),
+                                                           self.streaming.tile_out(self.spec), self.device,
+                                                           self._autocast)
+            finally:
+                if not isinstance(x, torch.Tensor):
+                    x.close()  # a slide read by region: its file
             return logits, torch.softmax(wide(logits), 1)[0].cpu(), wide(attention).cpu()
         with self._autocast():
             # The stem in tiles, as in training: whole, its first maps hold several times the slide (run_stem).

@@ -24,7 +24,7 @@ from distlocal.model.stream import StreamedStep, Streaming, streamed_evaluation,
 from distlocal.model.tiling import ModuleRegions, RegionInput, tiled_forward, whole
 
 __all__ = ["STEM_TILE_PIXELS", "Stage", "autocast", "held_dtype", "param_dtype", "peak_memory_mb", "reseed",
-           "run_stem", "step_metrics", "wide"]
+           "run_stem", "step_metrics", "streamed_stem", "wide"]
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -95,6 +95,17 @@ class _InDtype:
 def _close(x: torch.Tensor | RegionInput) -> None:
     if not isinstance(x, torch.Tensor):
         x.close()
+
+
+def streamed_stem(stem: nn.Module, x: torch.Tensor | RegionInput, device: torch.device, bf16: bool,
+                  tile_pixels: int = STEM_TILE_PIXELS) -> torch.Tensor | RegionInput:
+    """
+    A streamed step's stem map under model.stream_stem=recompute: for a slide read by region, computed region by
+    region where it is read and never held (tiling.ModuleRegions); a slide given whole, held in host memory.
+    """
+    if isinstance(x, torch.Tensor):
+        return run_stem(stem, x, device, bf16, tile_pixels, host=True)
+    return ModuleRegions(stem, x, device, lambda: autocast(device, bf16), held_dtype(stem, bf16))
 
 
 def run_stem(stem: nn.Module, x: torch.Tensor | RegionInput, device: torch.device, bf16: bool,
@@ -191,9 +202,8 @@ class Stage(StageInterface):
         A streamed step's input, in host memory; stage 1 reading its slide by region with model.stream_stem=recompute:
         its stem map, computed region by region where it is read and never held (tiling.ModuleRegions).
         """
-        if "stem" in self.modules and self.recompute_stem and not isinstance(x, torch.Tensor):
-            held = held_dtype(self.modules, self.bf16)
-            return ModuleRegions(self.modules["stem"], x, self.device, self._autocast, held)
+        if "stem" in self.modules and self.recompute_stem:
+            return streamed_stem(self.modules["stem"], x, self.device, self.bf16, self.stem_tile_pixels)
         return self._input(x, host=True)
 
     def _streamed_step(self, x: torch.Tensor, target: torch.Tensor, tile_out: int) -> StreamedStep:
