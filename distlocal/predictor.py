@@ -26,7 +26,7 @@ from distlocal.model import StageInterface, build_stages
 from distlocal.model.build import resolve_device
 from distlocal.model.stage import autocast
 from distlocal.model.stream import streamed_classifier
-from distlocal.model.tiling import RegionInput, fit_tile, footprint, tiled_forward
+from distlocal.model.tiling import RegionInput, fit_tile, footprint, halo, tiled_forward
 
 __all__ = ["Predictor", "elapsed"]
 
@@ -135,8 +135,7 @@ def _stream_tile_pixels(cfg: Config, features: list[nn.Module]) -> int | None:
     """
     if cfg.model.stream == "off" or not isinstance(cfg.model.stream_tile, int):
         return None
-    halos = [-(-fp.reach // fp.stride) * fp.stride for fp in map(footprint, features)]
-    return max((cfg.model.stream_tile + 2 * halo) ** 2 for halo in halos)
+    return max((cfg.model.stream_tile + 2 * halo(footprint(f))) ** 2 for f in features)
 
 
 def elapsed(start: float, device: torch.device) -> float:

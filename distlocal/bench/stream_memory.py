@@ -30,7 +30,7 @@ from distlocal.config_load import load_config
 from distlocal.model import build_stages, resolve_device
 from distlocal.model.budget import GB, SavedTensors, state_bytes, working_set
 
-__all__ = ["MAGNIFICATIONS", "bench_stream_memory", "format_stream_memory"]
+__all__ = ["MAGNIFICATIONS", "STREAMED", "bench_stream_memory", "format_stream_memory", "measure_step"]
 
 MAGNIFICATIONS = (5, 10, 20)
 PAPER_E2E_GB = {(8698, 7496): 17.89, (12223, 10057): 33.63, (23849, 10257): 78.14}  # Table 2, at 5X
@@ -41,7 +41,7 @@ def _modules(stage):
     return stage.net if hasattr(stage, "net") else stage.modules
 
 
-def _step(stage, x: torch.Tensor, device: torch.device) -> tuple[dict, torch.Tensor]:
+def measure_step(stage, x: torch.Tensor, device: torch.device) -> tuple[dict, torch.Tensor]:
     """One training step of ``stage`` on ``x``: its bytes (saved at peak, global / tile split) and its seconds."""
     params = {p.untyped_storage().data_ptr() for p in _modules(stage).parameters()}
     state = sum(state_bytes([_modules(stage)]).values())
@@ -65,7 +65,7 @@ def _run(cfg, size: tuple[int, int], device: torch.device) -> list[dict]:
     x = torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(0)).to(device)
     rows = []
     for stage in stages:
-        row, x = _step(stage, x, device)
+        row, x = measure_step(stage, x, device)
         rows.append(row)
     return rows
 

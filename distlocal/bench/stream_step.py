@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from distlocal.bench import base_overrides
-from distlocal.bench.stream_memory import STREAMED, _step
+from distlocal.bench.stream_memory import STREAMED, measure_step
 from distlocal.config_load import load_config
 from distlocal.model import build_stages, resolve_device
 from distlocal.model.budget import GB
@@ -54,7 +54,7 @@ def bench_stream_step(out_dir: Path, size: tuple[int, int], tile: int, overrides
     out_dir.mkdir(parents=True, exist_ok=True)
     x, start = PatternRegions(*size), time.perf_counter()
     for i, stage in enumerate(stages):
-        row, x = _step(stage, x, dev)
+        row, x = measure_step(stage, x, dev)
         row.update(output_shape=list(x.shape), host_output_gb=x.nbytes / GB)
         report["stages"].append(row)
         spent = time.perf_counter() - start

@@ -6,7 +6,7 @@ This is the reference numerics; the Ray executor with one slide in flight must r
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -30,30 +30,26 @@ class LocalExecutor:
     def train(self, records: Iterable[SlideRecord], loader: SlideLoader,
               epoch: int) -> Iterator[tuple[str, list[dict]]]:
         """For each slide, in order, (slide_id, one metrics dict per stage); loading runs ahead in threads."""
-        for record, x in loader.stream(records, epoch):
+        def step(record: SlideRecord, x) -> list[dict]:
             metrics = []
-            try:
-                for stage in self.stages:
-                    x, m = stage.train_step(x, record.label, (epoch, record.slide_id))
-                    metrics.append(m)
-            except SlideError as exc:  # read by region, a damaged tile shows only now: nothing trained on it
-                loader.skip(record, exc)  # (engine/unread.py); raises under data.on_error=fail
-                continue
-            yield record.slide_id, metrics
+            for stage in self.stages:
+                x, m = stage.train_step(x, record.label, (epoch, record.slide_id))
+                metrics.append(m)
+            return metrics
+
+        return _each_read(records, loader, epoch, step)
 
     def evaluate(self, records: Iterable[SlideRecord], loader: SlideLoader,
                  depth: int | None = None) -> Iterator[tuple[str, list[torch.Tensor]]]:
         """For each slide (slide_id, class probabilities of stage 1..depth's classifiers), forward only."""
-        for record, x in loader.stream(records):
+        def forward(record: SlideRecord, x) -> list[torch.Tensor]:
             probs = []
-            try:
-                for stage in self.stages[:depth]:
-                    x, p, _ = stage.eval_step(x)
-                    probs.append(p)
-            except SlideError as exc:
-                loader.skip(record, exc)
-                continue
-            yield record.slide_id, probs
+            for stage in self.stages[:depth]:
+                x, p, _ = stage.eval_step(x)
+                probs.append(p)
+            return probs
+
+        return _each_read(records, loader, 0, forward)
 
     def evaluate_next(self, records: list[SlideRecord], loader: SlideLoader) -> None:
         """One process runs one slide at a time: there is no pipeline for the next phase to enter early."""
@@ -61,14 +57,12 @@ class LocalExecutor:
     def attention(self, records: Iterable[SlideRecord], loader: SlideLoader,
                   depth: int | None = None) -> Iterator[tuple[str, tuple]]:
         """Each slide's (slide_id, (probabilities, attention map)) of stage ``depth``'s classifier (H's by default)."""
-        for record, x in loader.stream(records):
-            try:
-                for stage in self.stages[:depth]:
-                    x, probs, attention = stage.eval_step(x)
-            except SlideError as exc:
-                loader.skip(record, exc)
-                continue
-            yield record.slide_id, (probs, attention)
+        def attend(record: SlideRecord, x) -> tuple:
+            for stage in self.stages[:depth]:
+                x, probs, attention = stage.eval_step(x)
+            return probs, attention
+
+        return _each_read(records, loader, 0, attend)
 
     def end_epoch(self, metrics: list[float]) -> None:
         for stage, metric in zip(self.stages, metrics, strict=True):
@@ -99,3 +93,19 @@ class LocalExecutor:
 
     def close(self) -> None:
         """Nothing to release in one process; the Ray executor stops its actors here."""
+
+
+def _each_read(records: Iterable[SlideRecord], loader: SlideLoader, epoch: int,
+               run: Callable[[SlideRecord, object], object]) -> Iterator[tuple[str, object]]:
+    """
+    (slide_id, run(record, input)) for each slide the loader reads, in order. Read by region (model.stream), a
+    damaged tile shows only when stage 1 reads it, before any stage learns (engine/unread.py): ``loader.skip``
+    reports the slide, or raises under data.on_error=fail.
+    """
+    for record, x in loader.stream(records, epoch):
+        try:
+            result = run(record, x)
+        except SlideError as exc:
+            loader.skip(record, exc)
+            continue
+        yield record.slide_id, result

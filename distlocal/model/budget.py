@@ -23,7 +23,7 @@ import torch
 
 from distlocal.config import Config, ConfigError, TrainConfig
 from distlocal.model.stream import Streaming
-from distlocal.model.tiling import _halo, footprint
+from distlocal.model.tiling import footprint, halo
 
 __all__ = ["GB", "SavedTensors", "WorkingSet", "budget_bytes", "host_memory_bytes", "plan_streaming", "state_bytes",
            "working_set"]
@@ -226,7 +226,7 @@ def working_set(stage) -> WorkingSet:
     state = sum(state_bytes([stage.net if hasattr(stage, "net") else stage.modules]).values())
     constant = max(0, int(small - per_pixel * pixels[0]))  # the classifier's and RFR's parts that do not grow
     blocks = stage.net.blocks if hasattr(stage, "net") else stage.modules["backbone"]
-    return WorkingSet(state + constant, per_pixel, _halo(footprint(blocks)) * stage.spec.in_stride,
+    return WorkingSet(state + constant, per_pixel, halo(footprint(blocks)) * stage.spec.in_stride,
                       stage.spec.out_stride)
 
 

@@ -19,7 +19,7 @@ from distlocal.model.backbone import Backbone, StageSpec, freeze_batchnorm, run_
 from distlocal.model.interface import StageInterface
 from distlocal.model.mil import AuxClassifier
 from distlocal.model.optim import LocalOptimizer
-from distlocal.model.stage import autocast, reseed, run_stem, step_metrics, streamed_stem, wide
+from distlocal.model.stage import autocast, close_input, reseed, run_stem, step_metrics, streamed_stem, wide
 from distlocal.model.stream import Streaming, streamed_evaluation, streamed_step
 from distlocal.model.tiling import RegionInput
 
@@ -75,8 +75,7 @@ class EndToEnd(StageInterface):
             try:
                 return self._streamed_step(x, y, start)
             finally:
-                if not isinstance(x, torch.Tensor):
-                    x.close()  # a slide read by region: its file
+                close_input(x)  # a slide read by region: its file
         logits, loss = self._whole_step(x, torch.tensor([y], device=self.device), self.generator)
         if self.driver_steps:
             self.optim.add(loss)
@@ -105,9 +104,7 @@ class EndToEnd(StageInterface):
 
     def _stem_map(self, x: torch.Tensor | RegionInput) -> torch.Tensor | RegionInput:
         """The streamed step's stem map: held in host memory, or recomputed where read (model.stream_stem)."""
-        if self.recompute_stem:
-            return streamed_stem(self.net.stem, x, self.device, self.bf16)
-        return run_stem(self.net.stem, x, self.device, self.bf16, host=True)
+        return streamed_stem(self.net.stem, x, self.device, self.bf16, self.recompute_stem)
 
     def _streamed_step(self, x: torch.Tensor, y: int, start: float) -> tuple[torch.Tensor, dict]:
         """Every block tile by tile, H's first conv too, the rest of H with autograd (model/stream.py)."""
@@ -131,8 +128,7 @@ class EndToEnd(StageInterface):
                                                            self.streaming.tile_out(self.spec), self.device,
                                                            self._autocast)
             finally:
-                if not isinstance(x, torch.Tensor):
-                    x.close()  # a slide read by region: its file
+                close_input(x)
             return logits, torch.softmax(wide(logits), 1)[0].cpu(), wide(attention).cpu()
         with self._autocast():
             # The stem in tiles, as in training: whole, its first maps hold several times the slide (run_stem).

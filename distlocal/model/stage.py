@@ -24,7 +24,7 @@ from distlocal.model.stream import StreamedStep, Streaming, streamed_evaluation,
 from distlocal.model.tiling import ModuleRegions, RegionInput, tiled_forward, whole
 
 __all__ = ["STEM_TILE_PIXELS", "Stage", "autocast", "held_dtype", "param_dtype", "peak_memory_mb", "reseed",
-           "run_stem", "step_metrics", "streamed_stem", "wide"]
+           "close_input", "run_stem", "step_metrics", "streamed_stem", "wide"]
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -92,20 +92,21 @@ class _InDtype:
         self.source.close()
 
 
-def _close(x: torch.Tensor | RegionInput) -> None:
+def close_input(x: torch.Tensor | RegionInput) -> None:
+    """Close the file a slide read by region opened (a tensor has nothing to close)."""
     if not isinstance(x, torch.Tensor):
         x.close()
 
 
 def streamed_stem(stem: nn.Module, x: torch.Tensor | RegionInput, device: torch.device, bf16: bool,
-                  tile_pixels: int = STEM_TILE_PIXELS) -> torch.Tensor | RegionInput:
+                  recompute: bool, tile_pixels: int = STEM_TILE_PIXELS) -> torch.Tensor | RegionInput:
     """
-    A streamed step's stem map under model.stream_stem=recompute: for a slide read by region, computed region by
-    region where it is read and never held (tiling.ModuleRegions); a slide given whole, held in host memory.
+    A streamed step's stem map: held in host memory (run_stem), or with ``recompute`` (model.stream_stem=recompute)
+    for a slide read by region, computed region by region where it is read and never held (tiling.ModuleRegions).
     """
-    if isinstance(x, torch.Tensor):
-        return run_stem(stem, x, device, bf16, tile_pixels, host=True)
-    return ModuleRegions(stem, x, device, lambda: autocast(device, bf16), held_dtype(stem, bf16))
+    if recompute and not isinstance(x, torch.Tensor):
+        return ModuleRegions(stem, x, device, lambda: autocast(device, bf16), held_dtype(stem, bf16))
+    return run_stem(stem, x, device, bf16, tile_pixels, host=True)
 
 
 def run_stem(stem: nn.Module, x: torch.Tensor | RegionInput, device: torch.device, bf16: bool,
@@ -202,8 +203,9 @@ class Stage(StageInterface):
         A streamed step's input, in host memory; stage 1 reading its slide by region with model.stream_stem=recompute:
         its stem map, computed region by region where it is read and never held (tiling.ModuleRegions).
         """
-        if "stem" in self.modules and self.recompute_stem:
-            return streamed_stem(self.modules["stem"], x, self.device, self.bf16, self.stem_tile_pixels)
+        if "stem" in self.modules:
+            return streamed_stem(self.modules["stem"], x, self.device, self.bf16, self.recompute_stem,
+                                 self.stem_tile_pixels)
         return self._input(x, host=True)
 
     def _streamed_step(self, x: torch.Tensor, target: torch.Tensor, tile_out: int) -> StreamedStep:
@@ -232,7 +234,7 @@ class Stage(StageInterface):
                 step = self._streamed_step(x, target, self.streaming.tile_out(self.spec))
                 stepped = self._backward(step.loss, step.backward)
             finally:
-                _close(x)  # a slide read by region: its file (model.stream_stem=recompute reads it to the end)
+                close_input(x)  # a slide read by region: its file (model.stream_stem=recompute reads it to the end)
             metrics = step_metrics(self.optim, self.device, start, step.logits, y, step.loss_cls, step.loss_rec,
                                    step.loss, stepped, step.patch, streamed=True)
             return step.out, metrics
@@ -289,7 +291,7 @@ class Stage(StageInterface):
                                                              self.streaming.tile_out(self.spec), self.device,
                                                              self._autocast)
             finally:
-                _close(x)
+                close_input(x)
             return out, torch.softmax(wide(logits), 1)[0].cpu(), wide(attention).cpu()
         x = self._input(x)
         with self._autocast():

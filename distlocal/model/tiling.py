@@ -20,8 +20,8 @@ from typing import Protocol
 import torch
 from torch import nn
 
-__all__ = ["INDEX_LIMIT", "Footprint", "ModuleRegions", "RegionInput", "fit_tile", "footprint", "grid", "index_tile",
-           "input_window", "stitched_forward", "tile_plan", "tiled_forward", "whole", "window"]
+__all__ = ["INDEX_LIMIT", "Footprint", "ModuleRegions", "RegionInput", "fit_tile", "footprint", "grid", "halo",
+           "index_tile", "input_window", "stitched_forward", "tile_plan", "tiled_forward", "whole", "window"]
 
 INDEX_LIMIT = 2**31 - 1  # elements: cuDNN and many CUDA kernels index a tensor with 32 bits
 
@@ -93,7 +93,8 @@ def footprint(module: nn.Module) -> Footprint:
     return Footprint(stride, reach, layers)
 
 
-def _halo(fp: Footprint) -> int:
+def halo(fp: Footprint) -> int:
+    """The input rows a tile adds on each inner side: the footprint's reach, rounded up to a multiple of the stride."""
     return math.ceil(fp.reach / fp.stride) * fp.stride  # a multiple of the stride keeps the sampling grids aligned
 
 
@@ -103,7 +104,7 @@ def input_window(a: int, b: int, n: int, fp: Footprint) -> tuple[int, int]:
     at the same offset in the sampling grid (start is a multiple of the stride) and with the map's own padding only
     where the window meets its edge. Output row a is then row ``a - start // fp.stride`` of the window's output.
     """
-    start = max(0, a * fp.stride - _halo(fp))
+    start = max(0, a * fp.stride - halo(fp))
     end = n if b == fp.out_size(n) else min(n, (b - 1) * fp.stride + fp.reach + 1)
     return start, end
 
@@ -130,10 +131,10 @@ def tiled_forward(module: nn.Module, x: torch.Tensor | RegionInput, max_tile_pix
     if not max_tile_pixels or height * width <= max_tile_pixels:
         return module(whole(x).to(device)).to(_home(x))
     fp = footprint(module)
-    halo = _halo(fp)
-    tile_out = (math.isqrt(max_tile_pixels) - 2 * halo) // fp.stride
+    margin = halo(fp)
+    tile_out = (math.isqrt(max_tile_pixels) - 2 * margin) // fp.stride
     if tile_out < 1:
-        least = (2 * halo + 4 * fp.stride) ** 2
+        least = (2 * margin + 4 * fp.stride) ** 2
         raise ValueError(f"tiles of {max_tile_pixels} px cannot hold one output of a stage whose outputs each see "
                          f"{2 * fp.reach + 1} x {2 * fp.reach + 1} px; raise predict.max_tile_pixels (at least "
                          f"{least}, better 100x that)")
