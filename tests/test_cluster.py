@@ -46,12 +46,12 @@ def ray_head():
     port, dashboard = _free_port(), _free_port()
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "RAY_AUTH_MODE": "token",
            "RAY_AUTH_TOKEN": secrets.token_hex(32), "RAY_ADDRESS": ""}
-    head = subprocess.Popen(
-        [str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", f"--dashboard-port={dashboard}",
-         "--dashboard-host=127.0.0.1", f"--ray-client-server-port={_free_port()}",
-         f"--dashboard-agent-listen-port={_free_port()}", "--num-cpus=2", "--num-gpus=0", "--include-dashboard=true",
-         f"--temp-dir={temp}", "--disable-usage-stats"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    command = [str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", f"--dashboard-port={dashboard}",
+               "--dashboard-host=127.0.0.1", f"--ray-client-server-port={_free_port()}",
+               f"--dashboard-agent-listen-port={_free_port()}", "--num-cpus=2", "--num-gpus=0",
+               "--include-dashboard=true", f"--temp-dir={temp}", "--disable-usage-stats"]
+    head = subprocess.Popen(command, start_new_session=True, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)  # its own process group: end_process_group ends all of it
     try:
         address = f"http://127.0.0.1:{dashboard}"
         deadline = time.monotonic() + 120

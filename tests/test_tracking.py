@@ -171,10 +171,11 @@ def test_sender_buffers_until_a_late_server_comes_up(tmp_path):
     tracker.log_params({"model.k": 4})
     time.sleep(1.5)
     assert tracker.run_id is None  # nothing listens yet: all of it is queued
-    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-                               "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-                               "--default-artifact-root", str(tmp_path / "artifacts"), "--workers", "1"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+               "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+               "--default-artifact-root", str(tmp_path / "artifacts"), "--workers", "1"]
+    server = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)  # its own process group: end_process_group ends all of it
     try:
         _wait_for_server(port, server)  # its start takes 10-20 s on 2 idle cores, minutes on a busy machine
         report = tracker.finish()
